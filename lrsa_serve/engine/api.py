@@ -1,0 +1,101 @@
+"""The engine's Python API: vLLM engine arguments with LagKV wired in.
+
+from lrsa_serve.engine import make_llm
+llm = make_llm("path/to/model", ratio=0.25)        # a vllm.LLM
+args = engine_args("path/to/model", lag=512)        # AsyncEngineArgs for AsyncLLM / the server
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from lrsa_serve.config import LagKVConfig, LagKVConfigError
+from lrsa_serve.engine.plugin import CUDA_BACKEND_NAME, register
+from lrsa_serve.engine.settings import additional_config_for
+
+logger = logging.getLogger("lrsa_serve.engine")
+
+SCHEDULER = "lrsa_serve.engine.scheduler.make_scheduler"
+# Options that would replay, share or move KV blocks behind the compaction's back.
+_REFUSED = {
+    "enable_prefix_caching": "prefix caching",
+    "speculative_config": "speculative decoding",
+    "kv_transfer_config": "KV transfer / offload connectors",
+}
+
+
+def on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def default_block_size() -> int:
+    # CPU attention needs multiples of 32, vLLM's Triton attention uses 16.
+    return 32 if on_cpu() else 16
+
+
+def resolve_settings(
+    model: str, lagkv: LagKVConfig | dict | None = None, **overrides: Any
+) -> LagKVConfig | None:
+    """Checkpoint settings, then ``lagkv`` (object or dict), then single-field overrides."""
+    given = lagkv.model_dump() if isinstance(lagkv, LagKVConfig) else dict(lagkv or {})
+    given |= {k: v for k, v in overrides.items() if v is not None}
+    return LagKVConfig.resolve(model, **given)
+
+
+def lagkv_engine_kwargs(
+    model: str,
+    settings: LagKVConfig | None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Engine keyword arguments for ``model`` under ``settings`` (None: stock vLLM), validated
+    once here so a bad combination fails before any engine process starts, in one line."""
+    register()  # in case lrsa-serve's entry point is not installed in this environment
+    kwargs = {"model": model, **kwargs}
+    kwargs.setdefault("block_size", default_block_size())
+    if settings is None:
+        return kwargs
+    settings.check_block_size(kwargs["block_size"])
+    refused = [name for key, name in _REFUSED.items() if kwargs.get(key)]
+    if refused:
+        raise LagKVConfigError("LagKV eviction cannot run with " + ", ".join(refused))
+    kwargs["enable_prefix_caching"] = False
+    kwargs["scheduler_cls"] = SCHEDULER
+    kwargs["additional_config"] = {
+        **(kwargs.get("additional_config") or {}),
+        **additional_config_for(settings),
+    }
+    if not on_cpu():
+        kwargs.setdefault("attention_backend", CUDA_BACKEND_NAME)
+    logger.info("LagKV: %s (block size %d)", settings.short(), kwargs["block_size"])
+    return kwargs
+
+
+def make_llm(
+    model: str | None = None,
+    lagkv: LagKVConfig | dict | None = None,
+    *,
+    sink: int | None = None,
+    lag: int | None = None,
+    ratio: float | None = None,
+    **engine_kwargs: Any,
+):
+    """A ``vllm.LLM`` serving ``model`` (default: the prepared default model) with LagKV."""
+    from vllm import LLM
+
+    from lrsa_serve.models import resolve_model
+
+    model = resolve_model(model)
+    settings = resolve_settings(model, lagkv, sink=sink, lag=lag, ratio=ratio)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    return LLM(**lagkv_engine_kwargs(model, settings, **engine_kwargs))
+
+
+def engine_args(model: str, settings: LagKVConfig | None, **engine_kwargs: Any):
+    """``AsyncEngineArgs`` for the server and the benchmarks."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return AsyncEngineArgs(**lagkv_engine_kwargs(model, settings, **engine_kwargs))

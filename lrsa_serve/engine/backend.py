@@ -1,0 +1,144 @@
+"""What every LagKV attention backend adds to vLLM's stock one, whatever the device.
+
+Per step (the metadata builder, once per KV-cache group):
+- reads the compacted cache: block-table columns of evicted blocks are dropped and each request's
+  length shrinks by its evicted tokens. RoPE positions and the slot mapping stay logical, so new
+  tokens are written at their true place and attend with their true positions;
+- plans compaction: the requests whose tokens complete partition p+1 in this step get partition p
+  scored against p+1 and compacted.
+Per layer (the impl): the stock forward, then the planned compaction, so this step's tokens still
+see partition p whole and the next step sees only its kept rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from vllm.config import get_current_vllm_config_or_none
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
+
+from lrsa_serve.config import LagKVConfig
+from lrsa_serve.engine import settings as engine_settings
+from lrsa_serve.engine.kv_spec import LagKVAttentionSpec
+from lrsa_serve.engine.layout import BlockGeometry
+from lrsa_serve.kernels import naive
+
+
+class MisalignedChunkError(RuntimeError):
+    pass
+
+
+@dataclass
+class CompactionPlan:
+    """Partitions to compress after this step's attention, one row per (request, partition)."""
+
+    part_blocks: torch.Tensor  # [rows, lag / block_size] physical blocks of partition p
+    ref_blocks: torch.Tensor  # [rows, lag / block_size] physical blocks of partition p+1
+    settings: LagKVConfig
+
+
+def lagkv_spec(spec: AttentionSpec) -> AttentionSpec:
+    """The spec a LagKV backend reports: full attention becomes LagKV when this process's model
+    has settings; anything else (sliding window, models without settings) stays stock."""
+    settings = engine_settings.remembered()
+    if settings is None or type(spec) is not FullAttentionSpec:
+        return spec
+    return LagKVAttentionSpec.wrap(spec, settings)
+
+
+def remember_current_settings() -> None:
+    """Called while vLLM builds the model's attention layers, when its config is current."""
+    config = get_current_vllm_config_or_none()
+    if config is not None:
+        engine_settings.remember(engine_settings.settings_from_vllm_config(config))
+
+
+class LagKVBuilderMixin:
+    """Rewrites the common metadata into the compacted view and plans compaction."""
+
+    geometry: BlockGeometry | None = None
+
+    def init_lagkv(self, kv_cache_spec: AttentionSpec) -> None:
+        self.geometry = (
+            kv_cache_spec.geometry if isinstance(kv_cache_spec, LagKVAttentionSpec) else None
+        )
+
+    def compacted_view(
+        self, cm: CommonAttentionMetadata
+    ) -> tuple[CommonAttentionMetadata, CompactionPlan | None]:
+        geometry = self.geometry
+        if geometry is None:
+            return cm, None
+        n = cm.num_reqs
+        starts = cm.query_start_loc_cpu[: n + 1].long()
+        query_lens = starts[1:] - starts[:-1]
+        seq_cpu = cm.seq_lens_cpu_upper_bound
+        seq_lens = (seq_cpu if seq_cpu is not None else cm.seq_lens.cpu())[:n].long()
+        context = seq_lens - query_lens
+        before = geometry.compressed(context)
+        after = geometry.compressed(seq_lens)
+        active = query_lens > 0
+        if (active & (geometry.compressed(seq_lens - 1) != before)).any():
+            raise MisalignedChunkError(
+                "LagKV: a prefill chunk crosses a lag-partition boundary; run the engine with "
+                "lrsa_serve's scheduler (make_llm / lrsa serve set scheduler_cls)"
+            )
+        plan = self.plan(cm, before, after)
+        if not bool(before.any()):
+            return cm, plan
+        evicted = before * geometry.evicted_per_partition
+        table = cm.block_table_tensor
+        live = geometry.live_columns(table.shape[1], before.to(table.device))
+        compact_table = table.clone()
+        compact_table[:n] = table[:n].gather(1, live.to(table.dtype))
+        compact_seq = cm.seq_lens.clone()
+        compact_seq[:n] -= evicted.to(compact_seq.device, compact_seq.dtype)
+        physical = seq_lens - evicted
+        replaced = {
+            "block_table_tensor": compact_table,
+            "seq_lens": compact_seq,
+            "max_seq_len": int(physical.max()) if n else 0,
+        }
+        if seq_cpu is not None:
+            upper = seq_cpu.clone()
+            upper[:n] -= evicted.to(upper.dtype)
+            replaced["seq_lens_cpu_upper_bound"] = upper
+        return cm.replace(**replaced), plan
+
+    def plan(
+        self, cm: CommonAttentionMetadata, before: torch.Tensor, after: torch.Tensor
+    ) -> CompactionPlan | None:
+        geometry = self.geometry
+        assert geometry is not None
+        rows = torch.nonzero(after > before).flatten().tolist()
+        if not rows:
+            return None
+        table = cm.block_table_tensor
+        part_cols, ref_cols, req_rows = [], [], []
+        for r in rows:
+            for part in range(int(before[r]), int(after[r])):
+                part_cols.append(list(geometry.partition_columns(part)))
+                ref_cols.append(list(geometry.partition_columns(part + 1)))
+                req_rows.append(r)
+        index = torch.tensor(req_rows, device=table.device)[:, None]
+        part_blocks = table[index, torch.tensor(part_cols, device=table.device)]
+        ref_blocks = table[index, torch.tensor(ref_cols, device=table.device)]
+        return CompactionPlan(part_blocks, ref_blocks, geometry.settings)
+
+
+def run_compaction(
+    plan: CompactionPlan, key_cache: torch.Tensor, value_cache: torch.Tensor
+) -> None:
+    """Score and compact the planned partitions of one layer, on row-major
+    ``[blocks, heads, block, dim]`` views of its cache."""
+    args = (plan.part_blocks, plan.ref_blocks, plan.settings.keep, plan.settings.score_v_ratio)
+    if key_cache.is_cuda:
+        from lrsa_serve.kernels import compress_partitions  # Triton
+
+        compress_partitions(key_cache, value_cache, *args)
+        torch.cuda.synchronize(key_cache.device)
+    else:
+        kept = naive.select_kept(key_cache, value_cache, *args)
+        naive.compact_kept(key_cache, value_cache, plan.part_blocks, kept)

@@ -1,0 +1,119 @@
+"""LagKV KV-cache spec and manager: vLLM's block pool takes back what compaction evicted.
+
+Invariant (the same as vLLM's sliding-window managers): blocks of partition p are freed only once
+the step that compacted p has been processed, i.e. on ``processed_computed_tokens``; the worker
+compacts in the step whose tokens complete partition p+1, so by then the kept rows are in p's
+first ``keep_blocks`` blocks and the rest are dead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Self
+
+from vllm.config import VllmConfig
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+from lrsa_serve import lagkv
+from lrsa_serve.config import LagKVConfig
+from lrsa_serve.engine import stats
+from lrsa_serve.engine.layout import BlockGeometry
+
+
+@dataclass(frozen=True, kw_only=True)
+class LagKVAttentionSpec(FullAttentionSpec):
+    """Full attention whose completed lag partitions shrink to their kept tokens."""
+
+    sink: int = 0
+    lag: int = 1
+    ratio: float = 1.0
+    score_v_ratio: float = 1.0
+
+    @property
+    def settings(self) -> LagKVConfig:
+        return LagKVConfig(
+            sink=self.sink, lag=self.lag, ratio=self.ratio, score_v_ratio=self.score_v_ratio
+        )
+
+    @property
+    def geometry(self) -> BlockGeometry:
+        return BlockGeometry(self.settings, self.block_size)
+
+    @property
+    def prefix_cacheable(self) -> bool:
+        # A compacted block no longer holds the tokens its hash names.
+        return False
+
+    @classmethod
+    def wrap(cls, spec: FullAttentionSpec, settings: LagKVConfig) -> LagKVAttentionSpec:
+        base = {f.name: getattr(spec, f.name) for f in dataclasses.fields(FullAttentionSpec)}
+        return cls(**base, **settings.model_dump())
+
+    @classmethod
+    def merge(cls, specs: list[Self]) -> Self:
+        # The base rebuilds with cls(...) from its own fields only; put the settings back.
+        merged = super().merge(specs)
+        assert all(s.settings == specs[0].settings for s in specs), "one LagKV setting per group"
+        return dataclasses.replace(merged, **specs[0].settings.model_dump())
+
+    def max_memory_usage_bytes(self, vllm_config: VllmConfig) -> int:
+        # Pool sizing: a max-length sequence holds ~S + r*n + 2L tokens, not n.
+        max_len = vllm_config.model_config.max_model_len
+        return self.geometry.peak_blocks(max_len) * self.page_size_bytes
+
+
+class LagKVManager(FullAttentionManager):
+    """Frees the evicted tail blocks of every compressed partition and accounts for occupancy."""
+
+    def __init__(self, kv_cache_spec: LagKVAttentionSpec, **kwargs) -> None:
+        super().__init__(kv_cache_spec, **kwargs)
+        self.geometry = kv_cache_spec.geometry
+        self.settings = kv_cache_spec.settings
+        self.processed_tokens: dict[str, int] = {}  # per request, as of its last scheduling
+        self.resident_total = 0
+        self.logical_total = 0
+
+    def remove_skipped_blocks(
+        self,
+        request_id: str,
+        processed_computed_tokens: int,
+        num_prompt_tokens: int | None = None,
+    ) -> None:
+        blocks = self.req_to_blocks.get(request_id)
+        if not blocks:
+            return
+        self._account(request_id, processed_computed_tokens)
+        compressed = lagkv.compressed_partitions(processed_computed_tokens, self.settings)
+        freed = 0
+        # Newest first: stop at the first partition already freed (earlier ones are too).
+        for part in reversed(range(compressed)):
+            cols = self.geometry.evicted_columns(part)
+            if not cols or cols.stop > len(blocks) or blocks[cols.stop - 1] is self._null_block:
+                break
+            self._remove_blocks_in_range(request_id, cols.start, cols.stop)
+            freed += 1
+        if freed:
+            stats.record_eviction(
+                freed, freed * self.geometry.evicted_per_partition, freed * len(cols)
+            )
+
+    def pop_blocks_for_free(self, request_id: str) -> list:
+        # Every way out (finish, abort, preemption) passes here, `free` included.
+        self._account(request_id, None)
+        return super().pop_blocks_for_free(request_id)
+
+    def _account(self, request_id: str, tokens: int | None) -> None:
+        old = self.processed_tokens.pop(request_id, 0)
+        self.logical_total -= old
+        self.resident_total -= lagkv.resident_tokens(old, self.settings)
+        if tokens is not None:
+            self.processed_tokens[request_id] = tokens
+            self.logical_total += tokens
+            self.resident_total += lagkv.resident_tokens(tokens, self.settings)
+        stats.record_occupancy(self.resident_total, self.logical_total)
+
+    def held_blocks(self, request_id: str) -> int:
+        """Blocks a request holds now (null entries of freed partitions excluded)."""
+        return sum(b is not self._null_block for b in self.req_to_blocks.get(request_id, ()))

@@ -1,0 +1,72 @@
+"""Block-level geometry of a LagKV sequence, shared by the KV manager (which blocks to free) and
+the attention metadata builder (which block-table columns are live).
+
+Logical block columns of a request: ``sink_blocks`` sink columns, then ``part_blocks`` columns per
+partition. Once partition p is compressed its kept rows sit in its first ``keep_blocks``
+columns and the other ``part_blocks - keep_blocks`` are freed. vLLM's slot mapping keeps writing
+new tokens at their logical column; attention reads the live columns only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lrsa_serve import lagkv
+from lrsa_serve.config import LagKVConfig
+
+
+@dataclass(frozen=True)
+class BlockGeometry:
+    settings: LagKVConfig
+    block_size: int
+
+    def __post_init__(self) -> None:
+        self.settings.check_block_size(self.block_size)
+
+    @property
+    def sink_blocks(self) -> int:
+        return self.settings.sink // self.block_size
+
+    @property
+    def part_blocks(self) -> int:
+        return self.settings.lag // self.block_size
+
+    @property
+    def keep_blocks(self) -> int:
+        return self.settings.keep // self.block_size
+
+    @property
+    def evicted_per_partition(self) -> int:
+        return self.settings.lag - self.settings.keep
+
+    def compressed(self, num_tokens: torch.Tensor) -> torch.Tensor:
+        """Vectorised ``lagkv.compressed_partitions``."""
+        cfg = self.settings
+        return ((num_tokens - cfg.sink).div(cfg.lag, rounding_mode="floor") - 1).clamp(min=0)
+
+    def partition_columns(self, partition: int) -> range:
+        start = self.sink_blocks + partition * self.part_blocks
+        return range(start, start + self.part_blocks)
+
+    def evicted_columns(self, partition: int) -> range:
+        """Columns freed once ``partition`` is compressed (its tail past the kept blocks)."""
+        cols = self.partition_columns(partition)
+        return range(cols.start + self.keep_blocks, cols.stop)
+
+    def live_columns(self, num_columns: int, compressed: torch.Tensor) -> torch.Tensor:
+        """``[R, num_columns]`` logical column read by each physical column, for requests with
+        ``compressed[r]`` partitions compressed. Columns past a request's length are don't-care
+        (clamped), the builder's sequence lengths stop attention before them."""
+        phys = torch.arange(num_columns, device=compressed.device)[None, :]
+        done = ((phys - self.sink_blocks).clamp(min=0) // self.keep_blocks).clamp(
+            max=compressed[:, None]
+        )
+        return (phys + done * (self.part_blocks - self.keep_blocks)).clamp(max=num_columns - 1)
+
+    def peak_blocks(self, max_len: int) -> int:
+        """Most blocks one sequence of up to ``max_len`` tokens holds at once: its resident tokens
+        plus the partition being compressed (freed one step after compaction)."""
+        resident = lagkv.resident_tokens(max_len, self.settings) + self.settings.lag
+        return min(-(-max_len // self.block_size), -(-resident // self.block_size) + 1)

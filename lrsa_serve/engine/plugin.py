@@ -1,0 +1,41 @@
+"""``vllm.general_plugins`` entry point, loaded by vLLM in every process it starts.
+
+Registers the LagKV KV-cache spec with its manager and the LagKV attention backend. Both act only
+for models with LagKV settings (checkpoint ``"lagkv"`` or ``additional_config``); everything else
+runs exactly as stock vLLM.
+"""
+
+from __future__ import annotations
+
+CUDA_BACKEND_NAME = "LAGKV_TRITON"
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+    from vllm.v1.core.single_type_kv_cache_manager import register_all_kvcache_specs
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    from lrsa_serve.engine.kv_spec import LagKVAttentionSpec, LagKVManager
+
+    # Built-ins first: the registry skips its own registration once it holds any entry.
+    register_all_kvcache_specs(None)
+    KVCacheSpecRegistry.register(
+        LagKVAttentionSpec, LagKVManager, uniform_type_base_spec=FullAttentionSpec
+    )
+    if current_platform.is_cpu():
+        # The CPU platform always picks CPU_ATTN, so LagKV overrides that entry.
+        register_backend(
+            AttentionBackendEnum.CPU_ATTN, "lrsa_serve.engine.cpu_backend.LagKVCPUBackend"
+        )
+    elif (
+        current_platform.is_cuda_alike()
+        and CUDA_BACKEND_NAME not in AttentionBackendEnum.__members__
+    ):
+        register_backend(CUDA_BACKEND_NAME, "lrsa_serve.engine.cuda_backend.LagKVTritonBackend")
+    _registered = True

@@ -1,0 +1,59 @@
+"""Scheduler that ends prefill chunks on lag-partition boundaries.
+
+Tokens of one scheduled chunk all see the cache as it was when the chunk started. A chunk that
+stays below ``S + 2L``, or inside one partition after that, therefore attends exactly under the
+LagKV visibility rule with plain causal attention over the compacted cache
+(``lagkv.chunk_end_limit``). Several requests still share each step's token budget.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from lrsa_serve import lagkv
+from lrsa_serve.engine.kv_spec import LagKVManager
+from lrsa_serve.engine.settings import check_engine_config, settings_from_vllm_config
+
+
+class LagKVSchedulingMixin:
+    def _init_lagkv(self) -> None:
+        self.lagkv = settings_from_vllm_config(self.vllm_config)
+        if self.lagkv is not None:
+            check_engine_config(self.lagkv, self.vllm_config)
+
+    def _reserve_prefill_lookahead(self, request, num_computed_tokens: int, num_new_tokens: int):
+        # The last clip vLLM applies to a chunk (all paths call it); we clip after it.
+        num_new_tokens = super()._reserve_prefill_lookahead(
+            request, num_computed_tokens, num_new_tokens
+        )
+        if self.lagkv is None or num_new_tokens == 0:
+            return num_new_tokens
+        limit = lagkv.chunk_end_limit(num_computed_tokens, self.lagkv) - num_computed_tokens
+        return min(num_new_tokens, limit)
+
+    def lagkv_managers(self) -> list[LagKVManager]:
+        managers = self.kv_cache_manager.coordinator.single_type_managers
+        return [m for m in managers if isinstance(m, LagKVManager)]
+
+
+class LagKVScheduler(LagKVSchedulingMixin, Scheduler):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_lagkv()
+
+
+class LagKVAsyncScheduler(LagKVSchedulingMixin, AsyncScheduler):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_lagkv()
+
+
+def make_scheduler(*args: Any, **kwargs: Any) -> Scheduler:
+    """``scheduler_cls`` target: vLLM decides async scheduling after the engine args are given,
+    so pick the matching base here, when the engine core builds its scheduler."""
+    vllm_config = kwargs.get("vllm_config", args[0] if args else None)
+    async_scheduling = bool(vllm_config.scheduler_config.async_scheduling)
+    return (LagKVAsyncScheduler if async_scheduling else LagKVScheduler)(*args, **kwargs)

@@ -1,0 +1,51 @@
+"""LagKV's Prometheus series, recorded where the facts are: the KV manager (engine-core process)
+knows resident and evicted tokens, the attention impl (worker processes) times compaction.
+
+With ``PROMETHEUS_MULTIPROC_DIR`` set before the engine starts (``lrsa serve`` does), every
+process writes its samples there and the server's ``/metrics`` aggregates them; in-process
+engines (tests, the Python API) record into this process's default registry.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RESIDENT_TOKENS = Gauge(
+    "lagkv_resident_kv_tokens",
+    "KV entries held per layer and KV head by running requests (after eviction)",
+    multiprocess_mode="livesum",
+)
+LOGICAL_TOKENS = Gauge(
+    "lagkv_logical_kv_tokens",
+    "Tokens processed by running requests (what an uncompressed cache would hold)",
+    multiprocess_mode="livesum",
+)
+EVICTED_TOKENS = Counter(
+    "lagkv_evicted_tokens",
+    "Token positions evicted from the KV cache (per sequence, counted once for all layers)",
+)
+COMPRESSED_PARTITIONS = Counter(
+    "lagkv_compressed_partitions", "Lag partitions compressed to their kept tokens"
+)
+FREED_BLOCKS = Counter("lagkv_freed_blocks", "KV blocks returned to the pool by compaction")
+COMPACTION_SECONDS = Histogram(
+    "lagkv_compaction_seconds",
+    "Time to score and compact one layer's completed partitions in one step",
+    buckets=(1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0),
+)
+
+
+def time_compaction():
+    """Context manager timing one layer's compaction (callers synchronise devices inside)."""
+    return COMPACTION_SECONDS.time()
+
+
+def record_eviction(partitions: int, tokens: int, blocks: int) -> None:
+    COMPRESSED_PARTITIONS.inc(partitions)
+    EVICTED_TOKENS.inc(tokens)
+    FREED_BLOCKS.inc(blocks)
+
+
+def record_occupancy(resident: int, logical: int) -> None:
+    RESIDENT_TOKENS.set(resident)
+    LOGICAL_TOKENS.set(logical)

@@ -1,0 +1,95 @@
+"""Exact LagKV attention for any HF transformers model: the serving oracle, slow and obvious.
+
+Registered in transformers' ``AttentionInterface`` under ``"lagkv_reference"``. Every layer
+selects kept tokens from its own post-RoPE keys and values (``lagkv.select_all``) and attends
+in float32 under ``lagkv.visibility_mask``, per KV head. Generation with HF's ordinary cache
+works because the rule is a function of positions: each step recomputes the (deterministic)
+selection from the full cache and masks accordingly.
+
+Batches must hold sequences that start at position 0 with no left padding (right padding is
+harmless for causal attention); the settings come from ``model.config.lagkv``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+
+from lrsa_serve import lagkv
+from lrsa_serve.config import CONFIG_KEY, LagKVConfig
+
+NAME = "lagkv_reference"
+# Queries per block: bounds the float32 score matrix at long lengths (9 heads x 1024 x 8K ~ 300 MB).
+QUERY_BLOCK = 1024
+
+
+def settings_of(module: torch.nn.Module) -> LagKVConfig:
+    section = getattr(module.config, CONFIG_KEY, None)
+    if section is None:
+        raise ValueError(f"{NAME} attention needs config.{CONFIG_KEY} (see use_lagkv_reference)")
+    return section if isinstance(section, LagKVConfig) else LagKVConfig.build(**section)
+
+
+def masked_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    visible: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """Softmax attention in float32 under a per-KV-head mask.
+
+    query ``[B, Hq, Tq, D]``; key/value ``[B, Hkv, Tk, D]``; visible ``[B, Hkv, Tq, Tk]`` bool.
+    Returns ``[B, Tq, Hq, D]`` in the query's dtype.
+    """
+    groups = query.shape[1] // key.shape[1]
+    q = query.float().unflatten(1, (key.shape[1], groups))  # B, Hkv, G, Tq, D
+    scores = torch.einsum("bhgqd,bhkd->bhgqk", q, key.float()) * scaling
+    scores = scores.masked_fill(~visible[:, :, None], float("-inf"))
+    out = torch.einsum("bhgqk,bhkd->bhgqd", scores.softmax(-1), value.float())
+    return out.flatten(1, 2).transpose(1, 2).to(query.dtype)
+
+
+def lagkv_reference_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    cfg = settings_of(module)
+    num_keys, num_queries = key.shape[2], query.shape[2]
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    with torch.no_grad():  # top-K has no gradient; gradients flow through the visible K/V
+        kept = lagkv.select_all(key, value, cfg)
+    outputs = []
+    for lo in range(0, num_queries, QUERY_BLOCK):
+        hi = min(num_queries, lo + QUERY_BLOCK)
+        first = num_keys - num_queries + lo
+        visible = lagkv.visibility_mask(first + (hi - lo), kept, cfg, query_start=first)
+        outputs.append(
+            masked_attention(
+                query[:, :, lo:hi],
+                key[:, :, : first + hi - lo],
+                value[:, :, : first + hi - lo],
+                visible,
+                scaling,
+            )
+        )
+    out = torch.cat(outputs, dim=1)
+    if dropout and module.training:
+        out = torch.nn.functional.dropout(out, p=dropout)
+    return out, None
+
+
+AttentionInterface.register(NAME, lagkv_reference_attention)
+
+
+def use_lagkv_reference(model: PreTrainedModel, cfg: LagKVConfig) -> PreTrainedModel:
+    """Switch a loaded HF model to exact LagKV attention with these settings."""
+    model.config.lagkv = cfg.model_dump()
+    model.set_attn_implementation(NAME)
+    return model
