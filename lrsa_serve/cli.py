@@ -1,0 +1,78 @@
+"""``lrsa``: serve | train | pipeline | eval | bench | prepare-model.
+
+Each subcommand lives in the module that owns it, which provides ``add_arguments(parser)`` and
+``run(args) -> int`` and keeps heavy imports (torch, vLLM) inside ``run`` so ``--help`` is quick.
+Expected failures (bad settings, a missing model, bad data) end in one line on stderr, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+SUBCOMMANDS = {
+    "serve": ("lrsa_serve.serving.cli", "Start the OpenAI-compatible server with LagKV"),
+    "train": ("lrsa_serve.training.cli", "Post-train a checkpoint with the LRSA mask"),
+    "pipeline": ("lrsa_serve.pipeline", "Train, serve and evaluate in one command"),
+    "eval": ("lrsa_serve.eval.cli", "Long-context accuracy under compression"),
+    "bench": ("lrsa_serve.bench", "Vanilla vLLM vs LagKV memory and throughput"),
+    "prepare-model": ("lrsa_serve.cli", "Convert the default model once; print its folder"),
+}
+
+
+class UserError(Exception):
+    """A failure the user can fix; printed as one line."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true", help="convert again even if present")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lrsa_serve.models import prepare_default_model
+
+    print(prepare_default_model(force=args.force))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lrsa", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError:
+            continue  # a subcommand whose module is not part of this build
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(sub)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    from pydantic import ValidationError
+
+    from lrsa_serve.config import LagKVConfigError
+    from lrsa_serve.models import ModelError
+
+    return (UserError, LagKVConfigError, ModelError, ValidationError, FileNotFoundError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except expected_errors() as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"lrsa {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lrsa {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
