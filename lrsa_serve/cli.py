@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         try:
             module = importlib.import_module(module_name)
-        except ModuleNotFoundError:
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
             continue  # a subcommand whose module is not part of this build
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(sub)
