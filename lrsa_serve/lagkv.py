@@ -132,16 +132,19 @@ def visibility_mask(
 ) -> torch.Tensor:
     """Which keys each query sees: bool ``[..., num_keys - query_start, num_keys]``.
 
-    kept_positions: ``[..., P, keep]`` from :func:`select_all` on the same sequence (at least the
-    partitions older than the last query's previous one). Queries are positions
+    kept_positions: ``[..., P, keep]`` from :func:`select_all` on the same sequence or a longer
+    one (at least the partitions older than the last query's previous one). Queries are positions
     ``query_start .. num_keys-1``, so decode steps can ask for their last rows only.
     """
     device = kept_positions.device
     q_pos = torch.arange(query_start, num_keys, device=device)[:, None]
     k_pos = torch.arange(num_keys, device=device)[None, :]
     lead = kept_positions.shape[:-2]
-    is_kept = torch.zeros(*lead, num_keys, dtype=torch.bool, device=device)
-    is_kept.scatter_(-1, kept_positions.flatten(-2), True)
+    # Kept positions at or past num_keys (partitions no query here can see yet) are ignored.
+    flat = kept_positions.flatten(-2)
+    hits = torch.zeros(*lead, num_keys, dtype=torch.int32, device=device)
+    hits.scatter_add_(-1, flat.clamp(max=num_keys - 1), (flat < num_keys).int())
+    is_kept = hits > 0
     old_enough = partition_of(k_pos, cfg) <= partition_of(q_pos, cfg) - 2
     return raw_key_visible(q_pos, k_pos, cfg) | (is_kept[..., None, :] & old_enough)
 

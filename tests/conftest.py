@@ -1,0 +1,69 @@
+"""Shared fixtures: the default model (prepared once, reused), engines and the HF reference."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+
+# In-process engines: tests read the scheduler's KV manager directly.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def default_model() -> str:
+    from lrsa_serve.models import prepare_default_model
+
+    return str(prepare_default_model())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model)
+
+
+@pytest.fixture(scope="session")
+def hf_model(default_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(default_model, dtype=torch.float32).eval()
+
+
+class EngineBox:
+    """Builds one in-process engine at a time and shuts the previous one down."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.llm = None
+        self.key = None
+
+    def get(self, **kwargs):
+        from lrsa_serve.engine import make_llm
+
+        key = tuple(sorted(kwargs.items()))
+        if key != self.key:
+            self.close()
+            base = dict(dtype="float32", max_model_len=8192, enforce_eager=True, seed=0)
+            self.llm = make_llm(self.model, **(base | kwargs))
+            self.key = key
+        return self.llm
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+            self.key = None
+            gc.collect()
+
+
+@pytest.fixture(scope="session")
+def engines(default_model):
+    box = EngineBox(default_model)
+    yield box
+    box.close()

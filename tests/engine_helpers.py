@@ -1,0 +1,34 @@
+"""Helpers for engine tests: greedy generation on both sides, and the scheduler's internals."""
+
+from __future__ import annotations
+
+import torch
+
+
+def engine_generate(llm, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def reference_generate(model, prompt: list[int], max_tokens: int, cfg=None) -> list[int]:
+    """Greedy tokens of the HF model, stock attention when cfg is None, else exact LagKV."""
+    from lrsa_serve.reference_attention import use_lagkv_reference
+
+    if cfg is None:
+        model.set_attn_implementation("sdpa")
+    else:
+        use_lagkv_reference(model, cfg)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(
+            ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def scheduler_of(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler

