@@ -22,12 +22,15 @@ def reference_generate(model, prompt: list[int], max_tokens: int, cfg=None) -> l
         model.set_attn_implementation("sdpa")
     else:
         use_lagkv_reference(model, cfg)
-    ids = torch.tensor([prompt])
+    # A plain greedy loop: HF's min_new_tokens would mask EOS, vLLM's ignore_eos does not.
+    tokens, past, step_input = [], None, torch.tensor([prompt])
     with torch.no_grad():
-        out = model.generate(
-            ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False
-        )
-    return out[0, len(prompt) :].tolist()
+        for _ in range(max_tokens):
+            out = model(step_input, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            tokens.append(int(out.logits[0, -1].argmax()))
+            step_input = torch.tensor([[tokens[-1]]])
+    return tokens
 
 
 def scheduler_of(llm):

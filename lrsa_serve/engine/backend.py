@@ -21,6 +21,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.engine import settings as engine_settings
+from lrsa_serve.engine import stats
 from lrsa_serve.engine.kv_spec import LagKVAttentionSpec
 from lrsa_serve.engine.layout import BlockGeometry
 from lrsa_serve.kernels import naive
@@ -125,6 +126,7 @@ class LagKVBuilderMixin:
         index = torch.tensor(req_rows, device=table.device)[:, None]
         part_blocks = table[index, torch.tensor(part_cols, device=table.device)]
         ref_blocks = table[index, torch.tensor(ref_cols, device=table.device)]
+        stats.record_compactions(len(req_rows), len(req_rows) * geometry.evicted_per_partition)
         return CompactionPlan(part_blocks, ref_blocks, geometry.settings)
 
 

@@ -74,6 +74,8 @@ class LagKVManager(FullAttentionManager):
         self.processed_tokens: dict[str, int] = {}  # per request, as of its last scheduling
         self.resident_total = 0
         self.logical_total = 0
+        stats.record_settings(**self.settings.model_dump(), keep=self.settings.keep)
+        stats.record_occupancy(0, 0)
 
     def remove_skipped_blocks(
         self,
@@ -95,8 +97,8 @@ class LagKVManager(FullAttentionManager):
             self._remove_blocks_in_range(request_id, cols.start, cols.stop)
             freed += 1
         if freed:
-            stats.record_eviction(
-                freed, freed * self.geometry.evicted_per_partition, freed * len(cols)
+            stats.record_freed_blocks(
+                freed * (self.geometry.part_blocks - self.geometry.keep_blocks)
             )
 
     def pop_blocks_for_free(self, request_id: str) -> list:

@@ -20,12 +20,23 @@ LOGICAL_TOKENS = Gauge(
     "Tokens processed by running requests (what an uncompressed cache would hold)",
     multiprocess_mode="livesum",
 )
+COMPRESSION_RATIO = Gauge(
+    "lagkv_compression_ratio",
+    "Logical / resident KV tokens over running requests (1 when none run)",
+    multiprocess_mode="mostrecent",
+)
+SETTINGS_INFO = Gauge(
+    "lagkv_settings_info",
+    "LagKV settings the engine runs with (labels); value 1",
+    ["sink", "lag", "ratio", "keep", "score_v_ratio"],
+    multiprocess_mode="mostrecent",
+)
 EVICTED_TOKENS = Counter(
     "lagkv_evicted_tokens",
-    "Token positions evicted from the KV cache (per sequence, counted once for all layers)",
+    "Token positions evicted by compaction (per sequence, counted once for all layers and heads)",
 )
 COMPRESSED_PARTITIONS = Counter(
-    "lagkv_compressed_partitions", "Lag partitions compressed to their kept tokens"
+    "lagkv_compressed_partitions", "Lag partitions compacted to their kept tokens"
 )
 FREED_BLOCKS = Counter("lagkv_freed_blocks", "KV blocks returned to the pool by compaction")
 COMPACTION_SECONDS = Histogram(
@@ -40,12 +51,21 @@ def time_compaction():
     return COMPACTION_SECONDS.time()
 
 
-def record_eviction(partitions: int, tokens: int, blocks: int) -> None:
+def record_compactions(partitions: int, evicted_tokens: int) -> None:
+    """Worker side, once per step: partitions whose compaction this step planned."""
     COMPRESSED_PARTITIONS.inc(partitions)
-    EVICTED_TOKENS.inc(tokens)
+    EVICTED_TOKENS.inc(evicted_tokens)
+
+
+def record_freed_blocks(blocks: int) -> None:
     FREED_BLOCKS.inc(blocks)
 
 
 def record_occupancy(resident: int, logical: int) -> None:
     RESIDENT_TOKENS.set(resident)
     LOGICAL_TOKENS.set(logical)
+    COMPRESSION_RATIO.set(logical / resident if resident else 1.0)
+
+
+def record_settings(sink: int, lag: int, ratio: float, keep: int, score_v_ratio: float) -> None:
+    SETTINGS_INFO.labels(sink, lag, ratio, keep, score_v_ratio).set(1)

@@ -1,0 +1,65 @@
+"""The HTTP app: vLLM's OpenAI serving layer (routers, protocol models, streaming, chat
+templates, tools, logprobs, structured output, its /health and /metrics) plus what is LagKV's:
+settings in /v1/models, /ready, /version, OpenAI-shaped auth errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.routing import BaseRoute
+
+from lrsa_serve import __version__
+from lrsa_serve.config import LagKVConfig
+from lrsa_serve.serving.auth import BearerAuth
+
+
+def _drop_route(app: FastAPI, path: str, method: str = "GET") -> None:
+    def keep(route: BaseRoute) -> bool:
+        methods = getattr(route, "methods", None) or set()
+        return not (getattr(route, "path", None) == path and method in methods)
+
+    app.router.routes[:] = [r for r in app.router.routes if keep(r)]
+
+
+def install_lagkv(
+    app: FastAPI, engine_client: Any, settings: LagKVConfig | None, api_key: str | None
+) -> FastAPI:
+    """Add LagKV's routes to a vLLM app. Call before the app starts serving."""
+    lagkv_info = settings.model_dump() | {"keep": settings.keep} if settings else None
+
+    _drop_route(app, "/v1/models")
+
+    @app.get("/v1/models")
+    async def list_models(raw_request: Request) -> JSONResponse:
+        models = await raw_request.app.state.openai_serving_models.show_available_models()
+        body = models.model_dump()
+        for card in body["data"]:
+            card["lagkv"] = lagkv_info
+        return JSONResponse(body)
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """200 once the model is loaded and the engine accepts requests, else 503."""
+        if getattr(engine_client, "errored", False) or not getattr(
+            engine_client, "is_running", True
+        ):
+            return JSONResponse({"status": "engine not running"}, status_code=503)
+        try:
+            await engine_client.check_health()
+        except Exception as e:  # the engine died: not ready, and say why
+            return JSONResponse({"status": f"unhealthy: {e}"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    _drop_route(app, "/version")
+
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        from vllm import __version__ as vllm_version
+
+        return JSONResponse({"version": __version__, "vllm": vllm_version, "lagkv": lagkv_info})
+
+    if api_key:
+        app.add_middleware(BearerAuth, api_key=api_key)
+    return app

@@ -1,0 +1,198 @@
+"""``lrsa serve [MODEL]`` and ``python server.py``: vLLM's OpenAI server with LagKV.
+
+Every vLLM server flag passes through unchanged (``--dtype``, ``--block-size``,
+``--max-num-seqs``, ``--max-model-len``, ...); the "LagKV" group adds ours. MODEL defaults to the
+prepared default model. A start-up failure ends in one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+
+
+def _multiprocess_metrics() -> None:
+    """Every engine process records into one directory that /metrics aggregates; it must be set
+    before prometheus_client is first imported, i.e. before vLLM."""
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        folder = tempfile.mkdtemp(prefix="lrsa-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(
+        prog="lrsa serve",
+        description="OpenAI-compatible server (vLLM) whose KV cache is compressed with LagKV. "
+        "MODEL: a local HF model folder (default: the prepared SmolLM2-135M-Instruct).",
+    )
+    parser = make_arg_parser(parser)
+    group = parser.add_argument_group(
+        "LagKV", "Compression settings; defaults come from the checkpoint's config.json "
+        '"lagkv" section, else lrsa-serve\'s defaults (sink 32, lag 256, ratio 0.25).',
+    )  # fmt: skip
+    group.add_argument("--sink", type=int, help="first tokens never evicted (multiple of block)")
+    group.add_argument("--lag", type=int, help="lag partition size in tokens (multiple of block)")
+    group.add_argument("--ratio", type=float, help="fraction of each partition kept, in (0, 1]")
+    group.add_argument("--score-v-ratio", type=float, help="weight of the value score (1.0)")
+    group.add_argument(
+        "--no-lagkv", action="store_true", help="serve without compression (stock vLLM)"
+    )
+    group.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        help="KV pool size in GiB (CPU: VLLM_CPU_KVCACHE_SPACE; GPU: --kv-cache-memory-bytes)",
+    )
+    group.add_argument(
+        "--cors-origins", nargs="+", help="allowed CORS origins (same as --allowed-origins)"
+    )
+    return parser
+
+
+def prepare(args: argparse.Namespace, argv: Sequence[str]):
+    """Resolve the model and LagKV settings and fold them into vLLM's arguments.
+    Returns (settings or None, api key or None)."""
+    from lrsa_serve.config import LagKVConfig
+    from lrsa_serve.engine.api import default_block_size, lagkv_engine_kwargs, on_cpu
+    from lrsa_serve.models import resolve_model
+
+    model_given = args.model_tag or (args.model if any(a.startswith("--model") for a in argv)
+                                     else None)  # fmt: skip
+    model = resolve_model(model_given)
+    args.model = args.model_tag = model
+    if not args.served_model_name:  # clients name the model by its folder, not a local path
+        args.served_model_name = [os.path.basename(os.path.normpath(model))]
+    settings = None
+    if not args.no_lagkv:
+        overrides = dict(sink=args.sink, lag=args.lag, ratio=args.ratio,
+                         score_v_ratio=args.score_v_ratio)  # fmt: skip
+        settings = LagKVConfig.resolve(model, **overrides) or LagKVConfig.build(**overrides)
+    if args.block_size is None:
+        args.block_size = default_block_size()
+    engine_kwargs = lagkv_engine_kwargs(
+        model,
+        settings,
+        block_size=args.block_size,
+        enable_prefix_caching=args.enable_prefix_caching,
+        speculative_config=args.speculative_config,
+        kv_transfer_config=args.kv_transfer_config,
+        additional_config=args.additional_config,
+    )
+    for key in ("enable_prefix_caching", "scheduler_cls", "additional_config", "attention_backend"):
+        if key in engine_kwargs:
+            setattr(args, key, engine_kwargs[key])
+    if args.kv_cache_gib is not None:
+        if on_cpu():
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_cache_gib)
+        else:
+            args.kv_cache_memory_bytes = int(args.kv_cache_gib * 2**30)
+    elif on_cpu():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    if args.cors_origins:
+        args.allowed_origins = args.cors_origins
+    # vLLM's own key check answers with a non-OpenAI body; ours replaces it.
+    keys = args.api_key or []
+    api_key = keys[0] if keys else os.environ.get("LRSA_API_KEY") or None
+    args.api_key = None
+    return settings, api_key
+
+
+async def serve(args: argparse.Namespace, settings, api_key: str | None) -> None:
+    from vllm import envs
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.launcher import serve_http, setup_server
+
+    from lrsa_serve.serving.app import install_lagkv
+
+    listen_address, sock = setup_server(args, reuse_port=False)
+    async with build_async_engine_client(args) as engine_client:
+        tasks = await engine_client.get_supported_tasks()
+        app = build_app(args, tasks, engine_client.model_config)
+        install_lagkv(app, engine_client, settings, api_key)
+        await init_app_state(engine_client, app.state, args, tasks)
+        lagkv = f"LagKV {settings.short()}" if settings else "LagKV off (stock vLLM)"
+        print(f"lrsa serve: {args.model} | {lagkv} | auth {'on' if api_key else 'off'}",
+              file=sys.stderr)  # fmt: skip
+        print(f"lrsa serve: listening on {listen_address}", file=sys.stderr, flush=True)
+        shutdown = await serve_http(
+            app,
+            sock=sock,
+            enable_ssl_refresh=args.enable_ssl_refresh,
+            host=args.host,
+            port=args.port,
+            log_level=args.uvicorn_log_level,
+            access_log=not args.disable_uvicorn_access_log,
+            timeout_keep_alive=envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE,
+            ssl_keyfile=args.ssl_keyfile,
+            ssl_certfile=args.ssl_certfile,
+            ssl_ca_certs=args.ssl_ca_certs,
+            ssl_cert_reqs=args.ssl_cert_reqs,
+            ssl_ciphers=args.ssl_ciphers,
+            h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
+            h11_max_header_count=args.h11_max_header_count,
+        )
+    try:
+        await shutdown
+    finally:
+        sock.close()
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _multiprocess_metrics()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    from pydantic import ValidationError
+
+    from lrsa_serve.config import LagKVConfigError
+    from lrsa_serve.models import ModelError
+
+    try:
+        settings, api_key = prepare(args, argv)
+    except (LagKVConfigError, ModelError, ValidationError, ValueError) as e:
+        print(f"lrsa serve: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    import uvloop
+
+    try:
+        uvloop.run(serve(args, settings, api_key))
+    except KeyboardInterrupt:
+        return 0
+    except OSError as e:  # e.g. the port is taken
+        print(f"lrsa serve: error: cannot listen on {args.host}:{args.port}: {e.strerror or e}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    except Exception as e:
+        print(f"lrsa serve: error: the engine failed to start: {_one_line(e)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# `lrsa serve` is dispatched straight to main() (vLLM's flags need its own parser); these two
+# keep the subcommand convention of lrsa_serve.cli for `lrsa --help`.
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="see `lrsa serve --help`")
+
+
+def run(args: argparse.Namespace) -> int:
+    return main(args.args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
