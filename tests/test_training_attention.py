@@ -1,0 +1,178 @@
+"""The LRSA fast path (gather + static mask, FlexAttention) against the dense masked reference.
+
+On CPU FlexAttention runs forward only (eager = its math path; compiled = inductor C++), so the
+gradients of the static formulation are checked through ``lrsa_static_dense_attention``, which
+evaluates the same mask_mod densely. The CUDA tests (marked ``gpu``) check flex forward and
+backward at real sizes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lrsa_serve import lagkv
+from lrsa_serve.config import LagKVConfig
+from lrsa_serve.kernels import lrsa_attention as la
+
+# (sink, lag, ratio, length): lengths off partition boundaries, sinks off block boundaries,
+# a sequence shorter than S + 2L (no compression) and one shorter than the sink.
+SHAPES = [
+    (4, 16, 0.25, 100),
+    (3, 16, 0.5, 77),
+    (0, 8, 0.25, 61),
+    (5, 32, 0.25, 203),
+    (6, 16, 0.25, 5),
+    (16, 16, 0.125, 150),
+    (2, 16, 0.25, 30),
+]
+
+
+def oracle(q, k, v, cfg, scale):
+    """Float64 dense attention under lagkv.visibility_mask: the rule written the obvious way."""
+    with torch.no_grad():
+        kept = lagkv.select_all(k, v, cfg)
+    visible = lagkv.visibility_mask(k.shape[2], kept, cfg)  # [B, Hkv, n, n]
+    groups = q.shape[1] // k.shape[1]
+    visible = visible.repeat_interleave(groups, 1)
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * scale
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    return torch.einsum("bhqk,bhkd->bhqd", probs, v.double()).transpose(1, 2)
+
+
+def qkv(n, dtype, heads=(6, 2), dim=8, batch=2, seed=0, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(batch, heads[0], n, dim), (batch, heads[1], n, dim), (batch, heads[1], n, dim)]
+    return [torch.randn(*s, generator=g, dtype=dtype).requires_grad_(grad) for s in shapes]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sink,lag,ratio,n", SHAPES)
+def test_static_formulation_matches_oracle_forward_and_gradients(sink, lag, ratio, n, dtype):
+    cfg = LagKVConfig(sink=sink, lag=lag, ratio=ratio)
+    q, k, v = qkv(n, dtype, heads=(6, 2), seed=n, grad=True)
+    out = la.lrsa_static_dense_attention(q, k, v, cfg, 0.3, block=16)
+    q2, k2, v2 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = oracle(q2, k2, v2, cfg, 0.3)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    weights = torch.randn_like(ref)
+    (out.double() * weights).sum().backward()
+    (ref * weights).sum().backward()
+    for got, want in ((q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
+        torch.testing.assert_close(got.double(), want, atol=tol * 10, rtol=tol * 10)
+
+
+@pytest.mark.parametrize("sink,lag,ratio,n", SHAPES)
+def test_flex_forward_matches_oracle_on_cpu(sink, lag, ratio, n):
+    cfg = LagKVConfig(sink=sink, lag=lag, ratio=ratio)
+    q, k, v = qkv(n, torch.float32, heads=(4, 1), seed=n + 1)
+    out = la.lrsa_flex_attention(q, k, v, cfg, 0.25, block=16, compile=False)
+    torch.testing.assert_close(out.double(), oracle(q, k, v, cfg, 0.25), atol=2e-5, rtol=2e-5)
+
+
+def test_compiled_flex_serves_several_lengths_on_cpu():
+    """One dynamic-shape compile of flex on CPU, equal to the oracle at three bucket lengths."""
+    cfg = LagKVConfig(sink=4, lag=16, ratio=0.25)
+    for n in (70, 100, 131):
+        q, k, v = qkv(n, torch.float32, heads=(4, 2), batch=1, seed=n)
+        out = la.lrsa_flex_attention(q, k, v, cfg, 0.25, block=16, compile=True)
+        torch.testing.assert_close(out.double(), oracle(q, k, v, cfg, 0.25), atol=1e-5, rtol=1e-5)
+
+
+def test_layout_buckets_and_aligns():
+    rule = la.Rule(sink=16, lag=1024, keep=256, score_v_ratio=1.0)
+    layout = la.Layout.of(32768, rule, 128)
+    assert layout.bucket == 16 + 32 * 1024  # whole partitions
+    assert layout.front_pad == 112  # partitions start on 128-row blocks
+    assert layout.raw_rows % 128 == 0
+    assert layout.num_parts == 31 and layout.kv_rows == layout.raw_rows + 31 * 256
+    # every length of one bucket shares the layout's block mask
+    assert la.Layout.of(32000, rule, 128).bucket == layout.bucket
+    # the mask is built once per (bucket, settings) and reused
+    small = la.Rule(sink=4, lag=16, keep=4, score_v_ratio=1.0)
+    a = la.block_mask_for(small, la.Layout.of(100, small, 16), "cpu", 16)
+    b = la.block_mask_for(small, la.Layout.of(100, small, 16), "cpu", 16)
+    assert a is b
+
+
+def test_mask_mod_is_the_rule_on_raw_rows():
+    """Without pads, the mask over raw rows is lagkv's raw visibility exactly."""
+    cfg = LagKVConfig(sink=3, lag=8, ratio=0.25)
+    rule = la.Rule.of(cfg)
+    layout = la.Layout.of(59, rule, 128)  # L=8 is not a multiple of 128: no front pad
+    assert layout.front_pad == 0
+    rows = torch.arange(layout.raw_rows)[:, None]
+    cols = torch.arange(layout.raw_rows)[None, :]
+    got = la.make_mask_mod(rule, layout, "cpu")(None, None, rows, cols)
+    assert torch.equal(got, lagkv.raw_key_visible(rows, cols, cfg))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_hf_model_lrsa_flex_equals_reference(kind):
+    """The registered "lrsa" attention inside a real HF model (flex forward on CPU) gives the
+    reference attention's logits; lrsa_forward_logits restores the model's attention."""
+    from lrsa_serve.reference_attention import use_lagkv_reference
+    from lrsa_serve.training.tiny import random_model, tiny_config
+
+    cfg = LagKVConfig(sink=4, lag=16, ratio=0.25)
+    model = random_model(tiny_config(kind, vocab_size=300), seed=1).eval()
+    ids = torch.randint(0, 300, (2, 117), generator=torch.Generator().manual_seed(0))
+    la.set_backend("flex", compile_flex=False)
+    try:
+        fast = la.lrsa_forward_logits(model, ids, cfg)
+    finally:
+        la.set_backend("auto")
+    assert model.config._attn_implementation == "sdpa"
+    assert getattr(model.config, "lagkv", None) is None
+    with torch.no_grad():
+        ref = use_lagkv_reference(model, cfg)(ids).logits
+        model.set_attn_implementation("sdpa")
+        dense = model(ids).logits
+    torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
+    assert (dense - ref).abs().max() > 1e-3  # the rule really changes something here
+
+
+# ---- CUDA (GPU machine): FlexAttention forward and backward at real sizes ----------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize(
+    "sink,lag,ratio,n,heads,dim",
+    [(16, 1024, 0.25, 5000, (12, 2), 128), (32, 256, 0.25, 3001, (9, 3), 64)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flex_cuda_forward_backward_match_reference(sink, lag, ratio, n, heads, dim, dtype):
+    cfg = LagKVConfig(sink=sink, lag=lag, ratio=ratio)
+    g = torch.Generator(device="cuda").manual_seed(n)
+    shapes = [(1, heads[0], n, dim), (1, heads[1], n, dim), (1, heads[1], n, dim)]
+    base = [torch.randn(*s, generator=g, device="cuda") for s in shapes]
+    fast_in = [t.to(dtype).requires_grad_() for t in base]
+    ref_in = [t.clone().requires_grad_() for t in base]
+    out = la.lrsa_flex_attention(*fast_in, cfg, dim**-0.5)
+    # the module's own (compiled) selection: float rounding differences between compiled and
+    # eager scores could flip a near-tie at the top-K boundary and move one kept token
+    kept = la.select_kept(fast_in[1], fast_in[2], la.Rule.of(cfg))
+    # float32 reference on the same (rounded) inputs, selection from the same keys
+    q, k, v = ref_in
+    groups = heads[0] // heads[1]
+    visible = lagkv.visibility_mask(n, kept, cfg).repeat_interleave(groups, 1)
+    qr, kr, vr = (t.to(dtype).float() for t in (q, k, v))
+    scores = torch.einsum("bhqd,bhkd->bhqk", qr, kr.repeat_interleave(groups, 1)) * dim**-0.5
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    ref = torch.einsum("bhqk,bhkd->bhqd", probs, vr.repeat_interleave(groups, 1)).transpose(1, 2)
+    weights = torch.randn_like(ref)
+    (out.float() * weights).sum().backward()
+    (ref * weights).sum().backward()
+    # relative L2 error; flex's float32 dots may run as tf32
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
+
+    def rel(a, b):
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    assert rel(out, ref) < tol
+    for got, want in zip(fast_in, ref_in, strict=True):
+        assert rel(got.grad, want.grad) < tol * 2
