@@ -1,0 +1,392 @@
+"""Triton LagKV select/compact against the paged torch path (``naive.py``, itself tested against
+``lagkv.py``): kept indices exactly, moved rows bitwise, every other block untouched.
+
+Without CUDA the kernels run in Triton's interpreter at small shapes, in a child pytest (see
+IN_CHILD; ~30 s on 2 cores); with CUDA the same tests run compiled, and the ``gpu`` tests add real
+sizes (L=1024, 8 KV heads, head_dim 128, 64 sequences; L=2048). Run:
+``pytest tests/test_kernels_triton.py`` (CPU or GPU; ``-m gpu`` for the real sizes only).
+
+How exact is "exact": the kernel's spreads (std over channels) equal torch's bit for bit on the
+CPU, but its softmax rounds differently from torch's in the last ulp, so two tokens whose
+reference scores are within a few ulps of each other at the keep boundary can swap. Random
+scores at L=1024 have such near-ties in a few percent of heads (even exact float32 ties), so the
+comparison is: the selection equals the reference's exactly, except that tokens whose reference
+score lies within ``NEAR_TIE`` (relative) of the reference's keep-th score may differ; such swaps
+are counted, and none is allowed in the small CPU cases, where boundary gaps are far wider. The
+top-K itself is checked with no tolerance at all: the kernel's indices must equal
+``lagkv.top_keep_sorted`` of the kernel's own scores, ties to the lower position included.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lrsa_serve import kernels, lagkv
+from lrsa_serve.kernels import naive
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+# Triton chooses interpreter or compiler process-wide, when it is first imported (its own
+# library functions are decorated then). So without a GPU, unless this process was started with
+# TRITON_INTERPRET=1, the kernel tests run in a child pytest that is: no other test in this
+# process (vLLM's, say) ever sees the interpreter.
+IN_CHILD = not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1"
+kernel_test = pytest.mark.skipif(IN_CHILD, reason="runs in test_kernels_in_triton_interpreter")
+
+if IN_CHILD:
+    triton_select = triton_compact = None
+else:
+    try:
+        from lrsa_serve.kernels import compact as triton_compact
+        from lrsa_serve.kernels import select as triton_select
+    except ImportError as err:
+        pytest.skip(f"triton cannot be imported: {err}", allow_module_level=True)
+    assert triton_select.INTERPRETED != HAS_CUDA, (
+        "Triton kernels built for the wrong mode: TRITON_INTERPRET=1 must be set, before triton "
+        "is first imported, exactly when there is no GPU"
+    )
+
+
+@pytest.mark.skipif(not IN_CHILD, reason="the kernel tests run in this process")
+def test_kernels_in_triton_interpreter():
+    """This module's tests, under TRITON_INTERPRET=1 in a child pytest (see IN_CHILD)."""
+    pytest.importorskip("triton", reason="triton cannot be imported")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    print(proc.stdout[-3000:])
+    assert proc.returncode == 0, proc.stdout[-20000:] + proc.stderr[-5000:]
+
+
+# Relative distance to the reference's keep-th score inside which a swap counts as a near-tie
+# (about 16 float32 ulps; measured differences between the two score computations are <= 3e-7).
+NEAR_TIE = 2e-6
+SCORE_RTOL = 1e-6
+
+
+# ---- paged caches -------------------------------------------------------------------------------
+def paged_cache(
+    layout: str,
+    num_blocks: int,
+    heads: int,
+    block_size: int,
+    dim: int,
+    dtype: torch.dtype,
+    gen: torch.Generator,
+    device: str = DEVICE,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(storage, key_cache, value_cache) with random contents in one of three layouts:
+    "separate" tensors; "packed" K|V in the last dim (vLLM's Triton layout); "halves": K then V
+    inside each (block, head) (vLLM's CPU layout)."""
+    if layout == "separate":
+        shape = (2, num_blocks, heads, block_size, dim)
+    elif layout == "packed":
+        shape = (num_blocks, heads, block_size, 2 * dim)
+    elif layout == "halves":
+        shape = (num_blocks, heads, 2, block_size, dim)
+    else:
+        raise ValueError(layout)
+    storage = torch.randn(shape, generator=gen, device=gen.device).to(device, dtype)
+    if layout == "separate":
+        return storage, storage[0], storage[1]
+    if layout == "packed":
+        return storage, storage[..., :dim], storage[..., dim:]
+    return storage, storage[:, :, 0], storage[:, :, 1]
+
+
+def block_tables(
+    requests: int, blocks_per_part: int, num_blocks: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partition p and p+1 block ids of each request: distinct, shuffled over the whole cache."""
+    perm = torch.randperm(num_blocks, generator=gen)[: requests * 2 * blocks_per_part]
+    table = perm.view(requests, 2 * blocks_per_part).to(torch.int32).to(DEVICE)
+    return table[:, :blocks_per_part], table[:, blocks_per_part:]
+
+
+def reference_scores(key_cache, value_cache, part, ref, score_v_ratio) -> torch.Tensor:
+    return lagkv.partition_score(
+        naive.gather_rows(key_cache, part),
+        naive.gather_rows(value_cache, part),
+        naive.gather_rows(key_cache, ref),
+        naive.gather_rows(value_cache, ref),
+        score_v_ratio,
+    )
+
+
+# ---- comparisons --------------------------------------------------------------------------------
+def assert_same_selection(
+    kept: torch.Tensor, expected: torch.Tensor, ref_score: torch.Tensor, keep: int
+) -> int:
+    """kept == expected, except for tokens within NEAR_TIE of the reference's keep boundary.
+    Returns how many (request, head) rows differ at all (each only inside that band)."""
+    differ = (kept != expected).any(dim=-1)
+    if not differ.any():
+        return 0
+    scores = ref_score[differ]
+    boundary = scores.sort(dim=-1, descending=True).values[:, keep - 1 : keep]
+    near = (scores - boundary).abs() <= NEAR_TIE * boundary
+    is_kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, kept[differ], True)
+    is_expected = torch.zeros_like(is_kept).scatter_(-1, expected[differ], True)
+    assert torch.equal(is_kept & ~near, is_expected & ~near), "selection differs beyond near-ties"
+    return int(differ.sum())
+
+
+def check_select_and_compact(
+    storage: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    part: torch.Tensor,
+    ref: torch.Tensor,
+    keep: int,
+    score_v_ratio: float = 1.0,
+    num_splits: int | None = None,
+) -> tuple[int, torch.Tensor]:
+    """Select and compact with the kernels and with naive.py; returns the near-tie swap count
+    and the oracle's selection.
+
+    The selection oracle is naive.py on the CPU, also for CUDA tensors: torch's CPU std
+    accumulates in float64 like the kernel (bitwise equal spreads), its CUDA std in float32."""
+    requests, heads, length = part.shape[0], key_cache.shape[1], part.shape[1] * key_cache.shape[2]
+    on_cpu = [t.cpu() for t in (key_cache, value_cache, part, ref)]
+    expected = naive.select_kept(*on_cpu, keep, score_v_ratio).to(storage.device)
+    ref_score = reference_scores(*on_cpu, score_v_ratio).to(storage.device)
+
+    # Poisoned outputs: every element must be written.
+    kept = torch.full((requests, heads, keep), -1, dtype=torch.int64, device=storage.device)
+    scores = torch.full((requests, heads, length), float("nan"), device=storage.device)
+    triton_select.select_kept(
+        key_cache,
+        value_cache,
+        part,
+        ref,
+        keep,
+        score_v_ratio,
+        num_splits=num_splits,
+        out=kept,
+        scores_out=scores,
+    )
+    torch.testing.assert_close(scores, ref_score, rtol=SCORE_RTOL, atol=0)
+    # The top-K is exact on the kernel's own scores: no tolerance, ties to the lower position.
+    assert torch.equal(kept, lagkv.top_keep_sorted(scores, keep))
+    swaps = assert_same_selection(kept, expected, ref_score, keep)
+
+    # Compaction with the kernel's selection, against naive.py on a copy: bitwise, whole storage
+    # (so K, V, other heads, rows past keep and every other block are compared too).
+    original = storage.clone()
+    twin = storage.clone()
+    twin_k, twin_v = _views_like(twin, storage, key_cache, value_cache)
+    naive.compact_kept(twin_k, twin_v, part, kept)
+    triton_compact.compact_kept(key_cache, value_cache, part, kept)
+    assert torch.equal(storage, twin)
+
+    # And directly: the front of each partition holds the kept rows in order; nothing else moved.
+    block_size = key_cache.shape[2]
+    for cache, before in zip(
+        (key_cache, value_cache),
+        _views_like(original, storage, key_cache, value_cache),
+        strict=True,
+    ):
+        rows = naive.gather_rows(before, part)
+        idx = kept[..., None].expand(-1, -1, -1, rows.shape[-1])
+        assert torch.equal(naive.gather_rows(cache, part)[:, :, :keep], rows.gather(2, idx))
+        untouched = torch.ones(cache.shape[0], dtype=torch.bool, device=cache.device)
+        untouched[part[:, : keep // block_size].flatten().long()] = False
+        assert torch.equal(cache[untouched], before[untouched])
+    return swaps, expected
+
+
+def _views_like(
+    other: torch.Tensor, storage: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same K/V views as key_cache/value_cache of storage, on another tensor shaped alike."""
+    element = storage.element_size()
+    views = []
+    for cache in (key_cache, value_cache):
+        offset = (cache.data_ptr() - storage.data_ptr()) // element
+        views.append(other.as_strided(cache.shape, cache.stride(), other.storage_offset() + offset))
+    return views[0], views[1]
+
+
+# ---- small shapes: interpreter on the CPU, compiled on a GPU ------------------------------------
+@kernel_test
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_select_compact_match_naive(seed, dtype, dim):
+    gen = torch.Generator().manual_seed(1000 * seed + dim)
+    requests, heads, block_size, lag, keep = 3, 2, 16, 64, 32
+    num_blocks = requests * 2 * lag // block_size + 7
+    storage, key_cache, value_cache = paged_cache(
+        "separate", num_blocks, heads, block_size, dim, dtype, gen
+    )
+    part, ref = block_tables(requests, lag // block_size, num_blocks, gen)
+    assert check_select_and_compact(storage, key_cache, value_cache, part, ref, keep)[0] == 0
+
+
+@kernel_test
+@pytest.mark.parametrize(
+    "layout, dim, lag, keep, block_size, ratio, splits",
+    [
+        ("packed", 64, 64, 16, 16, 1.0, 2),  # vLLM's Triton layout, split scoring
+        ("halves", 128, 48, 16, 16, 0.5, 3),  # vLLM's CPU layout, L not a power of two
+        ("packed", 256, 32, 16, 8, 1.0, 1),  # head_dim 256, small blocks
+    ],
+)
+def test_layouts_and_shapes(layout, dim, lag, keep, block_size, ratio, splits):
+    gen = torch.Generator().manual_seed(dim + lag + keep)
+    requests, heads = 2, 3
+    num_blocks = requests * 2 * lag // block_size + 3
+    storage, key_cache, value_cache = paged_cache(
+        layout, num_blocks, heads, block_size, dim, torch.bfloat16, gen
+    )
+    part, ref = block_tables(requests, lag // block_size, num_blocks, gen)
+    swaps, _ = check_select_and_compact(
+        storage, key_cache, value_cache, part, ref, keep, ratio, num_splits=splits
+    )
+    assert swaps == 0
+
+
+@kernel_test
+def test_ties_constant_inputs_keep_the_first_tokens():
+    """Constant K and V: every span is 0 (divided by 1e-6), every score equal: keep 0..keep-1."""
+    gen = torch.Generator().manual_seed(7)
+    requests, heads, block_size, lag, keep, dim = 2, 2, 16, 64, 32, 64
+    num_blocks = requests * 2 * lag // block_size + 2
+    storage, key_cache, value_cache = paged_cache(
+        "packed", num_blocks, heads, block_size, dim, torch.float32, gen
+    )
+    storage.fill_(0.5)
+    part, ref = block_tables(requests, lag // block_size, num_blocks, gen)
+    assert check_select_and_compact(storage, key_cache, value_cache, part, ref, keep)[0] == 0
+    first = torch.arange(keep, device=storage.device).expand(requests, heads, keep)
+    assert torch.equal(triton_select.select_kept(key_cache, value_cache, part, ref, keep), first)
+
+
+@kernel_test
+def test_ties_repeated_rows_go_to_the_lower_position():
+    """Partition p's tokens repeat 3 row patterns, so scores tie in groups: the kept tokens must
+    be the lowest positions of each tied group, exactly as the reference's stable sort."""
+    gen = torch.Generator().manual_seed(11)
+    requests, heads, block_size, lag, keep, dim = 2, 2, 16, 64, 40 - 8, 64
+    num_blocks = requests * 2 * lag // block_size + 2
+    storage, key_cache, value_cache = paged_cache(
+        "separate", num_blocks, heads, block_size, dim, torch.bfloat16, gen
+    )
+    part, ref = block_tables(requests, lag // block_size, num_blocks, gen)
+    pattern = torch.randint(0, 3, (lag,), generator=gen).to(DEVICE)
+    for cache in (key_cache, value_cache):
+        rows = naive.gather_rows(cache, part)  # [R, H, L, D]
+        rows = rows[:, :, pattern]  # token t takes the row of token pattern[t] (0, 1 or 2)
+        cache[part.long()] = rows.unflatten(2, (lag // block_size, block_size)).transpose(1, 2)
+    expected = naive.select_kept(key_cache, value_cache, part, ref, keep)
+    score = reference_scores(key_cache, value_cache, part, ref, 1.0)
+    assert (score[..., None, :] == score[..., :, None]).sum() > requests * heads * lag  # ties
+    assert torch.equal(triton_select.select_kept(key_cache, value_cache, part, ref, keep), expected)
+    assert check_select_and_compact(storage, key_cache, value_cache, part, ref, keep)[0] == 0
+
+
+@kernel_test
+@pytest.mark.parametrize(
+    "lag, keep, ratio",
+    [(64, 1, 1.0), (64, 16, -0.5), (48, 47, 1.0), (48, 48, -0.5), (256, 64, 1.0)],
+)
+def test_top_keep_is_exact_with_many_ties(lag, keep, ratio):
+    """The top-K step alone, on spreads drawn from 3 values (scores tie in large groups across
+    the keep boundary; a negative ratio makes scores negative): exactly torch's stable top-K of
+    the kernel's own scores."""
+    gen = torch.Generator().manual_seed(lag + keep)
+    rows = 5
+    spread = torch.tensor([0.25, 0.5, 1.0])[torch.randint(0, 3, (rows, 2, lag), generator=gen)]
+    spread = spread.to(DEVICE)
+    kept = torch.full((rows, keep), -1, dtype=torch.int64, device=DEVICE)
+    scores = torch.full((rows, lag), float("nan"), device=DEVICE)
+    triton_select._top_keep_kernel[(rows,)](
+        spread,
+        kept,
+        scores,
+        ratio,
+        L=lag,
+        KEEP=keep,
+        BLOCK_L=triton_next_pow2(lag),
+        WRITE_SCORES=True,
+    )
+    expected_scores = (
+        torch.softmax(spread[:, 0].double(), -1).float()
+        + ratio * torch.softmax(spread[:, 1].double(), -1).float()
+    )
+    torch.testing.assert_close(scores, expected_scores, rtol=SCORE_RTOL, atol=0)
+    assert torch.equal(kept, lagkv.top_keep_sorted(scores, keep))
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+@kernel_test
+def test_dispatch_compress_partitions():
+    gen = torch.Generator().manual_seed(3)
+    requests, heads, block_size, lag, keep, dim = 2, 2, 16, 32, 16, 64
+    num_blocks = requests * 2 * lag // block_size + 1
+    storage, key_cache, value_cache = paged_cache(
+        "packed", num_blocks, heads, block_size, dim, torch.float32, gen
+    )
+    part, ref = block_tables(requests, lag // block_size, num_blocks, gen)
+    twin = storage.clone()
+    twin_k, twin_v = _views_like(twin, storage, key_cache, value_cache)
+    expected = kernels.compress_partitions(twin_k, twin_v, part, ref, keep, use_triton=False)
+    kept = kernels.compress_partitions(key_cache, value_cache, part, ref, keep, use_triton=True)
+    assert torch.equal(kept, expected)
+    assert torch.equal(storage, twin)
+
+
+# ---- real sizes on the GPU ----------------------------------------------------------------------
+def _poison_allocator() -> None:
+    """Fill memory the caching allocator will hand out next with NaN, so that an unwritten
+    element of a kernel's scratch buffer shows up."""
+    torch.full((64 << 20,), float("nan"), device="cuda")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    "layout, dtype, requests, lag, keep",
+    [
+        ("packed", torch.bfloat16, 64, 1024, 256),
+        ("separate", torch.float32, 64, 1024, 256),
+        ("packed", torch.float16, 16, 2048, 512),
+    ],
+)
+def test_gpu_real_sizes(layout, dtype, requests, lag, keep):
+    gen = torch.Generator(device="cuda").manual_seed(lag + requests)
+    heads, block_size, dim = 8, 16, 128
+    blocks_per_part = lag // block_size
+    num_blocks = requests * 2 * blocks_per_part + 64
+    storage, key_cache, value_cache = paged_cache(
+        layout, num_blocks, heads, block_size, dim, dtype, gen, device="cuda"
+    )
+    perm = torch.randperm(num_blocks, generator=gen, device="cuda")
+    table = perm[: requests * 2 * blocks_per_part].view(requests, -1).to(torch.int32)
+    part, ref = table[:, :blocks_per_part], table[:, blocks_per_part:]
+    cuda_kept = naive.select_kept(key_cache, value_cache, part, ref, keep)
+    _poison_allocator()
+    swaps, expected = check_select_and_compact(storage, key_cache, value_cache, part, ref, keep)
+    # For information: torch's own CUDA path (float32 std) against its CPU path.
+    torch_swaps = int((cuda_kept != expected).any(dim=-1).sum())
+    print(
+        f"\n{layout} {dtype} R={requests} L={lag}: heads with near-tie swaps: kernel {swaps}, "
+        f"torch CUDA {torch_swaps}, of {requests * heads} (vs torch CPU)"
+    )
+    # A swap needs a boundary gap of a few ulps: a few percent of heads at most.
+    assert swaps <= requests * heads // 20
