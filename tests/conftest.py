@@ -67,3 +67,21 @@ def engines(default_model):
     box = EngineBox(default_model)
     yield box
     box.close()
+
+
+# One server for every HTTP-level test module (server, load test, eval): starting one costs a
+# minute or more on 2 cores. LagKV settings small enough that ~1.5K-token prompts compress 8+
+# partitions.
+LIVE_SERVER_ARGS = (
+    "--sink", "32", "--lag", "128", "--ratio", "0.25", "--dtype", "float32",
+    "--enforce-eager", "--max-model-len", "4096", "--max-num-seqs", "8",
+)  # fmt: skip
+LIVE_SERVER_KEY = "test-secret"
+
+
+@pytest.fixture(scope="session")
+def live_server(default_model):
+    from server_helpers import LiveServer
+
+    with LiveServer(*LIVE_SERVER_ARGS, api_key=LIVE_SERVER_KEY) as server:
+        yield server

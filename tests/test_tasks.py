@@ -1,0 +1,69 @@
+"""Synthetic long-context tasks: exact answers present, lengths near the target, deterministic
+per seed, and train/eval splits that never share a seed."""
+
+from __future__ import annotations
+
+import pytest
+
+from lrsa_serve.tasks import EVAL_SEED_OFFSET, TASKS, Example, fill_with_needles, split_seed
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from lrsa_serve.training.tiny import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+def needle_of(example: Example) -> str:
+    """The text that carries the answer (variable tracking: the first assignment)."""
+    if example.task == "variable_tracking":
+        first = example.answer.split()[0]
+        return f"VAR {first} = "
+    return example.answer
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+@pytest.mark.parametrize("tokens", [300, 2000])
+def test_task_examples(task, tokens, tokenizer):
+    example = TASKS[task](tokenizer, tokens, 0.4, split_seed(3, "train"))
+    assert example.task == task and example.answer.strip()
+    assert needle_of(example) in example.prompt
+    length = len(tokenizer.encode(example.prompt, add_special_tokens=False))
+    assert 0.8 * tokens <= length <= 1.05 * tokens
+    # same seed -> same example; another seed -> another answer
+    assert TASKS[task](tokenizer, tokens, 0.4, split_seed(3, "train")) == example
+    assert TASKS[task](tokenizer, tokens, 0.4, split_seed(4, "train")).answer != example.answer
+
+
+def test_variable_tracking_chain_is_in_order(tokenizer):
+    example = TASKS["variable_tracking"](tokenizer, 800, 0.1, 11)
+    names = example.answer.split()
+    assert len(names) == 4
+    positions = [example.prompt.index(f"VAR {name} = ") for name in names]
+    assert positions == sorted(positions)
+    for previous, name in zip(names, names[1:], strict=False):
+        assert f"VAR {name} = VAR {previous}." in example.prompt
+
+
+def test_needles_land_at_their_depths(tokenizer):
+    text = fill_with_needles(tokenizer, "H ", [(0.9, "LATE. "), (0.1, "EARLY. ")], " T", 600)
+    assert text.index("EARLY") < len(text) * 0.3 and text.index("LATE") > len(text) * 0.7
+
+
+def test_kv_lookup_answer_is_the_keys_value(tokenizer):
+    import json
+
+    example = TASKS["kv_lookup"](tokenizer, 500, 0.5, 5)
+    body = example.prompt[example.prompt.index("{") : example.prompt.index("}") + 1]
+    pairs = json.loads(body)
+    key = example.prompt.rsplit('Key: "', 1)[1].split('"')[0]
+    assert pairs[key] == example.answer
+
+
+def test_train_and_eval_seeds_are_disjoint():
+    train = {split_seed(i, "train") for i in range(100_000)}
+    assert all(split_seed(i, "eval") not in train for i in range(100_000))
+    assert split_seed(0, "eval") == EVAL_SEED_OFFSET
+    with pytest.raises(ValueError):
+        split_seed(0, "test")

@@ -1,0 +1,146 @@
+"""Training data: formats and loss masks, errors that name file and line, the over-long
+policy, and a batch order that is a pure function of (seed, micro-batch index)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lrsa_serve.cli import main as lrsa_main
+from lrsa_serve.training import data
+from lrsa_serve.training.data import IGNORE_INDEX, DataError
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from lrsa_serve.training.tiny import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+def write_jsonl(path, lines):
+    path.write_text(
+        "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
+    )
+    return path
+
+
+def targets_text(example, tokenizer):
+    return tokenizer.decode(
+        [t for t, y in zip(example.input_ids, example.labels, strict=True) if y != IGNORE_INDEX]
+    )
+
+
+def test_messages_loss_on_assistant_turns_only(tokenizer):
+    record = {
+        "messages": [
+            {"role": "user", "content": "What is the pass key?"},
+            {"role": "assistant", "content": "12345"},
+            {"role": "user", "content": "Again?"},
+            {"role": "assistant", "content": "67890"},
+        ]
+    }
+    example = data.encode_record(record, tokenizer, "x:1")
+    assert targets_text(example, tokenizer) == "12345<|im_end|>67890<|im_end|>"
+    assert tokenizer.decode(example.input_ids).startswith("<|im_start|>user\nWhat is the pass key?")
+
+
+def test_prompt_completion_loss_on_completion_and_eos(tokenizer):
+    example = data.encode_record(
+        {"prompt": "The pass key is", "completion": " 4242"}, tokenizer, "x:1"
+    )
+    assert targets_text(example, tokenizer) == " 4242" + tokenizer.eos_token
+    assert example.labels[: len(tokenizer("The pass key is")["input_ids"])] == [IGNORE_INDEX] * len(
+        tokenizer("The pass key is")["input_ids"]
+    )
+
+
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ('{"prompt": "a", "completion": ', "malformed JSON"),
+        ({"prompt": "a"}, "missing field 'completion'"),
+        ({"completion": "a"}, "missing field 'prompt'"),
+        ({"text": "a"}, "missing field"),
+        ({"prompt": "a", "completion": "  "}, "empty completion"),
+        ({"prompt": "a", "completion": 3}, "must be a string"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]},
+            "empty assistant",
+        ),
+        ({"messages": [{"role": "user"}]}, "missing field 'content'"),
+        ([1, 2], "expected a JSON object"),
+    ],
+)
+def test_bad_lines_name_file_and_line(tmp_path, tokenizer, line, message):
+    good = {"prompt": "a", "completion": "b"}
+    path = write_jsonl(tmp_path / "d.jsonl", [good, "", good, line])
+    with pytest.raises(DataError) as info:
+        data.read_jsonl(path, tokenizer)
+    assert f"{path}:4:" in str(info.value) and message in str(info.value)
+
+
+def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
+    from lrsa_serve.training.tiny import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "m")
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}, "{oops"])
+    code = lrsa_main(["train", str(model), "--data", str(path), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("lrsa train: error: ") and f"{path}:2: malformed JSON" in err[-1]
+
+
+def test_overlong_policy_is_counted(tokenizer):
+    short = data.encode_record({"prompt": "a b", "completion": "c"}, tokenizer, "x:1")
+    long = data.encode_record({"prompt": "a b " * 50, "completion": "c"}, tokenizer, "x:2")
+    kept, stats = data.apply_length_policy([short, long, long], max_len=20, policy="skip")
+    assert kept == [short] and stats.skipped_overlong == 2 and stats.examples == 1
+    # truncation keeps the start; these lose their completion, so they are skipped too
+    kept, stats = data.apply_length_policy([short, long], max_len=20, policy="truncate")
+    assert kept == [short] and stats.skipped_overlong == 1 and stats.truncated_overlong == 0
+    qa = data.encode_record({"prompt": "a", "completion": "b c " * 30}, tokenizer, "x:3")
+    kept, stats = data.apply_length_policy([qa], max_len=20, policy="truncate")
+    assert len(kept[0]) == 20 and kept[0].num_targets > 0 and stats.truncated_overlong == 1
+
+
+def test_synthetic_train_and_eval_differ_and_are_deterministic(tokenizer):
+    args = (tokenizer, 6)
+    kwargs = dict(min_tokens=80, max_tokens=200, tasks=("passkey", "kv_lookup"))
+    train = data.synthetic_examples(*args, "train", **kwargs)
+    again = data.synthetic_examples(*args, "train", **kwargs)
+    held_out = data.synthetic_examples(*args, "eval", **kwargs)
+    assert train == again
+    assert not {e.source for e in train} & {e.source for e in held_out}
+    assert all(targets_text(e, tokenizer) == e.answer + "<|im_end|>" for e in train)
+
+
+def test_batch_plan_is_a_function_of_seed_and_index():
+    lengths = [5, 90, 12, 40, 7, 66, 31, 8, 100, 3, 55]
+    plan = data.BatchPlan(lengths, batch_size=2, seed=3, pool_batches=2)
+    first = [plan.micro_batch(k) for k in range(20)]  # crosses epochs
+    fresh = data.BatchPlan(lengths, batch_size=2, seed=3, pool_batches=2)
+    assert [fresh.micro_batch(k) for k in reversed(range(20))] == first[::-1]
+    epoch = [i for k in range(plan.batches_per_epoch) for i in first[k]]
+    assert sorted(epoch) == list(range(len(lengths)))  # each example once per epoch
+    assert (
+        first[: plan.batches_per_epoch]
+        != first[plan.batches_per_epoch : 2 * plan.batches_per_epoch]
+    )
+    # 1 rank x accumulation 4 and 2 ranks x accumulation 2 see the same step
+    assert plan.step_micro_batches(3, 4) == first[12:16]
+    other_seed = data.BatchPlan(lengths, batch_size=2, seed=4, pool_batches=2)
+    assert [other_seed.micro_batch(k) for k in range(6)] != first[:6]
+
+
+def test_collate_right_pads(tokenizer):
+    a = data.TokenizedExample([5, 6, 7], [IGNORE_INDEX, 6, 7], "a")
+    b = data.TokenizedExample([8], [8], "b")
+    batch = data.collate([a, b], pad_id=0, pad_multiple=4)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
+    assert batch["labels"].tolist() == [
+        [IGNORE_INDEX, 6, 7, IGNORE_INDEX],
+        [8] + [IGNORE_INDEX] * 3,
+    ]

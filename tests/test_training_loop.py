@@ -1,0 +1,156 @@
+"""The training loop on a tiny random model (CPU, LRSA's dense masked path with compression
+active): it learns, it exports a loadable checkpoint with its settings, it resumes with the same
+data order, and it stops on a non-finite loss without writing broken weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lrsa_serve.config import LagKVConfig
+from lrsa_serve.training import loop
+from lrsa_serve.training.config import JobConfig
+from lrsa_serve.training.tiny import random_model, tiny_config, tiny_tokenizer
+
+LAGKV = LagKVConfig(sink=4, lag=16, ratio=0.25)  # ~150-token examples: several compressed parts
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def make_job(out_dir, **train) -> JobConfig:
+    job = JobConfig(lagkv=LAGKV)
+    job.data.max_len = 400
+    job.data.batch_size = 2
+    job.data.synthetic_examples = 8
+    job.data.synthetic_eval_examples = 4
+    job.data.synthetic_min_tokens = 100
+    job.data.synthetic_max_tokens = 220
+    job.data.synthetic_tasks = ("passkey", "kv_lookup")
+    job.model.gradient_checkpointing = True
+    job.optim.lr = 3e-3
+    job.optim.warmup_steps = 1
+    job.train.out_dir = str(out_dir)
+    job.train.eval_every = 0
+    job.train.save_every = 0
+    job.train.progress = False
+    for key, value in train.items():
+        setattr(job.train, key, value)
+    return job
+
+
+def make_trainer(job, tokenizer, kind="llama", seed=0):
+    model = random_model(tiny_config(kind, vocab_size=len(tokenizer)), seed=seed)
+    return loop.Trainer(job, model=model, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_steps_reduce_loss_on_a_fixed_batch(tmp_path, tokenizer, kind):
+    trainer = make_trainer(make_job(tmp_path, steps=1), tokenizer, kind)
+    assert trainer.model.config._attn_implementation == "lrsa"
+    batch = trainer._batch([0, 1], trainer.train_examples)
+    assert batch["input_ids"].shape[1] > LAGKV.sink + 3 * LAGKV.lag  # compression is active
+
+    @torch.no_grad()
+    def loss() -> float:
+        total, count = loop.loss_sum(trainer.model, batch, trainer.autocast)
+        return float(total) / count
+
+    before = loss()
+    for _ in range(12):
+        trainer.optimizer.zero_grad()
+        total, count = loop.loss_sum(trainer.model, batch, trainer.autocast)
+        (total / count).backward()
+        trainer.optimizer.step()
+    assert loss() < 0.6 * before
+
+
+def test_export_reloads_with_weights_and_settings(tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trainer = make_trainer(make_job(tmp_path, steps=2), tokenizer)
+    trainer.run()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    trained = trainer.model.state_dict()
+    for name, tensor in reloaded.state_dict().items():
+        torch.testing.assert_close(tensor, trained[name], rtol=0, atol=0)
+    assert LagKVConfig.from_checkpoint(tmp_path) == LAGKV
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["use_cache"] is True and "_attn_implementation" not in config
+    assert AutoTokenizer.from_pretrained(tmp_path).encode("pass key 1") == tokenizer.encode(
+        "pass key 1"
+    )
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["event"] == "data" and metrics[0]["skipped_overlong"] == 0
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2]
+    assert "eval_exact_match" in metrics[-2]
+
+
+def test_resume_continues_with_the_same_data_order(tmp_path, tokenizer, monkeypatch):
+    seen: dict[str, list] = {"full": [], "killed": [], "resumed": []}
+    original = loop.data_mod.BatchPlan.step_micro_batches
+    current = {"run": "full"}
+
+    def spy(self, step, per_step):
+        batches = original(self, step, per_step)
+        seen[current["run"]].append((step, batches))
+        return batches
+
+    monkeypatch.setattr(loop.data_mod.BatchPlan, "step_micro_batches", spy)
+    full = make_trainer(make_job(tmp_path / "full", steps=5, grad_accum=2), tokenizer)
+    full.run()
+
+    current["run"] = "killed"
+    killed = make_trainer(
+        make_job(tmp_path / "run", steps=5, grad_accum=2, save_every=2), tokenizer
+    )
+    step_once = killed.train_step
+
+    def die_after_three():
+        if killed.step == 3:
+            raise KeyboardInterrupt  # the run dies after step 3; its last checkpoint is step 2
+        return step_once()
+
+    killed.train_step = die_after_three
+    with pytest.raises(KeyboardInterrupt):
+        killed.run()
+
+    current["run"] = "resumed"
+    with pytest.raises(loop.UserError, match="--resume"):
+        make_trainer(make_job(tmp_path / "run", steps=5, grad_accum=2), tokenizer).run()
+    # a different initialisation proves the weights come from the checkpoint
+    resumed = make_trainer(
+        make_job(tmp_path / "run", steps=5, grad_accum=2, resume=True), tokenizer, seed=7
+    )
+    resumed.run()
+    assert [s for s, _ in seen["resumed"]] == [2, 3, 4]
+    assert seen["resumed"] == seen["full"][2:]
+    for name, tensor in resumed.model.state_dict().items():
+        torch.testing.assert_close(tensor, full.model.state_dict()[name], rtol=1e-6, atol=1e-7)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4, 5]  # the killed run's step 3 was dropped, then redone
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path, tokenizer, monkeypatch):
+    calls = {"n": 0}
+    real_loss_sum = loop.loss_sum
+
+    def poisoned(model, batch, autocast):
+        total, count = real_loss_sum(model, batch, autocast)
+        calls["n"] += 1
+        return (total * float("nan") if calls["n"] == 3 else total), count
+
+    monkeypatch.setattr(loop, "loss_sum", poisoned)
+    trainer = make_trainer(make_job(tmp_path, steps=4, save_every=2), tokenizer)
+    with pytest.raises(loop.NonFiniteLoss, match="non-finite loss at step 3"):
+        trainer.run()
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step_000002"]  # nothing after the last good step
+    assert not (tmp_path / "model.safetensors").exists()  # no export of broken weights
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last == {"event": "non_finite", "step": 3, "what": "loss"}
