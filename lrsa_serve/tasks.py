@@ -68,5 +68,113 @@ def passkey(tokenizer: Tokenizer, tokens: int, depth: float, seed: int) -> Examp
     return Example("passkey", prompt, key, tokens, depth, seed)
 
 
+# ---- RULER-style retrieval tasks (training and eval) --------------------------------------------
+def fill_with_needles(
+    tokenizer: Tokenizer,
+    head: str,
+    needles: list[tuple[float, str]],
+    tail: str,
+    tokens: int,
+) -> str:
+    """head + filler with each ``(depth, text)`` needle at its depth + tail, about ``tokens``
+    tokens long. Needles at the same depth keep their given order."""
+    fixed_text = head + "".join(text for _, text in needles) + tail
+    fixed = len(tokenizer.encode(fixed_text, add_special_tokens=False))
+    per_filler = len(tokenizer.encode(FILLER * 8, add_special_tokens=False)) / 8
+    repeats = max(0, int((tokens - fixed) / per_filler))
+    parts, done = [head], 0
+    for depth, text in sorted(needles, key=lambda needle: needle[0]):
+        at = min(repeats, max(done, round(repeats * depth)))
+        parts += [FILLER * (at - done), text]
+        done = at
+    parts += [FILLER * (repeats - done), tail]
+    return "".join(parts)
+
+
+def _word(rng: random.Random, letters: int = 5) -> str:
+    return "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(letters))
+
+
+def _hex(rng: random.Random, digits: int) -> str:
+    return "".join(rng.choice("0123456789abcdef") for _ in range(digits))
+
+
+def multikey_needle(tokenizer: Tokenizer, tokens: int, depth: float, seed: int) -> Example:
+    """RULER's multi-key needle: four keyed magic numbers; the question names one key (its needle
+    sits at ``depth``, the three distractors at random depths)."""
+    rng = random.Random(seed)
+    keys: list[str] = []
+    while len(keys) < 4:
+        if (key := _word(rng).lower()) not in keys:
+            keys.append(key)
+    numbers = [str(rng.randint(1_000_000, 9_999_999)) for _ in keys]
+    needles = [(depth, f"One of the special magic numbers for {keys[0]} is: {numbers[0]}. ")]
+    needles += [
+        (rng.random(), f"One of the special magic numbers for {key} is: {number}. ")
+        for key, number in zip(keys[1:], numbers[1:], strict=True)
+    ]
+    head = (
+        "Some special magic numbers are hidden inside the following text. Make sure to "
+        "memorize them. I will quiz you about the numbers afterwards.\n"
+    )
+    tail = (
+        f"\nWhat is the special magic number for {keys[0]} mentioned in the provided text? "
+        f"The special magic number for {keys[0]} is"
+    )
+    prompt = fill_with_needles(tokenizer, head, needles, tail, tokens)
+    return Example("multikey_needle", prompt, numbers[0], tokens, depth, seed)
+
+
+def kv_lookup(tokenizer: Tokenizer, tokens: int, depth: float, seed: int) -> Example:
+    """RULER's key-value retrieval: the haystack is a JSON object of random hex keys and values,
+    the question asks for the value of the key at ``depth``."""
+    rng = random.Random(seed)
+    head = "Extract the value corresponding to the specified key in the JSON object below.\n{"
+    sample = ", ".join(f'"{_hex(rng, 8)}": "{_hex(rng, 8)}"' for _ in range(16))
+    per_pair = len(tokenizer.encode(sample, add_special_tokens=False)) / 16
+    tail = '}}\nKey: "{key}"\nThe value associated with key "{key}" is'
+    fixed = len(tokenizer.encode(head + tail.format(key=_hex(rng, 8)), add_special_tokens=False))
+    count = max(2, int((tokens - fixed) / per_pair))
+    pairs: dict[str, str] = {}
+    while len(pairs) < count:
+        pairs.setdefault(_hex(rng, 8), _hex(rng, 8))
+    items = list(pairs.items())
+    key, value = items[min(count - 1, round(depth * (count - 1)))]
+    body = ", ".join(f'"{k}": "{v}"' for k, v in items)
+    prompt = head + body + tail.format(key=key)
+    return Example("kv_lookup", prompt, value, tokens, depth, seed)
+
+
+def variable_tracking(tokenizer: Tokenizer, tokens: int, depth: float, seed: int) -> Example:
+    """RULER's variable tracking: ``VAR A = 12345`` then a chain ``VAR B = VAR A`` ... spread
+    through filler (the first assignment at ``depth``, the rest after it); the answer lists
+    every variable of the chain in order."""
+    rng = random.Random(seed)
+    names: list[str] = []
+    while len(names) < 4:
+        if (name := _word(rng)) not in names:
+            names.append(name)
+    value = str(rng.randint(10000, 99999))
+    later = sorted(depth + (1 - depth) * rng.random() for _ in names[1:])
+    needles = [(depth, f"VAR {names[0]} = {value}. ")]
+    needles += [
+        (at, f"VAR {name} = VAR {previous}. ")
+        for at, previous, name in zip(later, names[:-1], names[1:], strict=True)
+    ]
+    head = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n"
+    tail = (
+        f"\nQuestion: Find all variables that are assigned the value {value} in the text above. "
+        "Answer: According to the chain(s) of variable assignment in the text above, the "
+        "variables assigned the value are:"
+    )
+    prompt = fill_with_needles(tokenizer, head, needles, tail, tokens)
+    return Example("variable_tracking", prompt, " ".join(names), tokens, depth, seed)
+
+
 TaskFn = Callable[[Tokenizer, int, float, int], Example]
-TASKS: dict[str, TaskFn] = {"passkey": passkey}
+TASKS: dict[str, TaskFn] = {
+    "passkey": passkey,
+    "multikey_needle": multikey_needle,
+    "kv_lookup": kv_lookup,
+    "variable_tracking": variable_tracking,
+}
