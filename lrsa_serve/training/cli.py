@@ -1,0 +1,149 @@
+"""``lrsa train``: post-train a causal LM with the LRSA mask and export a servable checkpoint.
+
+Examples::
+
+    lrsa train --data synthetic --out out/smol-lrsa --steps 200 --max-len 8192
+    lrsa train ./my-model --data qa.jsonl --out out/my-lrsa --lag 1024 --ratio 0.25
+    torchrun --nproc-per-node 2 -m lrsa_serve.cli train ./my-model --data qa.jsonl --out out/x
+
+Flags override ``--config FILE.yaml`` (sections model/data/optim/train/lagkv, as in
+``training/config.py``), which overrides the defaults. LagKV settings not given come from the
+model's config.json ("lagkv") if it has them, else from ``LagKVConfig``'s defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from lrsa_serve.cli import UserError
+
+# flag -> (section, field) of JobConfig
+FLAG_FIELDS = {
+    "data": ("data", "source"),
+    "eval_data": ("data", "eval_source"),
+    "max_len": ("data", "max_len"),
+    "overlong": ("data", "overlong"),
+    "batch_size": ("data", "batch_size"),
+    "synthetic_examples": ("data", "synthetic_examples"),
+    "synthetic_eval_examples": ("data", "synthetic_eval_examples"),
+    "synthetic_min_tokens": ("data", "synthetic_min_tokens"),
+    "synthetic_max_tokens": ("data", "synthetic_max_tokens"),
+    "attention": ("model", "attention"),
+    "gguf_file": ("model", "gguf_file"),
+    "lr": ("optim", "lr"),
+    "min_lr_ratio": ("optim", "min_lr_ratio"),
+    "warmup_steps": ("optim", "warmup_steps"),
+    "weight_decay": ("optim", "weight_decay"),
+    "grad_clip": ("optim", "grad_clip"),
+    "out": ("train", "out_dir"),
+    "steps": ("train", "steps"),
+    "grad_accum": ("train", "grad_accum"),
+    "seed": ("train", "seed"),
+    "dtype": ("train", "mixed_precision"),
+    "eval_every": ("train", "eval_every"),
+    "save_every": ("train", "save_every"),
+    "keep_checkpoints": ("train", "keep_checkpoints"),
+    "log_every": ("train", "log_every"),
+    "export_dtype": ("train", "export_dtype"),
+}
+LAGKV_FLAGS = ("sink", "lag", "ratio", "score_v_ratio")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # Defaults are None so that a flag left out does not override --config; JobConfig holds the
+    # real defaults (shown in --help through training/config.py).
+    p = parser.add_argument
+    p("model", nargs="?", default=None, help="local HF model folder (default: the default model)")
+    p("--config", help="YAML job config; flags override it")
+    p("--data", help="JSONL file (messages or prompt/completion) or 'synthetic'")
+    p("--eval-data", help="held-out JSONL (synthetic data brings its own eval split)")
+    p("--out", help="output folder: checkpoints/, metrics.jsonl and the exported model")
+    p("--sink", type=int, help="LagKV sink S")
+    p("--lag", type=int, help="LagKV partition size L")
+    p("--ratio", type=float, help="LagKV kept fraction r")
+    p("--score-v-ratio", type=float, help="LagKV value-score weight")
+    p("--max-len", type=int, help="longest example in tokens (default 8192)")
+    p("--overlong", choices=("skip", "truncate"), help="over-long examples (default skip)")
+    p("--steps", type=int, help="optimizer steps (default 100)")
+    p("--lr", type=float, help="peak learning rate (default 2e-5)")
+    p("--min-lr-ratio", type=float, help="cosine floor as a fraction of --lr (default 0.1)")
+    p("--warmup-steps", type=int, help="linear warm-up steps (default 10)")
+    p("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    p("--grad-clip", type=float, help="gradient norm clip (default 1.0)")
+    p("--batch-size", type=int, help="sequences per micro-batch and GPU (default 1)")
+    p("--grad-accum", type=int, help="micro-batches per optimizer step and GPU (default 1)")
+    p("--attention", choices=("lrsa", "dense"), help="lrsa (default) or dense SDPA baseline")
+    p("--no-grad-checkpointing", action="store_true", help="keep activations (more memory)")
+    p("--dtype", choices=("bf16", "fp32"), help="autocast on CUDA (default bf16)")
+    p("--export-dtype", choices=("float32", "bfloat16"), help="exported weights (default float32)")
+    p("--eval-every", type=int, help="steps between evaluations (0: at the end only)")
+    p("--save-every", type=int, help="steps between checkpoints (0: at the end only)")
+    p("--keep-checkpoints", type=int, help="checkpoints kept (default 2)")
+    p("--log-every", type=int, help="steps between metrics lines (default 1)")
+    p("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p("--seed", type=int, help="data order seed (default 0)")
+    p("--gguf-file", help="load weights from this GGUF file inside MODEL")
+    p("--synthetic-examples", type=int, help="synthetic training examples (default 2000)")
+    p("--synthetic-eval-examples", type=int, help="synthetic held-out examples (default 64)")
+    p("--synthetic-min-tokens", type=int, help="shortest synthetic prompt (default 2048)")
+    p("--synthetic-max-tokens", type=int, help="longest synthetic prompt (default 8000)")
+    p("--synthetic-tasks", help="comma-separated tasks from lrsa_serve.tasks.TASKS")
+    p("--no-progress", action="store_true", help="no tqdm bar")
+
+
+def build_job(args: argparse.Namespace):
+    """JobConfig from defaults < --config < flags, validated."""
+    from lrsa_serve.config import LagKVConfig
+    from lrsa_serve.models import resolve_model
+    from lrsa_serve.training.config import JobConfig
+
+    try:
+        job = JobConfig.from_yaml(args.config) if args.config else JobConfig()
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"--config {args.config}: {e}") from None
+    for flag, (section, name) in FLAG_FIELDS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            setattr(getattr(job, section), name, value)
+    if args.synthetic_tasks:
+        job.data.synthetic_tasks = tuple(t.strip() for t in args.synthetic_tasks.split(","))
+    if args.no_grad_checkpointing:
+        job.model.gradient_checkpointing = False
+    if args.resume:
+        job.train.resume = True
+    if args.no_progress:
+        job.train.progress = False
+    job.model.path = resolve_model(args.model or job.model.path)
+    # Settings: flags > --config's lagkv section > the model's config.json > defaults.
+    overrides = {name: getattr(args, name) for name in LAGKV_FLAGS}
+    from_config = job.lagkv.model_dump() if args.config else {}
+    base = LagKVConfig.resolve(job.model.path, **from_config)
+    merged = (base.model_dump() if base else {}) | {
+        k: v for k, v in overrides.items() if v is not None
+    }
+    job.lagkv = LagKVConfig.build(**merged)
+    try:
+        return job.validate()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    job = build_job(args)
+    from lrsa_serve.training.loop import Trainer
+
+    trainer = Trainer(job)
+    if trainer.runtime.is_main:
+        print(
+            f"[lrsa train] {job.model.path} attention={job.model.attention} "
+            f"{job.lagkv.short()} examples={len(trainer.train_examples)} "
+            f"device={trainer.runtime.device} world={trainer.runtime.world_size}",
+            flush=True,
+        )
+    last = trainer.run()
+    if trainer.runtime.is_main:
+        summary = " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()
+        )
+        print(f"[lrsa train] done: {summary}; exported to {job.train.out_dir}", flush=True)
+    return 0

@@ -1,0 +1,147 @@
+"""Training job configuration: small nested dataclasses (torchtitan style), one per concern.
+
+``JobConfig`` is what the CLI builds from flags (and an optional YAML file), what the loop reads,
+and what a checkpoint records next to its weights (``to_dict``). Every field has a default that
+works on the default model; the LagKV numbers live in the project's ``LagKVConfig``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from lrsa_serve.config import LagKVConfig
+
+ATTENTIONS = ("lrsa", "dense")
+OVERLONG_POLICIES = ("skip", "truncate")
+MIXED_PRECISION = ("bf16", "fp32")
+EXPORT_DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None  # local HF folder; None = the project's default model
+    gguf_file: str | None = None  # load weights from this GGUF inside ``path`` (GPU machine)
+    attention: str = "lrsa"  # "lrsa" (the LagKV mask) or "dense" (vanilla SDPA, for comparison)
+    gradient_checkpointing: bool = True
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # a JSONL file or "synthetic"
+    eval_source: str | None = None  # JSONL of held-out examples (synthetic: its eval split)
+    max_len: int = 8192
+    overlong: str = "skip"  # examples over max_len: "skip" them or "truncate" (keep the start)
+    batch_size: int = 1  # sequences per micro-batch and rank
+    pad_multiple: int = 64  # batches are right-padded to a multiple of this
+    # --data synthetic: RULER-style QA from lrsa_serve.tasks, seeds disjoint from the eval split.
+    synthetic_examples: int = 2000
+    synthetic_eval_examples: int = 64
+    synthetic_min_tokens: int = 2048
+    synthetic_max_tokens: int = 8000
+    synthetic_tasks: tuple[str, ...] = (
+        "passkey",
+        "multikey_needle",
+        "kv_lookup",
+        "variable_tracking",
+    )
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5
+    min_lr_ratio: float = 0.1  # cosine decays to lr * this
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "out/lrsa-train"
+    steps: int = 100
+    grad_accum: int = 1
+    seed: int = 0
+    mixed_precision: str = "bf16"  # autocast dtype on CUDA; CPU runs in float32
+    log_every: int = 1
+    eval_every: int = 50  # 0 = only at the end
+    save_every: int = 50  # 0 = only at the end
+    keep_checkpoints: int = 2
+    resume: bool = False
+    export_dtype: str = "float32"  # float32 keeps the trained weights exactly
+    progress: bool = True  # tqdm bar on rank 0
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lagkv: LagKVConfig = field(default_factory=LagKVConfig)
+
+    def validate(self) -> JobConfig:
+        """Raise ValueError with one line for settings that cannot work."""
+        checks = [
+            (self.model.attention in ATTENTIONS, f"attention must be one of {ATTENTIONS}"),
+            (
+                self.data.overlong in OVERLONG_POLICIES,
+                f"overlong must be one of {OVERLONG_POLICIES}",
+            ),
+            (
+                self.train.mixed_precision in MIXED_PRECISION,
+                f"dtype must be one of {MIXED_PRECISION}",
+            ),
+            (self.train.export_dtype in EXPORT_DTYPES, f"export dtype must be in {EXPORT_DTYPES}"),
+            (self.data.max_len >= 2, "max-len must be at least 2"),
+            (self.data.batch_size >= 1, "batch-size must be at least 1"),
+            (self.train.grad_accum >= 1, "grad-accum must be at least 1"),
+            (self.train.steps >= 1, "steps must be at least 1"),
+            (self.optim.lr > 0, "lr must be positive"),
+            (
+                0 < self.data.synthetic_min_tokens <= self.data.synthetic_max_tokens,
+                "synthetic token range must satisfy 0 < min <= max",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": asdict(self.model),
+            "data": asdict(self.data),
+            "optim": asdict(self.optim),
+            "train": asdict(self.train),
+            "lagkv": self.lagkv.model_dump(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobConfig:
+        """From a (possibly partial) nested dict, e.g. a YAML file; unknown keys are errors."""
+        sections = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig}
+        sections["train"] = TrainConfig
+        unknown = set(data) - set(sections) - {"lagkv"}
+        if unknown:
+            raise ValueError(f"unknown config sections: {sorted(unknown)}")
+        built: dict[str, Any] = {}
+        for name, kind in sections.items():
+            given = dict(data.get(name) or {})
+            known = {f.name for f in fields(kind)}
+            if extra := set(given) - known:
+                raise ValueError(f"unknown keys in {name}: {sorted(extra)}")
+            for key in ("synthetic_tasks", "betas"):
+                if key in given:
+                    given[key] = tuple(given[key])
+            built[name] = kind(**given)
+        built["lagkv"] = LagKVConfig.build(**(data.get("lagkv") or {}))
+        return cls(**built)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> JobConfig:
+        import yaml
+
+        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})

@@ -1,0 +1,414 @@
+"""The LRSA post-training loop: explicit, one code path for 1 GPU, N GPUs (torchrun + FSDP2) and
+CPU (tests).
+
+One optimizer step = ``grad_accum x world_size`` micro-batches taken from ``BatchPlan`` (rank r
+runs micro-batches r, r+W, ... of the step). The loss is the mean token cross-entropy over every
+target token of the whole step: each micro-batch contributes ``sum(token losses) / step_targets``
+(the count is known from the data, no communication), times the world size because FSDP
+averages gradients over ranks. So one GPU with accumulation 2W and W GPUs with accumulation 2
+take identical steps.
+
+Faults: a non-finite loss or gradient norm stops the run with the step number (``NonFiniteLoss``)
+before the optimizer step, so no checkpoint or export ever holds the broken weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from lrsa_serve.cli import UserError
+from lrsa_serve.models import resolve_model
+from lrsa_serve.training import checkpoint as ckpt
+from lrsa_serve.training import data as data_mod
+from lrsa_serve.training import model as model_mod
+from lrsa_serve.training.config import JobConfig
+from lrsa_serve.training.data import IGNORE_INDEX, TokenizedExample
+
+
+class NonFiniteLoss(UserError):
+    """Loss or gradient norm became NaN/inf; the run stops before writing broken weights."""
+
+
+# ---- process topology ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_runtime() -> Runtime:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain ``python`` run is rank 0 of 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Runtime(rank, world_size, device)
+
+
+def _all_sum(values: list[float], runtime: Runtime) -> list[float]:
+    if not runtime.distributed:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+# ---- schedule and loss --------------------------------------------------------------------------
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from 1 to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def autocast_for(device: torch.device, mixed_precision: str):
+    enabled = device.type == "cuda" and mixed_precision == "bf16"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def target_logits(
+    model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 logits ``[B, K, V]`` at the K positions whose next token is a target somewhere in
+    the batch, and those targets ``[B, K]``. The LM head runs on those positions only: long-context
+    QA has a few target tokens per 8-32K, and full logits would be 32K x vocab floats."""
+    next_labels = labels[:, 1:]
+    positions = (next_labels != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+    out = model(input_ids=input_ids, logits_to_keep=positions, use_cache=False)
+    return out.logits.float(), next_labels[:, positions]
+
+
+def loss_sum(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast
+) -> tuple[torch.Tensor, int]:
+    """Summed token cross-entropy of a micro-batch and its number of target tokens."""
+    with autocast:
+        logits, targets = target_logits(model, batch["input_ids"], batch["labels"])
+    total = F.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return total, int((targets != IGNORE_INDEX).sum())
+
+
+# ---- the trainer --------------------------------------------------------------------------------
+class Trainer:
+    """Owns model, optimizer, data and output folder of one job. ``run()`` trains to
+    ``job.train.steps`` (resuming when asked), evaluates, checkpoints and exports."""
+
+    def __init__(
+        self,
+        job: JobConfig,
+        *,
+        model: torch.nn.Module | None = None,
+        tokenizer: Any = None,
+        runtime: Runtime | None = None,
+        train_examples: list[TokenizedExample] | None = None,
+        eval_examples: list[TokenizedExample] | None = None,
+    ) -> None:
+        self.job = job.validate()
+        self.runtime = runtime or init_runtime()
+        self.out_dir = Path(job.train.out_dir)
+        self.autocast = autocast_for(self.runtime.device, job.train.mixed_precision)
+        torch.manual_seed(job.train.seed)
+
+        path = job.model.path
+        if model is None or tokenizer is None:
+            path = path or resolve_model(None)
+        self.tokenizer = tokenizer or model_mod.load_tokenizer(path, job.model.gguf_file)
+        self.train_examples, self.train_stats = self._dataset(train_examples, "train")
+        self.eval_examples, _ = self._dataset(eval_examples, "eval")
+        self.pad_id = data_mod.pad_token_id(self.tokenizer)
+        self.plan = data_mod.BatchPlan(
+            [len(e) for e in self.train_examples], job.data.batch_size, job.train.seed
+        )
+        self.per_step = job.train.grad_accum * self.runtime.world_size
+
+        model = model or model_mod.load_model(path, job.model.gguf_file)
+        model_mod.check_supported(model)
+        model_mod.set_attention(model, job.model.attention, job.lagkv)
+        model_mod.prepare_for_training(model, job.model.gradient_checkpointing)
+        model.to(self.runtime.device)
+        self.model = model_mod.parallelize(model, self.runtime.world_size)
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": job.optim.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=job.optim.lr,
+            betas=job.optim.betas,
+        )
+        o = job.optim
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: lr_factor(step, o.warmup_steps, job.train.steps, o.min_lr_ratio),
+        )
+        self.step = 0
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+
+    # ---- data ----
+    def _dataset(
+        self, given: list[TokenizedExample] | None, split: str
+    ) -> tuple[list[TokenizedExample], data_mod.DataStats]:
+        d = self.job.data
+        if given is not None:
+            examples = given
+        elif d.source == "synthetic" and (split == "train" or d.eval_source is None):
+            count = d.synthetic_examples if split == "train" else d.synthetic_eval_examples
+            examples = data_mod.synthetic_examples(
+                self.tokenizer,
+                count,
+                split,
+                d.synthetic_min_tokens,
+                d.synthetic_max_tokens,
+                d.synthetic_tasks,
+            )
+        elif split == "train":
+            examples = data_mod.read_jsonl(d.source, self.tokenizer)
+        elif d.eval_source is not None:
+            examples = data_mod.read_jsonl(d.eval_source, self.tokenizer)
+        else:
+            return [], data_mod.DataStats()
+        kept, stats = data_mod.apply_length_policy(examples, d.max_len, d.overlong)
+        if split == "train" and not kept:
+            raise UserError(
+                f"no training example fits max-len {d.max_len} "
+                f"({stats.skipped_overlong} skipped as over-long)"
+            )
+        return kept, stats
+
+    def _batch(self, indices: list[int], examples: list[TokenizedExample]) -> dict:
+        batch = data_mod.collate(
+            [examples[i] for i in indices], self.pad_id, self.job.data.pad_multiple
+        )
+        return {name: tensor.to(self.runtime.device) for name, tensor in batch.items()}
+
+    # ---- logging ----
+    def log(self, record: dict[str, Any]) -> None:
+        if self.runtime.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _trim_metrics(self, step: int) -> None:
+        """On resume, drop what the killed run logged after its last checkpoint."""
+        if not self.runtime.is_main or not self.metrics_path.is_file():
+            return
+        lines = self.metrics_path.read_text().splitlines()
+        keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        self.metrics_path.write_text("".join(line + "\n" for line in keep))
+
+    # ---- checkpoints ----
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "scheduler": self.scheduler.state_dict(),
+            "data_fingerprint": data_mod.fingerprint(self.train_examples),
+            "micro_batches_per_step": self.per_step,
+            "job": self.job.to_dict(),
+        }
+
+    def resume_if_asked(self) -> None:
+        latest = ckpt.latest_checkpoint(self.out_dir)
+        if latest is None:
+            return
+        if not self.job.train.resume:
+            raise UserError(
+                f"{self.out_dir} already holds checkpoints; pass --resume to continue that run "
+                "or choose another --out"
+            )
+        state = ckpt.load_checkpoint(latest, self.model, self.optimizer)
+        if state["data_fingerprint"] != data_mod.fingerprint(self.train_examples):
+            raise UserError(f"cannot resume from {latest}: the training data changed")
+        saved = state["job"]
+        same_order = (
+            state["micro_batches_per_step"] == self.per_step
+            and saved["data"]["batch_size"] == self.job.data.batch_size
+            and saved["train"]["seed"] == self.job.train.seed
+        )
+        if not same_order:
+            raise UserError(
+                f"cannot resume from {latest}: batch size, seed or grad-accum x GPUs changed, "
+                "so the data order would differ"
+            )
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        self._trim_metrics(self.step)
+        self.log({"event": "resume", "step": self.step, "checkpoint": str(latest)})
+
+    # ---- one optimizer step ----
+    def train_step(self) -> dict[str, float]:
+        micro_batches = self.plan.step_micro_batches(self.step, self.per_step)
+        step_targets = sum(
+            self.train_examples[i].num_targets for indices in micro_batches for i in indices
+        )
+        mine = micro_batches[self.runtime.rank :: self.runtime.world_size]
+        loss_total, tokens = 0.0, 0
+        for k, indices in enumerate(mine):
+            batch = self._batch(indices, self.train_examples)
+            if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: sync on the last only
+                self.model.set_requires_gradient_sync(k == len(mine) - 1)
+            summed, _ = loss_sum(self.model, batch, self.autocast)
+            self._check_finite(summed, "loss")
+            (summed * (self.runtime.world_size / step_targets)).backward()
+            loss_total += float(summed.detach())
+            tokens += sum(len(self.train_examples[i]) for i in indices)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.job.optim.grad_clip
+        )
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        self._check_finite(grad_norm, "gradient norm")
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        loss_total, tokens = _all_sum([loss_total, float(tokens)], self.runtime)
+        return {
+            "loss": loss_total / step_targets,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens": int(tokens),
+            "target_tokens": step_targets,
+        }
+
+    def _check_finite(self, value: torch.Tensor, what: str) -> None:
+        bad = [0.0 if bool(torch.isfinite(value.detach()).all()) else 1.0]
+        if _all_sum(bad, self.runtime)[0] > 0:
+            self.log({"event": "non_finite", "step": self.step + 1, "what": what})
+            raise NonFiniteLoss(
+                f"non-finite {what} at step {self.step + 1}: stopped before the optimizer step; "
+                f"no checkpoint was written for it (last good one: "
+                f"{ckpt.latest_checkpoint(self.out_dir) or 'none'})"
+            )
+
+    # ---- evaluation ----
+    @torch.no_grad()
+    def evaluate(self, examples: list[TokenizedExample] | None = None) -> dict[str, float]:
+        """Mean target-token loss and exact match on held-out examples.
+
+        Exact match: every non-special target token is the argmax under teacher forcing, i.e.
+        greedy decoding would produce the answer. Ranks split the batches; every rank runs the
+        same number of forwards (FSDP needs all of them in each), padding with repeats that count 0.
+        """
+        examples = self.eval_examples if examples is None else examples
+        if not examples:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        special = torch.tensor(sorted(self.tokenizer.all_special_ids), device=self.runtime.device)
+        size = self.job.data.batch_size
+        batches = [
+            list(range(i, min(i + size, len(examples)))) for i in range(0, len(examples), size)
+        ]
+        world = self.runtime.world_size
+        rounds = -(-len(batches) // world)
+        loss, targets, correct, counted = 0.0, 0.0, 0.0, 0.0
+        for r in range(rounds):
+            index = r * world + self.runtime.rank
+            real = index < len(batches)
+            batch = self._batch(batches[index if real else 0], examples)
+            with self.autocast:
+                logits, labels = target_logits(self.model, batch["input_ids"], batch["labels"])
+            if not real:
+                continue
+            mask = labels != IGNORE_INDEX
+            loss += float(F.cross_entropy(logits[mask], labels[mask], reduction="sum"))
+            targets += float(mask.sum())
+            scored = mask & ~torch.isin(labels, special)
+            right = (logits.argmax(-1) == labels) | ~scored
+            correct += float(right.all(dim=1).sum())
+            counted += len(batches[index])
+        self.model.train(was_training)
+        loss, targets, correct, counted = _all_sum([loss, targets, correct, counted], self.runtime)
+        return {"eval_loss": loss / max(targets, 1), "eval_exact_match": correct / max(counted, 1)}
+
+    # ---- the run ----
+    def run(self) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        self.resume_if_asked()
+        t = self.job.train
+        if self.step == 0:
+            self.log({"event": "data", "step": 0, **self.train_stats.to_dict()})
+            if self.runtime.is_main and self.train_stats.skipped_overlong:
+                print(
+                    f"[lrsa train] skipped {self.train_stats.skipped_overlong} over-long examples "
+                    f"(> {self.job.data.max_len} tokens)",
+                    flush=True,
+                )
+        bar = tqdm(
+            total=t.steps,
+            initial=self.step,
+            disable=not (self.runtime.is_main and t.progress),
+            desc="lrsa train",
+            unit="step",
+        )
+        last: dict[str, Any] = {}
+        while self.step < t.steps:
+            started = time.perf_counter()
+            metrics = self.train_step()
+            elapsed = time.perf_counter() - started
+            metrics["tokens_per_s"] = metrics["tokens"] / elapsed
+            metrics["step_s"] = elapsed
+            last = {"step": self.step, **metrics}
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                self.log(last)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            final = self.step == t.steps
+            if self.eval_examples and (final or (t.eval_every and self.step % t.eval_every == 0)):
+                scores = self.evaluate()
+                self.log({"step": self.step, **scores})
+                last.update(scores)
+            if final or (t.save_every and self.step % t.save_every == 0):
+                ckpt.save_checkpoint(
+                    self.out_dir,
+                    self.step,
+                    self.model,
+                    self.optimizer,
+                    self._trainer_state(),
+                    t.keep_checkpoints,
+                    self.runtime.rank,
+                )
+        bar.close()
+        self.export()
+        return last
+
+    def export(self) -> Path | None:
+        lagkv = self.job.lagkv if self.job.model.attention == "lrsa" else None
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.job.train.export_dtype]
+        out = ckpt.export_hf(
+            self.model, self.tokenizer, self.out_dir, lagkv, dtype, self.runtime.rank
+        )
+        self.log({"event": "export", "step": self.step, "dir": str(self.out_dir)})
+        return out

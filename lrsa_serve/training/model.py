@@ -1,0 +1,103 @@
+"""Building the model for training: load, pick the attention, checkpoint activations, shard.
+
+Parallelism is applied in one place (``parallelize``): with more than one process (torchrun)
+every decoder layer and then the root are wrapped with FSDP2's ``fully_shard``; with one process
+nothing is wrapped and the same loop runs. Parameters stay float32 (the optimizer's master copy)
+and the forward runs under bf16 autocast on CUDA in both cases, so 1 and N GPUs compute the same
+thing.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from lrsa_serve.cli import UserError
+from lrsa_serve.config import LagKVConfig
+from lrsa_serve.kernels import lrsa_attention
+from lrsa_serve.kernels.lrsa_attention import lrsa_forward_logits, use_lrsa
+
+# Families whose attention goes through transformers' AttentionInterface with GQA K/V shapes
+# (checked: Llama, Qwen2, Mistral); others may work but are not tested.
+SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def load_tokenizer(path: str, gguf_file: str | None = None):
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    return AutoTokenizer.from_pretrained(path, **kwargs)
+
+
+def load_model(path: str, gguf_file: str | None = None) -> PreTrainedModel:
+    """float32 weights (the optimizer's master copy), SDPA attention until one is chosen."""
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="sdpa", **kwargs
+    )
+    if getattr(model.config, "quantization_config", None) is not None and gguf_file:
+        # GGUF weights arrive dequantized; the quantizer tag would block saving them.
+        del model.config.quantization_config
+        model.hf_quantizer = None
+    return model
+
+
+def check_supported(model: PreTrainedModel) -> None:
+    config = model.config
+    if config.model_type not in SUPPORTED_TYPES:
+        raise UserError(
+            f"model type {config.model_type!r} is not supported for LRSA training "
+            f"(supported: {', '.join(SUPPORTED_TYPES)})"
+        )
+    if getattr(config, "use_sliding_window", False) or getattr(config, "sliding_window", None):
+        if getattr(config, "use_sliding_window", True):
+            raise UserError("sliding-window attention models are not supported by LRSA training")
+
+
+def set_attention(model: PreTrainedModel, attention: str, cfg: LagKVConfig) -> None:
+    """``lrsa``: the LagKV mask (FlexAttention on CUDA, the dense masked path on CPU);
+    ``dense``: vanilla SDPA, the baseline."""
+    if attention == "lrsa":
+        use_lrsa(model, cfg)
+    elif attention == "dense":
+        model.set_attn_implementation("sdpa")
+    else:
+        raise UserError(f"unknown attention {attention!r}")
+
+
+def prepare_for_training(model: PreTrainedModel, gradient_checkpointing: bool) -> None:
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        # Non-reentrant: works with FSDP2 and with the no_grad selection inside attention (the
+        # recomputed selection is identical: it is deterministic).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+
+def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise UserError(f"cannot find the decoder layers of {type(model).__name__}")
+    return layers
+
+
+def parallelize(model: PreTrainedModel, world_size: int) -> PreTrainedModel:
+    """FSDP2 over all ranks when there are several; the model unchanged otherwise."""
+    if world_size <= 1:
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in decoder_layers(model):
+        fully_shard(layer)
+    fully_shard(model)  # embeddings, final norm, (tied) LM head
+    return model
+
+
+__all__ = [
+    "check_supported",
+    "load_model",
+    "load_tokenizer",
+    "lrsa_attention",
+    "lrsa_forward_logits",
+    "parallelize",
+    "prepare_for_training",
+    "set_attention",
+]

@@ -1,0 +1,105 @@
+"""Small stand-ins for tests, smoke runs and speed benchmarks: a byte-level BPE tokenizer trained
+in memory (with a ChatML template) and randomly initialised Llama/Qwen2 models of any size.
+Nothing is downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lrsa_serve.tasks import FILLER
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def tiny_tokenizer(vocab_size: int = 400, chat: bool = True) -> Any:
+    """A fast byte-level BPE tokenizer (offsets work) trained on the synthetic tasks' vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    corpus = [
+        FILLER,
+        '0123456789 abcdef ABCDEFGHIJKLMNOPQRSTUVWXYZ VAR = . : ? ! { } " ,',
+        "The pass key is. What is the special magic number for. Extract the value key JSON",
+        "Question: Find all variables that are assigned the value Answer: user assistant system",
+    ]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>" if chat else "<|endoftext|>",
+        pad_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+    )
+    if chat:
+        fast.chat_template = CHATML
+    return fast
+
+
+def tiny_config(kind: str = "llama", vocab_size: int = 400, **overrides: Any):
+    """A few-layer GQA config of the given family (4 query heads, 2 KV heads, head_dim 16)."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    fields = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    )
+    fields.update(overrides)
+    if kind == "llama":
+        return LlamaConfig(**fields)
+    if kind == "qwen2":
+        return Qwen2Config(use_sliding_window=False, **fields)
+    raise ValueError(f"unknown tiny model kind {kind!r}")
+
+
+def qwen2_half_billion_config(vocab_size: int = 151936):
+    """Qwen2.5-0.5B's shape (24 layers, 896 hidden, 14 q / 2 kv heads of 64): speed benchmarks."""
+    return tiny_config(
+        "qwen2",
+        vocab_size=vocab_size,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768 + 1024,
+        rope_theta=1_000_000.0,
+    )
+
+
+def random_model(config: Any, seed: int = 0) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def save_tiny_model(folder: str | Path, kind: str = "llama", seed: int = 0, **overrides) -> Path:
+    """A random tiny model + tokenizer saved as an HF folder (what ``lrsa train MODEL`` takes)."""
+    folder = Path(folder)
+    tokenizer = tiny_tokenizer()
+    model = random_model(tiny_config(kind, vocab_size=len(tokenizer), **overrides), seed)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
