@@ -133,6 +133,11 @@ def export_hf(
         _barrier()
         return None
     state = {name: tensor.detach().to("cpu", dtype) for name, tensor in state.items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        # FSDP's full state dict names a tied weight twice; the checkpoint stores it once, as
+        # an unsharded save_pretrained does.
+        for name in getattr(model, "_tied_weights_keys", None) or ():
+            state.pop(name, None)
     partial = out_dir / ".export.partial"
     shutil.rmtree(partial, ignore_errors=True)
     config = model.config

@@ -312,45 +312,36 @@ class Trainer:
             )
 
     # ---- evaluation ----
-    @torch.no_grad()
     def evaluate(self, examples: list[TokenizedExample] | None = None) -> dict[str, float]:
-        """Mean target-token loss and exact match on held-out examples.
+        """Loss and exact match on held-out examples (``evaluate.py``), summed over ranks."""
+        from lrsa_serve.training.evaluate import EvalSums, evaluate_examples, task_of
 
-        Exact match: every non-special target token is the argmax under teacher forcing, i.e.
-        greedy decoding would produce the answer. Ranks split the batches; every rank runs the
-        same number of forwards (FSDP needs all of them in each), padding with repeats that count 0.
-        """
         examples = self.eval_examples if examples is None else examples
         if not examples:
             return {}
-        was_training = self.model.training
-        self.model.eval()
-        special = torch.tensor(sorted(self.tokenizer.all_special_ids), device=self.runtime.device)
-        size = self.job.data.batch_size
-        batches = [
-            list(range(i, min(i + size, len(examples)))) for i in range(0, len(examples), size)
-        ]
-        world = self.runtime.world_size
-        rounds = -(-len(batches) // world)
-        loss, targets, correct, counted = 0.0, 0.0, 0.0, 0.0
-        for r in range(rounds):
-            index = r * world + self.runtime.rank
-            real = index < len(batches)
-            batch = self._batch(batches[index if real else 0], examples)
-            with self.autocast:
-                logits, labels = target_logits(self.model, batch["input_ids"], batch["labels"])
-            if not real:
-                continue
-            mask = labels != IGNORE_INDEX
-            loss += float(F.cross_entropy(logits[mask], labels[mask], reduction="sum"))
-            targets += float(mask.sum())
-            scored = mask & ~torch.isin(labels, special)
-            right = (logits.argmax(-1) == labels) | ~scored
-            correct += float(right.all(dim=1).sum())
-            counted += len(batches[index])
-        self.model.train(was_training)
-        loss, targets, correct, counted = _all_sum([loss, targets, correct, counted], self.runtime)
-        return {"eval_loss": loss / max(targets, 1), "eval_exact_match": correct / max(counted, 1)}
+        sums = evaluate_examples(
+            self.model,
+            examples,
+            self.tokenizer,
+            batch_size=self.job.data.batch_size,
+            device=self.runtime.device,
+            autocast=self.autocast,
+            pad_multiple=self.job.data.pad_multiple,
+            rank=self.runtime.rank,
+            world_size=self.runtime.world_size,
+        )
+        tasks = sorted({task_of(example) for example in examples})  # the same on every rank
+        totals = _all_sum(
+            [sums.loss, sums.targets, sums.correct, sums.examples]
+            + [sums.task_correct[t] for t in tasks]
+            + [sums.task_examples[t] for t in tasks],
+            self.runtime,
+        )
+        merged = EvalSums(*totals[:4])
+        for i, task in enumerate(tasks):
+            merged.task_correct[task] = totals[4 + i]
+            merged.task_examples[task] = totals[4 + len(tasks) + i]
+        return merged.scores()
 
     # ---- the run ----
     def run(self) -> dict[str, Any]:
@@ -390,7 +381,7 @@ class Trainer:
                 scores = self.evaluate()
                 self.log({"step": self.step, **scores})
                 last.update(scores)
-            if final or (t.save_every and self.step % t.save_every == 0):
+            if (final and t.save_final) or (t.save_every and self.step % t.save_every == 0):
                 ckpt.save_checkpoint(
                     self.out_dir,
                     self.step,
@@ -401,7 +392,8 @@ class Trainer:
                     self.runtime.rank,
                 )
         bar.close()
-        self.export()
+        if t.export:
+            self.export()
         return last
 
     def export(self) -> Path | None:

@@ -1,0 +1,96 @@
+"""Held-out evaluation: target-token loss and exact match under teacher forcing.
+
+Exact match: every target token that is not a special token (end of turn, EOS) is the argmax
+given the true prefix, which is exactly "greedy decoding starts with the answer", computed in one
+forward pass per batch instead of a decode loop. Scores are also split by synthetic task.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lrsa_serve.training.data import IGNORE_INDEX, TokenizedExample, collate, pad_token_id
+
+
+def task_of(example: TokenizedExample) -> str:
+    """ "synthetic:<split>:<seed>:<task>" -> task; JSONL examples count as "data"."""
+    parts = example.source.split(":")
+    return parts[3] if parts[0] == "synthetic" and len(parts) > 3 else "data"
+
+
+@dataclass
+class EvalSums:
+    """Additive totals, so ranks (and batches) combine by summing."""
+
+    loss: float = 0.0
+    targets: float = 0.0
+    correct: float = 0.0
+    examples: float = 0.0
+    task_correct: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    task_examples: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    def scores(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "eval_loss": self.loss / max(self.targets, 1),
+            "eval_exact_match": self.correct / max(self.examples, 1),
+        }
+        for task in sorted(self.task_examples):
+            out[f"eval_exact_match/{task}"] = self.task_correct[task] / self.task_examples[task]
+        return out
+
+
+@torch.no_grad()
+def evaluate_examples(
+    model: torch.nn.Module,
+    examples: Sequence[TokenizedExample],
+    tokenizer: Any,
+    *,
+    batch_size: int,
+    device: torch.device,
+    autocast: AbstractContextManager | None = None,
+    pad_multiple: int = 64,
+    rank: int = 0,
+    world_size: int = 1,
+    forward: Callable | None = None,
+) -> EvalSums:
+    """This rank's sums over its share of ``examples`` (batches rank, rank+W, ...). Every rank
+    runs the same number of forwards (FSDP needs all ranks in each), padding with repeats that
+    count for nothing."""
+    from lrsa_serve.training.loop import target_logits
+
+    forward = forward or target_logits
+    autocast = autocast or nullcontext()
+    special = torch.tensor(sorted(tokenizer.all_special_ids), device=device)
+    pad = pad_token_id(tokenizer)
+    batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
+    sums = EvalSums()
+    was_training = model.training
+    model.eval()
+    for round_ in range(-(-len(batches) // world_size)):
+        index = round_ * world_size + rank
+        real = index < len(batches)
+        chunk = batches[index if real else 0]
+        batch = {k: v.to(device) for k, v in collate(chunk, pad, pad_multiple).items()}
+        with autocast:
+            logits, labels = forward(model, batch["input_ids"], batch["labels"])
+        if not real:
+            continue
+        mask = labels != IGNORE_INDEX
+        sums.loss += float(F.cross_entropy(logits[mask], labels[mask], reduction="sum"))
+        sums.targets += float(mask.sum())
+        scored = mask & ~torch.isin(labels, special)
+        right = ((logits.argmax(-1) == labels) | ~scored).all(dim=1).tolist()
+        for example, ok in zip(chunk, right, strict=True):
+            sums.correct += ok
+            sums.examples += 1
+            sums.task_correct[task_of(example)] += ok
+            sums.task_examples[task_of(example)] += 1
+    model.train(was_training)
+    return sums
