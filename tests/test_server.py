@@ -45,7 +45,8 @@ def test_chat_and_usage(client, tokenizer):
     reply = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16,
                                            temperature=0)  # fmt: skip
     assert "Paris" in reply.choices[0].message.content
-    prompt_tokens = len(tokenizer.apply_chat_template(CHAT, add_generation_prompt=True))
+    encoded = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True)
+    prompt_tokens = len(encoded["input_ids"] if "input_ids" in encoded else encoded)
     assert reply.usage.prompt_tokens == prompt_tokens
     completion = tokenizer.encode(reply.choices[0].message.content, add_special_tokens=False)
     assert reply.usage.completion_tokens in (len(completion), len(completion) + 1)  # + <|im_end|>
@@ -207,8 +208,8 @@ def test_resident_tokens_during_a_request(server, client, long_prompt):
 
     def scrape():
         for _ in range(400):
-            seen.append((server.metric("lagkv_resident_kv_tokens"),
-                         server.metric("lagkv_logical_kv_tokens")))  # fmt: skip
+            sample = server.metrics()  # one scrape: both gauges of the same moment
+            seen.append((sample["lagkv_resident_kv_tokens"], sample["lagkv_logical_kv_tokens"]))
             time.sleep(0.05)
 
     thread = threading.Thread(target=scrape)

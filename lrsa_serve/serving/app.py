@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
 
 from lrsa_serve import __version__
@@ -61,5 +62,8 @@ def install_lagkv(
         return JSONResponse({"version": __version__, "vllm": vllm_version, "lagkv": lagkv_info})
 
     if api_key:
-        app.add_middleware(BearerAuth, api_key=api_key)
+        # vLLM's app bootstrap has already built the middleware stack, so add ours as the
+        # outermost layer and rebuild it (Starlette refuses add_middleware at this point).
+        app.user_middleware.insert(0, Middleware(BearerAuth, api_key=api_key))
+        app.middleware_stack = app.build_middleware_stack()
     return app

@@ -1,0 +1,76 @@
+"""What both engine benchmarks share: in-process engines (vanilla and LagKV, one after the
+other in the same process) and prompts of exact token lengths."""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+# In-process engines: the benchmarks read the scheduler's KV manager directly.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+
+from lrsa_serve.config import LagKVConfig  # noqa: E402
+
+
+def add_engine_arguments(parser) -> None:
+    parser.add_argument("--model", default=None, help="model folder (default: the default model)")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--sink", type=int, default=None)
+    parser.add_argument("--lag", type=int, default=None)
+    parser.add_argument("--ratio", type=float, default=None)
+    parser.add_argument("--json", default=None, help="write the results here")
+
+
+def settings_from(args) -> LagKVConfig:
+    return LagKVConfig.build(sink=args.sink, lag=args.lag, ratio=args.ratio)
+
+
+def token_prompts(count: int, length: int, seed: int = 0) -> list[list[int]]:
+    """Distinct prompts of exactly ``length`` tokens (ordinary vocabulary ids)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(1000, 40000) for _ in range(length)] for _ in range(count)]
+
+
+@contextmanager
+def engine(model: str | None, settings: LagKVConfig | None, **kwargs) -> Iterator:
+    """A vllm.LLM: stock when ``settings`` is None, else with LagKV; shut down on exit."""
+    from vllm import LLM
+
+    from lrsa_serve.engine.api import lagkv_engine_kwargs
+    from lrsa_serve.models import resolve_model
+
+    folder = resolve_model(model)
+    base = dict(enforce_eager=True, seed=0, enable_prefix_caching=False) | kwargs
+    llm = LLM(**lagkv_engine_kwargs(folder, settings, **base))
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+def scheduler_of(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def held_blocks(llm) -> dict[str, int]:
+    """Physical KV blocks each running request holds now (freed entries excluded)."""
+    manager = scheduler_of(llm).kv_cache_manager.coordinator.single_type_managers[0]
+    null = manager.block_pool.null_block
+    return {
+        request_id: sum(block is not null for block in blocks)
+        for request_id, blocks in manager.req_to_blocks.items()
+    }
+
+
+def print_table(title: str, header: list[str], rows: list[list]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    print(f"\n{title}")
+    print("  ".join(str(h).rjust(w) for h, w in zip(header, widths, strict=True)))
+    for row in rows:
+        print("  ".join(str(x).rjust(w) for x, w in zip(row, widths, strict=True)))

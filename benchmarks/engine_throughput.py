@@ -1,0 +1,121 @@
+"""Decode throughput and time to first token, vanilla vLLM vs LagKV, in one process run.
+
+    python benchmarks/engine_throughput.py --json out/engine_throughput.json
+
+1. Time to first token of one ``--context``-token prompt alone (compressed history makes the
+   later prefill chunks cheaper).
+2. ``--sequences`` prompts of ``--context`` tokens together: prefill tokens/s, then decode
+   tokens/s over the steps where every sequence is decoding (``--new-tokens`` each).
+Both engines run the same prompts, dtype and engine flags; ratios are LagKV / vanilla.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from engine_common import (  # noqa: E402
+    add_engine_arguments,
+    engine,
+    print_table,
+    scheduler_of,
+    settings_from,
+    token_prompts,
+)
+
+
+def time_to_first_token(llm, prompt: list[int]) -> float:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    engine_ = llm.llm_engine
+    started = time.perf_counter()
+    engine_.add_request("ttft", TokensPrompt(prompt_token_ids=prompt),
+                        SamplingParams(temperature=0.0, max_tokens=1))  # fmt: skip
+    while engine_.has_unfinished_requests():
+        for out in engine_.step():
+            if out.outputs and out.outputs[0].token_ids:
+                elapsed = time.perf_counter() - started
+    return elapsed
+
+
+def batch_throughput(llm, prompts: list[list[int]], new_tokens: int) -> dict:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    engine_ = llm.llm_engine
+    scheduler = scheduler_of(llm)
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine_.add_request(f"b{i}", TokensPrompt(prompt_token_ids=prompt), params)
+    started = time.perf_counter()
+    prefill_done = None
+    decode_seconds, decode_tokens = 0.0, 0
+    while engine_.has_unfinished_requests():
+        running = list(scheduler.running)
+        all_decoding = len(running) == len(prompts) and all(
+            r.num_computed_tokens >= r.num_prompt_tokens for r in running
+        )
+        step_started = time.perf_counter()
+        engine_.step()
+        if all_decoding:
+            prefill_done = prefill_done or step_started
+            decode_seconds += time.perf_counter() - step_started
+            decode_tokens += len(running)
+    total_prompt = sum(len(p) for p in prompts)
+    return {
+        "prefill_tokens_per_s": total_prompt / ((prefill_done or time.perf_counter()) - started),
+        "decode_tokens_per_s": decode_tokens / decode_seconds if decode_seconds else 0.0,
+        "decode_steps_tokens": decode_tokens,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_engine_arguments(parser)
+    parser.add_argument("--context", type=int, default=6144)
+    parser.add_argument("--sequences", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    args = parser.parse_args(argv)
+    settings = settings_from(args)
+    common = dict(dtype=args.dtype, max_model_len=args.context + args.new_tokens + 64)
+    if args.max_num_batched_tokens:
+        common["max_num_batched_tokens"] = args.max_num_batched_tokens
+    prompts = token_prompts(args.sequences + 1, args.context, seed=2)
+
+    results: dict = {"settings": settings.model_dump(), "dtype": args.dtype, "runs": {}}
+    for name, cfg in (("vanilla", None), ("lagkv", settings)):
+        with engine(args.model, cfg, **common) as llm:
+            run = {"ttft_s": time_to_first_token(llm, prompts[-1])}
+            run |= batch_throughput(llm, prompts[:-1], args.new_tokens)
+        results["runs"][name] = run
+        print(name, json.dumps(run), flush=True)
+
+    vanilla, lagkv_run = results["runs"]["vanilla"], results["runs"]["lagkv"]
+    rows = []
+    for key, label in (("decode_tokens_per_s", "decode tok/s"),
+                       ("prefill_tokens_per_s", "prefill tok/s"),
+                       ("ttft_s", "TTFT s")):  # fmt: skip
+        rows.append([label, f"{vanilla[key]:.1f}", f"{lagkv_run[key]:.1f}",
+                     f"{lagkv_run[key] / vanilla[key]:.2f}x"])  # fmt: skip
+    print_table(
+        f"{args.sequences} x {args.context}-token prompts, {args.new_tokens} new tokens, "
+        f"{args.dtype}, {settings.short()}",
+        ["metric", "vanilla", "lagkv", "lagkv/vanilla"],
+        rows,
+    )
+    results["ratios"] = {row[0]: row[3] for row in rows}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
