@@ -33,7 +33,7 @@ SETTINGS = {
 
 
 def answer(model, tokenizer, prompt: str, new_tokens: int = 7) -> str:
-    ids = torch.tensor([tokenizer.encode(prompt)])
+    ids = torch.tensor([tokenizer.encode(prompt)], device=model.device)
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
@@ -46,11 +46,17 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=5)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--gguf", type=Path, default=None, help="load from this GGUF instead")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    folder = resolve_model(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    if args.gguf:  # the GPU machine has the GGUF, not the converted folder
+        source = dict(pretrained_model_name_or_path=args.gguf.parent, gguf_file=args.gguf.name)
+    else:
+        source = dict(pretrained_model_name_or_path=resolve_model(args.model))
+    tokenizer = AutoTokenizer.from_pretrained(**source)
+    model = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.float32)
+    model = model.to(args.device).eval()
     rows = []
     for name in args.settings:
         cfg = SETTINGS[name]
