@@ -131,3 +131,12 @@ def test_bad_settings_fail_before_start_in_one_line(default_model, kwargs, fragm
     with pytest.raises(LagKVConfigError) as e:
         make_llm(default_model, **kwargs)
     assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_default_model_answers_a_chat_prompt(engines):
+    from vllm import SamplingParams
+
+    llm = engines.get(lagkv=LagKVConfig().model_dump())
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    (out,) = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
+    assert out.outputs[0].text.strip() == "The capital of France is Paris."
