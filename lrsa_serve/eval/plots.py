@@ -1,0 +1,148 @@
+"""PNG plots of an eval run (matplotlib, headless): accuracy vs kept ratio, a depth x length heat
+map per target, and accuracy per task per target. matplotlib comes with the ``eval`` extra; without
+it the plots are skipped with a note and everything else is still written."""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from lrsa_serve.eval.report import cells, lookup
+from lrsa_serve.eval.runner import EvalRun
+
+
+def pyplot() -> Any | None:
+    """matplotlib.pyplot on the Agg backend (no display needed), or None if not installed."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def accuracy_vs_ratio(run: EvalRun, path: Path) -> Path | None:
+    """One panel per model: accuracy (mean over lengths) against the kept ratio, a line per task
+    and a thick one for the mean. Targets whose setting is unknown are left out."""
+    plt = pyplot()
+    known = [t for t in run.targets if t.kept_ratio is not None]
+    if plt is None or not known:
+        return None
+    by_key = lookup(cells(run))
+    models: dict[str, list] = defaultdict(list)
+    for info in known:
+        models[info.model or info.name].append(info)
+    tasks = list(dict.fromkeys(item.task for item in run.items))
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
+    for ax, (model, infos) in zip(axes[0], models.items(), strict=True):
+        infos = sorted(infos, key=lambda info: info.kept_ratio)
+        ratios = [info.kept_ratio for info in infos]
+        for task in [*tasks, "mean"]:
+            values = [by_key[(info.name, task, None)].score for info in infos]
+            style = dict(color="black", linewidth=2.5) if task == "mean" else dict(alpha=0.8)
+            ax.plot(ratios, values, marker="o", label=task, **style)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(set(ratios)), [f"{r:g}" for r in sorted(set(ratios))])
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel("kept ratio r (1 = uncompressed)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(Path(model).name, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    return _save(plt, fig, path)
+
+
+def depth_heatmap(run: EvalRun, path: Path) -> Path | None:
+    """Per target: accuracy of the depth-aware tasks for each needle depth (rows) and context
+    length (columns), the cell value written in."""
+    plt = pyplot()
+    depth_items = [r for r in run.results if r.item.uses_depth]
+    if plt is None or not depth_items:
+        return None
+    depths = sorted({r.item.depth for r in depth_items})
+    lengths = sorted({r.item.length for r in depth_items})
+    count = len(run.targets)
+    fig, axes = plt.subplots(
+        1,
+        count,
+        figsize=(1.2 + 1.1 * len(lengths) * count + 0.8 * count, 0.6 * len(depths) + 2),
+        squeeze=False,
+    )
+    image = None
+    for k, (ax, info) in enumerate(zip(axes[0], run.targets, strict=True)):
+        grid = [[0.0] * len(lengths) for _ in depths]
+        for i, depth in enumerate(depths):
+            for j, length in enumerate(lengths):
+                scores = [
+                    r.score
+                    for r in depth_items
+                    if r.target == info.name and r.item.depth == depth and r.item.length == length
+                ]
+                grid[i][j] = sum(scores) / len(scores) if scores else float("nan")
+                ax.text(
+                    j,
+                    i,
+                    f"{grid[i][j]:.0%}" if scores else "-",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                )
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+        ax.set_xlabel("context length (tokens)")
+        if k == 0:
+            ax.set_ylabel("needle depth")
+        ax.set_title(info.name, fontsize=9)
+    fig.colorbar(image, ax=list(axes[0]), shrink=0.8, label="accuracy (depth-aware tasks)")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def accuracy_by_task(run: EvalRun, path: Path) -> Path | None:
+    """Grouped bars: accuracy per task (mean over lengths), one bar per target."""
+    plt = pyplot()
+    if plt is None or not run.targets:
+        return None
+    by_key = lookup(cells(run))
+    tasks = [*dict.fromkeys(item.task for item in run.items), "mean"]
+    width = 0.8 / len(run.targets)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(tasks) * max(1, len(run.targets) / 2)), 4))
+    for k, info in enumerate(run.targets):
+        values = [by_key[(info.name, task, None)].score for task in tasks]
+        positions = [i + (k - (len(run.targets) - 1) / 2) * width for i in range(len(tasks))]
+        ax.bar(positions, values, width, label=info.name)
+    ax.set_xticks(range(len(tasks)), tasks, rotation=25, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(plt, fig, path)
+
+
+def draw_all(run: EvalRun, out_dir: Path) -> dict[str, Path]:
+    if pyplot() is None:
+        print(
+            "lrsa eval: matplotlib is not installed; plots skipped (pip install "
+            "'lrsa-serve[eval]')",
+            file=sys.stderr,
+        )
+        return {}
+    drawn = {
+        "accuracy_vs_ratio": accuracy_vs_ratio(run, out_dir / "accuracy_vs_ratio.png"),
+        "depth_heatmap": depth_heatmap(run, out_dir / "depth_heatmap.png"),
+        "accuracy_by_task": accuracy_by_task(run, out_dir / "accuracy_by_task.png"),
+    }
+    return {name: path for name, path in drawn.items() if path is not None}

@@ -1,0 +1,223 @@
+"""Summaries of an eval run: the task x length x setting table, failures, JSON and Markdown.
+
+A cell's accuracy is the mean ``score`` (partial credit, see ``scoring``) over its items, failed
+requests counted as 0; ``exact`` is the fraction fully right; ``failed`` counts the requests that
+got no answer. Failure messages are grouped by their shape (numbers masked), so a hundred
+"HTTP 400: ... 5000 tokens ..." lines read as one line with a count.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lrsa_serve.eval.runner import EvalRun, ItemResult
+
+JSON_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Cell:
+    target: str
+    task: str
+    length: int | None  # None: every length
+    n: int
+    score: float
+    exact: float
+    failed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _cell(target: str, task: str, length: int | None, rows: Sequence[ItemResult]) -> Cell:
+    n = len(rows)
+    return Cell(
+        target=target,
+        task=task,
+        length=length,
+        n=n,
+        score=sum(r.score for r in rows) / n if n else 0.0,
+        exact=sum(r.exact for r in rows) / n if n else 0.0,
+        failed=sum(r.failed for r in rows),
+    )
+
+
+def cells(run: EvalRun) -> list[Cell]:
+    """Per (target, task, length), then per (target, task) over lengths (length None), then per
+    target over everything (task "mean"), in the run's order."""
+    groups: dict[tuple, list[ItemResult]] = defaultdict(list)
+    for result in run.results:
+        groups[(result.target, result.item.task, result.item.length)].append(result)
+        groups[(result.target, result.item.task, None)].append(result)
+        groups[(result.target, "mean", None)].append(result)
+    return [_cell(target, task, length, rows) for (target, task, length), rows in groups.items()]
+
+
+def lookup(all_cells: Sequence[Cell]) -> dict[tuple, Cell]:
+    return {(c.target, c.task, c.length): c for c in all_cells}
+
+
+def _tasks_and_lengths(run: EvalRun) -> tuple[list[str], list[int]]:
+    tasks = list(dict.fromkeys(item.task for item in run.items))
+    lengths = sorted({item.length for item in run.items})
+    return tasks, lengths
+
+
+def _format(cell: Cell | None) -> str:
+    if cell is None:
+        return "-"
+    text = f"{cell.score:.0%}"
+    if cell.failed:
+        text += f" ({cell.failed}/{cell.n} failed)"
+    return text
+
+
+def table_rows(run: EvalRun) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: one row per task x length, one column per target, plus per-task and
+    overall means."""
+    by_key = lookup(cells(run))
+    tasks, lengths = _tasks_and_lengths(run)
+    names = [t.name for t in run.targets]
+    header = ["task", "length", *names]
+    rows = []
+    for task in tasks:
+        for length in lengths:
+            rows.append(
+                [task, str(length), *(_format(by_key.get((n, task, length))) for n in names)]
+            )
+        if len(lengths) > 1:
+            rows.append([task, "all", *(_format(by_key.get((n, task, None))) for n in names)])
+    rows.append(["mean", "all", *(_format(by_key.get((n, "mean", None))) for n in names)])
+    return header, rows
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=True)]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(
+            str(v).ljust(w) if i < 2 else str(v).rjust(w)
+            for i, (v, w) in enumerate(zip(values, widths, strict=True))
+        ).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def line(values: Sequence[str]) -> str:
+        return "| " + " | ".join(str(v).replace("|", "\\|") for v in values) + " |"
+
+    align = ["---", "---:"] + ["---:"] * (len(header) - 2)
+    return "\n".join([line(header), "|" + "|".join(align) + "|", *map(line, rows)])
+
+
+# ---- failures ---------------------------------------------------------------------------------
+def _shape(message: str) -> str:
+    return re.sub(r"\d+(\.\d+)?", "N", message)
+
+
+def failures(run: EvalRun) -> dict[str, dict[str, Any]]:
+    """Per target with failures: how many, per task, and the distinct messages (grouped by shape,
+    most frequent first, one real example each)."""
+    out: dict[str, dict[str, Any]] = {}
+    for info in run.targets:
+        failed = [r for r in run.results if r.target == info.name and r.failed]
+        if not failed:
+            continue
+        shapes: Counter[str] = Counter()
+        example: dict[str, str] = {}
+        for result in failed:
+            message = result.answer.error or "no answer"
+            shapes[_shape(message)] += 1
+            example.setdefault(_shape(message), message)
+        out[info.name] = {
+            "failed": len(failed),
+            "requests": sum(r.target == info.name for r in run.results),
+            "by_task": dict(Counter(r.item.task for r in failed)),
+            "messages": [{"count": n, "message": example[s]} for s, n in shapes.most_common()],
+        }
+    return out
+
+
+def failure_lines(run: EvalRun) -> list[str]:
+    lines = []
+    for name, summary in failures(run).items():
+        tasks = ", ".join(f"{task} {n}" for task, n in summary["by_task"].items())
+        lines.append(
+            f"{name}: {summary['failed']} of {summary['requests']} requests failed ({tasks})"
+        )
+        for entry in summary["messages"][:8]:
+            lines.append(f"  {entry['count']:>4}x  {entry['message']}")
+        if len(summary["messages"]) > 8:
+            lines.append(f"  ... {len(summary['messages']) - 8} more kinds of failure in the JSON")
+    return lines
+
+
+def target_lines(run: EvalRun) -> list[str]:
+    lines = []
+    for info in run.targets:
+        where = info.url or "in-process engine"
+        lines.append(f"{info.name}: {info.model} at {where}, LagKV {info.setting}")
+        lines += [f"  note: {note}" for note in info.notes]
+    return lines
+
+
+# ---- files ------------------------------------------------------------------------------------
+def to_json(run: EvalRun) -> dict[str, Any]:
+    return {
+        "version": JSON_VERSION,
+        "config": run.config,
+        "targets": [info.to_dict() for info in run.targets],
+        "summary": [cell.to_dict() for cell in cells(run)],
+        "failures": failures(run),
+        "items": [result.to_dict() for result in run.results],
+    }
+
+
+def markdown(run: EvalRun, plots: dict[str, Path] | None = None, title: str = "lrsa eval") -> str:
+    header, rows = table_rows(run)
+    config = run.config
+    parts = [
+        f"# {title}",
+        "",
+        f"Tasks {', '.join(config.get('tasks', []))}; lengths {config.get('lengths')} tokens; "
+        f"depths {config.get('depths')}; {config.get('samples')} sample(s) per cell; "
+        f"API {config.get('api')}; seed {config.get('seed')}. Accuracy = mean partial-credit "
+        "score (fraction of expected values recalled), failed requests count as 0.",
+        "",
+        "## Targets",
+        "",
+        *[f"- {line}" for line in target_lines(run)],
+        "",
+        "## Accuracy",
+        "",
+        markdown_table(header, rows),
+    ]
+    if lines := failure_lines(run):
+        parts += ["", "## Failures", "", "```", *lines, "```"]
+    if plots:
+        parts += ["", "## Plots", ""]
+        parts += [f"![{name}]({path.name})" for name, path in plots.items()]
+    return "\n".join(parts) + "\n"
+
+
+def write_outputs(run: EvalRun, out_dir: Path, *, draw: bool = True) -> dict[str, Path]:
+    """results.json, report.md and the plots into ``out_dir``; returns what was written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    plots: dict[str, Path] = {}
+    if draw:
+        from lrsa_serve.eval import plots as plotting
+
+        plots = plotting.draw_all(run, out_dir)
+    written["json"] = out_dir / "results.json"
+    written["json"].write_text(json.dumps(to_json(run), indent=2) + "\n")
+    written["markdown"] = out_dir / "report.md"
+    written["markdown"].write_text(markdown(run, plots))
+    return written | plots
