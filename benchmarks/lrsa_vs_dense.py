@@ -1,0 +1,172 @@
+"""The LRSA claim in miniature: post-train the same model twice on synthetic long-context QA,
+once with dense attention and once with LRSA (same data, steps, seed), then score both on the
+held-out split uncompressed (SDPA) and under LagKV (the reference attention, same settings).
+
+Scores are exact match under teacher forcing (= greedy decoding starts with the answer), float32,
+per task and overall. The untrained model is scored too when time allows.
+
+    python benchmarks/lrsa_vs_dense.py --model ~/.cache/lrsa-serve/models/SmolLM2-135M-Instruct
+    python benchmarks/lrsa_vs_dense.py --gguf ~/m/model.gguf --tokenizer .gpu/smol   # GPU box
+    python benchmarks/lrsa_vs_dense.py --smoke                                       # CPU check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lrsa_serve.config import LagKVConfig  # noqa: E402
+from lrsa_serve.reference_attention import use_lagkv_reference  # noqa: E402
+from lrsa_serve.training import data as data_mod  # noqa: E402
+from lrsa_serve.training import model as model_mod  # noqa: E402
+from lrsa_serve.training.config import JobConfig  # noqa: E402
+from lrsa_serve.training.evaluate import evaluate_examples  # noqa: E402
+from lrsa_serve.training.loop import Trainer  # noqa: E402
+
+
+def score(model, examples, tokenizer, mode: str, cfg: LagKVConfig, batch_size: int) -> dict:
+    """Exact match with the whole model in float32: ``uncompressed`` (SDPA) or ``lagkv``."""
+    if mode == "uncompressed":
+        model.set_attn_implementation("sdpa")
+    else:
+        use_lagkv_reference(model, cfg)
+    device = next(model.parameters()).device
+    sums = evaluate_examples(model, examples, tokenizer, batch_size=batch_size, device=device)
+    return sums.scores()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="local HF model folder")
+    parser.add_argument("--gguf", help="GGUF file (with --tokenizer): the GPU machine's copy")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
+    parser.add_argument("--out", default="lrsa_vs_dense")
+    parser.add_argument("--sink", type=int, default=32)
+    parser.add_argument("--lag", type=int, default=256)
+    parser.add_argument("--ratio", type=float, default=0.25)
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--grad-accum", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--train-examples", type=int, default=640)
+    parser.add_argument("--eval-examples", type=int, default=96)
+    parser.add_argument("--eval-batch-size", type=int, default=4)
+    parser.add_argument("--min-tokens", type=int, default=4096)
+    parser.add_argument("--max-tokens", type=int, default=7900)
+    parser.add_argument("--max-len", type=int, default=8192)
+    parser.add_argument("--tasks", default="passkey,multikey_needle,kv_lookup,variable_tracking")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--deadline", type=float, default=1e9, help="seconds; skip the base eval")
+    parser.add_argument("--smoke", action="store_true", help="tiny random model on CPU")
+    args = parser.parse_args()
+    started = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = LagKVConfig(sink=args.sink, lag=args.lag, ratio=args.ratio)
+    tasks = tuple(args.tasks.split(","))
+
+    if args.smoke:
+        from lrsa_serve.training.tiny import random_model, tiny_config, tiny_tokenizer
+
+        tokenizer = tiny_tokenizer()
+        model = random_model(tiny_config("llama", vocab_size=len(tokenizer)))
+    elif args.gguf:
+        gguf = Path(args.gguf).expanduser()
+        tokenizer = model_mod.load_tokenizer(args.tokenizer)
+        model = model_mod.load_model(str(gguf.parent), gguf_file=gguf.name)
+    else:
+        tokenizer = model_mod.load_tokenizer(args.tokenizer or args.model)
+        model = model_mod.load_model(args.model)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    base_state = {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()}
+    loaded_s = time.time() - started
+
+    def examples(count: int, split: str):
+        made = data_mod.synthetic_examples(
+            tokenizer, count, split, args.min_tokens, args.max_tokens, tasks
+        )
+        return data_mod.apply_length_policy(made, args.max_len, "skip")
+
+    train, train_stats = examples(args.train_examples, "train")
+    held_out, _ = examples(args.eval_examples, "eval")
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "lagkv": cfg.model_dump(),
+        "args": vars(args),
+        "train_data": train_stats.to_dict(),
+        "eval_examples": len(held_out),
+        "load_s": loaded_s,
+        "data_s": time.time() - started - loaded_s,
+        "runs": {},
+    }
+
+    def save():
+        (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    for attention in ("dense", "lrsa"):
+        model.load_state_dict(base_state)
+        shutil.rmtree(out / attention, ignore_errors=True)  # metrics of an earlier try
+        job = JobConfig(lagkv=cfg)
+        job.model.attention = attention
+        job.data.max_len = args.max_len
+        job.data.batch_size = args.batch_size
+        job.optim.lr = args.lr
+        job.optim.warmup_steps = max(1, args.steps // 10)
+        job.train.steps = args.steps
+        job.train.grad_accum = args.grad_accum
+        job.train.seed = args.seed
+        job.train.out_dir = str(out / attention)
+        job.train.eval_every = 0
+        job.train.save_every = 0
+        job.train.save_final = False
+        job.train.export = False
+        job.train.progress = False
+        t0 = time.time()
+        trainer = Trainer(
+            job, model=model, tokenizer=tokenizer, train_examples=train, eval_examples=[]
+        )
+        last = trainer.run()
+        run = {"train_s": time.time() - t0, "final_train_loss": last.get("loss")}
+        lines = (out / attention / "metrics.jsonl").read_text().splitlines()
+        run["loss_curve"] = [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+        for mode in ("uncompressed", "lagkv"):
+            t1 = time.time()
+            run[mode] = score(model, held_out, tokenizer, mode, cfg, args.eval_batch_size)
+            run[f"{mode}_eval_s"] = time.time() - t1
+        result["runs"][attention] = run
+        save()
+        print(json.dumps({attention: {k: v for k, v in run.items() if k != "loss_curve"}}))
+
+    if time.time() - started < args.deadline:
+        model.load_state_dict(base_state)
+        base = {mode: score(model, held_out, tokenizer, mode, cfg, args.eval_batch_size)
+                for mode in ("uncompressed", "lagkv")}  # fmt: skip
+        result["runs"]["untrained"] = base
+        save()
+
+    print(
+        f"\n{result['device']}: {args.steps} steps x {args.batch_size * args.grad_accum} seqs, "
+        f"{args.min_tokens}-{args.max_tokens} tokens, lr {args.lr}, {cfg.short()}; "
+        f"exact match on {len(held_out)} held-out examples"
+    )
+    print(f"{'trained with':>13} {'uncompressed':>13} {'LagKV':>7} {'train s':>8}")
+    for name, run in result["runs"].items():
+        print(
+            f"{name:>13} {100 * run['uncompressed']['eval_exact_match']:>12.1f}% "
+            f"{100 * run['lagkv']['eval_exact_match']:>6.1f}% {run.get('train_s', 0):>8.0f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

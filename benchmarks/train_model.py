@@ -1,0 +1,179 @@
+"""Whole-model training throughput: LRSA vs dense SDPA on a randomly initialised ~0.5B Qwen2.
+
+The trainer's own step (``loop.loss_sum`` + backward + clip + AdamW) on one sequence of 16K and
+32K tokens, bf16 autocast over float32 master weights, Qwen2.5-0.5B's shape (24 layers, 896
+hidden, 14 q / 2 kv heads of 64, vocab 151936). The loss is on the last ``--target-tokens``
+tokens, as in long-context QA post-training (the LM head runs on those positions only). Both
+with gradient checkpointing (the trainer's default) and without.
+
+Also: the share of the step spent in LagKV selection (measured alone on one layer's K/V shape,
+times layers, times 2 with checkpointing since the forward runs twice).
+
+    python benchmarks/train_model.py --out train_model.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lrsa_serve.config import LagKVConfig  # noqa: E402
+from lrsa_serve.kernels import lrsa_attention as la  # noqa: E402
+from lrsa_serve.training import loop  # noqa: E402
+from lrsa_serve.training import model as model_mod  # noqa: E402
+from lrsa_serve.training.data import IGNORE_INDEX  # noqa: E402
+from lrsa_serve.training.tiny import (  # noqa: E402
+    qwen2_half_billion_config,
+    random_model,
+    tiny_config,
+)
+
+
+def timed_steps(model, optimizer, batch, autocast, warmup: int, steps: int) -> float:
+    """Median seconds of one optimizer step."""
+
+    def step():
+        total, count = loop.loss_sum(model, batch, autocast)
+        (total / count).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    device = batch["input_ids"].device
+    for _ in range(warmup):
+        step()
+    sync(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def selection_ms(
+    n: int, kv_heads: int, head_dim: int, cfg: LagKVConfig, device: torch.device
+) -> float:
+    k = torch.randn(1, kv_heads, n, head_dim, device=device, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    rule = la.Rule.of(cfg)
+    for _ in range(3):
+        la.select_kept(k, v, rule)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(20):
+        la.select_kept(k, v, rule)
+    sync(device)
+    return (time.perf_counter() - start) / 20 * 1e3
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768])
+    parser.add_argument("--sink", type=int, default=16)
+    parser.add_argument("--lag", type=int, default=1024)
+    parser.add_argument("--ratio", type=float, default=0.25)
+    parser.add_argument("--target-tokens", type=int, default=512)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--checkpointing", nargs="+", default=["on", "off"])
+    parser.add_argument("--deadline", type=float, default=200.0, help="seconds; skip the rest")
+    parser.add_argument("--out", default="train_model.json")
+    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script")
+    args = parser.parse_args()
+    started = time.time()
+    cfg = LagKVConfig(sink=args.sink, lag=args.lag, ratio=args.ratio)
+    device = torch.device("cpu" if args.smoke else "cuda")
+    config = tiny_config("qwen2", vocab_size=300) if args.smoke else qwen2_half_billion_config()
+    with device:
+        model = random_model(config)
+    params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    autocast = loop.autocast_for(device, "bf16")
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "params": params,
+        "settings": cfg.model_dump() | {"target_tokens": args.target_tokens},
+        "rows": [],
+    }
+    for checkpointing in args.checkpointing:
+        if checkpointing == "on":
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        else:
+            model.gradient_checkpointing_disable()
+        model.config.use_cache = False
+        model.train()
+        for n in args.lengths:
+            ids = torch.randint(0, config.vocab_size, (1, n), device=device)
+            labels = torch.full_like(ids, IGNORE_INDEX)
+            labels[:, -args.target_tokens :] = ids[:, -args.target_tokens :]
+            batch = {"input_ids": ids, "labels": labels}
+            row = {"n": n, "checkpointing": checkpointing}
+            for attention in ("dense", "lrsa"):
+                if time.time() - started > args.deadline:
+                    row[f"{attention}_s"] = None
+                    continue
+                model_mod.set_attention(model, attention, cfg)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                try:
+                    seconds = timed_steps(
+                        model, optimizer, batch, autocast, args.warmup, args.steps
+                    )
+                except torch.OutOfMemoryError:
+                    row[f"{attention}_s"] = "OOM"
+                    optimizer.zero_grad(set_to_none=True)
+                    torch.cuda.empty_cache()
+                    continue
+                row[f"{attention}_s"] = seconds
+                row[f"{attention}_tokens_per_s"] = n / seconds
+                if device.type == "cuda":
+                    row[f"{attention}_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            if isinstance(row.get("dense_s"), float) and isinstance(row.get("lrsa_s"), float):
+                row["speedup"] = row["dense_s"] / row["lrsa_s"]
+                head_dim = config.hidden_size // config.num_attention_heads
+                per_layer = selection_ms(n, config.num_key_value_heads, head_dim, cfg, device)
+                passes = 2 if checkpointing == "on" else 1
+                select_s = per_layer * config.num_hidden_layers * passes / 1e3
+                row["selection_ms_per_layer"] = per_layer
+                row["selection_share_of_lrsa_step"] = select_s / row["lrsa_s"]
+            result["rows"].append(row)
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+            print(json.dumps(row), flush=True)
+    print(
+        f"\n{result['device']}, torch {result['torch']}, random Qwen2 {params / 1e6:.0f}M params, "
+        f"bf16 autocast, batch 1, loss on last {args.target_tokens} tokens, {cfg.short()}"
+    )
+    print(
+        f"{'n':>6} {'ckpt':>4} {'dense tok/s':>12} {'lrsa tok/s':>11} {'speedup':>8} {'select':>7}"
+    )
+    for r in result["rows"]:
+        if "speedup" not in r:
+            print(f"{r['n']:>6} {r['checkpointing']:>4}  incomplete: {r}")
+            continue
+        print(
+            f"{r['n']:>6} {r['checkpointing']:>4} {r['dense_tokens_per_s']:>12.0f} "
+            f"{r['lrsa_tokens_per_s']:>11.0f} {r['speedup']:>7.2f}x "
+            f"{100 * r['selection_share_of_lrsa_step']:>6.1f}%"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
