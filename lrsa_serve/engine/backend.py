@@ -12,32 +12,20 @@ see partition p whole and the next step sees only its kept rows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from vllm.config import get_current_vllm_config_or_none
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 
-from lrsa_serve.config import LagKVConfig
 from lrsa_serve.engine import settings as engine_settings
 from lrsa_serve.engine import stats
+from lrsa_serve.engine.compaction import CompactionPlan
 from lrsa_serve.engine.kv_spec import LagKVAttentionSpec
 from lrsa_serve.engine.layout import BlockGeometry
-from lrsa_serve.kernels import naive
 
 
 class MisalignedChunkError(RuntimeError):
     pass
-
-
-@dataclass
-class CompactionPlan:
-    """Partitions to compress after this step's attention, one row per (request, partition)."""
-
-    part_blocks: torch.Tensor  # [rows, lag / block_size] physical blocks of partition p
-    ref_blocks: torch.Tensor  # [rows, lag / block_size] physical blocks of partition p+1
-    settings: LagKVConfig
 
 
 def lagkv_spec(spec: AttentionSpec) -> AttentionSpec:
@@ -128,19 +116,3 @@ class LagKVBuilderMixin:
         ref_blocks = table[index, torch.tensor(ref_cols, device=table.device)]
         stats.record_compactions(len(req_rows), len(req_rows) * geometry.evicted_per_partition)
         return CompactionPlan(part_blocks, ref_blocks, geometry.settings)
-
-
-def run_compaction(
-    plan: CompactionPlan, key_cache: torch.Tensor, value_cache: torch.Tensor
-) -> None:
-    """Score and compact the planned partitions of one layer, on row-major
-    ``[blocks, heads, block, dim]`` views of its cache."""
-    args = (plan.part_blocks, plan.ref_blocks, plan.settings.keep, plan.settings.score_v_ratio)
-    if key_cache.is_cuda:
-        from lrsa_serve.kernels import compress_partitions  # Triton
-
-        compress_partitions(key_cache, value_cache, *args)
-        torch.cuda.synchronize(key_cache.device)
-    else:
-        kept = naive.select_kept(key_cache, value_cache, *args)
-        naive.compact_kept(key_cache, value_cache, plan.part_blocks, kept)

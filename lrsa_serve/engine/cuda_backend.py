@@ -21,12 +21,11 @@ from vllm.v1.attention.backends.triton_attn import (
 
 from lrsa_serve.engine import stats
 from lrsa_serve.engine.backend import (
-    CompactionPlan,
     LagKVBuilderMixin,
     lagkv_spec,
     remember_current_settings,
-    run_compaction,
 )
+from lrsa_serve.engine.compaction import CompactionPlan, run_compaction
 
 
 @dataclass
