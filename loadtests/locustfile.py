@@ -117,10 +117,22 @@ class LagKVUser(HttpUser):
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.max_tokens = getattr(options, "max_tokens", 32) if options else 32
         self.timeout = getattr(options, "request_timeout", 300) if options else 300
+        allow_remote = getattr(options, "allow_remote", False) if options else False
         try:
+            check_target(self.host, allow_remote)  # also when the host came from the web UI
             self.server = Server.get(self.host, self.headers)
-        except (requests.RequestException, KeyError, ValueError) as e:
-            log.error("cannot read the server's /v1/models or /tokenize: %s", e)
+            s = self.server
+            want = s["sink"] + int(4.5 * s["lag"])
+            room = s["max_model_len"] - self.max_tokens - 64  # chat template and margin
+            if min(want, room) <= s["long_min_tokens"]:
+                raise ValueError(
+                    f"max_model_len {s['max_model_len']} leaves no room for a prompt of more "
+                    f"than S + 3L = {s['long_min_tokens']} tokens"
+                )
+            self.long_sentences = int(min(want, room) / s["tokens_per_sentence"])
+        except (HostNotAllowed, requests.RequestException, KeyError, ValueError) as e:
+            # Not a request failure: the test cannot run at all. Say so and end with an error.
+            log.error("cannot load this server: %s", e)
             self.environment.process_exit_code = 1
             self.environment.runner.quit()
             raise StopUser() from e
@@ -128,13 +140,7 @@ class LagKVUser(HttpUser):
 
     # ---- prompts ----
     def long_prompt(self) -> str:
-        s = self.server
-        want = s["sink"] + int(4.5 * s["lag"])
-        room = s["max_model_len"] - self.max_tokens - 64  # chat template and margin
-        target = min(want, room)
-        if target <= s["long_min_tokens"]:
-            raise StopUser(f"max_model_len {s['max_model_len']} leaves no room for S + 3L tokens")
-        return long_text(self.rng, int(target / s["tokens_per_sentence"]))
+        return long_text(self.rng, self.long_sentences)
 
     def body(self, chat: bool, prompt: str) -> dict[str, Any]:
         body: dict[str, Any] = {

@@ -219,6 +219,10 @@ def test_optional_objects():
     hpa = one(render({"autoscaling": {"hpa": {"enabled": True}}}), "HorizontalPodAutoscaler")
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "vllm_num_requests_waiting"
     assert not by_kind(render({"podDisruptionBudget": {"enabled": False}}), "PodDisruptionBudget")
+    # A single replica can still be drained; minAvailable instead when asked for.
+    assert one(render(), "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+    pdb = render({"podDisruptionBudget": {"minAvailable": "50%", "maxUnavailable": None}})
+    assert one(pdb, "PodDisruptionBudget")["spec"]["minAvailable"] == "50%"
     assert not by_kind(render({"tests": {"enabled": False}}), "Pod")
 
 
@@ -371,7 +375,7 @@ def test_schema_rejects(values):
 CHART_REJECTS = {
     "hpa and keda": ({"autoscaling": {"hpa": {"enabled": True}, "keda": {"enabled": True}}},
                      "either hpa or keda"),
-    "pdb min and max": ({"podDisruptionBudget": {"maxUnavailable": 1}}, "not both"),
+    "pdb min and max": ({"podDisruptionBudget": {"minAvailable": 1}}, "not both"),
     "cpu lag not a 32 multiple": ({"gpu": {"enabled": False}, "lagkv": {"lag": 272}},
                                   "multiples of the KV block size 32"),
     "keep not a block multiple": ({"lagkv": {"lag": 256, "ratio": 0.3}}, "keep"),

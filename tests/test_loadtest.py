@@ -82,6 +82,7 @@ class BrokenServer(BaseHTTPRequestHandler):
     """/v1/models and /tokenize like vLLM; each generation request gets the next fault."""
 
     faults = ["no_done", "bad_json", "http_500", "error_event", "short", "not_sse"]
+    card = {"id": "m", "max_model_len": 4096, "lagkv": {"sink": 32, "lag": 128}}
     served: list[str] = []
     lock = threading.Lock()
 
@@ -96,8 +97,7 @@ class BrokenServer(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self) -> None:
-        card = {"id": "m", "max_model_len": 4096, "lagkv": {"sink": 32, "lag": 128}}
-        self.reply(200, json.dumps({"object": "list", "data": [card]}).encode())
+        self.reply(200, json.dumps({"object": "list", "data": [self.card]}).encode())
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -127,16 +127,19 @@ class BrokenServer(BaseHTTPRequestHandler):
         self.reply(200, "".join(f"{line}\n\n" for line in lines).encode(), "text/event-stream")
 
 
-def test_malformed_streams_fail_the_run(tmp_path):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), BrokenServer)
+def run_against(handler, csv_prefix: Path) -> subprocess.CompletedProcess:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         host = f"http://127.0.0.1:{server.server_address[1]}"
-        result = run_locust(host, tmp_path / "broken", "--users", "2", "--run-time", "4s",
-                            timeout=90)  # fmt: skip
+        return run_locust(host, csv_prefix, "--users", "2", "--run-time", "4s", timeout=90)
     finally:
         server.shutdown()
+
+
+def test_malformed_streams_fail_the_run(tmp_path):
+    result = run_against(BrokenServer, tmp_path / "broken")
     assert result.returncode == 1, result.stderr[-2000:]
     with open(tmp_path / "broken_failures.csv") as f:
         messages = " ".join(row["Error"] for row in csv.DictReader(f))
@@ -187,3 +190,11 @@ def test_ci_profile_against_the_live_server(live_server, tmp_path):
         "vllm:kv_cache_usage_perc": 0,
         "lagkv_resident_kv_tokens": 0,
     }
+
+
+def test_a_server_too_small_for_long_prompts_fails_the_run(tmp_path):
+    class Small(BrokenServer):
+        card = {"id": "m", "max_model_len": 400, "lagkv": {"sink": 32, "lag": 128}}
+
+    result = run_against(Small, tmp_path / "small")
+    assert result.returncode == 1 and "leaves no room" in result.stderr, result.stderr[-2000:]
