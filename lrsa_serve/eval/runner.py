@@ -275,7 +275,10 @@ class HTTPTarget:
 
 # ---- in-process engine --------------------------------------------------------------------------
 class EngineTarget:
-    """A vLLM engine in this process with ``settings`` (None: stock vLLM, no compression)."""
+    """A vLLM engine in this process with ``settings`` (None: stock vLLM, no compression).
+
+    Built in ``prepare`` and shut down in ``close``, unless an existing ``llm`` is handed in
+    (built with ``settings``): then it is used as is and left running."""
 
     def __init__(
         self,
@@ -285,6 +288,7 @@ class EngineTarget:
         name: str | None = None,
         api: str = "completions",
         batch: int = 16,
+        llm: Any = None,
         **engine_kwargs: Any,
     ) -> None:
         self.model, self.settings, self.api = model, settings, api
@@ -297,9 +301,10 @@ class EngineTarget:
             lagkv,
             max_model_len=engine_kwargs.get("max_model_len"),
         )
-        self.llm: Any = None
+        self.llm: Any = llm
+        self.owns_engine = llm is None
         self.start_error: str | None = None
-        self.prepared = False
+        self.prepared = llm is not None
 
     def prepare(self) -> None:
         """Start the engine. Settings that cannot work raise (a one-line CLI error); an engine
@@ -353,7 +358,7 @@ class EngineTarget:
         return answers
 
     def close(self) -> None:
-        if self.llm is not None:
+        if self.llm is not None and self.owns_engine:
             self.llm.llm_engine.engine_core.shutdown()
             self.llm = None
             gc.collect()
