@@ -249,6 +249,8 @@ def test_pipeline_serves_what_the_job_writes():
     served = env_of(server(docs))["LRSA_MODEL"]
     marker = f"{served}/.lrsa-train-complete"
     assert served.startswith("/models/checkpoints/")
+    # Clients see a stable model name, not the hashed folder's.
+    assert "--served-model-name=SmolLM2-135M-Instruct-lrsa" in server(docs)["args"]
     assert f'out="{served}"' in script and f'marker="{marker}"' in script
     assert f'marker="{marker}"' in init["args"][2]
     assert "torchrun --standalone --nnodes=1 --nproc-per-node=2" in script
