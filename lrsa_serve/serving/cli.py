@@ -91,7 +91,9 @@ def prepare(args: argparse.Namespace, argv: Sequence[str]):
             setattr(args, key, engine_kwargs[key])
     if args.kv_cache_gib is not None:
         if on_cpu():
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_cache_gib)
+            if args.kv_cache_gib != int(args.kv_cache_gib) or args.kv_cache_gib < 1:
+                raise ValueError("--kv-cache-gib must be a whole number of GiB (>= 1) on CPU")
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(args.kv_cache_gib))
         else:
             args.kv_cache_memory_bytes = int(args.kv_cache_gib * 2**30)
     elif on_cpu():
