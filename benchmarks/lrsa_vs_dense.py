@@ -64,6 +64,7 @@ def main() -> int:
     parser.add_argument("--max-len", type=int, default=8192)
     parser.add_argument("--tasks", default="passkey,multikey_needle,kv_lookup,variable_tracking")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grad-checkpointing", action="store_true", help="(off: 135M fits)")
     parser.add_argument("--deadline", type=float, default=1e9, help="seconds; skip the base eval")
     parser.add_argument("--smoke", action="store_true", help="tiny random model on CPU")
     args = parser.parse_args()
@@ -118,6 +119,7 @@ def main() -> int:
         shutil.rmtree(out / attention, ignore_errors=True)  # metrics of an earlier try
         job = JobConfig(lagkv=cfg)
         job.model.attention = attention
+        job.model.gradient_checkpointing = args.grad_checkpointing
         job.data.max_len = args.max_len
         job.data.batch_size = args.batch_size
         job.optim.lr = args.lr

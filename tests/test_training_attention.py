@@ -73,11 +73,12 @@ def test_flex_forward_matches_oracle_on_cpu(sink, lag, ratio, n):
 
 
 def test_compiled_flex_serves_several_lengths_on_cpu():
-    """One dynamic-shape compile of flex on CPU, equal to the oracle at three bucket lengths."""
+    """One dynamic-shape compile of flex on CPU (LRSA_FLEX_DYNAMIC=1), equal to the oracle at
+    three bucket lengths. The default static compile is the same call with fixed shapes."""
     cfg = LagKVConfig(sink=4, lag=16, ratio=0.25)
     for n in (70, 100, 131):
         q, k, v = qkv(n, torch.float32, heads=(4, 2), batch=1, seed=n)
-        out = la.lrsa_flex_attention(q, k, v, cfg, 0.25, block=16, compile=True)
+        out = la.lrsa_flex_attention(q, k, v, cfg, 0.25, block=16, compile=True, dynamic=True)
         torch.testing.assert_close(out.double(), oracle(q, k, v, cfg, 0.25), atol=1e-5, rtol=1e-5)
 
 
@@ -153,8 +154,8 @@ def test_flex_cuda_forward_backward_match_reference(sink, lag, ratio, n, heads, 
     g = torch.Generator(device="cuda").manual_seed(n)
     shapes = [(1, heads[0], n, dim), (1, heads[1], n, dim), (1, heads[1], n, dim)]
     base = [torch.randn(*s, generator=g, device="cuda") for s in shapes]
-    fast_in = [t.to(dtype).requires_grad_() for t in base]
-    ref_in = [t.clone().requires_grad_() for t in base]
+    fast_in = [t.to(dtype).detach().requires_grad_() for t in base]  # distinct leaves even
+    ref_in = [t.detach().clone().requires_grad_() for t in base]  # when dtype is float32
     out = la.lrsa_flex_attention(*fast_in, cfg, dim**-0.5)
     # the module's own (compiled) selection: float rounding differences between compiled and
     # eager scores could flip a near-tie at the top-K boundary and move one kept token

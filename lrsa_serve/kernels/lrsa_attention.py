@@ -10,9 +10,10 @@ a mask that depends only on (length, S, L, keep): ``lagkv.raw_key_visible`` on t
 
 Dispatch (explicit, never silent):
 
-- CUDA (or ``backend="flex"``): the FlexAttention path, compiled once with dynamic shapes. The
-  dynamo recompile limit is raised and hitting it is made an error, because past it dynamo runs
-  flex_attention eagerly, i.e. as dense math that materialises n x n scores (OOM at 32K).
+- CUDA (or ``backend="flex"``): the FlexAttention path, compiled once per length bucket (or once
+  with dynamic shapes, ``LRSA_FLEX_DYNAMIC=1``). The dynamo recompile limit is raised and hitting
+  it is made an error, because past it dynamo runs flex_attention eagerly, i.e. as dense math
+  that materialises n x n scores (OOM at 32K).
 - CPU (or ``backend="dense"``): ``reference_attention``'s exact dense masked path. FlexAttention
   has no CPU backward, so training on CPU uses it; the tests compare the two paths.
 - Queries fewer than keys (decoding with a cache) always take the reference path: the static
@@ -220,14 +221,22 @@ def _raise_recompile_limit() -> None:
         cfg.fail_on_recompile_limit_hit = True
 
 
-@lru_cache(maxsize=2)
-def compiled_flex(compile: bool = True) -> Callable:
+def flex_dynamic() -> bool:
+    """Whether flex is compiled once with dynamic shapes (``LRSA_FLEX_DYNAMIC=1``) instead of
+    once per bucket. Static is the default: measured on an H100 at 32K (notes/training.md) the
+    static kernel ran fwd+bwd in 21.0 ms where the dynamic-shape one took ~28 ms, and a static
+    compile took ~7 s per bucket; buckets are multiples of L, so a run compiles a handful."""
+    return os.environ.get("LRSA_FLEX_DYNAMIC", "0") == "1"
+
+
+@lru_cache(maxsize=4)
+def compiled_flex(compile: bool = True, dynamic: bool | None = None) -> Callable:
     from torch.nn.attention.flex_attention import flex_attention
 
     if not compile:  # eager flex: the math path, for small CPU tests only
         return flex_attention
     _raise_recompile_limit()
-    return torch.compile(flex_attention, dynamic=True)
+    return torch.compile(flex_attention, dynamic=flex_dynamic() if dynamic is None else dynamic)
 
 
 def lrsa_flex_attention(
@@ -239,11 +248,14 @@ def lrsa_flex_attention(
     *,
     block: int | None = None,
     compile: bool = True,
+    dynamic: bool | None = None,
 ) -> torch.Tensor:
     """LRSA attention of whole sequences through FlexAttention: ``[B, n, Hq, D]``.
 
     query ``[B, Hq, n, D]``, key/value ``[B, Hkv, n, D]`` (post-RoPE), Hq a multiple of Hkv.
-    ``block`` is the sparse block size (128 on CUDA; tests use small ones on CPU).
+    ``block`` is the sparse block size (128 on CUDA; tests use small ones on CPU); ``compile``
+    False runs flex eagerly (its math path: small CPU tests only); ``dynamic`` overrides
+    ``flex_dynamic()``.
     """
     rule = cfg if isinstance(cfg, Rule) else Rule.of(cfg)
     block = block or SPARSE_BLOCK
@@ -251,7 +263,7 @@ def lrsa_flex_attention(
     q, k, v = extend(query, key, value, rule, layout)
     mask = block_mask_for(rule, layout, str(query.device), block)
     options = kernel_options()
-    out = compiled_flex(compile)(
+    out = compiled_flex(compile, dynamic)(
         q,
         k,
         v,
