@@ -144,3 +144,27 @@ def test_collate_right_pads(tokenizer):
         [IGNORE_INDEX, 6, 7, IGNORE_INDEX],
         [8] + [IGNORE_INDEX] * 3,
     ]
+
+
+def test_config_file_and_flags(tmp_path):
+    """YAML config < flags; LagKV flags override the file; unknown keys are one-line errors."""
+    import argparse
+    from pathlib import Path
+
+    from lrsa_serve.cli import UserError
+    from lrsa_serve.training.cli import add_arguments, build_job
+    from lrsa_serve.training.tiny import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "m")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    example = Path(__file__).parents[1] / "examples" / "train-smollm2-synthetic.yaml"
+    args = parser.parse_args([str(model), "--config", str(example), "--steps", "7", "--lag", "128"])
+    job = build_job(args)
+    assert job.train.steps == 7 and job.train.grad_accum == 4 and job.data.batch_size == 2
+    assert (job.lagkv.sink, job.lagkv.lag, job.lagkv.ratio) == (32, 128, 0.25)
+    assert job.model.path == str(model)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(UserError, match="unknown keys in train"):
+        build_job(parser.parse_args([str(model), "--config", str(bad)]))

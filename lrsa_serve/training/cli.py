@@ -130,10 +130,15 @@ def build_job(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     job = build_job(args)
+    from lrsa_serve.config import LagKVConfigError
     from lrsa_serve.training.loop import Trainer
 
     trainer = Trainer(job)
     if trainer.runtime.is_main:
+        try:  # the engine frees whole KV blocks: 16 tokens on GPU vLLM, 32 on CPU
+            job.lagkv.check_block_size(16)
+        except LagKVConfigError as e:
+            print(f"[lrsa train] warning: vLLM will not serve these settings: {e}", flush=True)
         print(
             f"[lrsa train] {job.model.path} attention={job.model.attention} "
             f"{job.lagkv.short()} examples={len(trainer.train_examples)} "

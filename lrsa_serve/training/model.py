@@ -47,9 +47,11 @@ def check_supported(model: PreTrainedModel) -> None:
             f"model type {config.model_type!r} is not supported for LRSA training "
             f"(supported: {', '.join(SUPPORTED_TYPES)})"
         )
-    if getattr(config, "use_sliding_window", False) or getattr(config, "sliding_window", None):
-        if getattr(config, "use_sliding_window", True):
-            raise UserError("sliding-window attention models are not supported by LRSA training")
+    # Qwen2 carries a sliding_window it does not use (use_sliding_window=False); Mistral v0.1
+    # uses its sliding_window whenever it is set.
+    windowed = getattr(config, "sliding_window", None) is not None
+    if getattr(config, "use_sliding_window", windowed):
+        raise UserError("sliding-window attention models are not supported by LRSA training")
 
 
 def set_attention(model: PreTrainedModel, attention: str, cfg: LagKVConfig) -> None:
