@@ -135,10 +135,13 @@ def run(args: argparse.Namespace) -> int:
 
     trainer = Trainer(job)
     if trainer.runtime.is_main:
-        try:  # the engine frees whole KV blocks: 16 tokens on GPU vLLM, 32 on CPU
-            job.lagkv.check_block_size(16)
-        except LagKVConfigError as e:
-            print(f"[lrsa train] warning: vLLM will not serve these settings: {e}", flush=True)
+        # The engine frees whole KV blocks (lrsa_serve.engine.api.default_block_size).
+        for engine, block in (("GPU", 16), ("CPU", 32)):
+            try:
+                job.lagkv.check_block_size(block)
+            except LagKVConfigError as e:
+                print(f"[lrsa train] warning: the {engine} engine cannot serve this: {e}")
+                break
         print(
             f"[lrsa train] {job.model.path} attention={job.model.attention} "
             f"{job.lagkv.short()} examples={len(trainer.train_examples)} "
