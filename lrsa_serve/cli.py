@@ -37,17 +37,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _missing(command: str, module: str | None):
+    def run(args: argparse.Namespace) -> int:
+        raise UserError(f"`lrsa {command}` needs the Python module {module!r}; install its extra")
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lrsa", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
-            if e.name != module_name:
-                raise
-            continue  # a subcommand whose module is not part of this build
-        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+            # An optional dependency (an extra) is missing: the other subcommands still work.
+            sub.set_defaults(_run=_missing(name, e.name))
+            continue
         module.add_arguments(sub)
         sub.set_defaults(_run=module.run)
     return parser

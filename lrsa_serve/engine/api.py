@@ -13,11 +13,10 @@ from typing import Any
 
 from lrsa_serve.config import LagKVConfig, LagKVConfigError
 from lrsa_serve.engine.plugin import CUDA_BACKEND_NAME, register
-from lrsa_serve.engine.settings import additional_config_for
+from lrsa_serve.engine.settings import SCHEDULER, additional_config_for
 
 logger = logging.getLogger("lrsa_serve.engine")
 
-SCHEDULER = "lrsa_serve.engine.scheduler.make_scheduler"
 # Options that would replay, share or move KV blocks behind the compaction's back.
 _REFUSED = {
     "enable_prefix_caching": "prefix caching",

@@ -17,11 +17,13 @@ from vllm.config import get_current_vllm_config_or_none
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 
+from lrsa_serve.config import LagKVConfigError
 from lrsa_serve.engine import settings as engine_settings
 from lrsa_serve.engine import stats
 from lrsa_serve.engine.compaction import CompactionPlan
 from lrsa_serve.engine.kv_spec import LagKVAttentionSpec
 from lrsa_serve.engine.layout import BlockGeometry
+from lrsa_serve.engine.settings import SCHEDULER
 
 
 class MisalignedChunkError(RuntimeError):
@@ -49,10 +51,17 @@ class LagKVBuilderMixin:
 
     geometry: BlockGeometry | None = None
 
-    def init_lagkv(self, kv_cache_spec: AttentionSpec) -> None:
+    def init_lagkv(self, kv_cache_spec: AttentionSpec, vllm_config) -> None:
         self.geometry = (
             kv_cache_spec.geometry if isinstance(kv_cache_spec, LagKVAttentionSpec) else None
         )
+        scheduler = vllm_config.scheduler_config.scheduler_cls
+        if self.geometry is not None and scheduler != SCHEDULER:
+            # Without aligned chunks a long prompt would fail mid-request; refuse at start-up.
+            raise LagKVConfigError(
+                "this model has LagKV settings, which need lrsa-serve's scheduler: start it with "
+                f"`lrsa serve` / make_llm, or pass --scheduler-cls {SCHEDULER}"
+            )
 
     def compacted_view(
         self, cm: CommonAttentionMetadata

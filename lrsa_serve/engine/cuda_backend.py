@@ -38,7 +38,7 @@ class LagKVTritonBuilder(LagKVBuilderMixin, TritonAttentionMetadataBuilder):
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.init_lagkv(kv_cache_spec)
+        self.init_lagkv(kv_cache_spec, vllm_config)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         view, plan = self.compacted_view(common_attn_metadata)

@@ -14,6 +14,9 @@ from lrsa_serve.config import CONFIG_KEY, LagKVConfig, LagKVConfigError
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
+# The scheduler LagKV needs (chunks end on partition boundaries), as vLLM's scheduler_cls.
+SCHEDULER = "lrsa_serve.engine.scheduler.make_scheduler"
+
 # Set when this process builds a model's attention layers (under vLLM's current config); read by
 # the backend's `customize_spec` classmethod, which vLLM calls later without a config at hand.
 _process_settings: LagKVConfig | None = None
