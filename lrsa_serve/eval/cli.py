@@ -90,11 +90,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="any other vllm.LLM argument (VALUE parsed as JSON if it can be)",
     )
 
+    from lrsa_serve.eval.tasks import DEFAULT_TASKS
+
     tasks = parser.add_argument_group("tasks")
     tasks.add_argument(
         "--tasks",
         nargs="+",
-        help="task names or groups all / ruler / qa (default: every RULER-style and training task)",
+        help="task names, or the groups all, ruler, qa (= the training generator's tasks); "
+        f"default: {' '.join(DEFAULT_TASKS)}",
     )
     tasks.add_argument(
         "--lengths",

@@ -1,0 +1,264 @@
+"""``lrsa pipeline``: config checks, the server it starts is always stopped (failure, timeout,
+Ctrl-C, SIGTERM), and the CPU example runs end to end with a report holding both models' scores."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lrsa_serve.cli import main as lrsa
+from lrsa_serve.pipeline import ManagedServer, PipelineError, cli_flags, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CPU_EXAMPLE = REPO / "examples" / "pipeline-cpu.yaml"
+
+# A stand-in for `lrsa serve`: records its pid and its child's, then serves /ready (mode "ok"),
+# exits at once (mode "exit") or never becomes ready (mode "hang").
+FAKE_SERVER = textwrap.dedent("""
+    import http.server, json, os, subprocess, sys, time
+    port, pids, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    open(pids, "w").write(json.dumps([os.getpid(), child.pid]))
+    if mode == "exit":
+        print("fatal: no such model folder", flush=True)
+        sys.exit(3)
+    if mode == "hang":
+        time.sleep(600)
+    class Ready(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/ready" else 404)
+            self.end_headers()
+        def log_message(self, *args):
+            pass
+    http.server.HTTPServer(("127.0.0.1", port), Ready).serve_forever()
+""")
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_dead(pids: list[int], seconds: float = 10) -> bool:
+    deadline = time.time() + seconds
+    while any(alive(pid) for pid in pids):
+        if time.time() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def fake_server(tmp_path: Path, mode: str, ready_timeout: float = 60) -> ManagedServer:
+    script = tmp_path / "fake_serve.py"
+    script.write_text(FAKE_SERVER)
+    server = ManagedServer("unused", [], tmp_path / "serve.log", ready_timeout=ready_timeout)
+    server.command = [sys.executable, str(script), str(server.port), str(tmp_path / "pids"), mode]
+    return server
+
+
+def pids_of(tmp_path: Path) -> list[int]:
+    deadline = time.time() + 30
+    while not (tmp_path / "pids").is_file() or not (tmp_path / "pids").read_text():
+        assert time.time() < deadline
+        time.sleep(0.05)
+    return json.loads((tmp_path / "pids").read_text())
+
+
+# ---- config -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("name: x\n", "out: Field required"),
+        ("out: o\ntrain: {argz: {}}\n", "train.argz: Extra inputs are not permitted"),
+        ("out: o\neval: {samples: 0}\n", "eval.samples: Input should be greater than or equal"),
+        ("out: o\neval: {api: rest}\n", "eval.api: Input should be 'completions' or 'chat'"),
+        ("out: [unclosed\n", "not valid YAML"),
+        ("- a list\n", "expected a mapping"),
+    ],
+)
+def test_bad_config_is_one_line(tmp_path, text, message):
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    with pytest.raises(Exception, match="p.yaml") as error:
+        load_config(path)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_examples_are_valid_configs():
+    for name in ("pipeline-cpu.yaml", "pipeline-gpu.yaml"):
+        config = load_config(REPO / "examples" / name)
+        assert config.train.variants and config.eval.lengths
+    gpu = load_config(REPO / "examples" / "pipeline-gpu.yaml")
+    assert set(gpu.train.variants) == {"dense", "lrsa"}
+    assert gpu.train.variants["dense"] == {"attention": "dense"} and gpu.lagkv.ratio == 0.25
+
+
+def test_cli_flags():
+    flags = cli_flags({"max_len": 1536, "resume": True, "no_thing": False, "seed": None,
+                       "synthetic_tasks": ["passkey", "kv_lookup"], "lr": 1e-4})  # fmt: skip
+    assert flags == ["--max-len", "1536", "--resume", "--synthetic-tasks", "passkey,kv_lookup",
+                     "--lr", "0.0001"]  # fmt: skip
+
+
+def test_missing_config_and_reserved_train_flags(tmp_path, capsys):
+    assert lrsa(["pipeline", str(tmp_path / "nope.yaml")]) == 2
+    assert "no such config file" in capsys.readouterr().err
+    config = tmp_path / "p.yaml"
+    config.write_text(f"out: {tmp_path / 'o'}\ntrain: {{args: {{ratio: 0.5}}}}\n")
+    assert lrsa(["pipeline", str(config)]) == 2
+    assert "'ratio' is set by the pipeline" in capsys.readouterr().err
+
+
+# ---- the server it starts is always stopped -----------------------------------------------------
+def test_server_stopped_when_the_stage_inside_fails(tmp_path):
+    server = fake_server(tmp_path, "ok")
+    with pytest.raises(RuntimeError, match="eval blew up"):
+        with server:
+            assert httpx.get(f"{server.url}/ready").status_code == 200
+            pids = pids_of(tmp_path)
+            raise RuntimeError("eval blew up")
+    assert wait_dead(pids), "server or its child still running"
+
+
+def test_server_that_exits_early_is_a_one_line_error(tmp_path):
+    with pytest.raises(PipelineError, match="exited with code 3.*fatal: no such model folder"):
+        with fake_server(tmp_path, "exit"):
+            pass
+    assert wait_dead(pids_of(tmp_path))  # its child too
+
+
+def test_server_never_ready_times_out_and_is_stopped(tmp_path):
+    with pytest.raises(PipelineError, match="not ready after 2s"):
+        with fake_server(tmp_path, "hang", ready_timeout=2):
+            pass
+    assert wait_dead(pids_of(tmp_path))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_stop_the_server(tmp_path, sig):
+    """A process holding a server the way `lrsa pipeline` does, signalled while serving."""
+    holder = tmp_path / "holder.py"
+    holder.write_text(
+        textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_pipeline import fake_server
+        from lrsa_serve.pipeline import stop_on_signals
+        from pathlib import Path
+        with stop_on_signals(), fake_server(Path({str(tmp_path)!r}), "ok"):
+            print("serving", flush=True)
+            time.sleep(600)
+    """)
+    )
+    process = subprocess.Popen([sys.executable, str(holder)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert process.stdout.readline().strip() == "serving"
+        pids = pids_of(tmp_path)
+        assert all(alive(pid) for pid in pids)
+        process.send_signal(sig)
+        process.wait(60)
+        assert "KeyboardInterrupt" in process.stderr.read()  # unwound through the finally blocks
+        assert wait_dead(pids), "the server outlived its pipeline"
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_base_server_with_other_settings_is_refused(tmp_path, capsys):
+    from test_eval_http import FakeEndpoint  # serves a card with S32 L128 r0.25
+
+    trained = tmp_path / "o" / "train" / "lrsa"
+    trained.mkdir(parents=True)
+    (trained / "config.json").write_text("{}")
+    (trained / "model.safetensors").write_bytes(b"")
+    config = tmp_path / "p.yaml"
+    config.write_text(f"out: {tmp_path / 'o'}\nlagkv: {{sink: 32, lag: 128, ratio: 0.5}}\n")
+    with FakeEndpoint(lambda prompt: "x") as server:
+        code = lrsa(["pipeline", str(config), "--skip-train", "--base-url", server.url])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        "runs LagKV S32 L128 r0.25, the pipeline evaluates under sink=32 lag=128 ratio=0.5" in err
+    )
+
+
+# ---- the CPU example, end to end ---------------------------------------------------------------
+@pytest.mark.engine
+def test_cpu_example_pipeline(live_server, tmp_path, capsys):
+    """examples/pipeline-cpu.yaml as shipped: trains, exports, serves the trained checkpoint,
+    evaluates it, and reports it beside the base model. The base model is evaluated on the
+    session's server (same model, LagKV settings and dtype as the example's) instead of a second
+    start-up, the one override."""
+    out = tmp_path / "pipe"
+    code = lrsa(["pipeline", str(CPU_EXAMPLE), "--out", str(out), "--base-url", live_server.url,
+                 "--base-api-key", live_server.api_key, "--no-progress"])  # fmt: skip
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    names = [t["name"] for t in report["eval"]["targets"]]
+    assert names == ["base", "lrsa"]
+    assert all(t["setting"] == "S32 L128 r0.25" for t in report["eval"]["targets"])
+    assert report["eval"]["failures"] == {}
+    items = report["eval"]["items"]
+    assert len(items) == 4 and all(i["response"] is not None for i in items)
+    assert report["training"]["lrsa"]["step"] == 2 and report["training"]["lrsa"]["loss"] > 0
+    trained = Path(report["training"]["lrsa"]["checkpoint"])
+    assert json.loads((trained / "config.json").read_text())["lagkv"]["ratio"] == 0.25
+    markdown = (out / "report.md").read_text()
+    mean = next(line for line in markdown.splitlines() if line.startswith("| mean |"))
+    assert mean.count("%") == 2  # both models' scores, then the change in points
+    assert "| task | length | base | lrsa | lrsa vs base (points) |" in markdown
+    for png in ("accuracy_by_task.png", "depth_heatmap.png", "accuracy_vs_ratio.png"):
+        data = (out / "eval" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+        assert f"eval/{png}" in markdown
+    # the server it started is gone
+    trained_url = next(t["url"] for t in report["eval"]["targets"] if t["name"] == "lrsa")
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(trained_url.removesuffix("/v1") + "/ready", timeout=5)
+    assert "ready on http://127.0.0.1" in stdout and "[pipeline] done" in stdout
+
+
+def test_report_compares_every_model_with_the_base(tokenizer, tmp_path):
+    from lrsa_serve.config import LagKVConfig
+    from lrsa_serve.eval.runner import Answer, EvalRun, TargetInfo, grade
+    from lrsa_serve.eval.tasks import build_items, resolve_tasks
+    from lrsa_serve.pipeline import PipelineConfig, report_markdown
+
+    items = build_items(tokenizer, resolve_tasks(["passkey", "niah_multivalue"]), [300, 600],
+                        [0.5], 1)  # fmt: skip
+    lagkv = {"sink": 32, "lag": 128, "ratio": 0.25, "score_v_ratio": 1.0}
+    targets = [TargetInfo("base", "http", "base-model", lagkv),
+               TargetInfo("lrsa", "http", "lrsa", lagkv),
+               TargetInfo("base uncompressed", "http", "base-model", None)]  # fmt: skip
+    results = []
+    for item in items:
+        right = " ".join(item.expected)
+        results.append(
+            grade("base", item, Answer(right if item.task == "passkey" else "", None, 1))
+        )
+        results.append(grade("lrsa", item, Answer(right, None, 1)))
+        results.append(grade("base uncompressed", item, Answer(None, "HTTP 503: busy", 1)))
+    run = EvalRun({"tasks": ["passkey", "niah_multivalue"]}, targets, items, results)
+    training = {"lrsa": {"checkpoint": str(tmp_path / "train" / "lrsa"), "step": 2, "loss": 0.5,
+                         "eval_exact_match": 0.25}}  # fmt: skip
+    config = PipelineConfig(out=str(tmp_path), name="unit")
+    text = report_markdown(config, LagKVConfig(**lagkv), run, training, {}, tmp_path)
+    assert "| task | length | base | lrsa | base uncompressed | lrsa vs base (points) |" in text
+    assert "| niah_multivalue | 600 | 0% | 100% | 0% (1 failed) | +100 |" in text
+    assert "| passkey | all | 100% | 100% | 0% (2 failed) | +0 |" in text
+    assert "| mean | all | 50% | 100% | 0% (4 failed) | +50 |" in text
+    assert "| lrsa | 2 | 0.5000 | 25% | train/lrsa |" in text
+    assert "base uncompressed: 4 of 4 requests failed" in text
