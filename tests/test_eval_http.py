@@ -136,6 +136,30 @@ def test_canned_server_scores_exact_and_partial(tmp_path, default_model, answers
         assert png_ok(tmp_path / f"{name}.png"), name
 
 
+def test_a_sweep_over_servers(tmp_path, default_model, answers, capsys):
+    """One --base-url per setting: columns labelled by each server's card (or NAME=)."""
+    dense_card = {"id": "fake-model", "max_model_len": 4096, "lagkv": None}
+    dense = FakeEndpoint(lambda prompt: " ".join(answers[prompt]),
+                         models=(200, {"object": "list", "data": [dense_card]}))  # fmt: skip
+    compressed = FakeEndpoint(lambda prompt: answers[prompt][0])  # first value only
+    with dense, compressed:
+        code = lrsa(["eval", "--base-url", dense.url, "--base-url", f"r.25={compressed.url}",
+                     "--tokenizer", default_model, *GRID, "--out", str(tmp_path),
+                     "--no-progress"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [(t["name"], t["kept_ratio"]) for t in data["targets"]] == [
+        ("dense", 1.0),
+        ("r.25", 0.25),
+    ]
+    header = next(line for line in out.splitlines() if line.startswith("task"))
+    assert header.split() == ["task", "length", "dense", "r.25"]
+    mean = {c["target"]: c["score"] for c in data["summary"] if c["task"] == "mean"}
+    assert mean == {"dense": 1.0, "r.25": 0.625}  # passkey 1, multi-value 1 of 4
+    assert png_ok(tmp_path / "accuracy_vs_ratio.png")
+
+
 def test_broken_server_gives_a_report_of_failures(tmp_path, default_model, capsys):
     calls = {"multi_value": 0}
 
