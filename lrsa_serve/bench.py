@@ -52,9 +52,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lag", type=int, help="LagKV partition size L")
     parser.add_argument("--ratio", type=float, help="LagKV kept fraction r")
     parser.add_argument("--dtype", help="engine dtype (the benchmarks' default: bfloat16)")
-    parser.add_argument("--memory-args", default="", help="more engine_memory.py flags, quoted")
     parser.add_argument(
-        "--throughput-args", default="", help="more engine_throughput.py flags, quoted"
+        "--memory-args",
+        default="",
+        help="more engine_memory.py flags, in one quoted string (--memory-args='...')",
+    )
+    parser.add_argument(
+        "--throughput-args",
+        default="",
+        help="more engine_throughput.py flags, in one quoted string",
     )
     parser.add_argument(
         "--from-json",
