@@ -30,7 +30,9 @@ def setting_label(lagkv: dict | None, known: bool = True) -> str:
         return "unknown"
     if lagkv is None:
         return "dense"
-    return f"S{lagkv['sink']} L{lagkv['lag']} r{lagkv['ratio']:g}"
+    ratio = lagkv.get("ratio")
+    ratio = f"{ratio:g}" if isinstance(ratio, int | float) else ratio
+    return f"S{lagkv.get('sink')} L{lagkv.get('lag')} r{ratio}"
 
 
 @dataclass
@@ -55,7 +57,10 @@ class TargetInfo:
         """Kept fraction per partition: 1.0 uncompressed, None when unknown."""
         if not self.lagkv_known:
             return None
-        return 1.0 if self.lagkv is None else float(self.lagkv["ratio"])
+        if self.lagkv is None:
+            return 1.0
+        ratio = self.lagkv.get("ratio")  # a card from another server may say anything
+        return float(ratio) if isinstance(ratio, int | float) else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"setting": self.setting, "kept_ratio": self.kept_ratio}
