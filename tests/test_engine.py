@@ -86,11 +86,37 @@ def test_blocks_held_follow_the_formula_and_return_to_the_pool(engines, prompts)
     assert manager.resident_total == 0 and not manager.processed_tokens
 
 
+def test_admission_reserves_the_compressed_footprint(engines, prompts):
+    """48 blocks of 32 tokens: vanilla vLLM could not even admit the 1.9K or 2.9K prompt (its
+    whole input is reserved up front); LagKV reserves each sequence's peak compressed footprint,
+    so it serves all three and runs two at once."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    settings = SETTINGS["S32-L128-r0.25"].model_dump()
+    llm = engines.get(lagkv=settings, num_gpu_blocks_override=48, max_model_len=4096)
+    scheduler, engine = scheduler_of(llm), llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"a{i}", TokensPrompt(prompt_token_ids=prompt), params)
+    most_running, finished = 0, 0
+    while engine.has_unfinished_requests():
+        finished += sum(out.finished for out in engine.step())
+        most_running = max(most_running, len(scheduler.running))
+    assert finished == 3 and most_running >= 2
+
+
 def test_preemption_replays_the_same_outputs(engines, prompts):
     settings = SETTINGS["S32-L128-r0.25"].model_dump()
     roomy = engine_generate(engines.get(lagkv=settings), prompts, 64)
-    # 48 blocks of 32 tokens cannot hold three ~1-3K sequences even compressed: vLLM preempts.
-    llm = engines.get(lagkv=settings, num_gpu_blocks_override=48)
+    # Without vLLM's up-front reservation, three ~1-3K sequences over-fill 48 blocks even
+    # compressed: vLLM preempts (recompute) and replays them.
+    llm = engines.get(
+        lagkv=settings,
+        num_gpu_blocks_override=48,
+        max_model_len=4096,
+        scheduler_reserve_full_isl=False,
+    )
     scheduler = scheduler_of(llm)
     preemptions = []
     original = scheduler._preempt_request

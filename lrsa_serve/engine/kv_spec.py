@@ -77,6 +77,23 @@ class LagKVManager(FullAttentionManager):
         stats.record_settings(**self.settings.model_dump(), keep=self.settings.keep)
         stats.record_occupancy(0, 0)
 
+    def get_num_blocks_to_allocate(
+        self,
+        request_id: str,
+        num_tokens: int,
+        *args,
+        apply_admission_cap: bool = False,
+        **kwargs,
+    ) -> int:
+        if apply_admission_cap:
+            # Admission reserves a new request's whole input up front; a LagKV sequence of
+            # num_tokens never holds more than its peak compressed footprint, so reserve that.
+            peak = self.geometry.peak_blocks(num_tokens) * self.block_size
+            num_tokens = min(num_tokens, peak)
+        return super().get_num_blocks_to_allocate(
+            request_id, num_tokens, *args, apply_admission_cap=apply_admission_cap, **kwargs
+        )
+
     def remove_skipped_blocks(
         self,
         request_id: str,
