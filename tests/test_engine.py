@@ -117,15 +117,21 @@ def test_preemption_replays_the_same_outputs(engines, prompts):
         max_model_len=4096,
         scheduler_reserve_full_isl=False,
     )
-    scheduler = scheduler_of(llm)
-    preemptions = []
-    original = scheduler._preempt_request
-    scheduler._preempt_request = lambda request, *a, **k: (
-        preemptions.append(request.request_id),
-        original(request, *a, **k),
-    )[1]
-    assert engine_generate(llm, prompts, 64) == roomy
-    assert preemptions, "the pool was meant to force preemption"
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    scheduler, engine = scheduler_of(llm), llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), TokensPrompt(prompt_token_ids=prompt), params)
+    outputs, seen = {}, {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outputs[int(out.request_id)] = list(out.outputs[0].token_ids)
+        seen.update(scheduler.requests)
+    assert [outputs[i] for i in range(len(prompts))] == roomy
+    assert sum(r.num_preemptions for r in seen.values()) > 0, "the pool was meant to preempt"
 
 
 def test_passkey_at_6k_matches_the_reference(engines, tokenizer, hf_model):
