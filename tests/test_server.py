@@ -131,6 +131,10 @@ BAD_REQUESTS = [
     ("temperature < 0", "/v1/chat/completions",
      {"model": MODEL, "messages": CHAT, "temperature": -1}, None, 400),
     ("top_p > 1", "/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 2}, None, 400),
+    ("unknown URL", "/v1/nothing", {}, None, 404),
+    ("wrong method", "/v1/models", {}, None, 405),
+    # vLLM registers it for every model; this one has no handler, so it must not 501.
+    ("API the model lacks", "/v1/systemone", {"state": {}, "questions": {}}, None, 404),
 ]  # fmt: skip
 
 
@@ -141,6 +145,12 @@ def test_bad_input_gets_openai_error(server, name, path, body, raw, status):
     response = post(server, path, body, raw=raw)
     assert response.status_code == status, response.text
     assert is_openai_error(response), response.text
+
+
+def test_schema_lists_only_served_routes(server):
+    paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    assert "/v1/chat/completions" in paths and "/ready" in paths
+    assert "/v1/systemone" not in paths
 
 
 def test_prompt_longer_than_context_names_the_lengths(server):

@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
 
@@ -22,6 +23,23 @@ def _drop_route(app: FastAPI, path: str, method: str = "GET") -> None:
         return not (getattr(route, "path", None) == path and method in methods)
 
     app.router.routes[:] = [r for r in app.router.routes if keep(r)]
+
+
+# Routes that vLLM registers for every model but serves only when the model has a handler for
+# them (app.state attribute None otherwise): without one they answer 501 to every call.
+OPTIONAL_ROUTES = {"/v1/systemone": ("POST", "serving_structured_decisions")}
+
+
+def drop_unserved_routes(app: FastAPI) -> list[str]:
+    """After vLLM's app state exists, drop the optional routes this model cannot serve, so
+    they 404 like any unknown path and leave the OpenAPI schema. Returns the dropped paths."""
+    dropped = []
+    for path, (method, handler) in OPTIONAL_ROUTES.items():
+        if getattr(app.state, handler, None) is None:
+            _drop_route(app, path, method)
+            dropped.append(path)
+    app.openapi_schema = None  # regenerated from the remaining routes
+    return dropped
 
 
 def install_lagkv(
@@ -61,9 +79,21 @@ def install_lagkv(
 
         return JSONResponse({"version": __version__, "vllm": vllm_version, "lagkv": lagkv_info})
 
+    # Router-level errors (unknown URL, wrong method) come as Starlette's exception, which vLLM's
+    # handler (registered for FastAPI's subclass) misses: answer them as OpenAI does.
+    app.add_exception_handler(StarletteHTTPException, _openai_http_error)
     if api_key:
         # vLLM's app bootstrap has already built the middleware stack, so add ours as the
-        # outermost layer and rebuild it (Starlette refuses add_middleware at this point).
+        # outermost layer (Starlette refuses add_middleware at this point).
         app.user_middleware.insert(0, Middleware(BearerAuth, api_key=api_key))
-        app.middleware_stack = app.build_middleware_stack()
+    app.middleware_stack = app.build_middleware_stack()  # takes in the handler and middleware
     return app
+
+
+async def _openai_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    message = exc.detail
+    if exc.status_code in (404, 405):
+        message = f"Invalid URL ({request.method} {request.url.path}): {exc.detail}"
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    body = {"error": {"message": message, "type": kind, "param": None, "code": exc.status_code}}
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)

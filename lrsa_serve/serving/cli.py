@@ -114,7 +114,7 @@ async def serve(args: argparse.Namespace, settings, api_key: str | None) -> None
     from vllm.entrypoints.launchers.app import build_app
     from vllm.entrypoints.launchers.launcher import serve_http, setup_server
 
-    from lrsa_serve.serving.app import install_lagkv
+    from lrsa_serve.serving.app import drop_unserved_routes, install_lagkv
 
     listen_address, sock = setup_server(args, reuse_port=False)
     async with build_async_engine_client(args) as engine_client:
@@ -122,6 +122,7 @@ async def serve(args: argparse.Namespace, settings, api_key: str | None) -> None
         app = build_app(args, tasks, engine_client.model_config)
         install_lagkv(app, engine_client, settings, api_key)
         await init_app_state(engine_client, app.state, args, tasks)
+        drop_unserved_routes(app)
         lagkv = f"LagKV {settings.short()}" if settings else "LagKV off (stock vLLM)"
         print(f"lrsa serve: {args.model} | {lagkv} | auth {'on' if api_key else 'off'}",
               file=sys.stderr)  # fmt: skip
