@@ -1,4 +1,9 @@
-"""The LRSA fast path (gather + static mask, FlexAttention) against the dense masked reference.
+"""The LRSA fast paths (varlen items; gather + static mask FlexAttention) against the dense
+masked reference.
+
+The varlen path runs its items in plain torch on CPU (``kernel="math"``): forward and gradients
+are checked against the float64 oracle; on CUDA it runs FlashAttention-2 varlen (bf16) or the
+memory-efficient kernel (float32).
 
 On CPU FlexAttention runs forward only (eager = its math path; compiled = inductor C++), so the
 gradients of the static formulation are checked through ``lrsa_static_dense_attention``, which
@@ -14,6 +19,7 @@ import torch
 from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.kernels import lrsa_attention as la
+from lrsa_serve.kernels import lrsa_varlen as lv
 
 # (sink, lag, ratio, length): lengths off partition boundaries, sinks off block boundaries,
 # a sequence shorter than S + 2L (no compression) and one shorter than the sink.
@@ -64,6 +70,64 @@ def test_static_formulation_matches_oracle_forward_and_gradients(sink, lag, rati
         torch.testing.assert_close(got.double(), want, atol=tol * 10, rtol=tol * 10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sink,lag,ratio,n", [*SHAPES, (4, 16, 0.25, 36), (4, 16, 0.25, 68)])
+def test_varlen_matches_oracle_forward_and_gradients(sink, lag, ratio, n, dtype):
+    """The varlen items (plain-torch kernel on CPU) give the rule's outputs and gradients; the
+    extra shapes end exactly at S + 2L and on a partition boundary."""
+    cfg = LagKVConfig(sink=sink, lag=lag, ratio=ratio)
+    q, k, v = qkv(n, dtype, heads=(6, 2), seed=n + 7, grad=True)
+    out = la.lrsa_varlen(q, k, v, cfg, 0.3, kernel="math")
+    assert out.shape == (2, n, 6, 8) and out.dtype == dtype
+    q2, k2, v2 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = oracle(q2, k2, v2, cfg, 0.3)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    weights = torch.randn_like(ref)
+    (out.double() * weights).sum().backward()
+    (ref * weights).sum().backward()
+    for got, want in ((q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
+        torch.testing.assert_close(got.double(), want, atol=tol * 10, rtol=tol * 10)
+
+
+def test_varlen_attends_in_the_autocast_dtype():
+    """Under autocast the float32 q/k/v a fp32-weight model makes (RoPE) are attended in the
+    autocast dtype, as SDPA does (on CUDA: the bf16 flash kernel, not the float32 one)."""
+    cfg = LagKVConfig(sink=4, lag=16, ratio=0.25)
+    q, k, v = qkv(100, torch.float32, heads=(4, 2), seed=3, grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = la.lrsa_varlen(q, k, v, cfg, 0.3, kernel="math")
+    assert out.dtype == torch.bfloat16
+    ref = oracle(q, k, v, cfg, 0.3)
+    assert float((out.double() - ref).norm() / ref.norm()) < 2e-2
+    out.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("n", [1, 5, 36, 37, 67, 68, 69, 100, 203])
+def test_varlen_packing_computes_exactly_the_visible_pairs(n):
+    """Each item's keys are distinct, the item's queries are its last keys, and the pairs the
+    bottom-right causal items compute are the rule's visible pairs (per KV head, any selection)."""
+    cfg = LagKVConfig(sink=4, lag=16, ratio=0.25)
+    rule = la.Rule.of(cfg)
+    packing = lv.Packing.of(n, rule)
+    assert sum(packing.q_lens) == n and len(packing.template) == sum(packing.k_lens)
+    k = torch.randn(1, 1, n, 8, generator=torch.Generator().manual_seed(n))
+    kept = lagkv.select_all(k, k, cfg)
+    index = lv.key_index(kept, packing, torch.tensor(packing.template))[0, :, 0]
+    visible = torch.zeros(n, n, dtype=torch.bool)
+    q0 = k0 = 0
+    for lq, lk in zip(packing.q_lens, packing.k_lens, strict=True):
+        keys = index[k0 : k0 + lk]
+        assert len(set(keys.tolist())) == lk
+        assert keys[lk - lq :].tolist() == list(range(q0, q0 + lq))
+        for i in range(lq):
+            visible[q0 + i, keys[: lk - lq + i + 1]] = True
+        q0, k0 = q0 + lq, k0 + lk
+    assert torch.equal(visible, lagkv.visibility_mask(n, kept, cfg)[0, 0])
+    assert packing.visible_pairs() == int(visible.sum())
+
+
 @pytest.mark.parametrize("sink,lag,ratio,n", SHAPES)
 def test_flex_forward_matches_oracle_on_cpu(sink, lag, ratio, n):
     cfg = LagKVConfig(sink=sink, lag=lag, ratio=ratio)
@@ -110,17 +174,20 @@ def test_mask_mod_is_the_rule_on_raw_rows():
     assert torch.equal(got, lagkv.raw_key_visible(rows, cols, cfg))
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_hf_model_lrsa_flex_equals_reference(kind):
-    """The registered "lrsa" attention inside a real HF model (flex forward on CPU) gives the
-    reference attention's logits; lrsa_forward_logits restores the model's attention."""
+@pytest.mark.parametrize(
+    "kind,backend", [("llama", "flex"), ("qwen2", "flex"), ("qwen2", "varlen")]
+)
+def test_hf_model_lrsa_flex_equals_reference(kind, backend):
+    """The registered "lrsa" attention inside a real HF model (flex forward / varlen items on
+    CPU) gives the reference attention's logits; lrsa_forward_logits restores the model's
+    attention."""
     from lrsa_serve.reference_attention import use_lagkv_reference
     from lrsa_serve.training.tiny import random_model, tiny_config
 
     cfg = LagKVConfig(sink=4, lag=16, ratio=0.25)
     model = random_model(tiny_config(kind, vocab_size=300), seed=1).eval()
     ids = torch.randint(0, 300, (2, 117), generator=torch.Generator().manual_seed(0))
-    la.set_backend("flex", compile_flex=False)
+    la.set_backend(backend, compile_flex=False)
     try:
         fast = la.lrsa_forward_logits(model, ids, cfg)
     finally:
@@ -141,6 +208,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("backend", ["varlen", "flex"])
 @pytest.mark.parametrize(
     "sink,lag,ratio,n,heads,dim,dtype",
     [
@@ -149,14 +217,19 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
         (32, 256, 0.25, 3001, (9, 3), 64, torch.float32),  # tight tolerance
     ],
 )
-def test_flex_cuda_forward_backward_match_reference(sink, lag, ratio, n, heads, dim, dtype):
+def test_cuda_forward_backward_match_reference(sink, lag, ratio, n, heads, dim, dtype, backend):
+    """varlen (flash for bf16, memory-efficient kernel for float32) and flex, fwd+bwd."""
     cfg = LagKVConfig(sink=sink, lag=lag, ratio=ratio)
     g = torch.Generator(device="cuda").manual_seed(n)
     shapes = [(1, heads[0], n, dim), (1, heads[1], n, dim), (1, heads[1], n, dim)]
     base = [torch.randn(*s, generator=g, device="cuda") for s in shapes]
     fast_in = [t.to(dtype).detach().requires_grad_() for t in base]  # distinct leaves even
     ref_in = [t.detach().clone().requires_grad_() for t in base]  # when dtype is float32
-    out = la.lrsa_flex_attention(*fast_in, cfg, dim**-0.5)
+    if backend == "flex":
+        out = la.lrsa_flex_attention(*fast_in, cfg, dim**-0.5)
+    else:
+        out = la.lrsa_varlen(*fast_in, cfg, dim**-0.5)
+        assert torch.isfinite(out).all()
     # the module's own (compiled) selection: float rounding differences between compiled and
     # eager scores could flip a near-tie at the top-K boundary and move one kept token
     kept = la.select_kept(fast_in[1], fast_in[2], la.Rule.of(cfg))

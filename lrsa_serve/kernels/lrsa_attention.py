@@ -1,4 +1,5 @@
-"""LRSA training attention: gathered kept K/V + FlexAttention under a static, cached block mask.
+"""LRSA training attention: one varlen dense-attention call (CUDA default, ``lrsa_varlen``), or
+gathered kept K/V + FlexAttention under a static, cached block mask.
 
 Registered in transformers' ``AttentionInterface`` as ``"lrsa"`` (no model code copied); the
 settings come from ``model.config.lagkv`` as for ``"lagkv_reference"``. The rule is LAGKV.md's
@@ -10,12 +11,16 @@ a mask that depends only on (length, S, L, keep): ``lagkv.raw_key_visible`` on t
 
 Dispatch (explicit, never silent):
 
-- CUDA (or ``backend="flex"``): the FlexAttention path, compiled once per length bucket (or once
+- CUDA (or ``backend="varlen"``): ``lrsa_varlen``: the same rule as ONE variable-length dense
+  attention call (FlashAttention-2 varlen, bottom-right causal per partition item) over gathered
+  key lists, with the compiled selection below. Measured fastest on the H100 (notes/training.md).
+  On CPU ``backend="varlen"`` runs the items in plain torch (tests).
+- ``backend="flex"``: the FlexAttention path below, compiled once per length bucket (or once
   with dynamic shapes, ``LRSA_FLEX_DYNAMIC=1``). The dynamo recompile limit is raised and hitting
   it is made an error, because past it dynamo runs flex_attention eagerly, i.e. as dense math
   that materialises n x n scores (OOM at 32K).
 - CPU (or ``backend="dense"``): ``reference_attention``'s exact dense masked path. FlexAttention
-  has no CPU backward, so training on CPU uses it; the tests compare the two paths.
+  has no CPU backward, so training on CPU uses it; the tests compare the paths.
 - Queries fewer than keys (decoding with a cache) always take the reference path: the static
   layout is defined for a whole sequence at once.
 
@@ -45,6 +50,7 @@ from transformers import AttentionInterface, PreTrainedModel
 
 from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig
+from lrsa_serve.kernels.lrsa_varlen import lrsa_varlen_attention
 from lrsa_serve.reference_attention import lagkv_reference_attention, settings_of
 
 NAME = "lrsa"
@@ -52,7 +58,7 @@ NAME = "lrsa"
 SPARSE_BLOCK = 128
 # Distinct compiled graphs we allow: buckets are multiples of L, so even L=128 at 32K stays below.
 RECOMPILE_LIMIT = 256
-BACKENDS = ("auto", "flex", "dense")
+BACKENDS = ("auto", "varlen", "flex", "dense")
 
 
 @dataclass(frozen=True)
@@ -302,13 +308,31 @@ def lrsa_static_dense_attention(
     return unextend(torch.einsum("bhqk,bhkd->bhqd", probs, v), layout)
 
 
+# ---- the varlen formulation (default on CUDA) ----------------------------------------------------
+def lrsa_varlen(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cfg: LagKVConfig | Rule,
+    scaling: float | None = None,
+    *,
+    kernel: str | None = None,
+) -> torch.Tensor:
+    """LRSA attention of whole sequences as one varlen attention call (``lrsa_varlen``), with
+    this module's selection (compiled on CUDA): ``[B, n, Hq, D]``."""
+    rule = cfg if isinstance(cfg, Rule) else Rule.of(cfg)
+    kept = select_kept(key, value, rule)
+    return lrsa_varlen_attention(query, key, value, rule, scaling, kernel=kernel, kept=kept)
+
+
 # ---- the transformers attention function --------------------------------------------------------
 _backend = os.environ.get("LRSA_ATTENTION_BACKEND", "auto")
 _compile_flex = True
 
 
 def set_backend(backend: str, *, compile_flex: bool = True) -> None:
-    """``auto`` (flex on CUDA, dense masked on CPU), ``flex`` or ``dense``, for every model.
+    """``auto`` (varlen on CUDA, dense masked on CPU), ``varlen``, ``flex`` or ``dense``, for
+    every model.
     ``compile_flex=False`` runs flex eagerly (its math path): small CPU tests only."""
     global _backend, _compile_flex
     if backend not in BACKENDS:
@@ -319,7 +343,7 @@ def set_backend(backend: str, *, compile_flex: bool = True) -> None:
 def backend_for(query: torch.Tensor) -> str:
     if _backend != "auto":
         return _backend
-    return "flex" if query.is_cuda else "dense"
+    return "varlen" if query.is_cuda else "dense"
 
 
 def lrsa_attention(
@@ -334,8 +358,11 @@ def lrsa_attention(
 ) -> tuple[torch.Tensor, None]:
     if dropout and module.training:
         raise ValueError("LRSA attention does not implement attention dropout")
-    if backend_for(query) == "dense" or query.shape[2] != key.shape[2]:
+    backend = backend_for(query)
+    if backend == "dense" or query.shape[2] != key.shape[2]:
         return lagkv_reference_attention(module, query, key, value, None, scaling=scaling)
+    if backend == "varlen":
+        return lrsa_varlen(query, key, value, settings_of(module), scaling), None
     out = lrsa_flex_attention(
         query, key, value, settings_of(module), scaling, compile=_compile_flex
     )
@@ -389,6 +416,7 @@ __all__ = [
     "lrsa_flex_attention",
     "lrsa_forward_logits",
     "lrsa_static_dense_attention",
+    "lrsa_varlen",
     "set_backend",
     "use_lrsa",
 ]

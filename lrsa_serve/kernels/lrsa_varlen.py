@@ -1,0 +1,228 @@
+"""LRSA training attention as ONE variable-length (varlen) dense attention call.
+
+The rule (``../shared/LAGKV.md``) per query partition is plain attention over a short key list:
+a query at t in partition ``q = w(t)`` sees
+
+    [sink ; kept(0) ; ... ; kept(q-2) ; raw partition q-1 ; raw partition q up to t]
+
+and the queries of the first ``S + 2L`` positions see the plain causal prefix. So the sequence
+is cut into "items": item 0 = queries ``[0, min(n, S+2L))`` over the same keys, causal; item q
+(q >= 2) = the queries of partition q (the last one may be short) over the key list above. In
+every item the query block is the END of its key list, so the rule inside an item is exactly
+causal attention aligned bottom-right (query i of lq sees keys ``<= lk - lq + i``). That is
+FlashAttention-2's varlen causal mode: one kernel launch over all items, no mask, no LSE merge,
+and only the visible pairs are computed (up to tile rounding). The keys of each item are
+gathered from the layer's K/V (``kept`` from ``lagkv.select_all`` under no_grad); gradients
+reach the raw K/V through the gather.
+
+Kernels (``varlen_attention``):
+
+- ``flash``: ``aten._flash_attention_forward`` with ``cum_seq_q/k`` (CUDA, fp16/bf16, head dim
+  a multiple of 8 up to 256; GQA native). Autograd through the op's own backward.
+- ``efficient``: ``aten._efficient_attention_forward`` with ``cu_seqlens`` and the
+  bottom-right causal mask type (CUDA, also float32; K/V heads repeated for GQA).
+- ``math``: the same items written out in plain torch (any device/dtype): what the CPU tests
+  check the layout with, and a readable statement of the kernel's contract.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from lrsa_serve import lagkv
+
+KERNELS = ("auto", "flash", "efficient", "math")
+# aten's CustomMaskType for the memory-efficient kernel: causal aligned to the bottom right.
+_CAUSAL_FROM_BOTTOM_RIGHT = 2
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity: ``packing_for`` caches instances
+class Packing:
+    """The items of one sequence of ``length`` tokens (see the module docstring).
+
+    ``q_lens``/``k_lens``: per item; ``template``: for each key row of the packed key list (items
+    in order) its source: ``< length`` a raw position, ``>= length`` the kept slot
+    ``template - length`` of ``kept.flatten(-2)`` (partition-major).
+    """
+
+    length: int
+    q_lens: tuple[int, ...]
+    k_lens: tuple[int, ...]
+    template: tuple[int, ...]
+
+    @classmethod
+    def of(cls, length: int, rule) -> Packing:
+        return packing_for(length, rule.sink, rule.lag, rule.keep)
+
+    @property
+    def key_rows(self) -> int:
+        return len(self.template)
+
+    def visible_pairs(self) -> int:
+        """Query-key pairs the items compute (bottom-right causal): the rule's count exactly."""
+        return sum(
+            lq * (lk - lq) + lq * (lq + 1) // 2
+            for lq, lk in zip(self.q_lens, self.k_lens, strict=True)
+        )
+
+
+@lru_cache(maxsize=64)
+def packing_for(length: int, sink: int, lag: int, keep: int) -> Packing:
+    first = min(length, sink + 2 * lag)
+    q_lens, k_lens, template = [first], [first], list(range(first))
+    q = 2
+    while sink + q * lag < length:
+        start = sink + q * lag
+        stop = min(length, start + lag)
+        kept = range(length, length + (q - 1) * keep)  # kept slots of partitions 0..q-2
+        keys = [*range(sink), *kept, *range(start - lag, stop)]
+        q_lens.append(stop - start)
+        k_lens.append(len(keys))
+        template.extend(keys)
+        q += 1
+    return Packing(length, tuple(q_lens), tuple(k_lens), tuple(template))
+
+
+@lru_cache(maxsize=64)
+def _tensors(packing: Packing, batch: int, device: str):
+    """cu_seq_q/k (int32, all sequences of the batch) and the template on the device."""
+    q_lens = torch.tensor(packing.q_lens * batch, dtype=torch.int64)
+    k_lens = torch.tensor(packing.k_lens * batch, dtype=torch.int64)
+    zero = torch.zeros(1, dtype=torch.int64)
+    cu_q = torch.cat([zero, q_lens.cumsum(0)]).to(torch.int32).to(device)
+    cu_k = torch.cat([zero, k_lens.cumsum(0)]).to(torch.int32).to(device)
+    template = torch.tensor(packing.template, dtype=torch.int64, device=device)
+    return cu_q, cu_k, template
+
+
+def key_index(kept: torch.Tensor, packing: Packing, template: torch.Tensor) -> torch.Tensor:
+    """Raw positions of the packed key rows per KV head: ``[B, key_rows, Hkv]`` int64.
+
+    kept: ``[B, Hkv, P, keep]`` absolute positions (``lagkv.select_all``)."""
+    b, h = kept.shape[:2]
+    raw = torch.arange(packing.length, device=kept.device).expand(b, h, -1)
+    source = torch.cat([raw, kept.flatten(-2)], dim=-1)  # [B, Hkv, n + P*keep]
+    return source[..., template].transpose(1, 2)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    max_q: int,
+    max_k: int,
+    scale: float,
+    kernel: str,
+) -> torch.Tensor:
+    """Bottom-right causal attention of each item: q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, D]``,
+    items delimited by ``cu_q``/``cu_k`` (int32 prefix sums). Returns ``[Tq, Hq, D]``."""
+    if kernel == "flash":
+        out = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale
+        )[0]
+        return out
+    groups = q.shape[1] // k.shape[1]
+    if kernel == "efficient":
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        out = torch.ops.aten._efficient_attention_forward(
+            q[None],
+            k[None],
+            v[None],
+            None,
+            cu_q,
+            cu_k,
+            max_q,
+            max_k,
+            0.0,
+            _CAUSAL_FROM_BOTTOM_RIGHT,
+            torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
+            scale=scale,
+        )[0]
+        return out[0]
+    if kernel != "math":
+        raise ValueError(f"kernel must be one of {KERNELS[1:]}, not {kernel!r}")
+    outs = []
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for q0, q1, k0, k1 in zip(cq[:-1], cq[1:], ck[:-1], ck[1:], strict=True):
+        lq, lk = q1 - q0, k1 - k0
+        qi = q[q0:q1].transpose(0, 1)  # [Hq, lq, D]
+        ki = k[k0:k1].transpose(0, 1).repeat_interleave(groups, 0)
+        vi = v[k0:k1].transpose(0, 1).repeat_interleave(groups, 0)
+        rows = torch.arange(lq, device=q.device)[:, None]
+        cols = torch.arange(lk, device=q.device)[None, :]
+        scores = (qi @ ki.transpose(1, 2)) * scale
+        scores = scores.masked_fill(cols > lk - lq + rows, float("-inf"))
+        outs.append((scores.softmax(-1) @ vi).transpose(0, 1))
+    return torch.cat(outs, dim=0)
+
+
+def default_kernel(query: torch.Tensor) -> str:
+    """``LRSA_VARLEN_KERNEL`` if set; else flash where it applies, efficient for other CUDA
+    dtypes / head dims, math on CPU."""
+    forced = os.environ.get("LRSA_VARLEN_KERNEL", "auto")
+    if forced != "auto":
+        return forced
+    if not query.is_cuda:
+        return "math"
+    d = query.shape[-1]
+    if query.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256:
+        return "flash"
+    return "efficient"
+
+
+def lrsa_varlen_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    rule,
+    scaling: float | None = None,
+    *,
+    kernel: str | None = None,
+    kept: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """LRSA attention of whole sequences: ``[B, n, Hq, D]`` (HF's layout).
+
+    query ``[B, Hq, n, D]``, key/value ``[B, Hkv, n, D]`` (post-RoPE), Hq a multiple of Hkv.
+    ``rule`` has sink/lag/keep/score_v_ratio; ``kept`` (``[B, Hkv, P, keep]``) defaults to
+    ``lagkv.select_all`` of this key/value under no_grad.
+    """
+    if torch.is_autocast_enabled(query.device.type):
+        # as SDPA under autocast: attend in the autocast dtype (RoPE makes fp32 q/k in a model
+        # whose weights are fp32, which would otherwise take the float32 kernel)
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = (t.to(dtype) for t in (query, key, value))
+    b, hq, n, d = query.shape
+    hkv = key.shape[1]
+    scale = d**-0.5 if scaling is None else scaling
+    kernel = kernel or default_kernel(query)
+    if kept is None:
+        with torch.no_grad():
+            kept = lagkv.select_all(key, value, rule)
+    packing = Packing.of(n, rule)
+    cu_q, cu_k, template = _tensors(packing, b, str(query.device))
+    index = key_index(kept, packing, template)  # [B, Tk, Hkv]
+    index = index[..., None].expand(-1, -1, -1, d)
+    k = key.to(query.dtype).transpose(1, 2).gather(1, index).reshape(-1, hkv, d)
+    v = value.to(query.dtype).transpose(1, 2).gather(1, index).reshape(-1, hkv, d)
+    q = query.transpose(1, 2).reshape(b * n, hq, d)
+    out = varlen_attention(
+        q, k, v, cu_q, cu_k, max(packing.q_lens), max(packing.k_lens), scale, kernel
+    )
+    return out.view(b, n, hq, d)
+
+
+__all__ = [
+    "KERNELS",
+    "Packing",
+    "key_index",
+    "packing_for",
+    "lrsa_varlen_attention",
+    "varlen_attention",
+]
