@@ -1,13 +1,15 @@
-"""LRSA attention (gather + FlexAttention, static block mask) vs dense causal SDPA, fwd+bwd, bf16.
+"""LRSA attention (varlen flash; gather + FlexAttention) vs dense causal SDPA, fwd+bwd, bf16.
 
 One attention layer's forward and backward at 8K/16K/32K tokens (12 query / 2 KV heads, d=128,
 S=16, L=1024, r=0.25 by default), timed with CUDA events (median after warm-up) on fresh random
-inputs. The LRSA time includes everything the training layer does: LagKV selection (compiled),
-the gather/concatenation, FlexAttention forward and backward, and the output un-padding.
+inputs. Each LRSA time includes everything the training layer does: LagKV selection (compiled),
+the gathers, the attention kernel forward and backward, the output layout. ``varlen`` is the
+default path (``lrsa_varlen``: one FlashAttention-2 varlen call); ``flex`` the FlexAttention
+one (``--impls`` picks; ``varlen_attn`` is varlen without the selection).
 
-Also reported: the visible-pair ratio (the FLOP ratio the mask allows), selection alone, and a
-sweep of FlexAttention kernel options at the longest length (the fastest is written to
-``--best-options`` for later runs: ``LRSA_FLEX_KERNEL_OPTIONS``).
+Also reported: the visible-pair ratio (the FLOP ratio the mask allows), selection alone, and an
+optional sweep of FlexAttention kernel options at the longest length (``--sweep``; the fastest
+is written to ``--best-options`` for later runs: ``LRSA_FLEX_KERNEL_OPTIONS``).
 
     python benchmarks/train_attention.py --out results.json
 """
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lrsa_serve import lagkv  # noqa: E402
 from lrsa_serve.config import LagKVConfig  # noqa: E402
 from lrsa_serve.kernels import lrsa_attention as la  # noqa: E402
+from lrsa_serve.kernels.lrsa_varlen import lrsa_varlen_attention  # noqa: E402
 
 OPTION_SETS = {
     "default": None,
@@ -99,7 +102,8 @@ def main() -> int:
     parser.add_argument("--sink", type=int, default=16)
     parser.add_argument("--lag", type=int, default=1024)
     parser.add_argument("--ratio", type=float, default=0.25)
-    parser.add_argument("--sweep", nargs="*", default=["default", "rows_safe_tma"])
+    parser.add_argument("--impls", nargs="+", default=["varlen", "flex"])
+    parser.add_argument("--sweep", nargs="*", default=[], help=f"of {sorted(OPTION_SETS)}")
     parser.add_argument("--deadline", type=float, default=240.0, help="seconds for the sweep")
     parser.add_argument("--out", default="train_attention.json")
     parser.add_argument("--best-options", default=None, help="write the fastest options here")
@@ -120,6 +124,11 @@ def main() -> int:
 
     def lrsa(q, k, v):
         return la.lrsa_flex_attention(q, k, v, cfg, scale)
+
+    def varlen(q, k, v):
+        return la.lrsa_varlen(q, k, v, cfg, scale)
+
+    impls = {"varlen": varlen, "flex": lrsa}
 
     def save():
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -151,10 +160,13 @@ def main() -> int:
         if ms < best_ms:
             best_name, best_ms = name, ms
         save()
-    best = OPTION_SETS[best_name]
-    os.environ.pop("LRSA_FLEX_KERNEL_OPTIONS", None)
-    if best:
-        os.environ["LRSA_FLEX_KERNEL_OPTIONS"] = json.dumps(best)
+    if args.sweep:
+        best = OPTION_SETS[best_name]
+        os.environ.pop("LRSA_FLEX_KERNEL_OPTIONS", None)
+        if best:
+            os.environ["LRSA_FLEX_KERNEL_OPTIONS"] = json.dumps(best)
+    else:  # no sweep: flex runs with LRSA_FLEX_KERNEL_OPTIONS as given
+        best_name, best = "env", la.kernel_options()
     result["best_options"] = {"name": best_name, "options": best}
     if args.best_options:
         Path(args.best_options).write_text(json.dumps(best or {}))
@@ -166,18 +178,36 @@ def main() -> int:
         row = {"n": n}
         row["dense_sdpa_gqa_ms"] = median_ms(fwd_bwd(dense_gqa, qkv, grad))
         row["dense_sdpa_repeat_ms"] = median_ms(fwd_bwd(dense_repeat, qkv, grad))
-        row["lrsa_ms"] = median_ms(fwd_bwd(lrsa, qkv, grad))
         k, v = qkv[1].detach(), qkv[2].detach()
-        row["select_ms"] = median_ms(lambda: la.select_kept(k, v, rule))  # noqa: B023
-        with torch.no_grad():
-            row["select_eager_ms"] = median_ms(lambda: lagkv.select_all(k, v, cfg))  # noqa: B023
+        kept = la.select_kept(k, v, rule)
+
+        def varlen_attn(q, k, v, kept=kept):  # the varlen path without the selection
+            return lrsa_varlen_attention(q, k, v, rule, scale, kept=kept)
+
+        impls["varlen_attn"] = varlen_attn
         dense = min(row["dense_sdpa_gqa_ms"], row["dense_sdpa_repeat_ms"])
-        row["speedup_vs_best_dense"] = dense / row["lrsa_ms"]
-        row["visible_pair_ratio"] = n * (n + 1) / 2 / visible_pairs(n, cfg)
         # fwd 4*pairs*d*Hq flops, bwd 2.5x fwd
         flops = 3.5 * 4 * args.dim * heads[0]
         row["dense_tflops"] = flops * n * (n + 1) / 2 / (dense * 1e-3) / 1e12
-        row["lrsa_tflops"] = flops * visible_pairs(n, cfg) / (row["lrsa_ms"] * 1e-3) / 1e12
+        for impl in args.impls:
+            if impl == "flex" and time.time() - started > args.deadline:
+                row["flex_ms"] = None
+                continue
+            try:
+                row[f"{impl}_ms"] = median_ms(fwd_bwd(impls[impl], qkv, grad))
+            except Exception as e:  # report and go on with the other paths
+                row[f"{impl}_ms"] = None
+                print(f"n={n} {impl}: failed {e!r}"[:300], flush=True)
+                continue
+            print(f"n={n} {impl}: {row[f'{impl}_ms']:.2f} ms (dense {dense:.2f})", flush=True)
+            row[f"{impl}_speedup"] = dense / row[f"{impl}_ms"]
+            row[f"{impl}_tflops"] = flops * visible_pairs(n, cfg) / row[f"{impl}_ms"] / 1e9
+        main = args.impls[0]
+        row["lrsa_ms"], row["speedup_vs_best_dense"] = row[f"{main}_ms"], row[f"{main}_speedup"]
+        row["select_ms"] = median_ms(lambda: la.select_kept(k, v, rule))  # noqa: B023
+        with torch.no_grad():
+            row["select_eager_ms"] = median_ms(lambda: lagkv.select_all(k, v, cfg))  # noqa: B023
+        row["visible_pair_ratio"] = n * (n + 1) / 2 / visible_pairs(n, cfg)
         result["rows"].append(row)
         save()
         print(json.dumps(row), flush=True)
@@ -190,15 +220,21 @@ def main() -> int:
         f"\n{result['device']}, torch {result['torch']}, {cfg.short()}, heads {heads}, "
         f"d={args.dim}, bf16, fwd+bwd, median ms; flex options: {best_name}"
     )
+    head = "".join(f"{impl:>12} {'speedup':>8}" for impl in args.impls)
     print(
-        f"{'n':>6} {'dense gqa':>10} {'dense rep':>10} {'lrsa':>8} {'speedup':>8} "
+        f"{'n':>6} {'dense gqa':>10} {'dense rep':>10}{head} "
         f"{'mask ratio':>10} {'select':>7} {'sel eager':>9}"
     )
     for r in result["rows"]:
+        cells = "".join(
+            f"{r[f'{i}_ms']:>12.2f} {r[f'{i}_speedup']:>7.2f}x"
+            if r.get(f"{i}_ms")
+            else f"{'-':>12} {'-':>8}"
+            for i in args.impls
+        )
         print(
-            f"{r['n']:>6} {r['dense_sdpa_gqa_ms']:>10.2f} {r['dense_sdpa_repeat_ms']:>10.2f} "
-            f"{r['lrsa_ms']:>8.2f} {r['speedup_vs_best_dense']:>7.2f}x "
-            f"{r['visible_pair_ratio']:>9.2f}x {r['select_ms']:>7.2f} "
+            f"{r['n']:>6} {r['dense_sdpa_gqa_ms']:>10.2f} {r['dense_sdpa_repeat_ms']:>10.2f}"
+            f"{cells} {r['visible_pair_ratio']:>9.2f}x {r['select_ms']:>7.2f} "
             f"{r['select_eager_ms']:>9.2f}"
         )
     return 0
