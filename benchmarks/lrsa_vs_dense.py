@@ -8,6 +8,10 @@ per task and overall. The untrained model is scored too when time allows.
     python benchmarks/lrsa_vs_dense.py --model ~/.cache/lrsa-serve/models/SmolLM2-135M-Instruct
     python benchmarks/lrsa_vs_dense.py --gguf ~/m/model.gguf --tokenizer .gpu/smol   # GPU box
     python benchmarks/lrsa_vs_dense.py --smoke                                       # CPU check
+
+``--balanced-eval`` draws the held-out split task by task (the first eval seeds of each task, up
+to ``--eval-examples / len(tasks)`` each); ``--random-init`` keeps the tokenizer folder's config
+with random weights (same cost per step and per example: a timing probe for sizing a run).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from lrsa_serve.reference_attention import use_lagkv_reference  # noqa: E402
 from lrsa_serve.training import data as data_mod  # noqa: E402
 from lrsa_serve.training import model as model_mod  # noqa: E402
 from lrsa_serve.training.config import JobConfig  # noqa: E402
-from lrsa_serve.training.evaluate import evaluate_examples  # noqa: E402
+from lrsa_serve.training.evaluate import evaluate_examples, task_of  # noqa: E402
 from lrsa_serve.training.loop import Trainer  # noqa: E402
 
 
@@ -59,6 +63,7 @@ def main() -> int:
     parser.add_argument("--train-examples", type=int, default=640)
     parser.add_argument("--eval-examples", type=int, default=96)
     parser.add_argument("--eval-batch-size", type=int, default=4)
+    parser.add_argument("--balanced-eval", action="store_true", help="same count per task")
     parser.add_argument("--min-tokens", type=int, default=4096)
     parser.add_argument("--max-tokens", type=int, default=7900)
     parser.add_argument("--max-len", type=int, default=8192)
@@ -67,6 +72,7 @@ def main() -> int:
     parser.add_argument("--grad-checkpointing", action="store_true", help="(off: 135M fits)")
     parser.add_argument("--deadline", type=float, default=1e9, help="seconds; skip the base eval")
     parser.add_argument("--smoke", action="store_true", help="tiny random model on CPU")
+    parser.add_argument("--random-init", action="store_true", help="random weights (timing)")
     args = parser.parse_args()
     started = time.time()
     out = Path(args.out)
@@ -79,6 +85,16 @@ def main() -> int:
 
         tokenizer = tiny_tokenizer()
         model = random_model(tiny_config("llama", vocab_size=len(tokenizer)))
+    elif args.random_init:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        folder = args.tokenizer or args.model
+        tokenizer = model_mod.load_tokenizer(folder)
+        config = AutoConfig.from_pretrained(folder)
+        torch.manual_seed(args.seed)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch.float32, attn_implementation="sdpa"
+        )
     elif args.gguf:
         gguf = Path(args.gguf).expanduser()
         tokenizer = model_mod.load_tokenizer(args.tokenizer)
@@ -97,8 +113,32 @@ def main() -> int:
         )
         return data_mod.apply_length_policy(made, args.max_len, "skip")
 
+    def balanced(count: int, split: str):
+        """The first ``count // len(tasks)`` examples of each task in seed order (a task is
+        drawn before its prompt is tokenized, so only the kept ones are encoded)."""
+        quota, made = dict.fromkeys(tasks, count // len(tasks)), []
+        for index in range(100 * count + 100):
+            if not any(quota.values()):
+                break
+            example = data_mod.synthetic_example(
+                tokenizer, index, split, args.min_tokens, args.max_tokens, tasks
+            )
+            if not quota[example.task]:
+                continue
+            quota[example.task] -= 1
+            where = f"synthetic:{split}:{example.seed}:{example.task}"
+            record = data_mod.synthetic_record(example, tokenizer)
+            encoded = data_mod.encode_record(record, tokenizer, where)
+            made.append(
+                data_mod.TokenizedExample(
+                    encoded.input_ids, encoded.labels, encoded.source, example.answer
+                )
+            )
+        return data_mod.apply_length_policy(made, args.max_len, "skip")
+
     train, train_stats = examples(args.train_examples, "train")
-    held_out, _ = examples(args.eval_examples, "eval")
+    held_out, _ = (balanced if args.balanced_eval else examples)(args.eval_examples, "eval")
+    held_out.sort(key=len)  # less padding per eval batch; scores are per example
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -106,6 +146,8 @@ def main() -> int:
         "args": vars(args),
         "train_data": train_stats.to_dict(),
         "eval_examples": len(held_out),
+        "eval_tasks": {t: sum(task_of(e) == t for e in held_out) for t in tasks},
+        "eval_tokens": sum(map(len, held_out)),
         "load_s": loaded_s,
         "data_s": time.time() - started - loaded_s,
         "runs": {},
@@ -151,8 +193,11 @@ def main() -> int:
 
     if time.time() - started < args.deadline:
         model.load_state_dict(base_state)
-        base = {mode: score(model, held_out, tokenizer, mode, cfg, args.eval_batch_size)
-                for mode in ("uncompressed", "lagkv")}  # fmt: skip
+        base = {}
+        for mode in ("uncompressed", "lagkv"):
+            t1 = time.time()
+            base[mode] = score(model, held_out, tokenizer, mode, cfg, args.eval_batch_size)
+            base[f"{mode}_eval_s"] = time.time() - t1
         result["runs"]["untrained"] = base
         save()
 
@@ -161,11 +206,20 @@ def main() -> int:
         f"{args.min_tokens}-{args.max_tokens} tokens, lr {args.lr}, {cfg.short()}; "
         f"exact match on {len(held_out)} held-out examples"
     )
-    print(f"{'trained with':>13} {'uncompressed':>13} {'LagKV':>7} {'train s':>8}")
+    print(
+        f"one example = {100 / max(len(held_out), 1):.2f} points; per task {result['eval_tasks']}"
+    )
+    print(f"{'trained with':>13} {'uncompressed':>13} {'LagKV':>7} {'train s':>8}  per task")
     for name, run in result["runs"].items():
+        unc, lag = run["uncompressed"], run["lagkv"]
+        per_task = ", ".join(
+            f"{t} {100 * unc[key]:.0f}->{100 * lag[key]:.0f}"
+            for t in tasks
+            if (key := f"eval_exact_match/{t}") in unc
+        )
         print(
-            f"{name:>13} {100 * run['uncompressed']['eval_exact_match']:>12.1f}% "
-            f"{100 * run['lagkv']['eval_exact_match']:>6.1f}% {run.get('train_s', 0):>8.0f}"
+            f"{name:>13} {100 * unc['eval_exact_match']:>12.1f}% "
+            f"{100 * lag['eval_exact_match']:>6.1f}% {run.get('train_s', 0):>8.0f}  {per_task}"
         )
     return 0
 
