@@ -34,7 +34,7 @@ def engine_logprobs(engines, prompt):
     return out.prompt_logprobs
 
 
-@pytest.mark.parametrize("backend", ["dense", "flex"])
+@pytest.mark.parametrize("backend", ["dense", "flex", "varlen"])
 def test_engine_prefill_equals_lrsa_forward(backend, hf_model, prompt, engine_logprobs):
     lrsa_attention.set_backend(backend, compile_flex=False)
     try:
