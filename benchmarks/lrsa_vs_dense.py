@@ -47,6 +47,11 @@ def score(model, examples, tokenizer, mode: str, cfg: LagKVConfig, batch_size: i
     return sums.scores()
 
 
+SMOKE = dict(sink=16, lag=64, steps=3, batch_size=2, grad_accum=1, train_examples=8,
+             eval_examples=8, eval_batch_size=2, min_tokens=300, max_tokens=600,
+             max_len=1024)  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="local HF model folder")
@@ -74,6 +79,9 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny random model on CPU")
     parser.add_argument("--random-init", action="store_true", help="random weights (timing)")
     args = parser.parse_args()
+    if args.smoke:  # a minute on CPU: a check that the whole script runs, not a measurement
+        for name, value in SMOKE.items():
+            setattr(args, name, value)
     started = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
