@@ -72,19 +72,35 @@ class Packing:
 
 @lru_cache(maxsize=64)
 def packing_for(length: int, sink: int, lag: int, keep: int) -> Packing:
-    first = min(length, sink + 2 * lag)
-    q_lens, k_lens, template = [first], [first], list(range(first))
-    q = 2
-    while sink + q * lag < length:
-        start = sink + q * lag
-        stop = min(length, start + lag)
-        kept = range(length, length + (q - 1) * keep)  # kept slots of partitions 0..q-2
-        keys = [*range(sink), *kept, *range(start - lag, stop)]
+    """Items from ``lagkv``'s own rule: an item is a run of queries that see the same
+    compressed history (``chunk_end_limit``, as the engine's prefill chunks); its keys are what
+    its last query sees: the kept slots (``gathered_key_visible``), placed after the sink, then
+    the raw keys (``raw_key_visible``), which end with the item's own queries."""
+    rule = _Rule(sink, lag, keep)
+    positions = torch.arange(length)
+    slots = torch.arange(lagkv.compressed_partitions(length, rule) * keep)
+    q_lens, k_lens, template = [], [], []
+    start = 0
+    while start < length:
+        stop = min(length, lagkv.chunk_end_limit(start, rule))
+        last = torch.tensor(stop - 1)
+        raw = positions[lagkv.raw_key_visible(last, positions, rule)].tolist()
+        kept = (slots[lagkv.gathered_key_visible(last, slots, rule)] + length).tolist()
+        keys = [p for p in raw if p < sink] + kept + [p for p in raw if p >= sink]
         q_lens.append(stop - start)
         k_lens.append(len(keys))
         template.extend(keys)
-        q += 1
+        start = stop
     return Packing(length, tuple(q_lens), tuple(k_lens), tuple(template))
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """The numbers ``lagkv``'s bookkeeping reads (it duck-types its ``cfg``)."""
+
+    sink: int
+    lag: int
+    keep: int
 
 
 @lru_cache(maxsize=64)
