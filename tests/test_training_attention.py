@@ -53,12 +53,8 @@ def qkv(n, dtype, heads=(6, 2), dim=8, batch=2, seed=0, grad=False):
     return [torch.randn(*s, generator=g, dtype=dtype).requires_grad_(grad) for s in shapes]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("sink,lag,ratio,n", SHAPES)
-def test_static_formulation_matches_oracle_forward_and_gradients(sink, lag, ratio, n, dtype):
-    cfg = LagKVConfig(sink=sink, lag=lag, ratio=ratio)
-    q, k, v = qkv(n, dtype, heads=(6, 2), seed=n, grad=True)
-    out = la.lrsa_static_dense_attention(q, k, v, cfg, 0.3, block=16)
+def assert_matches_oracle(out, q, k, v, cfg, dtype) -> None:
+    """``out`` (from q, k, v with scale 0.3) and its gradients equal the float64 oracle's."""
     q2, k2, v2 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = oracle(q2, k2, v2, cfg, 0.3)
     tol = 1e-10 if dtype == torch.float64 else 2e-5
@@ -68,6 +64,15 @@ def test_static_formulation_matches_oracle_forward_and_gradients(sink, lag, rati
     (ref * weights).sum().backward()
     for got, want in ((q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
         torch.testing.assert_close(got.double(), want, atol=tol * 10, rtol=tol * 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sink,lag,ratio,n", SHAPES)
+def test_static_formulation_matches_oracle_forward_and_gradients(sink, lag, ratio, n, dtype):
+    cfg = LagKVConfig(sink=sink, lag=lag, ratio=ratio)
+    q, k, v = qkv(n, dtype, heads=(6, 2), seed=n, grad=True)
+    out = la.lrsa_static_dense_attention(q, k, v, cfg, 0.3, block=16)
+    assert_matches_oracle(out, q, k, v, cfg, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -79,15 +84,7 @@ def test_varlen_matches_oracle_forward_and_gradients(sink, lag, ratio, n, dtype)
     q, k, v = qkv(n, dtype, heads=(6, 2), seed=n + 7, grad=True)
     out = la.lrsa_varlen(q, k, v, cfg, 0.3, kernel="math")
     assert out.shape == (2, n, 6, 8) and out.dtype == dtype
-    q2, k2, v2 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = oracle(q2, k2, v2, cfg, 0.3)
-    tol = 1e-10 if dtype == torch.float64 else 2e-5
-    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
-    weights = torch.randn_like(ref)
-    (out.double() * weights).sum().backward()
-    (ref * weights).sum().backward()
-    for got, want in ((q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
-        torch.testing.assert_close(got.double(), want, atol=tol * 10, rtol=tol * 10)
+    assert_matches_oracle(out, q, k, v, cfg, dtype)
 
 
 def test_varlen_attends_in_the_autocast_dtype():
