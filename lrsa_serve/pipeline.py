@@ -454,7 +454,7 @@ def report_markdown(
     plots: dict[str, Path],
     out: Path,
 ) -> str:
-    from lrsa_serve.eval.report import cells, failure_lines, lookup, markdown_table, target_lines
+    from lrsa_serve.eval.report import appendix, cells, lookup, markdown_table, target_lines
 
     by_key = lookup(cells(run))
     names = [info.name for info in run.targets]
@@ -534,12 +534,7 @@ def report_markdown(
         "",
         *[f"- {line}" for line in target_lines(run)],
     ]
-    if lines := failure_lines(run):
-        parts += ["", "## Failures", "", "```", *lines, "```"]
-    if plots:
-        parts += ["", "## Plots", ""]
-        parts += [f"![{name}]({os.path.relpath(path, out)})" for name, path in plots.items()]
-    return "\n".join(parts) + "\n"
+    return "\n".join(parts + appendix(run, plots, out))
 
 
 # ---- command ------------------------------------------------------------------------------------

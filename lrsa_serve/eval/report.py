@@ -9,6 +9,7 @@ got no answer. Failure messages are grouped by their shape (numbers masked), so 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -168,6 +169,19 @@ def target_lines(run: EvalRun) -> list[str]:
     return lines
 
 
+def appendix(run: EvalRun, plots: dict[str, Path] | None, base: Path | None = None) -> list[str]:
+    """The report's closing sections, failures and plots, ending the document with a newline.
+    Plots are linked relative to ``base``, the report's folder (default: beside the plots)."""
+    parts = []
+    if lines := failure_lines(run):
+        parts += ["", "## Failures", "", "```", *lines, "```"]
+    if plots:
+        parts += ["", "## Plots", ""]
+        parts += [f"![{name}]({os.path.relpath(path, base or path.parent)})"
+                  for name, path in plots.items()]  # fmt: skip
+    return [*parts, ""]
+
+
 # ---- files ------------------------------------------------------------------------------------
 def to_json(run: EvalRun) -> dict[str, Any]:
     return {
@@ -199,12 +213,7 @@ def markdown(run: EvalRun, plots: dict[str, Path] | None = None, title: str = "l
         "",
         markdown_table(header, rows),
     ]
-    if lines := failure_lines(run):
-        parts += ["", "## Failures", "", "```", *lines, "```"]
-    if plots:
-        parts += ["", "## Plots", ""]
-        parts += [f"![{name}]({path.name})" for name, path in plots.items()]
-    return "\n".join(parts) + "\n"
+    return "\n".join(parts + appendix(run, plots))
 
 
 def write_outputs(run: EvalRun, out_dir: Path, *, draw: bool = True) -> dict[str, Path]:
