@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -17,18 +16,13 @@ from fastapi import Request  # module level: the routes' annotations resolve aga
 
 from lrsa_serve.cli import main as lrsa
 from lrsa_serve.eval.tasks import build_items, resolve_tasks
+from lrsa_serve.pipeline import free_port
 
 LAGKV_CARD = {"sink": 32, "lag": 128, "ratio": 0.25, "score_v_ratio": 1.0, "keep": 32}
 PNG = b"\x89PNG\r\n\x1a\n"
 # One small grid shared by the fake-server tests: 2 tasks x 2 lengths x 2 depths x 1 sample.
 GRID = ["--tasks", "passkey", "niah_multivalue", "--lengths", "256", "512",
         "--depths", "0.25", "0.75", "--samples", "1"]  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class FakeEndpoint:
