@@ -1,11 +1,14 @@
-"""LRSA attention (varlen flash; gather + FlexAttention) vs dense causal SDPA, fwd+bwd, bf16.
+"""LRSA attention (varlen; split cuDNN+FA2; gather + flex) vs dense causal SDPA, fwd+bwd, bf16.
 
 One attention layer's forward and backward at 8K/16K/32K tokens (12 query / 2 KV heads, d=128,
 S=16, L=1024, r=0.25 by default), timed with CUDA events (median after warm-up) on fresh random
 inputs. Each LRSA time includes everything the training layer does: LagKV selection (compiled),
 the gathers, the attention kernel forward and backward, the output layout. ``varlen`` is the
-default path (``lrsa_varlen``: one FlashAttention-2 varlen call); ``flex`` the FlexAttention
-one (``--impls`` picks; ``varlen_attn`` is varlen without the selection).
+varlen path (``lrsa_varlen``: one FlashAttention-2 varlen call); ``split`` the two-call one
+(``lrsa_split``: own blocks on cuDNN, older keys on FA2 varlen, LSE merge; ``split:L,G`` picks
+its local/global kernels); ``flex`` the FlexAttention one (``--impls`` picks; ``varlen_attn`` /
+``split_attn`` are those paths without the selection). Dense is timed with SDPA's default
+backend (cuDNN on the H100) and, for reference, with FlashAttention-2 forced.
 
 Also reported: the visible-pair ratio (the FLOP ratio the mask allows), selection alone, and an
 optional sweep of FlexAttention kernel options at the longest length (``--sweep``; the fastest
@@ -25,12 +28,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lrsa_serve import lagkv  # noqa: E402
 from lrsa_serve.config import LagKVConfig  # noqa: E402
 from lrsa_serve.kernels import lrsa_attention as la  # noqa: E402
+from lrsa_serve.kernels.lrsa_split import lrsa_split_attention  # noqa: E402
 from lrsa_serve.kernels.lrsa_varlen import lrsa_varlen_attention  # noqa: E402
 
 OPTION_SETS = {
@@ -76,6 +81,11 @@ def fwd_bwd(attn, qkv, grad):
 def dense_gqa(q, k, v):
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     return out.transpose(1, 2)
+
+
+def dense_flash(q, k, v):  # FlashAttention-2 forced: the kernel the varlen path uses
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        return dense_gqa(q, k, v)
 
 
 def dense_repeat(q, k, v):  # HF's path when SDPA's GQA flag cannot be used
@@ -128,7 +138,18 @@ def main() -> int:
     def varlen(q, k, v):
         return la.lrsa_varlen(q, k, v, cfg, scale)
 
-    impls = {"varlen": varlen, "flex": lrsa}
+    def split(q, k, v):
+        return la.lrsa_split(q, k, v, cfg, scale)
+
+    impls = {"varlen": varlen, "split": split, "flex": lrsa}
+    for name in args.impls:  # split:LOCAL,GLOBAL = the split path with these kernels
+        if name.startswith("split:"):
+            kernels = tuple(name.split(":", 1)[1].split(","))
+
+            def split_with(q, k, v, kernels=kernels):
+                return la.lrsa_split(q, k, v, cfg, scale, kernels=kernels)
+
+            impls[name] = split_with
 
     def save():
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -178,13 +199,22 @@ def main() -> int:
         row = {"n": n}
         row["dense_sdpa_gqa_ms"] = median_ms(fwd_bwd(dense_gqa, qkv, grad))
         row["dense_sdpa_repeat_ms"] = median_ms(fwd_bwd(dense_repeat, qkv, grad))
+        try:
+            row["dense_flash_ms"] = median_ms(fwd_bwd(dense_flash, qkv, grad))
+        except RuntimeError as e:  # no flash kernel for this shape/dtype
+            row["dense_flash_ms"] = None
+            print(f"n={n} dense flash: failed {e!r}"[:300], flush=True)
         k, v = qkv[1].detach(), qkv[2].detach()
         kept = la.select_kept(k, v, rule)
 
         def varlen_attn(q, k, v, kept=kept):  # the varlen path without the selection
             return lrsa_varlen_attention(q, k, v, rule, scale, kept=kept)
 
+        def split_attn(q, k, v, kept=kept):  # the split path without the selection
+            return lrsa_split_attention(q, k, v, rule, scale, kept=kept)
+
         impls["varlen_attn"] = varlen_attn
+        impls["split_attn"] = split_attn
         dense = min(row["dense_sdpa_gqa_ms"], row["dense_sdpa_repeat_ms"])
         # fwd 4*pairs*d*Hq flops, bwd 2.5x fwd
         flops = 3.5 * 4 * args.dim * heads[0]
@@ -202,8 +232,10 @@ def main() -> int:
             print(f"n={n} {impl}: {row[f'{impl}_ms']:.2f} ms (dense {dense:.2f})", flush=True)
             row[f"{impl}_speedup"] = dense / row[f"{impl}_ms"]
             row[f"{impl}_tflops"] = flops * visible_pairs(n, cfg) / row[f"{impl}_ms"] / 1e9
+            if row["dense_flash_ms"]:
+                row[f"{impl}_speedup_vs_flash"] = row["dense_flash_ms"] / row[f"{impl}_ms"]
         main = args.impls[0]
-        row["lrsa_ms"], row["speedup_vs_best_dense"] = row[f"{main}_ms"], row[f"{main}_speedup"]
+        row["lrsa_ms"], row["speedup_vs_best_dense"] = row[f"{main}_ms"], row.get(f"{main}_speedup")
         row["select_ms"] = median_ms(lambda: la.select_kept(k, v, rule))  # noqa: B023
         with torch.no_grad():
             row["select_eager_ms"] = median_ms(lambda: lagkv.select_all(k, v, cfg))  # noqa: B023
@@ -222,7 +254,7 @@ def main() -> int:
     )
     head = "".join(f"{impl:>12} {'speedup':>8}" for impl in args.impls)
     print(
-        f"{'n':>6} {'dense gqa':>10} {'dense rep':>10}{head} "
+        f"{'n':>6} {'dense gqa':>10} {'dense rep':>10} {'dense fa2':>10}{head} "
         f"{'mask ratio':>10} {'select':>7} {'sel eager':>9}"
     )
     for r in result["rows"]:
@@ -232,9 +264,10 @@ def main() -> int:
             else f"{'-':>12} {'-':>8}"
             for i in args.impls
         )
+        flash = f"{r['dense_flash_ms']:>10.2f}" if r.get("dense_flash_ms") else f"{'-':>10}"
         print(
-            f"{r['n']:>6} {r['dense_sdpa_gqa_ms']:>10.2f} {r['dense_sdpa_repeat_ms']:>10.2f}"
-            f"{cells} {r['visible_pair_ratio']:>9.2f}x {r['select_ms']:>7.2f} "
+            f"{r['n']:>6} {r['dense_sdpa_gqa_ms']:>10.2f} {r['dense_sdpa_repeat_ms']:>10.2f} "
+            f"{flash}{cells} {r['visible_pair_ratio']:>9.2f}x {r['select_ms']:>7.2f} "
             f"{r['select_eager_ms']:>9.2f}"
         )
     return 0

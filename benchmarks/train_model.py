@@ -90,6 +90,12 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--checkpointing", nargs="+", default=["on", "off"])
+    parser.add_argument(
+        "--lrsa-backends",
+        nargs="+",
+        default=["auto"],
+        help=f"LRSA attention backends to time, of {la.BACKENDS}; the first is 'lrsa' in the JSON",
+    )
     parser.add_argument("--deadline", type=float, default=200.0, help="seconds; skip the rest")
     parser.add_argument("--out", default="train_model.json")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script")
@@ -108,8 +114,12 @@ def main() -> int:
         "torch": torch.__version__,
         "params": params,
         "settings": cfg.model_dump() | {"target_tokens": args.target_tokens},
+        "lrsa_backends": args.lrsa_backends,
         "rows": [],
     }
+    # (name in the JSON, LRSA backend or None for dense): the first backend is plain "lrsa"
+    runs = [("dense", None), ("lrsa", args.lrsa_backends[0])]
+    runs += [(f"lrsa_{b}", b) for b in args.lrsa_backends[1:]]
     for checkpointing in args.checkpointing:
         if checkpointing == "on":
             model.gradient_checkpointing_enable(
@@ -125,11 +135,12 @@ def main() -> int:
             labels[:, -args.target_tokens :] = ids[:, -args.target_tokens :]
             batch = {"input_ids": ids, "labels": labels}
             row = {"n": n, "checkpointing": checkpointing}
-            for attention in ("dense", "lrsa"):
+            for attention, backend in runs:
                 if time.time() - started > args.deadline:
                     row[f"{attention}_s"] = None
                     continue
-                model_mod.set_attention(model, attention, cfg)
+                model_mod.set_attention(model, "dense" if backend is None else "lrsa", cfg)
+                la.set_backend(backend or "auto")
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 try:
@@ -145,6 +156,11 @@ def main() -> int:
                 row[f"{attention}_tokens_per_s"] = n / seconds
                 if device.type == "cuda":
                     row[f"{attention}_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            for attention, _ in runs[2:]:  # the other backends' speedups
+                if isinstance(row.get("dense_s"), float) and isinstance(
+                    row.get(f"{attention}_s"), float
+                ):
+                    row[f"{attention}_speedup"] = row["dense_s"] / row[f"{attention}_s"]
             if isinstance(row.get("dense_s"), float) and isinstance(row.get("lrsa_s"), float):
                 row["speedup"] = row["dense_s"] / row["lrsa_s"]
                 head_dim = config.hidden_size // config.num_attention_heads
@@ -160,17 +176,27 @@ def main() -> int:
         f"\n{result['device']}, torch {result['torch']}, random Qwen2 {params / 1e6:.0f}M params, "
         f"bf16 autocast, batch 1, loss on last {args.target_tokens} tokens, {cfg.short()}"
     )
+    others = [name for name, _ in runs[2:]]
+    extra = "".join(f" {name + ' tok/s':>18} {'speedup':>8}" for name in others)
     print(
+        f"lrsa = backend {args.lrsa_backends[0]}\n"
         f"{'n':>6} {'ckpt':>4} {'dense tok/s':>12} {'lrsa tok/s':>11} {'speedup':>8} {'select':>7}"
+        f"{extra}"
     )
     for r in result["rows"]:
         if "speedup" not in r:
             print(f"{r['n']:>6} {r['checkpointing']:>4}  incomplete: {r}")
             continue
+        cells = "".join(
+            f" {r[name + '_tokens_per_s']:>18.0f} {r[name + '_speedup']:>7.2f}x"
+            if name + "_speedup" in r
+            else f" {'-':>18} {'-':>8}"
+            for name in others
+        )
         print(
             f"{r['n']:>6} {r['checkpointing']:>4} {r['dense_tokens_per_s']:>12.0f} "
             f"{r['lrsa_tokens_per_s']:>11.0f} {r['speedup']:>7.2f}x "
-            f"{100 * r['selection_share_of_lrsa_step']:>6.1f}%"
+            f"{100 * r['selection_share_of_lrsa_step']:>6.1f}%{cells}"
         )
     return 0
 
