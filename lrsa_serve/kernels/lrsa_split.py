@@ -209,37 +209,32 @@ def _padded_rows(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
 
 
-def _bshd(x: torch.Tensor) -> torch.Tensor:
-    """The same tensor with BSHD memory, so that ``_padded_rows`` is a writable view."""
-    if _padded_rows(x).data_ptr() == x.data_ptr():
-        return x
-    return x.transpose(1, 2).contiguous().transpose(1, 2)
+def _pad_group(q, k, v, b: _Bucket):
+    """One group's dense inputs ``[count, H, max, D + PAD_DIMS]`` (BSHD in memory): real queries
+    carry 1 and padding keys PAD_SCORE in the first extra column, everything else 0 there."""
+    d = q.shape[-1]
+    qb = q.new_zeros(b.count * b.max_q, q.shape[1], d + PAD_DIMS)
+    qb[b.q_slots, :, : d + 1] = torch.nn.functional.pad(q[b.q0 : b.q1], (0, 1), value=1.0)
+    kb = k.new_zeros(b.count * b.max_k, k.shape[1], d + PAD_DIMS)
+    kb[:, :, d] = PAD_SCORE
+    kb[b.k_slots, :, : d + 1] = torch.nn.functional.pad(k[b.k0 : b.k1], (0, 1))
+    vb = v.new_zeros(b.count * b.max_k, v.shape[1], d + PAD_DIMS)
+    vb[b.k_slots, :, :d] = v[b.k0 : b.k1]
+    return [x.view(b.count, -1, x.shape[1], x.shape[2]).transpose(1, 2) for x in (qb, kb, vb)]
 
 
 def _padded_forward(dense, q, k, v, buckets, scale):
-    """The global items as dense non-causal cuDNN calls over padded groups (see PAD_SCORE)."""
+    """The global items as dense non-causal calls over padded groups (see PAD_SCORE). Saves
+    only the kernels' small state: the backward rebuilds the padded inputs."""
     tq, hq, d = q.shape
-    hkv = k.shape[1]
     out = q.new_empty(tq, hq, d)
     lse = torch.empty(hq, tq, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
     saved = []
     for b in buckets:
-        qb = q.new_zeros(b.count * b.max_q, hq, d + PAD_DIMS)
-        qb[b.q_slots, :, :d] = q[b.q0 : b.q1]
-        qb[b.q_slots, :, d] = 1.0
-        kb = k.new_zeros(b.count * b.max_k, hkv, d + PAD_DIMS)
-        kb[:, :, d] = PAD_SCORE
-        kb[b.k_slots, :, : d + 1] = torch.nn.functional.pad(k[b.k0 : b.k1], (0, 1))
-        vb = v.new_zeros(b.count * b.max_k, hkv, d + PAD_DIMS)
-        vb[b.k_slots, :, :d] = v[b.k0 : b.k1]
-        qb, kb, vb = (
-            x.view(b.count, -1, x.shape[1], x.shape[2]).transpose(1, 2) for x in (qb, kb, vb)
-        )
-        ob, lb, aux = _dense_forward(dense, qb, kb, vb, scale, causal=False)
-        ob, lb = _bshd(ob), lb.clone()
+        ob, lb, aux = _dense_forward(dense, *_pad_group(q, k, v, b), scale, causal=False)
         out[b.q0 : b.q1] = _padded_rows(ob)[b.q_slots, :, :d]
         lse[:, b.q0 : b.q1] = _padded_lse(lb, b)[0].t()
-        saved.append((qb, kb, vb, ob, lb, aux))
+        saved.append((aux, lb.shape, lb.dtype))
     return out, lse, saved
 
 
@@ -254,22 +249,24 @@ def _padded_lse(lse: torch.Tensor, b: _Bucket):
     return view[item, :, pos], write
 
 
-def _padded_backward(dense, grad, out, lse, saved, buckets, scale):
-    dq = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
-    dk = dv = None
+def _padded_backward(dense, grad, q, k, v, out, lse, saved, buckets, scale):
+    """Per group: the merged out/lse and dO in padded form (zero on padding query rows, whose
+    terms then vanish whatever their lse), the dense backward, the real rows back."""
+    d = grad.shape[-1]
+    dq = torch.empty_like(q)
     grads_k, grads_v = [], []
-    for b, (qb, kb, vb, ob, lb, aux) in zip(buckets, saved, strict=True):
-        d = grad.shape[-1]
-        _padded_rows(ob)[b.q_slots, :, :d] = out[b.q0 : b.q1]  # the merged output and lse
-        _padded_lse(lb, b)[1](lse[:, b.q0 : b.q1].t())
-        gb = torch.zeros_like(ob)
+    for b, (aux, lse_shape, lse_dtype) in zip(buckets, saved, strict=True):
+        qb, kb, vb = _pad_group(q, k, v, b)
+        ob, gb = torch.zeros_like(qb), torch.zeros_like(qb)
+        _padded_rows(ob)[b.q_slots, :, :d] = out[b.q0 : b.q1]
         _padded_rows(gb)[b.q_slots, :, :d] = grad[b.q0 : b.q1]
+        lb = torch.zeros(lse_shape, dtype=lse_dtype, device=q.device)
+        _padded_lse(lb, b)[1](lse[:, b.q0 : b.q1].t())
         dqb, dkb, dvb = _dense_backward(dense, gb, qb, kb, vb, ob, lb, aux, scale, causal=False)
         dq[b.q0 : b.q1] = _padded_rows(dqb)[b.q_slots, :, :d]
         grads_k.append(_padded_rows(dkb)[b.k_slots, :, :d])
         grads_v.append(_padded_rows(dvb)[b.k_slots, :, :d])
-    dk, dv = torch.cat(grads_k), torch.cat(grads_v)
-    return dq, dk, dv
+    return dq, torch.cat(grads_k), torch.cat(grads_v)
 
 
 # ---- the kernels: (out, lse, saved) forward, (dq, dk, dv) backward with the merged out/lse -----
@@ -370,7 +367,8 @@ def _global_backward(
     kernel, grad, q, k, v, out, lse, saved, cu_q, cu_k, max_q, max_k, scale, buckets=None
 ):
     if kernel.endswith("_pad"):
-        return _padded_backward(kernel.removesuffix("_pad"), grad, out, lse, saved, buckets, scale)
+        dense = kernel.removesuffix("_pad")
+        return _padded_backward(dense, grad, q, k, v, out, lse, saved, buckets, scale)
     if kernel == "flash":
         return torch.ops.aten._flash_attention_backward(
             grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, False, *saved, scale=scale
