@@ -128,20 +128,17 @@ def test_varlen_packing_computes_exactly_the_visible_pairs(n):
     assert packing.visible_pairs() == int(visible.sum())
 
 
-@pytest.mark.parametrize("glob", ["math", "math_pad"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
     "sink,lag,ratio,n", [*SHAPES, (4, 16, 0.25, 36), (4, 16, 0.25, 68), (40, 16, 0.25, 100)]
 )
-def test_split_matches_oracle_forward_and_gradients(sink, lag, ratio, n, dtype, glob):
+def test_split_matches_oracle_forward_and_gradients(sink, lag, ratio, n, dtype):
     """Own-block and older-keys parts merged by LSE (plain-torch kernels, and the backward from
     the merged out/lse) give the rule's outputs and gradients; the extra shapes end at S + 2L,
-    on a partition boundary, and have a sink longer than a partition (blocks padded to S).
-    ``math_pad`` runs the older keys as cudnn_pad does: groups of items padded to one shape,
-    padding keys silenced by the extra head-dim column."""
+    on a partition boundary, and have a sink longer than a partition (blocks padded to S)."""
     cfg = LagKVConfig(sink=sink, lag=lag, ratio=ratio)
     q, k, v = qkv(n, dtype, heads=(6, 2), seed=n + 11, grad=True)
-    out = la.lrsa_split(q, k, v, cfg, 0.3, kernels=("math", glob))
+    out = la.lrsa_split(q, k, v, cfg, 0.3, kernels=("math", "math"))
     assert out.shape == (2, n, 6, 8) and out.dtype == dtype
     assert_matches_oracle(out, q, k, v, cfg, dtype)
 
@@ -183,18 +180,6 @@ def test_split_plan_covers_exactly_the_visible_pairs(sink, lag, n):
     assert q0 == n
     assert not (own & older).any()
     assert torch.equal(own | older, lagkv.visibility_mask(n, kept, cfg)[0, 0])
-
-
-def test_split_groups_items_within_the_padding_budget():
-    """cudnn_pad's groups: consecutive, covering every item once, within BUCKET_WASTE."""
-    plan = ls.plan_for(32768, 16, 1024, 256)
-    groups = ls.group_items(plan.q_lens, plan.k_lens)
-    assert [i for g in groups for i in g] == list(range(len(plan.q_lens)))
-    for g in groups:
-        lq, lk = [plan.q_lens[i] for i in g], [plan.k_lens[i] for i in g]
-        real = sum(a * b for a, b in zip(lq, lk, strict=True))
-        assert len(g) == 1 or len(g) * max(lq) * max(lk) <= (1 + ls.BUCKET_WASTE) * real
-    assert len(groups) < len(plan.q_lens) // 2
 
 
 @pytest.mark.parametrize("sink,lag,ratio,n", SHAPES)
@@ -331,9 +316,7 @@ def test_cuda_forward_backward_match_reference(sink, lag, ratio, n, heads, dim, 
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize(
-    "kernels", [("cudnn", "flash"), ("cudnn", "cudnn_pad"), ("flash", "flash")]
-)
+@pytest.mark.parametrize("kernels", [("cudnn", "flash"), ("flash", "flash")])
 @pytest.mark.parametrize("batch,n", [(2, 1500), (1, 2200)])
 def test_cuda_split_kernels_match_math(kernels, batch, n):
     """Each CUDA kernel pair of the split path (bf16) against its plain-torch kernels on the same

@@ -17,7 +17,8 @@ Dispatch (explicit, never silent):
   On CPU ``backend="varlen"`` runs the items in plain torch (tests).
 - ``backend="split"``: ``lrsa_split``: each block's own causal part as one batched cuDNN call
   and the older keys as one FlashAttention-2 varlen call, merged by log-sum-exp; same
-  selection. Queries the CUDA kernels do not take (float32, head dim > 128) use varlen. On CPU
+  selection. Exact, but measured slower than varlen on the H100 (notes/training.md), hence not
+  the default. Queries the CUDA kernels do not take (float32, head dim > 128) use varlen. On CPU
   it runs both parts and the merged backward in plain torch (tests).
 - ``backend="flex"``: the FlexAttention path below, compiled once per length bucket (or once
   with dynamic shapes, ``LRSA_FLEX_DYNAMIC=1``). The dynamo recompile limit is raised and hitting

@@ -19,7 +19,8 @@ Two kernel calls compute the parts for the whole layer at once:
   square causal attention: one batched dense call (cuDNN SDPA on CUDA: the fastest dense kernel
   on the H100, see notes/training.md). Pads come after the real rows, so causality hides them.
 - GLOBAL: one item per block with older keys: its queries over the gathered ``older`` list,
-  NOT causal (all older keys precede the block): one varlen call (FlashAttention-2 on CUDA).
+  NOT causal (all older keys precede the block): one varlen call (FlashAttention-2 on CUDA;
+  ``LRSA_SPLIT_KERNELS=flash,flash`` puts the local part on FA2 too).
 
 The backward is the standard split-softmax rule: each part's kernel backward is called with the
 MERGED output and log-sum-exp (``dS = P (dP - rowsum(dO * O))`` with P from the merged lse is
@@ -27,6 +28,16 @@ each part's exact share of the full softmax gradient). ``math`` kernels write bo
 that backward out in plain torch (any device/dtype): the CPU tests check them against the
 float64 oracle. Which keys go where is derived from ``lagkv`` (``plan_for``), as
 ``lrsa_varlen.packing_for`` does; the kept rows come from ``lagkv.select_all``.
+
+Measured (H100, torch 2.11, notes/training.md section 1): exact, but SLOWER than the single
+varlen call (16.1 vs 13.9 ms fwd+bwd at 32K), so it is not the CUDA default. Nearly all visible
+pairs are older keys (~155M of ~172M per head at 32K), so the FA2 global call alone (11.5 ms) is
+most of the varlen time; the cuDNN local part is 1.25 ms and the merge/gathers ~2.7 ms. Putting
+the global part on cuDNN too was tried: cuDNN's varlen backward gives wrong/NaN gradients in
+torch 2.11 (its forward is right; likely the bug fixed by pytorch PR #186142, which sized the
+backward's buffers by the head dim), and dense cuDNN calls over
+padded groups with an extra head-dim column that silences padding keys were exact but 2x slower
+than FA2 (commit 7094c56).
 """
 
 from __future__ import annotations
@@ -41,15 +52,7 @@ from lrsa_serve import lagkv
 from lrsa_serve.kernels.lrsa_varlen import key_index
 
 LOCAL_KERNELS = ("cudnn", "flash", "math")
-GLOBAL_KERNELS = ("flash", "cudnn_pad", "math", "math_pad")
-# cudnn_pad (math_pad: the same in plain torch): consecutive global items are grouped while
-# padding them to one (queries, keys) shape costs at most this fraction of extra pairs; each group
-# is one dense call.
-BUCKET_WASTE = 0.15
-# Padding keys get this in an extra head-dim column that real queries multiply by 1: their score
-# is scale * PAD_SCORE (about -1e5), so exp(score - lse) is exactly 0 in float32.
-PAD_SCORE = -(2.0**20)
-PAD_DIMS = 8  # the extra columns (one used), keeping the head dim a multiple of 8
+GLOBAL_KERNELS = ("flash", "math")
 
 
 @dataclass(frozen=True)
@@ -145,130 +148,6 @@ def _tensors(plan: SplitPlan, batch: int, device: str):
     return rows, merge_rows, cu_q, cu_k, template
 
 
-@dataclass(frozen=True, eq=False)
-class _Bucket:
-    """Consecutive global items run as one dense call: packed rows ``[q0, q1)`` / ``[k0, k1)``
-    go to rows ``q_slots`` / ``k_slots`` of ``count`` items padded to ``max_q`` / ``max_k``."""
-
-    q0: int
-    q1: int
-    k0: int
-    k1: int
-    count: int
-    max_q: int
-    max_k: int
-    q_slots: torch.Tensor
-    k_slots: torch.Tensor
-
-
-def group_items(q_lens, k_lens, waste: float = BUCKET_WASTE) -> list[list[int]]:
-    """Consecutive items per group, greedily, while the padded pairs stay within ``1 + waste``
-    of the real ones."""
-    groups: list[list[int]] = []
-    current: list[int] = []
-    for i in range(len(q_lens)):
-        trial = [*current, i]
-        padded = len(trial) * max(q_lens[j] for j in trial) * max(k_lens[j] for j in trial)
-        real = sum(q_lens[j] * k_lens[j] for j in trial)
-        if current and padded > (1 + waste) * real:
-            groups.append(current)
-            trial = [i]
-        current = trial
-    return [*groups, current] if current else groups
-
-
-@lru_cache(maxsize=64)
-def _buckets(plan: SplitPlan, batch: int, device: str) -> tuple[_Bucket, ...]:
-    q_lens, k_lens = plan.q_lens * batch, plan.k_lens * batch
-    q_starts = [0, *torch.tensor(q_lens).cumsum(0).tolist()]
-    k_starts = [0, *torch.tensor(k_lens).cumsum(0).tolist()]
-    buckets = []
-    for items in group_items(q_lens, k_lens):
-        max_q, max_k = max(q_lens[i] for i in items), max(k_lens[i] for i in items)
-        q_slots = [j * max_q + r for j, i in enumerate(items) for r in range(q_lens[i])]
-        k_slots = [j * max_k + r for j, i in enumerate(items) for r in range(k_lens[i])]
-        first, last = items[0], items[-1] + 1
-        buckets.append(
-            _Bucket(
-                q_starts[first],
-                q_starts[last],
-                k_starts[first],
-                k_starts[last],
-                len(items),
-                max_q,
-                max_k,
-                torch.tensor(q_slots, device=device),
-                torch.tensor(k_slots, device=device),
-            )  # fmt: skip
-        )
-    return tuple(buckets)
-
-
-def _padded_rows(x: torch.Tensor) -> torch.Tensor:
-    """``[count, H, max, D]`` (BSHD in memory) -> ``[count*max, H, D]``, a view."""
-    return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
-
-
-def _pad_group(q, k, v, b: _Bucket):
-    """One group's dense inputs ``[count, H, max, D + PAD_DIMS]`` (BSHD in memory): real queries
-    carry 1 and padding keys PAD_SCORE in the first extra column, everything else 0 there."""
-    d = q.shape[-1]
-    qb = q.new_zeros(b.count * b.max_q, q.shape[1], d + PAD_DIMS)
-    qb[b.q_slots, :, : d + 1] = torch.nn.functional.pad(q[b.q0 : b.q1], (0, 1), value=1.0)
-    kb = k.new_zeros(b.count * b.max_k, k.shape[1], d + PAD_DIMS)
-    kb[:, :, d] = PAD_SCORE
-    kb[b.k_slots, :, : d + 1] = torch.nn.functional.pad(k[b.k0 : b.k1], (0, 1))
-    vb = v.new_zeros(b.count * b.max_k, v.shape[1], d + PAD_DIMS)
-    vb[b.k_slots, :, :d] = v[b.k0 : b.k1]
-    return [x.view(b.count, -1, x.shape[1], x.shape[2]).transpose(1, 2) for x in (qb, kb, vb)]
-
-
-def _padded_forward(dense, q, k, v, buckets, scale):
-    """The global items as dense non-causal calls over padded groups (see PAD_SCORE). Saves
-    only the kernels' small state: the backward rebuilds the padded inputs."""
-    tq, hq, d = q.shape
-    out = q.new_empty(tq, hq, d)
-    lse = torch.empty(hq, tq, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
-    saved = []
-    for b in buckets:
-        ob, lb, aux = _dense_forward(dense, *_pad_group(q, k, v, b), scale, causal=False)
-        out[b.q0 : b.q1] = _padded_rows(ob)[b.q_slots, :, :d]
-        lse[:, b.q0 : b.q1] = _padded_lse(lb, b)[0].t()
-        saved.append((aux, lb.shape, lb.dtype))
-    return out, lse, saved
-
-
-def _padded_lse(lse: torch.Tensor, b: _Bucket):
-    """(values ``[rows, H]``, writer) of a group's ``[count, H, max_q(, 1)]`` lse."""
-    view = lse.squeeze(-1) if lse.dim() == 4 else lse
-    item, pos = b.q_slots // b.max_q, b.q_slots % b.max_q
-
-    def write(values: torch.Tensor) -> None:
-        view[item, :, pos] = values
-
-    return view[item, :, pos], write
-
-
-def _padded_backward(dense, grad, q, k, v, out, lse, saved, buckets, scale):
-    """Per group: the merged out/lse and dO in padded form (zero on padding query rows, whose
-    terms then vanish whatever their lse), the dense backward, the real rows back."""
-    d = grad.shape[-1]
-    dq = torch.empty_like(q)
-    grads_k, grads_v = [], []
-    for b, (aux, lse_shape, lse_dtype) in zip(buckets, saved, strict=True):
-        qb, kb, vb = _pad_group(q, k, v, b)
-        ob, gb = torch.zeros_like(qb), torch.zeros_like(qb)
-        _padded_rows(ob)[b.q_slots, :, :d] = out[b.q0 : b.q1]
-        _padded_rows(gb)[b.q_slots, :, :d] = grad[b.q0 : b.q1]
-        lb = torch.zeros(lse_shape, dtype=lse_dtype, device=q.device)
-        _padded_lse(lb, b)[1](lse[:, b.q0 : b.q1].t())
-        dqb, dkb, dvb = _dense_backward(dense, gb, qb, kb, vb, ob, lb, aux, scale, causal=False)
-        dq[b.q0 : b.q1] = _padded_rows(dqb)[b.q_slots, :, :d]
-        grads_k.append(_padded_rows(dkb)[b.k_slots, :, :d])
-        grads_v.append(_padded_rows(dvb)[b.k_slots, :, :d])
-    return dq, torch.cat(grads_k), torch.cat(grads_v)
-
-
 # ---- the kernels: (out, lse, saved) forward, (dq, dk, dv) backward with the merged out/lse -----
 # Local: q [N, Hq, W, D], k/v [N, Hkv, W, D], square causal; lse [N, Hq, W] (canonical view).
 # Global: q [Tq, Hq, D], k/v [Tk, Hkv, D], items by cu_q/cu_k, not causal; lse [Hq, Tq].
@@ -344,9 +223,7 @@ def _items(cu: torch.Tensor):
     return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
-def _global_forward(kernel, q, k, v, cu_q, cu_k, max_q, max_k, scale, buckets=None):
-    if kernel.endswith("_pad"):
-        return _padded_forward(kernel.removesuffix("_pad"), q, k, v, buckets, scale)
+def _global_forward(kernel, q, k, v, cu_q, cu_k, max_q, max_k, scale):
     if kernel == "flash":
         res = torch.ops.aten._flash_attention_forward(
             q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False, scale=scale
@@ -363,12 +240,7 @@ def _global_forward(kernel, q, k, v, cu_q, cu_k, max_q, max_k, scale, buckets=No
     return torch.cat(outs), torch.cat(lses, dim=-1), None
 
 
-def _global_backward(
-    kernel, grad, q, k, v, out, lse, saved, cu_q, cu_k, max_q, max_k, scale, buckets=None
-):
-    if kernel.endswith("_pad"):
-        dense = kernel.removesuffix("_pad")
-        return _padded_backward(dense, grad, q, k, v, out, lse, saved, buckets, scale)
+def _global_backward(kernel, grad, q, k, v, out, lse, saved, cu_q, cu_k, max_q, max_k, scale):
     if kernel == "flash":
         return torch.ops.aten._flash_attention_backward(
             grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, False, *saved, scale=scale
@@ -398,14 +270,14 @@ class _SplitAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_loc, k_loc, v_loc, q_glob, k_glob, v_glob, call):
-        kernels, scale, merge_rows, cu_q, cu_k, max_q, max_k, buckets = call
+        kernels, scale, merge_rows, cu_q, cu_k, max_q, max_k = call
         heads = q_loc.shape[1]
         with torch.autocast(q_loc.device.type, enabled=False):
             out, lse_raw, saved_l = _dense_forward(kernels[0], q_loc, k_loc, v_loc, scale)
             out_g = lse_g_raw = saved_g = None
             if merge_rows is not None:
                 out_g, lse_g_raw, saved_g = _global_forward(
-                    kernels[1], q_glob, k_glob, v_glob, cu_q, cu_k, max_q, max_k, scale, buckets
+                    kernels[1], q_glob, k_glob, v_glob, cu_q, cu_k, max_q, max_k, scale
                 )
                 if _rows(out).data_ptr() != out.data_ptr():  # make the merged rows writable
                     out = out.transpose(1, 2).contiguous().transpose(1, 2)
@@ -424,7 +296,7 @@ class _SplitAttention(torch.autograd.Function):
                 rows.index_copy_(0, merge_rows, out_g)
                 lse[block, :, col] = merged_lse
                 lse_g.copy_(merged_lse.t())
-        ctx.kernels, ctx.scale, ctx.sizes, ctx.buckets = kernels, scale, (max_q, max_k), buckets
+        ctx.kernels, ctx.scale, ctx.sizes = kernels, scale, (max_q, max_k)
         ctx.saved_l, ctx.saved_g = saved_l, saved_g
         ctx.has_global = merge_rows is not None
         ctx.save_for_backward(
@@ -449,7 +321,7 @@ class _SplitAttention(torch.autograd.Function):
                 grad_g = _rows(grad).index_select(0, merge_rows)
                 dq_g, dk_g, dv_g = _global_backward(
                     kernels[1], grad_g, q_glob, k_glob, v_glob, out_g, lse_g, ctx.saved_g,
-                    cu_q, cu_k, *ctx.sizes, scale, ctx.buckets,
+                    cu_q, cu_k, *ctx.sizes, scale,
                 )  # fmt: skip
         return dq_l, dk_l, dv_l, dq_g, dk_g, dv_g, None
 
@@ -536,12 +408,10 @@ def lrsa_split_attention(
         k_glob = k.gather(1, index).reshape(-1, hkv, d)
         v_glob = v.gather(1, index).reshape(-1, hkv, d)
         q_glob = q[:, plan.global_from :].reshape(-1, hq, d)
-        buckets = _buckets(plan, b, str(query.device)) if kernels[1].endswith("_pad") else None
-        sizes = max(plan.q_lens), max(plan.k_lens)
-        call = (kernels, scale, merge_rows, cu_q, cu_k, *sizes, buckets)
+        call = (kernels, scale, merge_rows, cu_q, cu_k, max(plan.q_lens), max(plan.k_lens))
     else:
         q_glob = k_glob = v_glob = None
-        call = (kernels, scale, None, None, None, 0, 0, None)
+        call = (kernels, scale, None, None, None, 0, 0)
     out = _SplitAttention.apply(q_loc, k_loc, v_loc, q_glob, k_glob, v_glob, call)
     out = _rows(out).view(b, plan.blocks * plan.width, hq, d)
     return out if _identity_rows(plan) else out.index_select(1, rows)
