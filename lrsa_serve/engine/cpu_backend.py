@@ -3,7 +3,7 @@ that registry entry with this subclass; models without LagKV settings behave as 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import torch
 from vllm.v1.attention.backends.cpu_attn import (
@@ -13,14 +13,15 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
+from lrsa_serve import lagkv
 from lrsa_serve.engine import stats
 from lrsa_serve.engine.backend import (
     LagKVBuilderMixin,
     lagkv_spec,
     remember_current_settings,
 )
-from lrsa_serve.engine.compaction import CompactionPlan, run_compaction
-from lrsa_serve.engine.cpu_layout import page_orders
+from lrsa_serve.engine.compaction import CompactionPlan
+from lrsa_serve.engine.cpu_layout import PageOrder, page_orders
 
 
 @dataclass
@@ -60,25 +61,39 @@ class LagKVCPUImpl(CPUAttentionBackendImpl):
         return result
 
     def _compact(self, layer, kv_cache: torch.Tensor, plan: CompactionPlan) -> None:
-        blocks, heads, block_size, _ = kv_cache.shape
-        # Same split as the stock impl: each (block, head) page holds its K half then its V half,
-        # each in the ISA's own element order.
-        key_half, value_half = kv_cache.view(blocks, heads, 2 * block_size, -1).chunk(2, 2)
-        key_pages, value_pages = key_half.flatten(2), value_half.flatten(2)
-        key_order, value_order = page_orders(layer.isa, kv_cache.dtype, block_size, self.head_size)
-        # Copy the involved blocks into logical row order, compact there, write the kept back.
-        involved = torch.cat([plan.part_blocks, plan.ref_blocks], dim=1).long()
-        keys = key_order.to_logical(key_pages[involved.flatten()], block_size)
-        values = value_order.to_logical(value_pages[involved.flatten()], block_size)
-        local = torch.arange(involved.numel()).view_as(involved)
-        part_local = local[:, : plan.part_blocks.shape[1]]
-        ref_local = local[:, plan.part_blocks.shape[1] :]
-        run_compaction(replace(plan, part_blocks=part_local, ref_blocks=ref_local), keys, values)
-        kept_blocks = plan.settings.keep // block_size
-        src = part_local[:, :kept_blocks].flatten()
-        dst = plan.part_blocks[:, :kept_blocks].flatten().long()
-        key_pages[dst] = key_order.to_physical(keys[src])
-        value_pages[dst] = value_order.to_physical(values[src])
+        orders = page_orders(layer.isa, kv_cache.dtype, kv_cache.shape[2], self.head_size)
+        compact_cpu_pages(kv_cache, plan, orders)
+
+
+def compact_cpu_pages(
+    kv_cache: torch.Tensor, plan: CompactionPlan, orders: tuple[PageOrder, PageOrder]
+) -> None:
+    """Score and compact one layer's planned partitions in vLLM's CPU cache layout.
+
+    ``kv_cache``: ``[blocks, heads, block_size, 2 * head_dim]``; each (block, head) page holds its
+    K half then its V half, each in the ISA's element order (``orders``). The partitions and their
+    references are copied once into logical rows, selected with ``lagkv.select_partition`` and the
+    kept rows written back into the partition's first blocks (sources are copies: no overlap).
+    """
+    blocks, heads, block_size, _ = kv_cache.shape
+    halves = kv_cache.view(blocks, heads, 2 * block_size, -1).chunk(2, 2)
+    requests, part_cols = plan.part_blocks.shape
+    lag, keep = part_cols * block_size, plan.settings.keep
+    involved = torch.cat([plan.part_blocks, plan.ref_blocks], dim=1).long()
+    rows = []
+    for half, order in zip(halves, orders, strict=True):
+        pages = order.to_logical(half.flatten(2)[involved])  # [R, 2 * cols, heads, block, dim]
+        rows.append(pages.transpose(1, 2).reshape(requests, heads, 2 * lag, -1))
+    keys, values = rows
+    kept = lagkv.select_partition(
+        keys[:, :, :lag], values[:, :, :lag], keys[:, :, lag:], values[:, :, lag:],
+        keep, plan.settings.score_v_ratio,
+    )  # fmt: skip
+    dst = plan.part_blocks[:, : keep // block_size].long()
+    for half, order, x in zip(halves, orders, rows, strict=True):
+        moved = x.gather(2, kept[..., None].expand(-1, -1, -1, x.shape[-1]))
+        moved = moved.unflatten(2, (-1, block_size)).transpose(1, 2)  # [R, kept cols, heads, ...]
+        half.flatten(2)[dst] = order.to_physical(moved)
 
 
 class LagKVCPUBackend(CPUAttentionBackend):

@@ -17,16 +17,47 @@ import torch
 @dataclass(frozen=True)
 class PageOrder:
     """``logical_to_physical[i]`` is the offset inside a (block, head) page of logical element
-    ``i = slot * head_dim + channel``; ``physical_to_logical`` is its inverse."""
+    ``i = slot * head_dim + channel``; ``physical_to_logical`` is its inverse.
+
+    ``transposed`` / ``identity`` name the two orders the stock ISAs use (keys channel-major,
+    values row-major): those convert as views, since a gather along the last dim costs ~10x
+    the rest of a compaction on CPU; any other order takes the general gather.
+    """
 
     logical_to_physical: torch.Tensor
     physical_to_logical: torch.Tensor
+    block_size: int
+    identity: bool = False
+    transposed: bool = False
 
-    def to_logical(self, pages: torch.Tensor, block_size: int) -> torch.Tensor:
-        """``[n, heads, block*dim]`` physical pages -> ``[n, heads, block, dim]`` rows."""
-        return pages.index_select(-1, self.logical_to_physical).unflatten(-1, (block_size, -1))
+    @classmethod
+    def from_physical(cls, physical_to_logical: torch.Tensor, block_size: int) -> PageOrder:
+        size = physical_to_logical.numel()
+        rows = torch.arange(size)
+        columns = rows.view(block_size, -1).t().flatten()
+        return cls(
+            torch.argsort(physical_to_logical),
+            physical_to_logical,
+            block_size,
+            identity=torch.equal(physical_to_logical, rows),
+            transposed=torch.equal(physical_to_logical, columns),
+        )
+
+    def to_logical(self, pages: torch.Tensor) -> torch.Tensor:
+        """``[..., block*dim]`` physical pages -> ``[..., block, dim]`` rows (a view when the
+        order is structured)."""
+        if self.identity:
+            return pages.unflatten(-1, (self.block_size, -1))
+        if self.transposed:
+            return pages.unflatten(-1, (-1, self.block_size)).transpose(-1, -2)
+        return pages.index_select(-1, self.logical_to_physical).unflatten(-1, (self.block_size, -1))
 
     def to_physical(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[..., block, dim]`` rows -> ``[..., block*dim]`` physical pages."""
+        if self.identity:
+            return rows.flatten(-2)
+        if self.transposed:
+            return rows.transpose(-1, -2).flatten(-2)
         return rows.flatten(-2).index_select(-1, self.physical_to_logical)
 
 
@@ -60,5 +91,5 @@ def page_orders(
         expected = torch.arange(block_size * head_dim)
         if not torch.equal(physical_to_logical.sort().values, expected):
             raise RuntimeError(f"unrecognised CPU KV layout (isa={isa}, dtype={dtype})")
-        orders.append(PageOrder(torch.argsort(physical_to_logical), physical_to_logical))
+        orders.append(PageOrder.from_physical(physical_to_logical, block_size))
     return orders[0], orders[1]
