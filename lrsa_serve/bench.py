@@ -51,7 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sink", type=int, help="LagKV sink S")
     parser.add_argument("--lag", type=int, help="LagKV partition size L")
     parser.add_argument("--ratio", type=float, help="LagKV kept fraction r")
-    parser.add_argument("--dtype", help="engine dtype (the benchmarks' default: bfloat16)")
+    parser.add_argument(
+        "--dtype", help="engine dtype (default: bfloat16 on CPUs with native bf16, else float32)"
+    )
     parser.add_argument(
         "--memory-args",
         default="",
