@@ -3,6 +3,7 @@ other in the same process) and prompts of exact token lengths."""
 
 from __future__ import annotations
 
+import argparse
 import gc
 import os
 import random
@@ -17,12 +18,20 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 from lrsa_serve.config import LagKVConfig  # noqa: E402
 
 
-def add_engine_arguments(parser) -> None:
+def add_engine_arguments(parser, eager: bool) -> None:
+    """``eager``: this benchmark's default for --enforce-eager (vLLM's torch.compile costs ~2 min
+    per engine on 2 cores; worth it where step speed is measured, as `lrsa serve` compiles)."""
     parser.add_argument("--model", default=None, help="model folder (default: the default model)")
     parser.add_argument(
         "--dtype",
         default=fastest_cpu_dtype(),
         help="engine dtype (default: bfloat16 where the CPU has native bf16, else float32)",
+    )
+    parser.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        default=eager,
+        help=f"skip vLLM's torch.compile (default here: {'on' if eager else 'off'})",
     )
     parser.add_argument("--sink", type=int, default=None)
     parser.add_argument("--lag", type=int, default=None)
@@ -60,7 +69,7 @@ def engine(model: str | None, settings: LagKVConfig | None, **kwargs) -> Iterato
     from lrsa_serve.models import resolve_model
 
     folder = resolve_model(model)
-    base = dict(enforce_eager=True, seed=0, enable_prefix_caching=False) | kwargs
+    base = dict(seed=0, enable_prefix_caching=False) | kwargs
     llm = LLM(**lagkv_engine_kwargs(folder, settings, **base))
     try:
         yield llm

@@ -73,7 +73,7 @@ def concurrency(llm, requests: int, length: int, new_tokens: int) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_engine_arguments(parser)
+    add_engine_arguments(parser, eager=True)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8000])
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--pool-blocks", type=int, default=320, help="KV pool for part 2")
@@ -83,9 +83,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     settings = settings_from(args)
     max_len = max(args.lengths + [args.request_length]) + args.new_tokens + 64
-    common = dict(dtype=args.dtype, max_model_len=max_len)
+    common = dict(dtype=args.dtype, max_model_len=max_len, enforce_eager=args.enforce_eager)
 
-    results: dict = {"settings": settings.model_dump(), "dtype": args.dtype, "runs": {}}
+    results: dict = {
+        "settings": settings.model_dump(),
+        "dtype": args.dtype,
+        "enforce_eager": args.enforce_eager,
+        "runs": {},
+    }
     for name, cfg in (("vanilla", None), ("lagkv", settings)):
         with engine(args.model, cfg, **common) as llm:
             per_length = blocks_per_length(llm, args.lengths, args.new_tokens)

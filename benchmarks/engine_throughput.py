@@ -77,19 +77,28 @@ def batch_throughput(llm, prompts: list[list[int]], new_tokens: int) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_engine_arguments(parser)
+    add_engine_arguments(parser, eager=False)
     parser.add_argument("--context", type=int, default=6144)
     parser.add_argument("--sequences", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     args = parser.parse_args(argv)
     settings = settings_from(args)
-    common = dict(dtype=args.dtype, max_model_len=args.context + args.new_tokens + 64)
+    common = dict(
+        dtype=args.dtype,
+        max_model_len=args.context + args.new_tokens + 64,
+        enforce_eager=args.enforce_eager,
+    )
     if args.max_num_batched_tokens:
         common["max_num_batched_tokens"] = args.max_num_batched_tokens
     prompts = token_prompts(args.sequences + 1, args.context, seed=2)
 
-    results: dict = {"settings": settings.model_dump(), "dtype": args.dtype, "runs": {}}
+    results: dict = {
+        "settings": settings.model_dump(),
+        "dtype": args.dtype,
+        "enforce_eager": args.enforce_eager,
+        "runs": {},
+    }
     for name, cfg in (("vanilla", None), ("lagkv", settings)):
         with engine(args.model, cfg, **common) as llm:
             run = {"ttft_s": time_to_first_token(llm, prompts[-1])}
@@ -106,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{lagkv_run[key] / vanilla[key]:.2f}x"])  # fmt: skip
     print_table(
         f"{args.sequences} x {args.context}-token prompts, {args.new_tokens} new tokens, "
-        f"{args.dtype}, {settings.short()}",
+        f"{args.dtype}, {'eager' if args.enforce_eager else 'compiled'}, {settings.short()}",
         ["metric", "vanilla", "lagkv", "lagkv/vanilla"],
         rows,
     )
