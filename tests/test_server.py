@@ -135,6 +135,16 @@ BAD_REQUESTS = [
     ("wrong method", "/v1/models", {}, None, 405),
     # vLLM registers it for every model; this one has no handler, so it must not 501.
     ("API the model lacks", "/v1/systemone", {"state": {}, "questions": {}}, None, 404),
+    # vLLM reads content[0].text of assistant output messages: these raised inside it (500).
+    ("refusal in responses input", "/v1/responses",
+     {"model": MODEL, "input": [
+         {"type": "message", "role": "assistant", "id": "m1", "status": "completed",
+          "content": [{"type": "refusal", "refusal": "no"}]},
+         {"role": "user", "content": "hi"}]}, None, 400),
+    ("empty assistant message in responses input", "/v1/responses",
+     {"model": MODEL, "input": [
+         {"type": "message", "role": "assistant", "id": "m1", "status": "completed",
+          "content": []}]}, None, 400),
 ]  # fmt: skip
 
 
@@ -145,6 +155,17 @@ def test_bad_input_gets_openai_error(server, name, path, body, raw, status):
     response = post(server, path, body, raw=raw)
     assert response.status_code == status, response.text
     assert is_openai_error(response), response.text
+
+
+def test_responses_with_history_passes_the_input_check(server):
+    """The check replays the body it read: a valid history still reaches vLLM whole."""
+    body = {"model": MODEL, "max_output_tokens": 4, "input": [
+        {"type": "message", "role": "assistant", "id": "m1", "status": "completed",
+         "content": [{"type": "output_text", "text": "Hello.", "annotations": []}]},
+        {"role": "user", "content": "What is the capital of France?"}]}  # fmt: skip
+    response = post(server, "/v1/responses", body)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["input_tokens"] > 10
 
 
 def test_schema_lists_only_served_routes(server):

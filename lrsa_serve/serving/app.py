@@ -15,6 +15,7 @@ from starlette.routing import BaseRoute
 from lrsa_serve import __version__
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.serving.auth import BearerAuth
+from lrsa_serve.serving.validation import ResponsesInputCheck
 
 
 def _drop_route(app: FastAPI, path: str, method: str = "GET") -> None:
@@ -82,9 +83,10 @@ def install_lagkv(
     # Router-level errors (unknown URL, wrong method) come as Starlette's exception, which vLLM's
     # handler (registered for FastAPI's subclass) misses: answer them as OpenAI does.
     app.add_exception_handler(StarletteHTTPException, _openai_http_error)
+    # vLLM's app bootstrap has already built the middleware stack, so ours go in front of its
+    # own (Starlette refuses add_middleware at this point); auth ends up outermost.
+    app.user_middleware.insert(0, Middleware(ResponsesInputCheck))
     if api_key:
-        # vLLM's app bootstrap has already built the middleware stack, so add ours as the
-        # outermost layer (Starlette refuses add_middleware at this point).
         app.user_middleware.insert(0, Middleware(BearerAuth, api_key=api_key))
     app.middleware_stack = app.build_middleware_stack()  # takes in the handler and middleware
     return app
