@@ -15,6 +15,28 @@ def openai_error(message: str, type_: str, code: str | int | None, status: int) 
     return {"error": {"message": message, "type": type_, "param": None, "code": code}}
 
 
+async def send_openai_error(
+    send: Send,
+    status: int,
+    message: str,
+    code: str | int | None,
+    type_: str = "invalid_request_error",
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """Answer an ASGI request with an OpenAI error object (what middleware that stops a request
+    before vLLM's handlers sends)."""
+    body = json.dumps(openai_error(message, type_, code, status)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": headers + (extra_headers or []),
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
 class BearerAuth:
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
@@ -33,18 +55,6 @@ class BearerAuth:
             if not given
             else "Incorrect API key provided"
         )
-        body = json.dumps(
-            openai_error(message, "invalid_request_error", "invalid_api_key", 401)
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", b"Bearer"),
-                ],
-            }
+        await send_openai_error(
+            send, 401, message, "invalid_api_key", extra_headers=[(b"www-authenticate", b"Bearer")]
         )
-        await send({"type": "http.response.body", "body": body})

@@ -13,7 +13,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lrsa_serve.serving.auth import openai_error
+from lrsa_serve.serving.auth import send_openai_error
 
 RESPONSES_PATH = "/v1/responses"
 
@@ -64,19 +64,7 @@ class ResponsesInputCheck:
         except ValueError:  # not JSON: vLLM answers that with its own 400
             problem = None
         if problem is not None:
-            body = json.dumps(openai_error(problem, "invalid_request_error", 400, 400)).encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 400,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
-            return
+            return await send_openai_error(send, 400, problem, 400)
 
         replayed = False
 
