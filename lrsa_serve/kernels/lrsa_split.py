@@ -49,7 +49,7 @@ from functools import lru_cache
 import torch
 
 from lrsa_serve import lagkv
-from lrsa_serve.kernels.lrsa_varlen import key_index
+from lrsa_serve.kernels.lrsa_varlen import in_autocast_dtype, key_index
 
 LOCAL_KERNELS = ("cudnn", "flash", "math")
 GLOBAL_KERNELS = ("flash", "math")
@@ -387,9 +387,7 @@ def lrsa_split_attention(
     ``rule`` has sink/lag/keep/score_v_ratio; ``kept`` (``[B, Hkv, P, keep]``) defaults to
     ``lagkv.select_all`` of this key/value under no_grad; ``kernels`` = (local, global).
     """
-    if torch.is_autocast_enabled(query.device.type):  # attend in the autocast dtype, as SDPA
-        dtype = torch.get_autocast_dtype(query.device.type)
-        query, key, value = (t.to(dtype) for t in (query, key, value))
+    query, key, value = in_autocast_dtype(query, key, value)
     b, hq, n, d = query.shape
     hkv = key.shape[1]
     scale = d**-0.5 if scaling is None else scaling

@@ -179,6 +179,16 @@ def varlen_attention(
     return torch.cat(outs, dim=0)
 
 
+def in_autocast_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """As SDPA under autocast: attend in the autocast dtype (RoPE makes fp32 q/k in a model whose
+    weights are fp32, which would otherwise take the float32 kernel)."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
+
+
 def default_kernel(query: torch.Tensor) -> str:
     """``LRSA_VARLEN_KERNEL`` if set; else flash where it applies, efficient for other CUDA
     dtypes / head dims, math on CPU."""
@@ -209,11 +219,7 @@ def lrsa_varlen_attention(
     ``rule`` has sink/lag/keep/score_v_ratio; ``kept`` (``[B, Hkv, P, keep]``) defaults to
     ``lagkv.select_all`` of this key/value under no_grad.
     """
-    if torch.is_autocast_enabled(query.device.type):
-        # as SDPA under autocast: attend in the autocast dtype (RoPE makes fp32 q/k in a model
-        # whose weights are fp32, which would otherwise take the float32 kernel)
-        dtype = torch.get_autocast_dtype(query.device.type)
-        query, key, value = (t.to(dtype) for t in (query, key, value))
+    query, key, value = in_autocast_dtype(query, key, value)
     b, hq, n, d = query.shape
     hkv = key.shape[1]
     scale = d**-0.5 if scaling is None else scaling
