@@ -49,19 +49,10 @@ from functools import lru_cache
 import torch
 
 from lrsa_serve import lagkv
-from lrsa_serve.kernels.lrsa_varlen import in_autocast_dtype, key_index
+from lrsa_serve.kernels.lrsa_varlen import PartitionSizes, in_autocast_dtype, key_index
 
 LOCAL_KERNELS = ("cudnn", "flash", "math")
 GLOBAL_KERNELS = ("flash", "math")
-
-
-@dataclass(frozen=True)
-class _Rule:
-    """The numbers ``lagkv``'s bookkeeping reads (it duck-types its ``cfg``)."""
-
-    sink: int
-    lag: int
-    keep: int
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: ``plan_for`` caches instances
@@ -93,7 +84,7 @@ def plan_for(length: int, sink: int, lag: int, keep: int) -> SplitPlan:
     """Blocks from ``lagkv.partition_of`` (the sink, partition 0, 1, ...); a block's older keys
     are what its first query sees before the block (``raw_key_visible``, ``gathered_key_visible``);
     the tests check that own ∪ older is ``lagkv.visibility_mask`` for every query."""
-    rule = _Rule(sink, lag, keep)
+    rule = PartitionSizes(sink, lag, keep)
     positions = torch.arange(length)
     part = lagkv.partition_of(positions, rule)
     block = torch.where(part < 0, 0, part + int(bool(sink)))  # the sink is block 0

@@ -76,7 +76,7 @@ def packing_for(length: int, sink: int, lag: int, keep: int) -> Packing:
     compressed history (``chunk_end_limit``, as the engine's prefill chunks); its keys are what
     its last query sees: the kept slots (``gathered_key_visible``), placed after the sink, then
     the raw keys (``raw_key_visible``), which end with the item's own queries."""
-    rule = _Rule(sink, lag, keep)
+    rule = PartitionSizes(sink, lag, keep)
     positions = torch.arange(length)
     slots = torch.arange(lagkv.compressed_partitions(length, rule) * keep)
     q_lens, k_lens, template = [], [], []
@@ -95,7 +95,7 @@ def packing_for(length: int, sink: int, lag: int, keep: int) -> Packing:
 
 
 @dataclass(frozen=True)
-class _Rule:
+class PartitionSizes:
     """The numbers ``lagkv``'s bookkeeping reads (it duck-types its ``cfg``)."""
 
     sink: int
