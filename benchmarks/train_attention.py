@@ -7,8 +7,10 @@ the gathers, the attention kernel forward and backward, the output layout. ``var
 varlen path (``lrsa_varlen``: one FlashAttention-2 varlen call); ``split`` the two-call one
 (``lrsa_split``: own blocks on cuDNN, older keys on FA2 varlen, LSE merge; ``split:L,G`` picks
 its local/global kernels); ``flex`` the FlexAttention one (``--impls`` picks; ``varlen_attn`` /
-``split_attn`` are those paths without the selection). Dense is timed with SDPA's default
-backend (cuDNN on the H100) and, for reference, with FlashAttention-2 forced.
+``split_attn`` are those paths without the selection; ``varlen:K`` the varlen path with kernel
+K, e.g. ``fa4`` or ``flash``). Dense is timed with SDPA's default backend (cuDNN on the H100)
+and, for reference, with FlashAttention-2 forced and, where ``flash-attn-4`` is installed, with
+FlashAttention-4's dense causal kernel.
 
 Also reported: the visible-pair ratio (the FLOP ratio the mask allows), selection alone, and an
 optional sweep of FlexAttention kernel options at the longest length (``--sweep``; the fastest
@@ -36,7 +38,7 @@ from lrsa_serve import lagkv  # noqa: E402
 from lrsa_serve.config import LagKVConfig  # noqa: E402
 from lrsa_serve.kernels import lrsa_attention as la  # noqa: E402
 from lrsa_serve.kernels.lrsa_split import lrsa_split_attention  # noqa: E402
-from lrsa_serve.kernels.lrsa_varlen import lrsa_varlen_attention  # noqa: E402
+from lrsa_serve.kernels.lrsa_varlen import fa4_applies, lrsa_varlen_attention  # noqa: E402
 
 OPTION_SETS = {
     "default": None,
@@ -86,6 +88,13 @@ def dense_gqa(q, k, v):
 def dense_flash(q, k, v):  # FlashAttention-2 forced: the kernel the varlen path uses
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         return dense_gqa(q, k, v)
+
+
+def dense_fa4(q, k, v):  # FlashAttention-4 dense causal: the kernel the fa4 varlen path uses
+    from flash_attn.cute import flash_attn_func
+
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    return flash_attn_func(q, k, v, causal=True)[0]
 
 
 def dense_repeat(q, k, v):  # HF's path when SDPA's GQA flag cannot be used
@@ -150,6 +159,14 @@ def main() -> int:
                 return la.lrsa_split(q, k, v, cfg, scale, kernels=kernels)
 
             impls[name] = split_with
+        if name.startswith("varlen:"):  # varlen:KERNEL = the varlen path with this kernel
+            kernel = name.split(":", 1)[1]
+
+            def varlen_with(q, k, v, kernel=kernel):
+                kept = la.select_kept(k, v, rule)
+                return lrsa_varlen_attention(q, k, v, rule, scale, kernel=kernel, kept=kept)
+
+            impls[name] = varlen_with
 
     def save():
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -204,6 +221,9 @@ def main() -> int:
         except RuntimeError as e:  # no flash kernel for this shape/dtype
             row["dense_flash_ms"] = None
             print(f"n={n} dense flash: failed {e!r}"[:300], flush=True)
+        row["dense_fa4_ms"] = None
+        if fa4_applies(qkv[0]):
+            row["dense_fa4_ms"] = median_ms(fwd_bwd(dense_fa4, qkv, grad))
         k, v = qkv[1].detach(), qkv[2].detach()
         kept = la.select_kept(k, v, rule)
 
@@ -234,6 +254,8 @@ def main() -> int:
             row[f"{impl}_tflops"] = flops * visible_pairs(n, cfg) / row[f"{impl}_ms"] / 1e9
             if row["dense_flash_ms"]:
                 row[f"{impl}_speedup_vs_flash"] = row["dense_flash_ms"] / row[f"{impl}_ms"]
+            if row["dense_fa4_ms"]:
+                row[f"{impl}_speedup_vs_fa4"] = row["dense_fa4_ms"] / row[f"{impl}_ms"]
         main = args.impls[0]
         row["lrsa_ms"], row["speedup_vs_best_dense"] = row[f"{main}_ms"], row.get(f"{main}_speedup")
         row["select_ms"] = median_ms(lambda: la.select_kept(k, v, rule))  # noqa: B023
@@ -254,7 +276,7 @@ def main() -> int:
     )
     head = "".join(f"{impl:>12} {'speedup':>8}" for impl in args.impls)
     print(
-        f"{'n':>6} {'dense gqa':>10} {'dense rep':>10} {'dense fa2':>10}{head} "
+        f"{'n':>6} {'dense gqa':>10} {'dense rep':>10} {'dense fa2':>10} {'dense fa4':>10}{head} "
         f"{'mask ratio':>10} {'select':>7} {'sel eager':>9}"
     )
     for r in result["rows"]:
@@ -264,9 +286,12 @@ def main() -> int:
             else f"{'-':>12} {'-':>8}"
             for i in args.impls
         )
-        flash = f"{r['dense_flash_ms']:>10.2f}" if r.get("dense_flash_ms") else f"{'-':>10}"
+        flash = "".join(
+            f" {r[key]:>10.2f}" if r.get(key) else f" {'-':>10}"
+            for key in ("dense_flash_ms", "dense_fa4_ms")
+        )
         print(
-            f"{r['n']:>6} {r['dense_sdpa_gqa_ms']:>10.2f} {r['dense_sdpa_repeat_ms']:>10.2f} "
+            f"{r['n']:>6} {r['dense_sdpa_gqa_ms']:>10.2f} {r['dense_sdpa_repeat_ms']:>10.2f}"
             f"{flash}{cells} {r['visible_pair_ratio']:>9.2f}x {r['select_ms']:>7.2f} "
             f"{r['select_eager_ms']:>9.2f}"
         )

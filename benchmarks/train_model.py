@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -94,7 +95,8 @@ def main() -> int:
         "--lrsa-backends",
         nargs="+",
         default=["auto"],
-        help=f"LRSA attention backends to time, of {la.BACKENDS}; the first is 'lrsa' in the JSON",
+        help=f"LRSA attention backends to time, of {la.BACKENDS} (varlen:KERNEL picks the varlen "
+        "kernel, e.g. varlen:flash); the first is 'lrsa' in the JSON",
     )
     parser.add_argument("--deadline", type=float, default=200.0, help="seconds; skip the rest")
     parser.add_argument("--out", default="train_model.json")
@@ -140,7 +142,9 @@ def main() -> int:
                     row[f"{attention}_s"] = None
                     continue
                 model_mod.set_attention(model, "dense" if backend is None else "lrsa", cfg)
-                la.set_backend(backend or "auto")
+                backend, _, kernel = (backend or "auto").partition(":")
+                la.set_backend(backend)
+                os.environ["LRSA_VARLEN_KERNEL"] = kernel or "auto"
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 try:

@@ -341,3 +341,51 @@ def test_cuda_split_kernels_match_math(kernels, batch, n):
     assert rel(out, ref) < 2e-2
     for got, want in zip(fast_in, ref_in, strict=True):
         assert rel(got.grad, want.grad) < 4e-2
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("kernel", ["fa4", "flash"])
+@pytest.mark.parametrize("batch,n,dim", [(2, 1500, 128), (1, 2200, 64)])
+def test_cuda_varlen_kernels_match_math(kernel, batch, n, dim):
+    """Each CUDA varlen kernel (bf16) against the plain-torch items on the same rounded inputs in
+    float32, fwd+bwd; batch 2, a short last partition, both head dims the benchmarks use."""
+    if kernel == "fa4" and not lv.fa4_applies(torch.empty(1, 1, 1, dim, device="cuda").bfloat16()):
+        pytest.skip("flash-attn-4 not installed or not this GPU")
+    rule = la.Rule.of(LagKVConfig(sink=16, lag=256, ratio=0.25))
+    g = torch.Generator(device="cuda").manual_seed(n)
+    shapes = [(batch, 12, n, dim), (batch, 2, n, dim), (batch, 2, n, dim)]
+    base = [torch.randn(*s, generator=g, device="cuda").bfloat16() for s in shapes]
+    kept = la.select_kept(base[1], base[2], rule)
+    fast_in = [t.detach().requires_grad_() for t in base]
+    ref_in = [t.detach().float().requires_grad_() for t in base]
+    out = lv.lrsa_varlen_attention(*fast_in, rule, dim**-0.5, kernel=kernel, kept=kept)
+    ref = lv.lrsa_varlen_attention(*ref_in, rule, dim**-0.5, kernel="math", kept=kept)
+    weights = torch.randn_like(ref)
+    (out.float() * weights).sum().backward()
+    (ref * weights).sum().backward()
+
+    def rel(a, b):
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    assert rel(out, ref) < 2e-2
+    for got, want in zip(fast_in, ref_in, strict=True):
+        assert rel(got.grad, want.grad) < 4e-2
+
+
+def test_varlen_kernel_choice_is_explicit(monkeypatch):
+    """A kernel that cannot run is an error naming the cause, never a silent fallback."""
+    q = torch.randn(1, 4, 40, 16)
+    monkeypatch.setenv("LRSA_VARLEN_KERNEL", "fast")
+    with pytest.raises(ValueError, match="LRSA_VARLEN_KERNEL must be one of"):
+        lv.default_kernel(q)
+    monkeypatch.setenv("LRSA_VARLEN_KERNEL", "auto")
+    assert lv.default_kernel(q) == "math"  # CPU
+    if lv._fa4() is None:  # FA4 is a GPU-only optional package
+        rule = la.Rule.of(LagKVConfig(sink=4, lag=8, ratio=0.25))
+        k = torch.randn(1, 2, 40, 16)
+        with pytest.raises(ValueError, match="flash-attn-4"):
+            lv.lrsa_varlen_attention(q, k, k, rule, kernel="fa4")
+        monkeypatch.setenv("LRSA_VARLEN_KERNEL", "fa4")
+        with pytest.raises(ValueError, match="flash-attn-4"):
+            lv.default_kernel(q)
