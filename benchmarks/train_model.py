@@ -1,10 +1,11 @@
 """Whole-model training throughput: LRSA vs dense SDPA on a randomly initialised ~0.5B Qwen2.
 
-The trainer's own step (``loop.loss_sum`` + backward + clip + AdamW) on one sequence of 16K and
-32K tokens, bf16 autocast over float32 master weights, Qwen2.5-0.5B's shape (24 layers, 896
-hidden, 14 q / 2 kv heads of 64, vocab 151936). The loss is on the last ``--target-tokens``
-tokens, as in long-context QA post-training (the LM head runs on those positions only). Both
-with gradient checkpointing (the trainer's default) and without.
+The trainer's own step (``loop.loss_sum`` + backward + clip + its AdamW, fused on CUDA; norms and
+MLPs compiled on CUDA, ``--compile``) on one sequence of 16K and 32K tokens, bf16 autocast over
+float32 master weights, Qwen2.5-0.5B's shape (24 layers, 896 hidden, 14 q / 2 kv heads of 64, vocab
+151936). The loss is on the last ``--target-tokens`` tokens, as in long-context QA post-training
+(the LM head runs on those positions only). Both with gradient checkpointing (the trainer's
+default) and without.
 
 Also: the share of the step spent in LagKV selection (measured alone on one layer's K/V shape,
 times layers, times 2 with checkpointing since the forward runs twice).
@@ -29,6 +30,7 @@ from lrsa_serve.config import LagKVConfig  # noqa: E402
 from lrsa_serve.kernels import lrsa_attention as la  # noqa: E402
 from lrsa_serve.training import loop  # noqa: E402
 from lrsa_serve.training import model as model_mod  # noqa: E402
+from lrsa_serve.training.config import ModelConfig, OptimConfig  # noqa: E402
 from lrsa_serve.training.data import IGNORE_INDEX  # noqa: E402
 from lrsa_serve.training.tiny import (  # noqa: E402
     qwen2_half_billion_config,
@@ -98,6 +100,13 @@ def main() -> int:
         help=f"LRSA attention backends to time, of {la.BACKENDS} (varlen:KERNEL picks the varlen "
         "kernel, e.g. varlen:flash); the first is 'lrsa' in the JSON",
     )
+    parser.add_argument("--adamw", choices=["fused", "foreach"], default="fused")
+    parser.add_argument(
+        "--compile",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="torch.compile the norms and MLPs (auto: as the trainer, i.e. on CUDA)",
+    )
     parser.add_argument("--deadline", type=float, default=200.0, help="seconds; skip the rest")
     parser.add_argument("--out", default="train_model.json")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script")
@@ -109,13 +118,25 @@ def main() -> int:
     with device:
         model = random_model(config)
     params = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    compiled = ModelConfig(compile={"auto": None, "on": True, "off": False}[args.compile])
+    compiled = compiled.compiles_on(device.type)
+    if compiled:
+        model_mod.compile_pointwise(model)
+    if args.adamw == "fused":  # the trainer's optimizer (fused on CUDA)
+        optimizer = loop.build_optimizer(model, OptimConfig(lr=1e-5), device)
+    else:  # torch's default implementation (foreach), as measured before the trainer fused it
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     autocast = loop.autocast_for(device, "bf16")
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "params": params,
-        "settings": cfg.model_dump() | {"target_tokens": args.target_tokens},
+        "settings": cfg.model_dump()
+        | {
+            "target_tokens": args.target_tokens,
+            "adamw": args.adamw,
+            "compile_pointwise": compiled,
+        },
         "lrsa_backends": args.lrsa_backends,
         "rows": [],
     }

@@ -74,6 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--grad-accum", type=int, help="micro-batches per optimizer step and GPU (default 1)")
     p("--attention", choices=("lrsa", "dense"), help="lrsa (default) or dense SDPA baseline")
     p("--no-grad-checkpointing", action="store_true", help="keep activations (more memory)")
+    p("--no-compile", action="store_true", help="run norms and MLPs eagerly (default on CUDA)")
     p("--dtype", choices=("bf16", "fp32"), help="autocast on CUDA (default bf16)")
     p("--export-dtype", choices=("float32", "bfloat16"), help="exported weights (default float32)")
     p("--eval-every", type=int, help="steps between evaluations (0: at the end only)")
@@ -109,6 +110,8 @@ def build_job(args: argparse.Namespace):
         job.data.synthetic_tasks = tuple(t.strip() for t in args.synthetic_tasks.split(","))
     if args.no_grad_checkpointing:
         job.model.gradient_checkpointing = False
+    if args.no_compile:
+        job.model.compile = False
     if args.resume:
         job.train.resume = True
     if args.no_progress:

@@ -31,7 +31,7 @@ from lrsa_serve.models import resolve_model
 from lrsa_serve.training import checkpoint as ckpt
 from lrsa_serve.training import data as data_mod
 from lrsa_serve.training import model as model_mod
-from lrsa_serve.training.config import JobConfig
+from lrsa_serve.training.config import JobConfig, OptimConfig
 from lrsa_serve.training.data import IGNORE_INDEX, TokenizedExample
 
 
@@ -85,6 +85,25 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(
+    model: torch.nn.Module, optim: OptimConfig, device: torch.device
+) -> torch.optim.AdamW:
+    """AdamW without weight decay on biases and norms; on CUDA the fused kernel (fewer launches
+    than foreach's; it takes FSDP2's DTensor parameters too)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": optim.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=optim.lr,
+        betas=optim.betas,
+        fused=device.type == "cuda",
+    )
 
 
 def autocast_for(device: torch.device, mixed_precision: str):
@@ -154,18 +173,10 @@ class Trainer:
         model_mod.set_attention(model, job.model.attention, job.lagkv)
         model_mod.prepare_for_training(model, job.model.gradient_checkpointing)
         model.to(self.runtime.device)
+        if job.model.compiles_on(self.runtime.device.type):
+            model_mod.compile_pointwise(model)
         self.model = model_mod.parallelize(model, self.runtime.world_size)
-        decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
-            (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
-        self.optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": job.optim.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=job.optim.lr,
-            betas=job.optim.betas,
-        )
+        self.optimizer = build_optimizer(self.model, job.optim, self.runtime.device)
         o = job.optim
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,

@@ -74,6 +74,23 @@ def prepare_for_training(model: PreTrainedModel, gradient_checkpointing: bool) -
     model.train()
 
 
+# Modules that are pointwise glue around matmuls: RMSNorm (fp32 upcast, square, mean, rsqrt,
+# scale) and the gated MLP (act(gate) * up). Eager, each step is a full pass over a long
+# activation; compiled, they fuse. Attention stays eager (its kernels are opaque to dynamo).
+POINTWISE_MODULES = ("RMSNorm", "MLP")
+
+
+def compile_pointwise(model: PreTrainedModel) -> int:
+    """``torch.compile`` every RMSNorm and MLP module in place; returns how many. Instances of a
+    class share one graph (shapes become dynamic after the first new length)."""
+    count = 0
+    for module in model.modules():
+        if type(module).__name__.endswith(POINTWISE_MODULES):
+            module.compile()
+            count += 1
+    return count
+
+
 def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
@@ -95,6 +112,7 @@ def parallelize(model: PreTrainedModel, world_size: int) -> PreTrainedModel:
 
 __all__ = [
     "check_supported",
+    "compile_pointwise",
     "load_model",
     "load_tokenizer",
     "lrsa_attention",
