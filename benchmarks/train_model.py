@@ -1,7 +1,7 @@
 """Whole-model training throughput: LRSA vs dense SDPA on a randomly initialised ~0.5B Qwen2.
 
-The trainer's own step (``loop.loss_sum`` + backward + clip + its AdamW, fused on CUDA; norms and
-MLPs compiled on CUDA, ``--compile``) on one sequence of 16K and 32K tokens, bf16 autocast over
+The trainer's own step (``loop.loss_sum`` + backward + clip + its AdamW, fused on CUDA; decoder
+layers compiled on CUDA, ``--compile``) on one sequence of 16K and 32K tokens, bf16 autocast over
 float32 master weights, Qwen2.5-0.5B's shape (24 layers, 896 hidden, 14 q / 2 kv heads of 64, vocab
 151936). The loss is on the last ``--target-tokens`` tokens, as in long-context QA post-training
 (the LM head runs on those positions only). Both with gradient checkpointing (the trainer's
@@ -105,7 +105,7 @@ def main() -> int:
         "--compile",
         choices=["auto", "on", "off"],
         default="auto",
-        help="torch.compile the norms and MLPs (auto: as the trainer, i.e. on CUDA)",
+        help="torch.compile the decoder layers (auto: as the trainer, i.e. on CUDA)",
     )
     parser.add_argument("--deadline", type=float, default=200.0, help="seconds; skip the rest")
     parser.add_argument("--out", default="train_model.json")
@@ -121,7 +121,7 @@ def main() -> int:
     compiled = ModelConfig(compile={"auto": None, "on": True, "off": False}[args.compile])
     compiled = compiled.compiles_on(device.type)
     if compiled:
-        model_mod.compile_pointwise(model)
+        model_mod.compile_layers(model)
     if args.adamw == "fused":  # the trainer's optimizer (fused on CUDA)
         optimizer = loop.build_optimizer(model, OptimConfig(lr=1e-5), device)
     else:  # torch's default implementation (foreach), as measured before the trainer fused it
@@ -135,7 +135,7 @@ def main() -> int:
         | {
             "target_tokens": args.target_tokens,
             "adamw": args.adamw,
-            "compile_pointwise": compiled,
+            "compiled_layers": compiled,
         },
         "lrsa_backends": args.lrsa_backends,
         "rows": [],

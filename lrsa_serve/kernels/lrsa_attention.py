@@ -397,7 +397,9 @@ def lrsa_attention(
     return out, None
 
 
-AttentionInterface.register(NAME, lrsa_attention)
+# Opaque to dynamo: a compiled decoder layer (training/model.py) breaks its graph here and runs
+# the selection, the gathers and the attention kernel eagerly (they carry their own compile).
+AttentionInterface.register(NAME, torch.compiler.disable(lrsa_attention))
 
 
 def use_lrsa(model: PreTrainedModel, cfg: LagKVConfig) -> PreTrainedModel:

@@ -74,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--grad-accum", type=int, help="micro-batches per optimizer step and GPU (default 1)")
     p("--attention", choices=("lrsa", "dense"), help="lrsa (default) or dense SDPA baseline")
     p("--no-grad-checkpointing", action="store_true", help="keep activations (more memory)")
-    p("--no-compile", action="store_true", help="run norms and MLPs eagerly (default on CUDA)")
+    p("--no-compile", action="store_true", help="eager decoder layers (compiled on CUDA)")
     p("--dtype", choices=("bf16", "fp32"), help="autocast on CUDA (default bf16)")
     p("--export-dtype", choices=("float32", "bfloat16"), help="exported weights (default float32)")
     p("--eval-every", type=int, help="steps between evaluations (0: at the end only)")

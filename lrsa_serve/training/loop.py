@@ -174,7 +174,7 @@ class Trainer:
         model_mod.prepare_for_training(model, job.model.gradient_checkpointing)
         model.to(self.runtime.device)
         if job.model.compiles_on(self.runtime.device.type):
-            model_mod.compile_pointwise(model)
+            model_mod.compile_layers(model)
         self.model = model_mod.parallelize(model, self.runtime.world_size)
         self.optimizer = build_optimizer(self.model, job.optim, self.runtime.device)
         o = job.optim

@@ -74,21 +74,16 @@ def prepare_for_training(model: PreTrainedModel, gradient_checkpointing: bool) -
     model.train()
 
 
-# Modules that are pointwise glue around matmuls: RMSNorm (fp32 upcast, square, mean, rsqrt,
-# scale) and the gated MLP (act(gate) * up). Eager, each step is a full pass over a long
-# activation; compiled, they fuse. Attention stays eager (its kernels are opaque to dynamo).
-POINTWISE_MODULES = ("RMSNorm", "MLP")
-
-
-def compile_pointwise(model: PreTrainedModel) -> int:
-    """``torch.compile`` every RMSNorm and MLP module in place; returns how many. Instances of a
-    class share one graph (shapes become dynamic after the first new length)."""
-    count = 0
-    for module in model.modules():
-        if type(module).__name__.endswith(POINTWISE_MODULES):
-            module.compile()
-            count += 1
-    return count
+def compile_layers(model: PreTrainedModel) -> int:
+    """``torch.compile`` every decoder layer in place, so the pointwise glue around the matmuls
+    (norms with their fp32 upcast, RoPE, the gated MLP, residuals) fuses instead of making one
+    pass over a long activation per op; the LRSA attention function itself runs eagerly (it is
+    excluded from dynamo). Layers share one graph; lengths become dynamic after the first new
+    one. Returns how many layers."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
@@ -112,7 +107,7 @@ def parallelize(model: PreTrainedModel, world_size: int) -> PreTrainedModel:
 
 __all__ = [
     "check_supported",
-    "compile_pointwise",
+    "compile_layers",
     "load_model",
     "load_tokenizer",
     "lrsa_attention",
