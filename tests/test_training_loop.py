@@ -176,7 +176,9 @@ def test_compiled_layers_train_as_eager(tmp_path, tokenizer):
             (total / count).backward()
             losses.append(float(total / count))
         grads[compiled] = (losses, [p.grad.clone() for p in trainer.model.parameters()])
-    assert grads[True][0] == pytest.approx(grads[False][0], rel=1e-5)
+    # float32 on CPU; on a GPU the trainer runs bf16 autocast, where fusion changes rounding
+    exact = trainer.runtime.device.type == "cpu"
+    assert grads[True][0] == pytest.approx(grads[False][0], rel=1e-5 if exact else 2e-3)
     for got, want in zip(grads[True][1], grads[False][1], strict=True):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        assert float((got - want).norm()) <= (1e-4 if exact else 3e-2) * float(want.norm()) + 1e-8
     assert JobConfig().model.compiles_on("cuda") and not JobConfig().model.compiles_on("cpu")

@@ -20,8 +20,8 @@ Kernels (``varlen_attention``):
 - ``fa4``: FlashAttention-4's CuTe-DSL varlen kernel (``flash_attn.cute``, the optional
   ``flash-attn-4`` package; Hopper/Blackwell, fp16/bf16, head dim a multiple of 8 up to 128;
   GQA native). Same bottom-right causal convention; its own autograd. Used by default where it
-  is installed: on the H100 it ran a 32K layer's items (fwd+bwd) 1.8x faster than
-  FlashAttention-2 (notes/training.md).
+  is installed, for sequences of ``FA4_MIN_LENGTH`` tokens or more: on the H100 it ran a 32K
+  layer's items (fwd+bwd) 1.8x faster than FlashAttention-2 (notes/training.md).
 - ``flash``: ``aten._flash_attention_forward`` with ``cum_seq_q/k`` (CUDA, fp16/bf16, head dim
   a multiple of 8 up to 256; GQA native). Autograd through the op's own backward.
 - ``efficient``: ``aten._efficient_attention_forward`` with ``cu_seqlens`` and the
@@ -229,9 +229,16 @@ def fa4_applies(query: torch.Tensor) -> bool:
     return torch.cuda.get_device_capability(query.device)[0] in (9, 10)
 
 
+# Below this many tokens FA2's lower per-call cost wins (H100: a 5K-token layer 1.19 ms on FA2
+# vs 1.37 ms on FA4, an 8K one 2.30 vs 2.02 ms; a tiny model at <1K tokens trained 1.45x faster
+# on FA2). notes/training.md.
+FA4_MIN_LENGTH = 8192
+
+
 def default_kernel(query: torch.Tensor) -> str:
-    """``LRSA_VARLEN_KERNEL`` if set; else fa4 where it is installed and applies, flash where it
-    applies, efficient for other CUDA dtypes / head dims, math on CPU."""
+    """``LRSA_VARLEN_KERNEL`` if set; else fa4 where it is installed and applies from
+    ``FA4_MIN_LENGTH`` tokens, flash where it applies, efficient for other CUDA dtypes / head
+    dims, math on CPU. ``query`` is ``[B, Hq, n, D]``."""
     forced = os.environ.get("LRSA_VARLEN_KERNEL", "auto")
     if forced != "auto":
         if forced not in KERNELS:
@@ -241,7 +248,7 @@ def default_kernel(query: torch.Tensor) -> str:
         return forced
     if not query.is_cuda:
         return "math"
-    if fa4_applies(query):
+    if query.shape[2] >= FA4_MIN_LENGTH and fa4_applies(query):
         return "fa4"
     d = query.shape[-1]
     if query.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256:
