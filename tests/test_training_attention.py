@@ -314,44 +314,9 @@ def test_cuda_forward_backward_match_reference(sink, lag, ratio, n, heads, dim, 
         assert rel(got.grad, want.grad) < tol * 2
 
 
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize("kernels", [("cudnn", "flash"), ("flash", "flash")])
-@pytest.mark.parametrize("batch,n", [(2, 1500), (1, 2200)])
-def test_cuda_split_kernels_match_math(kernels, batch, n):
-    """Each CUDA kernel pair of the split path (bf16) against its plain-torch kernels on the same
-    rounded inputs in float32, fwd+bwd; batch 2 and a short last partition."""
-    cfg = LagKVConfig(sink=16, lag=256, ratio=0.25)
-    rule = la.Rule.of(cfg)
-    g = torch.Generator(device="cuda").manual_seed(n)
-    shapes = [(batch, 12, n, 128), (batch, 2, n, 128), (batch, 2, n, 128)]
-    base = [torch.randn(*s, generator=g, device="cuda").bfloat16() for s in shapes]
-    kept = la.select_kept(base[1], base[2], rule)
-    fast_in = [t.detach().requires_grad_() for t in base]
-    ref_in = [t.detach().float().requires_grad_() for t in base]
-    out = ls.lrsa_split_attention(*fast_in, rule, 128**-0.5, kernels=kernels, kept=kept)
-    ref = ls.lrsa_split_attention(*ref_in, rule, 128**-0.5, kernels=("math", "math"), kept=kept)
-    weights = torch.randn_like(ref)
-    (out.float() * weights).sum().backward()
-    (ref * weights).sum().backward()
-
-    def rel(a, b):
-        return float((a.float() - b.float()).norm() / b.float().norm())
-
-    assert rel(out, ref) < 2e-2
-    for got, want in zip(fast_in, ref_in, strict=True):
-        assert rel(got.grad, want.grad) < 4e-2
-
-
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize("kernel", ["fa4", "flash"])
-@pytest.mark.parametrize("batch,n,dim", [(2, 1500, 128), (1, 2200, 64)])
-def test_cuda_varlen_kernels_match_math(kernel, batch, n, dim):
-    """Each CUDA varlen kernel (bf16) against the plain-torch items on the same rounded inputs in
-    float32, fwd+bwd; batch 2, a short last partition, both head dims the benchmarks use."""
-    if kernel == "fa4" and not lv.fa4_applies(torch.empty(1, 1, 1, dim, device="cuda").bfloat16()):
-        pytest.skip("flash-attn-4 not installed or not this GPU")
+def assert_cuda_kernels_match_math(attend, batch: int, n: int, dim: int) -> None:
+    """``attend(q, k, v, rule, scale, kept, fast)`` with the CUDA kernels (bf16, ``fast``) against
+    its plain-torch kernels on the same rounded inputs in float32, forward and backward."""
     rule = la.Rule.of(LagKVConfig(sink=16, lag=256, ratio=0.25))
     g = torch.Generator(device="cuda").manual_seed(n)
     shapes = [(batch, 12, n, dim), (batch, 2, n, dim), (batch, 2, n, dim)]
@@ -359,8 +324,8 @@ def test_cuda_varlen_kernels_match_math(kernel, batch, n, dim):
     kept = la.select_kept(base[1], base[2], rule)
     fast_in = [t.detach().requires_grad_() for t in base]
     ref_in = [t.detach().float().requires_grad_() for t in base]
-    out = lv.lrsa_varlen_attention(*fast_in, rule, dim**-0.5, kernel=kernel, kept=kept)
-    ref = lv.lrsa_varlen_attention(*ref_in, rule, dim**-0.5, kernel="math", kept=kept)
+    out = attend(*fast_in, rule, dim**-0.5, kept, True)
+    ref = attend(*ref_in, rule, dim**-0.5, kept, False)
     weights = torch.randn_like(ref)
     (out.float() * weights).sum().backward()
     (ref * weights).sum().backward()
@@ -371,6 +336,37 @@ def test_cuda_varlen_kernels_match_math(kernel, batch, n, dim):
     assert rel(out, ref) < 2e-2
     for got, want in zip(fast_in, ref_in, strict=True):
         assert rel(got.grad, want.grad) < 4e-2
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("kernels", [("cudnn", "flash"), ("flash", "flash")])
+@pytest.mark.parametrize("batch,n", [(2, 1500), (1, 2200)])
+def test_cuda_split_kernels_match_math(kernels, batch, n):
+    """Each CUDA kernel pair of the split path; batch 2 and a short last partition."""
+
+    def attend(q, k, v, rule, scale, kept, fast):
+        pair = kernels if fast else ("math", "math")
+        return ls.lrsa_split_attention(q, k, v, rule, scale, kernels=pair, kept=kept)
+
+    assert_cuda_kernels_match_math(attend, batch, n, 128)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("kernel", ["fa4", "flash"])
+@pytest.mark.parametrize("batch,n,dim", [(2, 1500, 128), (1, 2200, 64)])
+def test_cuda_varlen_kernels_match_math(kernel, batch, n, dim):
+    """Each CUDA varlen kernel; batch 2, a short last partition, both head dims the benchmarks
+    use."""
+    if kernel == "fa4" and not lv.fa4_applies(torch.empty(1, 1, 1, dim, device="cuda").bfloat16()):
+        pytest.skip("flash-attn-4 not installed or not this GPU")
+
+    def attend(q, k, v, rule, scale, kept, fast):
+        chosen = kernel if fast else "math"
+        return lv.lrsa_varlen_attention(q, k, v, rule, scale, kernel=chosen, kept=kept)
+
+    assert_cuda_kernels_match_math(attend, batch, n, dim)
 
 
 def test_varlen_kernel_choice_is_explicit(monkeypatch):
