@@ -14,7 +14,7 @@ from starlette.routing import BaseRoute
 
 from lrsa_serve import __version__
 from lrsa_serve.config import LagKVConfig
-from lrsa_serve.serving.auth import BearerAuth
+from lrsa_serve.serving.auth import BearerAuth, openai_error
 from lrsa_serve.serving.validation import ResponsesInputCheck
 
 
@@ -97,5 +97,5 @@ async def _openai_http_error(request: Request, exc: StarletteHTTPException) -> J
     if exc.status_code in (404, 405):
         message = f"Invalid URL ({request.method} {request.url.path}): {exc.detail}"
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    body = {"error": {"message": message, "type": kind, "param": None, "code": exc.status_code}}
+    body = openai_error(message, kind, exc.status_code, exc.status_code)
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)

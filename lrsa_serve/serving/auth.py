@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import hmac
-import json
 
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 PROTECTED_PREFIX = "/v1"
@@ -16,25 +16,19 @@ def openai_error(message: str, type_: str, code: str | int | None, status: int) 
 
 
 async def send_openai_error(
+    scope: Scope,
+    receive: Receive,
     send: Send,
     status: int,
     message: str,
     code: str | int | None,
-    type_: str = "invalid_request_error",
-    extra_headers: list[tuple[bytes, bytes]] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> None:
     """Answer an ASGI request with an OpenAI error object (what middleware that stops a request
     before vLLM's handlers sends)."""
-    body = json.dumps(openai_error(message, type_, code, status)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": headers + (extra_headers or []),
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    response = JSONResponse(openai_error(message, kind, code, status), status, headers=headers)
+    await response(scope, receive, send)
 
 
 class BearerAuth:
@@ -56,5 +50,5 @@ class BearerAuth:
             else "Incorrect API key provided"
         )
         await send_openai_error(
-            send, 401, message, "invalid_api_key", extra_headers=[(b"www-authenticate", b"Bearer")]
+            scope, receive, send, 401, message, "invalid_api_key", {"www-authenticate": "Bearer"}
         )

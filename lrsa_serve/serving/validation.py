@@ -64,7 +64,7 @@ class ResponsesInputCheck:
         except ValueError:  # not JSON: vLLM answers that with its own 400
             problem = None
         if problem is not None:
-            return await send_openai_error(send, 400, problem, 400)
+            return await send_openai_error(scope, receive, send, 400, problem, 400)
 
         replayed = False
 
