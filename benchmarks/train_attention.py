@@ -163,8 +163,7 @@ def main() -> int:
             kernel = name.split(":", 1)[1]
 
             def varlen_with(q, k, v, kernel=kernel):
-                kept = la.select_kept(k, v, rule)
-                return lrsa_varlen_attention(q, k, v, rule, scale, kernel=kernel, kept=kept)
+                return la.lrsa_varlen(q, k, v, cfg, scale, kernel=kernel)
 
             impls[name] = varlen_with
 

@@ -118,8 +118,8 @@ def main() -> int:
     with device:
         model = random_model(config)
     params = sum(p.numel() for p in model.parameters())
-    compiled = ModelConfig(compile={"auto": None, "on": True, "off": False}[args.compile])
-    compiled = compiled.compiles_on(device.type)
+    choice = {"auto": None, "on": True, "off": False}[args.compile]
+    compiled = ModelConfig(compile=choice).compiles_on(device.type)
     if compiled:
         model_mod.compile_layers(model)
     if args.adamw == "fused":  # the trainer's optimizer (fused on CUDA)

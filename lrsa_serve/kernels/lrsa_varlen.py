@@ -145,9 +145,10 @@ def varlen_attention(
     """Bottom-right causal attention of each item: q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, D]``,
     items delimited by ``cu_q``/``cu_k`` (int32 prefix sums). Returns ``[Tq, Hq, D]``."""
     if kernel == "fa4":
-        if _fa4() is None:
+        fa4 = _fa4()
+        if fa4 is None:
             raise ValueError("kernel 'fa4' needs the flash-attn-4 package (flash_attn.cute)")
-        return _fa4().flash_attn_varlen_func(
+        return fa4.flash_attn_varlen_func(
             q,
             k,
             v,
