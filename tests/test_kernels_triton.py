@@ -350,6 +350,63 @@ def test_dispatch_compress_partitions():
     assert torch.equal(storage, twin)
 
 
+# ---- whole training sequences (sequence_select) ------------------------------------------------
+def sequence_kv(batch, heads, n, dim, dtype, layout, gen, device=DEVICE):
+    """Post-RoPE K/V ``[B, H, n, D]`` as a model makes them: heads-major (contiguous) or
+    tokens-major (a transposed ``[B, n, H, D]`` projection)."""
+    shape = (batch, n, heads, dim) if layout == "tokens" else (batch, heads, n, dim)
+    k, v = (torch.randn(shape, generator=gen, device=device).to(dtype) for _ in range(2))
+    if layout == "tokens":
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+    return k, v
+
+
+def assert_sequence_selection(key, value, cfg) -> int:
+    """``sequence_select.select_all`` equals ``lagkv.select_all`` up to near-ties (see
+    assert_same_selection); returns how many (partition, head) rows differ at all."""
+    from lrsa_serve.kernels import sequence_select
+
+    kept = sequence_select.select_all(key, value, cfg)
+    expected = lagkv.select_all(key.cpu(), value.cpu(), cfg).to(kept.device)
+    assert kept.shape == expected.shape and kept.dtype == torch.int64
+    parts = kept.shape[2]
+    if parts == 0:
+        return 0
+    span = (parts + 1) * cfg.lag
+    k = key.cpu()[..., cfg.sink : cfg.sink + span, :].unflatten(-2, (parts + 1, cfg.lag))
+    v = value.cpu()[..., cfg.sink : cfg.sink + span, :].unflatten(-2, (parts + 1, cfg.lag))
+    score = lagkv.partition_score(k[..., :-1, :, :], v[..., :-1, :, :], k[..., 1:, :, :],
+                                  v[..., 1:, :, :], cfg.score_v_ratio)  # fmt: skip
+    starts = (cfg.sink + cfg.lag * torch.arange(parts))[:, None].to(kept.device)
+    return assert_same_selection(
+        (kept - starts).flatten(0, 2).cpu(),
+        (expected - starts).flatten(0, 2).cpu(),
+        score.flatten(0, 2),
+        cfg.keep,
+    )
+
+
+@kernel_test
+@pytest.mark.parametrize(
+    "batch, n, layout, dtype",
+    [
+        (1, 16 + 6 * 32 + 5, "heads", torch.float32),
+        (2, 16 + 4 * 32, "tokens", torch.bfloat16),
+        (3, 16 + 3 * 32 + 31, "heads", torch.bfloat16),
+        (2, 16 + 2 * 32 - 1, "tokens", torch.float32),  # no partition compressed yet
+    ],
+)
+def test_sequence_select_matches_lagkv(batch, n, layout, dtype):
+    """Every compressed partition of every sequence at once, through one-token blocks: the
+    kept positions of ``lagkv.select_all``, for both K/V layouts, lengths not multiples of L."""
+    from lrsa_serve.config import LagKVConfig
+
+    cfg = LagKVConfig(sink=16, lag=32, ratio=0.25, score_v_ratio=0.5)
+    gen = torch.Generator(device=DEVICE).manual_seed(n + batch)
+    key, value = sequence_kv(batch, 2, n, 64, dtype, layout, gen)
+    assert assert_sequence_selection(key, value, cfg) == 0
+
+
 # ---- real sizes on the GPU ----------------------------------------------------------------------
 def _poison_allocator() -> None:
     """Fill memory the caching allocator will hand out next with NaN, so that an unwritten
@@ -390,3 +447,19 @@ def test_gpu_real_sizes(layout, dtype, requests, lag, keep):
     )
     # A swap needs a boundary gap of a few ulps: a few percent of heads at most.
     assert swaps <= requests * heads // 20
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("layout", ["heads", "tokens"])
+def test_gpu_sequence_select_real_size(layout):
+    """A 32K training sequence with the trainer's settings (S=16, L=1024, r=0.25), 2 KV heads
+    of 64, bf16: the positions lagkv.select_all keeps, up to near-ties."""
+    from lrsa_serve.config import LagKVConfig
+
+    cfg = LagKVConfig(sink=16, lag=1024, ratio=0.25)
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    key, value = sequence_kv(1, 2, 32768, 64, torch.bfloat16, layout, gen, device="cuda")
+    rows = 2 * 30  # KV heads x compressed partitions
+    swaps = assert_sequence_selection(key, value, cfg)
+    assert swaps <= rows // 20, f"{swaps} of {rows} (partition, head) rows differ at near-ties"

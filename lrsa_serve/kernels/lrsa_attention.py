@@ -161,14 +161,31 @@ def block_mask_for(rule: Rule, layout: Layout, device: str, block: int):
 def select_kept(key: torch.Tensor, value: torch.Tensor, rule: Rule) -> torch.Tensor:
     """Kept absolute positions ``[B, Hkv, P, keep]`` (``lagkv.select_all``), without gradient."""
     with torch.no_grad():
-        return _selector(key.is_cuda)(key, value, rule)
+        return _selector(selector_for(key))(key, value, rule)
 
 
-@lru_cache(maxsize=2)
-def _selector(cuda: bool) -> Callable:
-    # Compiled on CUDA: the score is a dozen small elementwise/reduction passes that fuse into a
-    # few kernels; the GPU notes measured 0.4-0.7 ms per layer eager at 32K.
-    if cuda and os.environ.get("LRSA_COMPILE_SELECT", "1") != "0":
+SELECTORS = ("auto", "triton", "compiled", "eager")
+
+
+def selector_for(key: torch.Tensor) -> str:
+    """``LRSA_SELECT`` if set, else the serving engine's Triton kernel on CUDA
+    (``sequence_select``: three launches per layer) and plain torch on CPU. ``compiled`` is
+    ``lagkv.select_all`` under ``torch.compile``, the trainer's selection before the kernel."""
+    forced = os.environ.get("LRSA_SELECT", "auto")
+    if forced not in SELECTORS:
+        raise ValueError(f"LRSA_SELECT must be one of {SELECTORS}, not {forced!r}")
+    if forced != "auto":
+        return forced
+    return "triton" if key.is_cuda else "eager"
+
+
+@lru_cache(maxsize=4)
+def _selector(name: str) -> Callable:
+    if name == "triton":
+        from lrsa_serve.kernels import sequence_select
+
+        return sequence_select.select_all
+    if name == "compiled":
         _raise_recompile_limit()
         return torch.compile(lagkv.select_all, dynamic=True)
     return lagkv.select_all

@@ -1,0 +1,75 @@
+"""LagKV selection of whole training sequences with the serving engine's Triton select kernel.
+
+``lagkv.select_all`` scores every compressed partition of a sequence in plain torch: a dozen
+elementwise and reduction passes, then a sort, i.e. launch-bound on the GPU (0.3-0.6 ms per layer
+at 32K even compiled). The engine's kernel (``select.py``) does the same selection in three
+launches for any number of partitions, reading tokens through block ids. A training K/V tensor
+``[B, Hkv, n, D]`` is such a cache once every token is its own block (block size 1): block
+``b * step + t`` is token t of sequence b, where ``step`` is the batch stride in tokens. Each
+compressed partition p of sequence b is one "request" whose blocks are its L tokens and whose
+reference blocks are partition p+1's.
+
+The kernel is ``select.py``'s, so the trainer selects with exactly the code that serves; its
+indices equal ``lagkv.select_all``'s up to near-ties in the last ulp (see ``select.py``).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from lrsa_serve import lagkv
+
+
+def token_blocks(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``x`` ``[B, H, n, D]`` as a paged cache of one-token blocks ``[blocks, H, 1, D]`` (a view,
+    no copy) and the block-id step between sequences. Needs the batch stride to be a whole number
+    of token strides, which holds for both layouts a model produces (heads-major or tokens-major);
+    other layouts are copied first."""
+    b, h, n, d = x.shape
+    sb, sh, st, sd = x.stride()
+    if st <= 0 or sb % st:
+        x = x.contiguous()
+        sb, sh, st, sd = x.stride()
+    step = sb // st if b > 1 else n
+    blocks = (b - 1) * step + n
+    return x.as_strided((blocks, h, 1, d), (st, sh, st, sd)), step
+
+
+@lru_cache(maxsize=64)
+def partition_blocks(
+    batch: int, parts: int, step: int, sink: int, lag: int, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block ids of every compressed partition (``[batch * parts, lag]`` int32, sequence-major)
+    and of its reference, the next partition."""
+    starts = sink + lag * torch.arange(parts)
+    seq = step * torch.arange(batch)
+    part = (seq[:, None, None] + starts[None, :, None] + torch.arange(lag)).flatten(0, 1)
+    part = part.to(torch.int32).to(device)
+    return part, part + lag
+
+
+def select_all(key: torch.Tensor, value: torch.Tensor, rule) -> torch.Tensor:
+    """``lagkv.select_all`` of ``[B, Hkv, n, D]`` keys/values through the Triton kernel:
+    ``[B, Hkv, P, keep]`` absolute positions, increasing within each partition. ``rule`` has
+    sink/lag/keep/score_v_ratio. CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``."""
+    from lrsa_serve.kernels import select
+
+    b, h, n, _ = key.shape
+    parts = lagkv.compressed_partitions(n, rule)
+    if parts == 0:
+        return torch.empty(b, h, 0, rule.keep, dtype=torch.long, device=key.device)
+    key_cache, step = token_blocks(key)
+    value_cache, value_step = token_blocks(value)
+    if value_step != step:  # both views must number their blocks alike
+        key_cache, step = token_blocks(key.contiguous())
+        value_cache, _ = token_blocks(value.contiguous())
+    part, ref = partition_blocks(b, parts, step, rule.sink, rule.lag, str(key.device))
+    kept = select.select_kept(key_cache, value_cache, part, ref, rule.keep, rule.score_v_ratio)
+    starts = rule.sink + rule.lag * torch.arange(parts, device=key.device)
+    kept = kept.view(b, parts, h, rule.keep) + starts[None, :, None, None]
+    return kept.transpose(1, 2)
+
+
+__all__ = ["partition_blocks", "select_all", "token_blocks"]
