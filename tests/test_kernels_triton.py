@@ -407,6 +407,98 @@ def test_sequence_select_matches_lagkv(batch, n, layout, dtype):
     assert assert_sequence_selection(key, value, cfg) == 0
 
 
+# ---- the varlen call's key/value rows (pack_rows) ----------------------------------------------
+def packed_case(batch, n, dim, dtype, layout, seed, device=DEVICE):
+    """Keys/values, their selection and the varlen packing of one small LRSA case."""
+    from lrsa_serve.config import LagKVConfig
+    from lrsa_serve.kernels import lrsa_varlen as lv
+
+    cfg = LagKVConfig(sink=16, lag=32, ratio=0.25)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    key, value = sequence_kv(batch, 2, n, dim, dtype, layout, gen, device=device)
+    kept = lagkv.select_all(key, value, cfg)
+    packing = lv.packing_for(n, cfg.sink, cfg.lag, cfg.keep)
+    template = torch.tensor(packing.template, device=device)
+    return key, value, kept, packing, lv.key_index(kept, packing, template)
+
+
+def torch_packed(key, value, index):
+    """What ``lrsa_varlen`` did before pack_rows: ``gather`` per tensor."""
+    idx = index[..., None].expand(-1, -1, -1, key.shape[-1])
+    return tuple(x.transpose(1, 2).gather(1, idx).flatten(0, 1) for x in (key, value))
+
+
+def float64_gather_grads(key, value, index, grads):
+    """The K/V gradients of ``torch_packed`` summed in float64."""
+    leaves = [x.detach().double().requires_grad_(True) for x in (key, value)]
+    outs = torch_packed(*leaves, index)
+    return torch.autograd.grad(outs, leaves, [g.double() for g in grads])
+
+
+@kernel_test
+@pytest.mark.parametrize(
+    "batch, n, dim, dtype, layout",
+    [
+        (1, 16 + 6 * 32 + 5, 16, torch.float32, "heads"),
+        (2, 16 + 5 * 32, 64, torch.bfloat16, "tokens"),
+        (2, 16 + 2 * 32 - 3, 16, torch.float32, "tokens"),  # nothing compressed yet
+    ],
+)
+def test_pack_rows_forward_and_exact_gradient(batch, n, dim, dtype, layout):
+    """Forward: the rows ``gather`` copies, bit for bit. Backward: each source row's gradient is
+    the sum of the packed rows' gradients that copied it, accumulated in float32 and rounded
+    once (checked against float64 sums), and the same bits on a second run."""
+    from lrsa_serve.kernels.pack_rows import pack_rows
+
+    key, value, kept, packing, index = packed_case(batch, n, dim, dtype, layout, seed=n)
+    key.requires_grad_(True)
+    value.requires_grad_(True)
+    k, v = pack_rows(key, value, index, kept, packing)
+    want_k, want_v = torch_packed(key.detach(), value.detach(), index)
+    assert torch.equal(k, want_k) and torch.equal(v, want_v)
+    gen = torch.Generator(device=key.device).manual_seed(1)
+    grad_k, grad_v = (torch.randn(k.shape, generator=gen, device=k.device).to(dtype)
+                      for _ in range(2))  # fmt: skip
+    dk, dv = torch.autograd.grad((k, v), (key, value), (grad_k, grad_v))
+    again = torch.autograd.grad(pack_rows(key, value, index, kept, packing),
+                                (key, value), (grad_k, grad_v))  # fmt: skip
+    assert torch.equal(dk, again[0]) and torch.equal(dv, again[1])
+    ref_k, ref_v = float64_gather_grads(key, value, index, (grad_k, grad_v))
+    abs_k, abs_v = float64_gather_grads(key, value, index, (grad_k.abs(), grad_v.abs()))
+    # Sink rows are copied into every item: the longest sums.
+    assert (index[0, :, 0] < 16).sum() >= len(packing.q_lens)
+    # the one final rounding: one ulp (Triton's interpreter rounds to bf16 by truncation)
+    out_eps = 2**-23 if dtype == torch.float32 else 2**-7
+    for got, ref, magnitude in ((dk, ref_k, abs_k), (dv, ref_v, abs_v)):
+        assert got.dtype == dtype and got.shape == ref.shape
+        # float32 accumulation of at most len(q_lens) terms, then one rounding to the dtype
+        bound = magnitude * len(packing.q_lens) * 2**-24 + ref.abs() * out_eps + 1e-30
+        assert ((got.double() - ref).abs() <= bound).all()
+
+
+@kernel_test
+def test_lrsa_varlen_packs_with_triton_as_with_gather(monkeypatch):
+    """The whole varlen LRSA attention (plain-torch items) with LRSA_PACK=triton gives the output
+    and the q/k/v gradients of LRSA_PACK=torch, batch 2 with GQA."""
+    from lrsa_serve.config import LagKVConfig
+    from lrsa_serve.kernels import lrsa_attention as la
+
+    cfg = LagKVConfig(sink=16, lag=32, ratio=0.25)
+    n, gen = 16 + 5 * 32 + 9, torch.Generator(device=DEVICE).manual_seed(5)
+    q = torch.randn(2, 4, n, 16, generator=gen, device=DEVICE, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, n, 16, generator=gen, device=DEVICE, dtype=torch.float64)
+            for _ in range(2))  # fmt: skip
+    results = {}
+    for packer in ("torch", "triton"):
+        monkeypatch.setenv("LRSA_PACK", packer)
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        out = la.lrsa_varlen(*leaves, cfg, kernel="math")
+        out.backward(torch.ones_like(out))
+        results[packer] = [out.detach()] + [x.grad for x in leaves]
+    for got, want in zip(results["triton"], results["torch"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 # ---- real sizes on the GPU ----------------------------------------------------------------------
 def _poison_allocator() -> None:
     """Fill memory the caching allocator will hand out next with NaN, so that an unwritten
@@ -463,3 +555,34 @@ def test_gpu_sequence_select_real_size(layout):
     rows = 2 * 30  # KV heads x compressed partitions
     swaps = assert_sequence_selection(key, value, cfg)
     assert swaps <= rows // 20, f"{swaps} of {rows} (partition, head) rows differ at near-ties"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_pack_rows_real_size():
+    """The trainer's 32K packing (S=16, L=1024, r=0.25; 2 KV heads of 64, bf16, tokens-major as
+    a model makes them): rows equal gather's; gradients within one bf16 rounding of float64 sums."""
+    from lrsa_serve.config import LagKVConfig
+    from lrsa_serve.kernels import lrsa_varlen as lv
+    from lrsa_serve.kernels.pack_rows import pack_rows
+
+    cfg = LagKVConfig(sink=16, lag=1024, ratio=0.25)
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    key, value = sequence_kv(1, 2, 32768, 64, torch.bfloat16, "tokens", gen, device="cuda")
+    kept = lagkv.select_all(key, value, cfg)
+    packing = lv.packing_for(32768, cfg.sink, cfg.lag, cfg.keep)
+    index = lv.key_index(kept, packing, torch.tensor(packing.template, device="cuda"))
+    key.requires_grad_(True)
+    value.requires_grad_(True)
+    k, v = pack_rows(key, value, index, kept, packing)
+    assert torch.equal(k, torch_packed(key.detach(), value.detach(), index)[0])
+    grad = torch.randn(k.shape, generator=gen, device="cuda").to(torch.bfloat16)
+    (dk,) = torch.autograd.grad(k, key, grad)
+    ref, _ = float64_gather_grads(key, value, index, (grad, grad))
+    magnitude, _ = float64_gather_grads(key, value, index, (grad.abs(), grad.abs()))
+    # float32 sums of at most 32 terms, rounded once to bf16 (half an ulp: 2^-8 relative)
+    bound = magnitude * 32 * 2**-24 + ref.abs() * 2**-8 + 1e-30
+    assert ((dk.double() - ref).abs() <= bound).all()
+    # gather's backward (bf16 atomics) is what this replaces: its error is larger
+    (atomic,) = torch.autograd.grad(torch_packed(key, value, index)[0], key, grad)
+    assert (atomic.double() - ref).norm() > (dk.double() - ref).norm()

@@ -13,7 +13,8 @@ causal attention aligned bottom-right (query i of lq sees keys ``<= lk - lq + i`
 FlashAttention-2's varlen causal mode: one kernel launch over all items, no mask, no LSE merge,
 and only the visible pairs are computed (up to tile rounding). The keys of each item are
 gathered from the layer's K/V (``kept`` from ``lagkv.select_all`` under no_grad); gradients
-reach the raw K/V through the gather.
+reach the raw K/V through the gather (on CUDA ``pack_rows``: one Triton launch forward, exact
+float32 sums backward; ``torch.gather`` elsewhere).
 
 Kernels (``varlen_attention``):
 
@@ -257,6 +258,21 @@ def default_kernel(query: torch.Tensor) -> str:
     return "efficient"
 
 
+PACKERS = ("auto", "triton", "torch")
+
+
+def packer_for(key: torch.Tensor) -> str:
+    """How the items' key/value rows are gathered: ``LRSA_PACK`` if set, else ``triton`` on CUDA
+    (``pack_rows``: one launch, exact float32 gradient sums) and ``torch`` elsewhere
+    (``gather``, whose backward adds the rows up with atomics in the tensor's dtype)."""
+    forced = os.environ.get("LRSA_PACK", "auto")
+    if forced not in PACKERS:
+        raise ValueError(f"LRSA_PACK must be one of {PACKERS}, not {forced!r}")
+    if forced != "auto":
+        return forced
+    return "triton" if key.is_cuda else "torch"
+
+
 def lrsa_varlen_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -284,9 +300,15 @@ def lrsa_varlen_attention(
     packing = Packing.of(n, rule)
     cu_q, cu_k, template = _tensors(packing, b, str(query.device))
     index = key_index(kept, packing, template)  # [B, Tk, Hkv]
-    index = index[..., None].expand(-1, -1, -1, d)
-    k = key.to(query.dtype).transpose(1, 2).gather(1, index).reshape(-1, hkv, d)
-    v = value.to(query.dtype).transpose(1, 2).gather(1, index).reshape(-1, hkv, d)
+    key, value = key.to(query.dtype), value.to(query.dtype)
+    if packer_for(key) == "triton":
+        from lrsa_serve.kernels.pack_rows import pack_rows
+
+        k, v = pack_rows(key, value, index, kept, packing)
+    else:
+        index = index[..., None].expand(-1, -1, -1, d)
+        k = key.transpose(1, 2).gather(1, index).reshape(-1, hkv, d)
+        v = value.transpose(1, 2).gather(1, index).reshape(-1, hkv, d)
     q = query.transpose(1, 2).reshape(b * n, hq, d)
     out = varlen_attention(
         q, k, v, cu_q, cu_k, max(packing.q_lens), max(packing.k_lens), scale, kernel
@@ -300,6 +322,7 @@ __all__ = [
     "default_kernel",
     "fa4_applies",
     "key_index",
+    "packer_for",
     "packing_for",
     "lrsa_varlen_attention",
     "varlen_attention",
