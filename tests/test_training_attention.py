@@ -369,6 +369,22 @@ def test_cuda_varlen_kernels_match_math(kernel, batch, n, dim):
     assert_cuda_kernels_match_math(attend, batch, n, dim)
 
 
+def test_selection_and_packing_choices_are_explicit(monkeypatch):
+    """LRSA_SELECT / LRSA_PACK: the defaults by device, and an unknown value is an error that
+    lists the choices."""
+    k = torch.randn(1, 2, 40, 16)
+    assert la.selector_for(k) == "eager" and lv.packer_for(k) == "torch"  # CPU defaults
+    monkeypatch.setenv("LRSA_SELECT", "fast")
+    with pytest.raises(ValueError, match="LRSA_SELECT must be one of"):
+        la.selector_for(k)
+    monkeypatch.setenv("LRSA_PACK", "fast")
+    with pytest.raises(ValueError, match="LRSA_PACK must be one of"):
+        lv.packer_for(k)
+    monkeypatch.setenv("LRSA_SELECT", "compiled")
+    monkeypatch.setenv("LRSA_PACK", "torch")
+    assert la.selector_for(k) == "compiled" and lv.packer_for(k) == "torch"
+
+
 def test_varlen_kernel_choice_is_explicit(monkeypatch):
     """A kernel that cannot run is an error naming the cause, never a silent fallback."""
     q = torch.randn(1, 4, 40, 16)
