@@ -8,7 +8,13 @@ float32 master weights, Qwen2.5-0.5B's shape (24 layers, 896 hidden, 14 q / 2 kv
 default) and without.
 
 Also: the share of the step spent in LagKV selection (measured alone on one layer's K/V shape,
-times layers, times 2 with checkpointing since the forward runs twice).
+times layers, times 2 with checkpointing since the forward runs twice), and with ``--floor`` the
+same step with attention replaced by nothing (each layer passes its queries through): what the
+rest of the model costs. From it, the speedup the mask allows at best: dense attention time
+divided by the mask's visible-pair ratio, plus the rest.
+
+LRSA variants: ``BACKEND[:KERNEL][@select=S,pack=P]`` (``LRSA_SELECT``, ``LRSA_PACK``), e.g.
+``varlen@select=compiled,pack=torch``: the trainer before the Triton selection and packing.
 
     python benchmarks/train_model.py --out train_model.json
 """
@@ -23,11 +29,13 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AttentionInterface
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lrsa_serve.config import LagKVConfig  # noqa: E402
 from lrsa_serve.kernels import lrsa_attention as la  # noqa: E402
+from lrsa_serve.kernels.lrsa_varlen import PACKERS, Packing  # noqa: E402
 from lrsa_serve.training import loop  # noqa: E402
 from lrsa_serve.training import model as model_mod  # noqa: E402
 from lrsa_serve.training.config import ModelConfig, OptimConfig  # noqa: E402
@@ -37,6 +45,21 @@ from lrsa_serve.training.tiny import (  # noqa: E402
     random_model,
     tiny_config,
 )
+
+FLOOR = "lrsa_bench_floor"
+
+
+def no_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+    """The floor: attention costs nothing, the rest of the layer runs (queries pass through)."""
+    return query.transpose(1, 2), None
+
+
+AttentionInterface.register(FLOOR, no_attention)
+
+
+def pair_ratio(n: int, cfg: LagKVConfig) -> float:
+    """Dense causal query-key pairs over the pairs the mask lets through."""
+    return n * (n + 1) / 2 / Packing.of(n, la.Rule.of(cfg)).visible_pairs()
 
 
 def timed_steps(model, optimizer, batch, autocast, warmup: int, steps: int) -> float:
@@ -83,6 +106,20 @@ def selection_ms(
     return (time.perf_counter() - start) / 20 * 1e3
 
 
+def use_variant(variant: str | None) -> None:
+    """Backend, varlen kernel, selection and packer of ``BACKEND[:KERNEL][@select=S,pack=P]``."""
+    spec, _, options = (variant or "auto").partition("@")
+    backend, _, kernel = spec.partition(":")
+    chosen = dict(option.split("=", 1) for option in options.split(",") if option)
+    unknown = set(chosen) - {"select", "pack"}
+    if unknown:
+        raise SystemExit(f"unknown LRSA variant option(s) {sorted(unknown)} in {variant!r}")
+    la.set_backend(backend)
+    os.environ["LRSA_VARLEN_KERNEL"] = kernel or "auto"
+    os.environ["LRSA_SELECT"] = chosen.get("select", "auto")
+    os.environ["LRSA_PACK"] = chosen.get("pack", "auto")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768])
@@ -97,8 +134,12 @@ def main() -> int:
         "--lrsa-backends",
         nargs="+",
         default=["auto"],
-        help=f"LRSA attention backends to time, of {la.BACKENDS} (varlen:KERNEL picks the varlen "
-        "kernel, e.g. varlen:flash); the first is 'lrsa' in the JSON",
+        help=f"LRSA variants to time: BACKEND[:KERNEL][@select=S,pack=P], backends {la.BACKENDS}, "
+        f"selections {la.SELECTORS}, packers {PACKERS} (e.g. varlen:flash, "
+        "varlen@select=compiled,pack=torch); the first is 'lrsa' in the JSON",
+    )
+    parser.add_argument(
+        "--floor", action="store_true", help="also time the model with attention removed"
     )
     parser.add_argument("--adamw", choices=["fused", "foreach"], default="fused")
     parser.add_argument(
@@ -140,9 +181,11 @@ def main() -> int:
         "lrsa_backends": args.lrsa_backends,
         "rows": [],
     }
-    # (name in the JSON, LRSA backend or None for dense): the first backend is plain "lrsa"
+    # (name in the JSON, LRSA variant or None for dense): the first variant is plain "lrsa"
     runs = [("dense", None), ("lrsa", args.lrsa_backends[0])]
     runs += [(f"lrsa_{b}", b) for b in args.lrsa_backends[1:]]
+    if args.floor:
+        runs.append(("floor", FLOOR))
     for checkpointing in args.checkpointing:
         if checkpointing == "on":
             model.gradient_checkpointing_enable(
@@ -162,10 +205,11 @@ def main() -> int:
                 if time.time() - started > args.deadline:
                     row[f"{attention}_s"] = None
                     continue
-                model_mod.set_attention(model, "dense" if backend is None else "lrsa", cfg)
-                backend, _, kernel = (backend or "auto").partition(":")
-                la.set_backend(backend)
-                os.environ["LRSA_VARLEN_KERNEL"] = kernel or "auto"
+                if backend == FLOOR:
+                    model.set_attn_implementation(FLOOR)
+                else:
+                    model_mod.set_attention(model, "dense" if backend is None else "lrsa", cfg)
+                    use_variant(backend)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 try:
@@ -181,7 +225,8 @@ def main() -> int:
                 row[f"{attention}_tokens_per_s"] = n / seconds
                 if device.type == "cuda":
                     row[f"{attention}_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-            for attention, _ in runs[2:]:  # the other backends' speedups
+            lrsa_runs = [name for name, _ in runs[2:] if name != "floor"]
+            for attention in lrsa_runs:  # the other variants' speedups
                 if isinstance(row.get("dense_s"), float) and isinstance(
                     row.get(f"{attention}_s"), float
                 ):
@@ -189,11 +234,19 @@ def main() -> int:
             if isinstance(row.get("dense_s"), float) and isinstance(row.get("lrsa_s"), float):
                 row["speedup"] = row["dense_s"] / row["lrsa_s"]
                 head_dim = config.hidden_size // config.num_attention_heads
+                use_variant(args.lrsa_backends[0])
                 per_layer = selection_ms(n, config.num_key_value_heads, head_dim, cfg, device)
                 passes = 2 if checkpointing == "on" else 1
                 select_s = per_layer * config.num_hidden_layers * passes / 1e3
                 row["selection_ms_per_layer"] = per_layer
                 row["selection_share_of_lrsa_step"] = select_s / row["lrsa_s"]
+            if isinstance(row.get("dense_s"), float) and isinstance(row.get("floor_s"), float):
+                attention_s = row["dense_s"] - row["floor_s"]
+                row["pair_ratio"] = pair_ratio(n, cfg)
+                row["dense_attention_s"] = attention_s
+                row["best_speedup"] = row["dense_s"] / (
+                    row["floor_s"] + attention_s / row["pair_ratio"]
+                )
             result["rows"].append(row)
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
             print(json.dumps(row), flush=True)
@@ -201,12 +254,12 @@ def main() -> int:
         f"\n{result['device']}, torch {result['torch']}, random Qwen2 {params / 1e6:.0f}M params, "
         f"bf16 autocast, batch 1, loss on last {args.target_tokens} tokens, {cfg.short()}"
     )
-    others = [name for name, _ in runs[2:]]
+    others = [name for name, _ in runs[2:] if name != "floor"]
     extra = "".join(f" {name + ' tok/s':>18} {'speedup':>8}" for name in others)
     print(
         f"lrsa = backend {args.lrsa_backends[0]}\n"
         f"{'n':>6} {'ckpt':>4} {'dense tok/s':>12} {'lrsa tok/s':>11} {'speedup':>8} {'select':>7}"
-        f"{extra}"
+        f"{extra}" + (f" {'floor tok/s':>12} {'best':>6}" if args.floor else "")
     )
     for r in result["rows"]:
         if "speedup" not in r:
@@ -222,6 +275,11 @@ def main() -> int:
             f"{r['n']:>6} {r['checkpointing']:>4} {r['dense_tokens_per_s']:>12.0f} "
             f"{r['lrsa_tokens_per_s']:>11.0f} {r['speedup']:>7.2f}x "
             f"{100 * r['selection_share_of_lrsa_step']:>6.1f}%{cells}"
+            + (
+                f" {r['floor_tokens_per_s']:>12.0f} {r['best_speedup']:>5.2f}x"
+                if "best_speedup" in r
+                else ""
+            )
         )
     return 0
 
