@@ -12,8 +12,9 @@ a mask that depends only on (length, S, L, keep): ``lagkv.raw_key_visible`` on t
 Dispatch (explicit, never silent):
 
 - CUDA (or ``backend="varlen"``): ``lrsa_varlen``: the same rule as ONE variable-length dense
-  attention call (FlashAttention-2 varlen, bottom-right causal per partition item) over gathered
-  key lists, with the compiled selection below. Measured fastest on the H100 (notes/training.md).
+  attention call (FlashAttention-4 or -2 varlen, bottom-right causal per partition item) over
+  gathered key lists, with the selection below (compiled torch; from 32K tokens the serving
+  engine's Triton kernel). Measured fastest on the H100 (notes/training.md).
   On CPU ``backend="varlen"`` runs the items in plain torch (tests).
 - ``backend="split"``: ``lrsa_split``: each block's own causal part as one batched cuDNN call
   and the older keys as one FlashAttention-2 varlen call, merged by log-sum-exp; same
@@ -56,7 +57,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.kernels import lrsa_split as split
-from lrsa_serve.kernels.lrsa_varlen import lrsa_varlen_attention
+from lrsa_serve.kernels.lrsa_varlen import TRITON_MIN_LENGTH, lrsa_varlen_attention
 from lrsa_serve.reference_attention import lagkv_reference_attention, settings_of
 
 NAME = "lrsa"
@@ -168,15 +169,17 @@ SELECTORS = ("auto", "triton", "compiled", "eager")
 
 
 def selector_for(key: torch.Tensor) -> str:
-    """``LRSA_SELECT`` if set, else the serving engine's Triton kernel on CUDA
-    (``sequence_select``: three launches per layer) and plain torch on CPU. ``compiled`` is
-    ``lagkv.select_all`` under ``torch.compile``, the trainer's selection before the kernel."""
+    """``LRSA_SELECT`` if set; else on CUDA the serving engine's Triton kernel
+    (``sequence_select``: three launches per layer) from ``TRITON_MIN_LENGTH`` tokens and
+    ``compiled`` (``lagkv.select_all`` under ``torch.compile``) below; plain torch on CPU."""
     forced = os.environ.get("LRSA_SELECT", "auto")
     if forced not in SELECTORS:
         raise ValueError(f"LRSA_SELECT must be one of {SELECTORS}, not {forced!r}")
     if forced != "auto":
         return forced
-    return "triton" if key.is_cuda else "eager"
+    if not key.is_cuda:
+        return "eager"
+    return "triton" if key.shape[2] >= TRITON_MIN_LENGTH else "compiled"
 
 
 @lru_cache(maxsize=4)

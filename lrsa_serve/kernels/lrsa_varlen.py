@@ -13,8 +13,8 @@ causal attention aligned bottom-right (query i of lq sees keys ``<= lk - lq + i`
 FlashAttention-2's varlen causal mode: one kernel launch over all items, no mask, no LSE merge,
 and only the visible pairs are computed (up to tile rounding). The keys of each item are
 gathered from the layer's K/V (``kept`` from ``lagkv.select_all`` under no_grad); gradients
-reach the raw K/V through the gather (on CUDA ``pack_rows``: one Triton launch forward, exact
-float32 sums backward; ``torch.gather`` elsewhere).
+reach the raw K/V through the gather (``torch.gather``, or from 32K tokens on CUDA ``pack_rows``:
+one Triton launch forward, exact float32 sums backward).
 
 Kernels (``varlen_attention``):
 
@@ -258,19 +258,25 @@ def default_kernel(query: torch.Tensor) -> str:
     return "efficient"
 
 
+# From this many tokens the Triton selection and packing (``sequence_select``, ``pack_rows``) are
+# the CUDA defaults: a 32K training step of the 0.5B model ran 1.79x dense with them vs 1.72x
+# without (H100); at 16K the step is partly CPU-bound and their launches cost more Python time
+# than they save on the GPU (1.15x vs 1.27x). notes/training.md.
+TRITON_MIN_LENGTH = 32768
 PACKERS = ("auto", "triton", "torch")
 
 
 def packer_for(key: torch.Tensor) -> str:
     """How the items' key/value rows are gathered: ``LRSA_PACK`` if set, else ``triton`` on CUDA
-    (``pack_rows``: one launch, exact float32 gradient sums) and ``torch`` elsewhere
-    (``gather``, whose backward adds the rows up with atomics in the tensor's dtype)."""
+    from ``TRITON_MIN_LENGTH`` tokens (``pack_rows``: one launch, exact float32 gradient sums,
+    deterministic) and ``torch`` otherwise (``gather``, whose backward adds the rows up with
+    atomics in the tensor's dtype). ``key`` is ``[B, Hkv, n, D]``."""
     forced = os.environ.get("LRSA_PACK", "auto")
     if forced not in PACKERS:
         raise ValueError(f"LRSA_PACK must be one of {PACKERS}, not {forced!r}")
     if forced != "auto":
         return forced
-    return "triton" if key.is_cuda else "torch"
+    return "triton" if key.is_cuda and key.shape[2] >= TRITON_MIN_LENGTH else "torch"
 
 
 def lrsa_varlen_attention(
@@ -322,6 +328,7 @@ __all__ = [
     "default_kernel",
     "fa4_applies",
     "key_index",
+    "TRITON_MIN_LENGTH",
     "packer_for",
     "packing_for",
     "lrsa_varlen_attention",
