@@ -103,7 +103,7 @@ def _slot_grad_kernel(
 ):
     """Kept slots [pid0 * BLOCK_T, +BLOCK_T) of sequence-head pid1: the sum of the packed rows
     that copied each (every item after the slot's partition + 1), unrounded. A block of slots
-    lies in one partition (BLOCK_T divides keep), so its rows all have the same count."""
+    lies in one partition where BLOCK_T divides keep; then its rows all have the same count."""
     seq_head = tl.program_id(1)
     seq = seq_head // heads
     h = seq_head % heads
