@@ -394,6 +394,7 @@ def assert_sequence_selection(key, value, cfg) -> int:
         (2, 16 + 4 * 32, "tokens", torch.bfloat16),
         (3, 16 + 3 * 32 + 31, "heads", torch.bfloat16),
         (2, 16 + 2 * 32 - 1, "tokens", torch.float32),  # no partition compressed yet
+        (2, 16 + 4 * 32 + 3, "tokens", "mixed"),  # float32 K (RoPE), bf16 V, as under autocast
     ],
 )
 def test_sequence_select_matches_lagkv(batch, n, layout, dtype):
@@ -403,7 +404,10 @@ def test_sequence_select_matches_lagkv(batch, n, layout, dtype):
 
     cfg = LagKVConfig(sink=16, lag=32, ratio=0.25, score_v_ratio=0.5)
     gen = torch.Generator(device=DEVICE).manual_seed(n + batch)
-    key, value = sequence_kv(batch, 2, n, 64, dtype, layout, gen)
+    mixed = dtype == "mixed"
+    key, value = sequence_kv(batch, 2, n, 64, torch.float32 if mixed else dtype, layout, gen)
+    if mixed:
+        value = value.to(torch.bfloat16)
     assert assert_sequence_selection(key, value, cfg) == 0
 
 
