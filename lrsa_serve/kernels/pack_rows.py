@@ -21,16 +21,17 @@ training step of the 0.5B model ~2% faster than ``gather`` (notes/training.md).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
-# Triton picks the interpreter or the compiler when a kernel is decorated (see select.py).
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if TYPE_CHECKING:  # lrsa_varlen imports this module lazily; no cycle at run time
+    from lrsa_serve.kernels.lrsa_varlen import Packing
+
 ROWS_PER_PROGRAM = 64
 # Source rows per backward program. Where it divides keep, a block of kept slots lies in one
 # partition, whose slots all have the same number of rows (no masked iterations).
@@ -170,7 +171,7 @@ class Refs:
 
 
 @lru_cache(maxsize=64)
-def refs_for(packing, slots: int, device: str) -> Refs:
+def refs_for(packing: Packing, slots: int, device: str) -> Refs:
     """``Refs`` of a ``lrsa_varlen.Packing`` whose selection has ``slots`` kept slots (the last
     partitions' may be copied by no row yet). Cached per packing object: hashing its template
     per call would cost a millisecond of CPU at 32K."""
@@ -268,7 +269,7 @@ def pack_rows(
     value: torch.Tensor,
     index: torch.Tensor,
     kept: torch.Tensor,
-    packing,
+    packing: Packing,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed key and value rows ``[B * Tk, Hkv, D]`` of ``key``/``value`` ``[B, Hkv, n, D]``
     (any strides), ``index`` ``[B, Tk, Hkv]`` their raw positions (``lrsa_varlen.key_index``),
@@ -284,4 +285,4 @@ def pack_rows(
     return PackRows.apply(key, value, index.contiguous(), kept, refs, packing.key_rows)
 
 
-__all__ = ["INTERPRETED", "Refs", "pack_rows", "refs_for", "slot_of"]
+__all__ = ["Refs", "pack_rows", "refs_for", "slot_of"]
