@@ -1,0 +1,150 @@
+"""Where a 32K training step goes: one LRSA layer's pieces at the 0.5B model's shape (14 q / 2 kv
+heads of 64; selection, packing, FA4 on the items, dense SDPA and dense FA4), then a profile of a
+whole dense and LRSA step (compiled layers, fused AdamW, no checkpointing).
+
+Needs CUDA and the optional flash-attn-4 package. Ran on the GPU machine from the repo root
+(notes/training.md section 2 cites its output, notes/raw_select_pack/profile_32k.txt):
+
+    python3 benchmarks/probes/step_profile.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from train_model import timed_steps  # noqa: E402
+
+from lrsa_serve.config import LagKVConfig  # noqa: E402
+from lrsa_serve.kernels import lrsa_attention as la  # noqa: E402
+from lrsa_serve.kernels import lrsa_varlen as lv  # noqa: E402
+from lrsa_serve.training import loop  # noqa: E402
+from lrsa_serve.training import model as model_mod  # noqa: E402
+from lrsa_serve.training.config import OptimConfig  # noqa: E402
+from lrsa_serve.training.data import IGNORE_INDEX  # noqa: E402
+from lrsa_serve.training.tiny import qwen2_half_billion_config, random_model  # noqa: E402
+
+N = 32768
+CFG = LagKVConfig(sink=16, lag=1024, ratio=0.25)
+DEVICE = torch.device("cuda")
+
+
+def bench(fn, reps: int = 20) -> float:
+    """Milliseconds per call, CUDA events around ``reps`` calls after 3 warm-up calls."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def layer_pieces() -> None:
+    rule = la.Rule.of(CFG)
+    bf16 = dict(device=DEVICE, dtype=torch.bfloat16)
+    q = torch.randn(1, 14, N, 64, **bf16, requires_grad=True)
+    k = torch.randn(1, 2, N, 64, **bf16, requires_grad=True)
+    v = torch.randn(1, 2, N, 64, **bf16, requires_grad=True)
+    grad = torch.randn(1, N, 14, 64, **bf16)
+    kept = la.select_kept(k, v, rule)
+    packing = lv.Packing.of(N, rule)
+    cu_q, cu_k, template = lv._tensors(packing, 1, str(DEVICE))
+    index = lv.key_index(kept, packing, template)[..., None].expand(-1, -1, -1, 64)
+    fa4 = lv._fa4()
+    max_q, max_k = max(packing.q_lens), max(packing.k_lens)
+    q_items = q.detach().transpose(1, 2).reshape(N, 14, 64).requires_grad_()
+    k_items = k.detach().transpose(1, 2).gather(1, index).reshape(-1, 2, 64).requires_grad_()
+    v_items = v.detach().transpose(1, 2).gather(1, index).reshape(-1, 2, 64).requires_grad_()
+    print(f"key rows {packing.key_rows}, items {len(packing.q_lens)}, max lq {max_q} lk {max_k}")
+
+    def items(pack_gqa: bool, backward: bool):
+        def run():
+            with torch.set_grad_enabled(backward):
+                out = fa4.flash_attn_varlen_func(
+                    q_items, k_items, v_items, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                    max_seqlen_q=max_q, max_seqlen_k=max_k, causal=True, pack_gqa=pack_gqa,
+                )[0]  # fmt: skip
+            if backward:
+                out.backward(grad[0])
+
+        return run
+
+    def gathers(backward: bool):
+        def run():
+            with torch.set_grad_enabled(backward):
+                packed = [x.transpose(1, 2).gather(1, index) for x in (k, v)]
+            if backward:
+                torch.autograd.backward(packed, [torch.ones_like(p) for p in packed])
+
+        return run
+
+    def whole():
+        la.lrsa_varlen(q, k, v, CFG).backward(grad)
+
+    def dense():
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=True
+        )
+        out.backward(grad.transpose(1, 2))
+
+    def dense_fa4():
+        leaves = [x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v)]
+        fa4.flash_attn_func(*leaves, causal=True)[0].backward(grad)
+
+    for name, fn in [
+        ("selection", lambda: la.select_kept(k, v, rule)),
+        ("key_index", lambda: lv.key_index(kept, packing, template)),
+        ("gathers fwd", gathers(False)),
+        ("gathers fwd+bwd", gathers(True)),
+        ("items fa4 fwd pack_gqa=True", items(True, False)),
+        ("items fa4 fwd pack_gqa=False", items(False, False)),
+        ("items fa4 fwd+bwd pack_gqa=True", items(True, True)),
+        ("items fa4 fwd+bwd pack_gqa=False", items(False, True)),
+        ("lrsa_varlen whole fwd+bwd", whole),
+        ("dense sdpa fwd+bwd", dense),
+        ("dense fa4 fwd+bwd", dense_fa4),
+    ]:
+        print(f"{name:36}: {bench(fn):7.3f} ms", flush=True)
+
+
+def whole_steps() -> None:
+    config = qwen2_half_billion_config()
+    with DEVICE:
+        model = random_model(config)
+    model_mod.compile_layers(model)
+    optimizer = loop.build_optimizer(model, OptimConfig(lr=1e-5), DEVICE)
+    autocast = loop.autocast_for(DEVICE, "bf16")
+    model.config.use_cache = False
+    model.train()
+    ids = torch.randint(0, config.vocab_size, (1, N), device=DEVICE)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, -512:] = ids[:, -512:]
+    batch = {"input_ids": ids, "labels": labels}
+    la.set_backend("varlen")
+    for attention in ["dense", "lrsa"]:
+        model_mod.set_attention(model, attention, CFG)
+        seconds = timed_steps(model, optimizer, batch, autocast, 2, 3)
+        print(f"{attention}: {seconds * 1e3:.1f} ms/step", flush=True)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            timed_steps(model, optimizer, batch, autocast, 0, 1)
+        print(f"---- {attention}")
+        table = prof.key_averages().table(
+            sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90
+        )
+        print(table)
+
+
+if __name__ == "__main__":
+    layer_pieces()  # its tensors are freed before the model is built
+    torch.cuda.empty_cache()
+    whole_steps()
