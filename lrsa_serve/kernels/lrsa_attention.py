@@ -57,7 +57,11 @@ from transformers import AttentionInterface, PreTrainedModel
 from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.kernels import lrsa_split as split
-from lrsa_serve.kernels.lrsa_varlen import TRITON_MIN_LENGTH, lrsa_varlen_attention
+from lrsa_serve.kernels.lrsa_varlen import (
+    TRITON_MIN_LENGTH,
+    env_choice,
+    lrsa_varlen_attention,
+)
 from lrsa_serve.reference_attention import lagkv_reference_attention, settings_of
 
 NAME = "lrsa"
@@ -172,9 +176,7 @@ def selector_for(key: torch.Tensor) -> str:
     """``LRSA_SELECT`` if set; else on CUDA the serving engine's Triton kernel
     (``sequence_select``: three launches per layer) from ``TRITON_MIN_LENGTH`` tokens and
     ``compiled`` (``lagkv.select_all`` under ``torch.compile``) below; plain torch on CPU."""
-    forced = os.environ.get("LRSA_SELECT", "auto")
-    if forced not in SELECTORS:
-        raise ValueError(f"LRSA_SELECT must be one of {SELECTORS}, not {forced!r}")
+    forced = env_choice("LRSA_SELECT", SELECTORS)
     if forced != "auto":
         return forced
     if not key.is_cuda:

@@ -237,14 +237,21 @@ def fa4_applies(query: torch.Tensor) -> bool:
 FA4_MIN_LENGTH = 8192
 
 
+def env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """The environment variable ``name`` (``"auto"`` when unset), which must be one of
+    ``choices``: a forced path that cannot be taken is an error, never a silent fallback."""
+    value = os.environ.get(name, "auto")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, not {value!r}")
+    return value
+
+
 def default_kernel(query: torch.Tensor) -> str:
     """``LRSA_VARLEN_KERNEL`` if set; else fa4 where it is installed and applies from
     ``FA4_MIN_LENGTH`` tokens, flash where it applies, efficient for other CUDA dtypes / head
     dims, math on CPU. ``query`` is ``[B, Hq, n, D]``."""
-    forced = os.environ.get("LRSA_VARLEN_KERNEL", "auto")
+    forced = env_choice("LRSA_VARLEN_KERNEL", KERNELS)
     if forced != "auto":
-        if forced not in KERNELS:
-            raise ValueError(f"LRSA_VARLEN_KERNEL must be one of {KERNELS}, not {forced!r}")
         if forced == "fa4" and _fa4() is None:
             raise ValueError("LRSA_VARLEN_KERNEL=fa4 needs the flash-attn-4 package")
         return forced
@@ -271,9 +278,7 @@ def packer_for(key: torch.Tensor) -> str:
     from ``TRITON_MIN_LENGTH`` tokens (``pack_rows``: one launch, exact float32 gradient sums,
     deterministic) and ``torch`` otherwise (``gather``, whose backward adds the rows up with
     atomics in the tensor's dtype). ``key`` is ``[B, Hkv, n, D]``."""
-    forced = os.environ.get("LRSA_PACK", "auto")
-    if forced not in PACKERS:
-        raise ValueError(f"LRSA_PACK must be one of {PACKERS}, not {forced!r}")
+    forced = env_choice("LRSA_PACK", PACKERS)
     if forced != "auto":
         return forced
     return "triton" if key.is_cuda and key.shape[2] >= TRITON_MIN_LENGTH else "torch"
@@ -326,6 +331,7 @@ __all__ = [
     "KERNELS",
     "Packing",
     "default_kernel",
+    "env_choice",
     "fa4_applies",
     "key_index",
     "TRITON_MIN_LENGTH",
