@@ -96,6 +96,5 @@ async def _openai_http_error(request: Request, exc: StarletteHTTPException) -> J
     message = exc.detail
     if exc.status_code in (404, 405):
         message = f"Invalid URL ({request.method} {request.url.path}): {exc.detail}"
-    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    body = openai_error(message, kind, exc.status_code, exc.status_code)
+    body = openai_error(message, exc.status_code, exc.status_code)
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)

@@ -11,8 +11,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 PROTECTED_PREFIX = "/v1"
 
 
-def openai_error(message: str, type_: str, code: str | int | None, status: int) -> dict:
-    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+def openai_error(message: str, status: int, code: str | int | None) -> dict:
+    """OpenAI's error body; the type follows the status as OpenAI's does (4xx: the request)."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
 async def send_openai_error(
@@ -26,8 +28,7 @@ async def send_openai_error(
 ) -> None:
     """Answer an ASGI request with an OpenAI error object (what middleware that stops a request
     before vLLM's handlers sends)."""
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    response = JSONResponse(openai_error(message, kind, code, status), status, headers=headers)
+    response = JSONResponse(openai_error(message, status, code), status, headers=headers)
     await response(scope, receive, send)
 
 
