@@ -41,14 +41,14 @@ def token_blocks(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 @lru_cache(maxsize=64)
 def partition_blocks(
     batch: int, parts: int, step: int, sink: int, lag: int, device: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block ids of every compressed partition (``[batch * parts, lag]`` int32, sequence-major)
-    and of its reference, the next partition."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block ids of every compressed partition (``[batch * parts, lag]`` int32, sequence-major),
+    of its reference, the next partition, and each partition's first position (``[parts]``)."""
     starts = sink + lag * torch.arange(parts)
     seq = step * torch.arange(batch)
     part = (seq[:, None, None] + starts[None, :, None] + torch.arange(lag)).flatten(0, 1)
     part = part.to(torch.int32).to(device)
-    return part, part + lag
+    return part, part + lag, starts.to(device)
 
 
 def select_all(key: torch.Tensor, value: torch.Tensor, rule) -> torch.Tensor:
@@ -66,9 +66,8 @@ def select_all(key: torch.Tensor, value: torch.Tensor, rule) -> torch.Tensor:
     if value_step != step:  # both views must number their blocks alike
         key_cache, step = token_blocks(key.contiguous())
         value_cache, _ = token_blocks(value.contiguous())
-    part, ref = partition_blocks(b, parts, step, rule.sink, rule.lag, str(key.device))
+    part, ref, starts = partition_blocks(b, parts, step, rule.sink, rule.lag, str(key.device))
     kept = select.select_kept(key_cache, value_cache, part, ref, rule.keep, rule.score_v_ratio)
-    starts = rule.sink + rule.lag * torch.arange(parts, device=key.device)
     kept = kept.view(b, parts, h, rule.keep) + starts[None, :, None, None]
     return kept.transpose(1, 2)
 
