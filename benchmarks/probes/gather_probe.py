@@ -8,43 +8,18 @@ Needs CUDA. Ran on the GPU machine from the repo root (notes/training.md section
 """
 
 import functools
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from lrsa_serve.config import LagKVConfig  # noqa: E402
-from lrsa_serve.kernels import lrsa_attention as la  # noqa: E402
-from lrsa_serve.kernels import lrsa_varlen as lv  # noqa: E402
+from common import cuda_ms, packed_layer
 
 n, h, d = 32768, 2, 64
-cfg = LagKVConfig(sink=16, lag=1024, ratio=0.25)
-rule = la.Rule.of(cfg)
 dev = "cuda"
 k = torch.randn(1, h, n, d, device=dev, dtype=torch.bfloat16)
 kt = torch.randn(1, n, h, d, device=dev, dtype=torch.bfloat16).transpose(1, 2)
-kept = la.select_kept(k, k, rule)
-packing = lv.Packing.of(n, rule)
-cu_q, cu_k, template = lv._tensors(packing, 1, "cuda:0")
-index = lv.key_index(kept, packing, template)  # [1, Tk, h]
+index = packed_layer(k, k)[-1]  # [1, Tk, h]
 tk = index.shape[1]
 g = torch.randn(tk, h, d, device=dev, dtype=torch.bfloat16)
-
-
-def bench(fn, reps=30):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(reps):
-        fn()
-    e.record()
-    torch.cuda.synchronize()
-    return s.elapsed_time(e) / reps
 
 
 def current(src):
@@ -81,7 +56,7 @@ for name, fn in [
 ]:
     for lay, src in (("heads", k), ("tokens", kt)):
         err = (fn(src).float() - (current(src).float())).abs().max().item()
-        ms = bench(functools.partial(fn, src))
+        ms = cuda_ms(functools.partial(fn, src), reps=30)
         print(f"{name:26} {lay:6}: {ms:.3f} ms fwd+bwd (max diff vs gather {err:.2e})", flush=True)
 # fp32 accumulation error of the current bf16 scatter: vs an fp32 reference
 x = k.detach().float().requires_grad_()

@@ -8,45 +8,19 @@ Needs CUDA (FA4 where installed). Ran on the GPU machine from the repo root
 """
 
 import os
-import sys
-from pathlib import Path
 
 import torch
+from common import CFG, N, cuda_ms, packed_layer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from lrsa_serve.kernels import lrsa_attention as la
+from lrsa_serve.kernels.pack_rows import pack_rows
 
-from lrsa_serve.config import LagKVConfig  # noqa: E402
-from lrsa_serve.kernels import lrsa_attention as la  # noqa: E402
-from lrsa_serve.kernels import lrsa_varlen as lv  # noqa: E402
-from lrsa_serve.kernels.pack_rows import pack_rows  # noqa: E402
-
-n = 32768
-cfg = LagKVConfig(sink=16, lag=1024, ratio=0.25)
-rule = la.Rule.of(cfg)
 dev = "cuda"
-
-
-def bench(fn, reps=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(reps):
-        fn()
-    e.record()
-    torch.cuda.synchronize()
-    return s.elapsed_time(e) / reps
-
-
-q = torch.randn(1, n, 14, 64, device=dev, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
-k = torch.randn(1, n, 2, 64, device=dev, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
-v = torch.randn(1, n, 2, 64, device=dev, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
-g = torch.randn(1, n, 14, 64, device=dev, dtype=torch.bfloat16)
-kept = la.select_kept(k, v, rule)
-packing = lv.Packing.of(n, rule)
-cu_q, cu_k, template = lv._tensors(packing, 1, "cuda:0")
-index = lv.key_index(kept, packing, template)
+q = torch.randn(1, N, 14, 64, device=dev, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+k = torch.randn(1, N, 2, 64, device=dev, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+v = torch.randn(1, N, 2, 64, device=dev, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+g = torch.randn(1, N, 14, 64, device=dev, dtype=torch.bfloat16)
+kept, packing, _, _, _, index = packed_layer(k, v)
 
 
 def pack_torch():
@@ -61,8 +35,8 @@ def pack_triton():
     torch.autograd.backward([kk, vv], [torch.ones_like(kk), torch.ones_like(vv)])
 
 
-print(f"pack fwd+bwd torch gather : {bench(pack_torch):.3f} ms", flush=True)
-print(f"pack fwd+bwd triton       : {bench(pack_triton):.3f} ms", flush=True)
+print(f"pack fwd+bwd torch gather : {cuda_ms(pack_torch):.3f} ms", flush=True)
+print(f"pack fwd+bwd triton       : {cuda_ms(pack_triton):.3f} ms", flush=True)
 for select, pack in [
     ("compiled", "torch"),
     ("triton", "torch"),
@@ -73,10 +47,11 @@ for select, pack in [
     os.environ["LRSA_SELECT"], os.environ["LRSA_PACK"] = select, pack
 
     def whole():
-        out = la.lrsa_varlen(q, k, v, cfg)
+        out = la.lrsa_varlen(q, k, v, CFG)
         out.backward(g)
 
-    print(f"lrsa_varlen fwd+bwd select={select:8} pack={pack:6}: {bench(whole):.3f} ms", flush=True)
+    ms = cuda_ms(whole)
+    print(f"lrsa_varlen fwd+bwd select={select:8} pack={pack:6}: {ms:.3f} ms", flush=True)
 
 
 def dense():
@@ -84,4 +59,4 @@ def dense():
     out.backward(g.transpose(1, 2))
 
 
-print(f"dense sdpa fwd+bwd: {bench(dense):.3f} ms")
+print(f"dense sdpa fwd+bwd: {cuda_ms(dense):.3f} ms")

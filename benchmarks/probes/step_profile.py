@@ -14,52 +14,31 @@ import sys
 from pathlib import Path
 
 import torch
+from common import CFG, RULE, N, cuda_ms, packed_layer
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lrsa_serve.kernels import lrsa_attention as la
+from lrsa_serve.kernels import lrsa_varlen as lv
+from lrsa_serve.training import loop
+from lrsa_serve.training import model as model_mod
+from lrsa_serve.training.config import OptimConfig
+from lrsa_serve.training.data import IGNORE_INDEX
+from lrsa_serve.training.tiny import qwen2_half_billion_config, random_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train_model import timed_steps  # noqa: E402
 
-from lrsa_serve.config import LagKVConfig  # noqa: E402
-from lrsa_serve.kernels import lrsa_attention as la  # noqa: E402
-from lrsa_serve.kernels import lrsa_varlen as lv  # noqa: E402
-from lrsa_serve.training import loop  # noqa: E402
-from lrsa_serve.training import model as model_mod  # noqa: E402
-from lrsa_serve.training.config import OptimConfig  # noqa: E402
-from lrsa_serve.training.data import IGNORE_INDEX  # noqa: E402
-from lrsa_serve.training.tiny import qwen2_half_billion_config, random_model  # noqa: E402
-
-N = 32768
-CFG = LagKVConfig(sink=16, lag=1024, ratio=0.25)
 DEVICE = torch.device("cuda")
 
 
-def bench(fn, reps: int = 20) -> float:
-    """Milliseconds per call, CUDA events around ``reps`` calls after 3 warm-up calls."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
 def layer_pieces() -> None:
-    rule = la.Rule.of(CFG)
     bf16 = dict(device=DEVICE, dtype=torch.bfloat16)
     q = torch.randn(1, 14, N, 64, **bf16, requires_grad=True)
     k = torch.randn(1, 2, N, 64, **bf16, requires_grad=True)
     v = torch.randn(1, 2, N, 64, **bf16, requires_grad=True)
     grad = torch.randn(1, N, 14, 64, **bf16)
-    kept = la.select_kept(k, v, rule)
-    packing = lv.Packing.of(N, rule)
-    cu_q, cu_k, template = lv._tensors(packing, 1, str(DEVICE))
-    index = lv.key_index(kept, packing, template)[..., None].expand(-1, -1, -1, 64)
+    kept, packing, cu_q, cu_k, template, index = packed_layer(k, v)
+    index = index[..., None].expand(-1, -1, -1, 64)
     fa4 = lv._fa4()
     max_q, max_k = max(packing.q_lens), max(packing.k_lens)
     q_items = q.detach().transpose(1, 2).reshape(N, 14, 64).requires_grad_()
@@ -102,7 +81,7 @@ def layer_pieces() -> None:
         fa4.flash_attn_func(*leaves, causal=True)[0].backward(grad)
 
     for name, fn in [
-        ("selection", lambda: la.select_kept(k, v, rule)),
+        ("selection", lambda: la.select_kept(k, v, RULE)),
         ("key_index", lambda: lv.key_index(kept, packing, template)),
         ("gathers fwd", gathers(False)),
         ("gathers fwd+bwd", gathers(True)),
@@ -114,7 +93,7 @@ def layer_pieces() -> None:
         ("dense sdpa fwd+bwd", dense),
         ("dense fa4 fwd+bwd", dense_fa4),
     ]:
-        print(f"{name:36}: {bench(fn):7.3f} ms", flush=True)
+        print(f"{name:36}: {cuda_ms(fn):7.3f} ms", flush=True)
 
 
 def whole_steps() -> None:

@@ -1,0 +1,45 @@
+"""What the GPU probes share: the 0.5B model's 32K LRSA layer (S=16, L=1024, r=0.25) and a timer.
+
+Each probe runs as a script, so this directory is on ``sys.path`` and they import it as
+``common``; importing it also puts the repository root on the path.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from lrsa_serve.config import LagKVConfig  # noqa: E402
+from lrsa_serve.kernels import lrsa_attention as la  # noqa: E402
+from lrsa_serve.kernels import lrsa_varlen as lv  # noqa: E402
+
+N = 32768
+CFG = LagKVConfig(sink=16, lag=1024, ratio=0.25)
+RULE = la.Rule.of(CFG)
+
+
+def cuda_ms(fn, reps: int = 20) -> float:
+    """Mean milliseconds per call over ``reps`` back-to-back calls (CUDA events), after 3."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def packed_layer(key: torch.Tensor, value: torch.Tensor):
+    """One layer's selection and varlen packing: ``kept``, the ``Packing``, ``cu_q``/``cu_k``,
+    the template on the device and the key index ``[1, Tk, Hkv]``."""
+    kept = la.select_kept(key, value, RULE)
+    packing = lv.Packing.of(key.shape[2], RULE)
+    cu_q, cu_k, template = lv._tensors(packing, 1, str(key.device))
+    return kept, packing, cu_q, cu_k, template, lv.key_index(kept, packing, template)
