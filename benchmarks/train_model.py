@@ -8,13 +8,15 @@ float32 master weights, Qwen2.5-0.5B's shape (24 layers, 896 hidden, 14 q / 2 kv
 default) and without.
 
 Also: the share of the step spent in LagKV selection (measured alone on one layer's K/V shape,
-times layers, times 2 with checkpointing since the forward runs twice), and with ``--floor`` the
-same step with attention replaced by nothing (each layer passes its queries through): what the
-rest of the model costs. From it, the speedup the mask allows at best: dense attention time
-divided by the mask's visible-pair ratio, plus the rest.
+times layers, times 2 with checkpointing if the recompute selects again: ``replay=off``), and
+with ``--floor`` the same step with attention replaced by nothing (each layer passes its queries
+through): what the rest of the model costs. From it, the speedup the mask allows at best: dense
+attention time divided by the mask's visible-pair ratio, plus the rest.
 
-LRSA variants: ``BACKEND[:KERNEL][@select=S,pack=P]`` (``LRSA_SELECT``, ``LRSA_PACK``), e.g.
-``varlen@select=compiled,pack=torch``: the trainer before the Triton selection and packing.
+LRSA variants: ``BACKEND[:KERNEL][@select=S,pack=P,replay=R]`` (``LRSA_SELECT``, ``LRSA_PACK``;
+``replay=off``: the checkpoint recompute selects again instead of replaying the forward's
+selection), e.g. ``varlen@select=compiled,pack=torch``: the trainer before the Triton selection
+and packing.
 
     python benchmarks/train_model.py --out train_model.json
 """
@@ -106,18 +108,21 @@ def selection_ms(
     return (time.perf_counter() - start) / 20 * 1e3
 
 
-def use_variant(variant: str | None) -> None:
-    """Backend, varlen kernel, selection and packer of ``BACKEND[:KERNEL][@select=S,pack=P]``."""
+def use_variant(variant: str | None) -> bool:
+    """Backend, varlen kernel, selection and packer of
+    ``BACKEND[:KERNEL][@select=S,pack=P,replay=on|off]``; returns whether a checkpoint recompute
+    replays the forward's selection (the trainer's default) or selects again."""
     spec, _, options = (variant or "auto").partition("@")
     backend, _, kernel = spec.partition(":")
     chosen = dict(option.split("=", 1) for option in options.split(",") if option)
-    unknown = set(chosen) - {"select", "pack"}
-    if unknown:
-        raise SystemExit(f"unknown LRSA variant option(s) {sorted(unknown)} in {variant!r}")
+    unknown = set(chosen) - {"select", "pack", "replay"}
+    if unknown or chosen.get("replay", "on") not in ("on", "off"):
+        raise SystemExit(f"bad LRSA variant option(s) {sorted(chosen)} in {variant!r}")
     la.set_backend(backend)
     os.environ["LRSA_VARLEN_KERNEL"] = kernel or "auto"
     os.environ["LRSA_SELECT"] = chosen.get("select", "auto")
     os.environ["LRSA_PACK"] = chosen.get("pack", "auto")
+    return chosen.get("replay", "on") == "on"
 
 
 def main() -> int:
@@ -134,8 +139,9 @@ def main() -> int:
         "--lrsa-backends",
         nargs="+",
         default=["auto"],
-        help=f"LRSA variants to time: BACKEND[:KERNEL][@select=S,pack=P], backends {la.BACKENDS}, "
-        f"selections {la.SELECTORS}, packers {PACKERS} (e.g. varlen:flash, "
+        help="LRSA variants to time: BACKEND[:KERNEL][@select=S,pack=P,replay=R], backends "
+        f"{la.BACKENDS}, selections {la.SELECTORS}, packers {PACKERS}, replay on|off (e.g. "
+        "varlen:flash, "
         "varlen@select=compiled,pack=torch); the first is 'lrsa' in the JSON",
     )
     parser.add_argument(
@@ -187,14 +193,6 @@ def main() -> int:
     if args.floor:
         runs.append(("floor", FLOOR))
     for checkpointing in args.checkpointing:
-        if checkpointing == "on":
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-        else:
-            model.gradient_checkpointing_disable()
-        model.config.use_cache = False
-        model.train()
         for n in args.lengths:
             ids = torch.randint(0, config.vocab_size, (1, n), device=device)
             labels = torch.full_like(ids, IGNORE_INDEX)
@@ -205,11 +203,16 @@ def main() -> int:
                 if time.time() - started > args.deadline:
                     row[f"{attention}_s"] = None
                     continue
+                replay = True
                 if backend == FLOOR:
                     model.set_attn_implementation(FLOOR)
                 else:
                     model_mod.set_attention(model, "dense" if backend is None else "lrsa", cfg)
-                    use_variant(backend)
+                    replay = use_variant(backend)
+                # the trainer's own set-up (checkpointing per layer, replaying the selection)
+                model_mod.prepare_for_training(
+                    model, checkpointing == "on", replay_selection=replay
+                )
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 try:
@@ -234,9 +237,9 @@ def main() -> int:
             if isinstance(row.get("dense_s"), float) and isinstance(row.get("lrsa_s"), float):
                 row["speedup"] = row["dense_s"] / row["lrsa_s"]
                 head_dim = config.hidden_size // config.num_attention_heads
-                use_variant(args.lrsa_backends[0])
+                replays = use_variant(args.lrsa_backends[0])
                 per_layer = selection_ms(n, config.num_key_value_heads, head_dim, cfg, device)
-                passes = 2 if checkpointing == "on" else 1
+                passes = 2 if checkpointing == "on" and not replays else 1
                 select_s = per_layer * config.num_hidden_layers * passes / 1e3
                 row["selection_ms_per_layer"] = per_layer
                 row["selection_share_of_lrsa_step"] = select_s / row["lrsa_s"]

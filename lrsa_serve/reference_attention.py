@@ -17,6 +17,7 @@ from transformers import AttentionInterface, PreTrainedModel
 
 from lrsa_serve import lagkv
 from lrsa_serve.config import CONFIG_KEY, LagKVConfig
+from lrsa_serve.kernels import selection_replay
 
 NAME = "lagkv_reference"
 # Queries per block: bounds the float32 score matrix at long lengths (9 heads x 1024 x 8K ~ 300 MB).
@@ -67,8 +68,14 @@ def lagkv_reference_attention(
     cfg = settings_of(module)
     num_keys, num_queries = key.shape[2], query.shape[2]
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    with torch.no_grad():  # top-K has no gradient; gradients flow through the visible K/V
-        kept = lagkv.select_all(key, value, cfg)
+
+    def select() -> torch.Tensor:
+        with torch.no_grad():  # top-K has no gradient; gradients flow through the visible K/V
+            return lagkv.select_all(key, value, cfg)
+
+    b, h = key.shape[:2]
+    expected = (b, h, lagkv.compressed_partitions(num_keys, cfg), cfg.keep)
+    kept = selection_replay.remembered(select, expected)  # a checkpoint recompute replays
     outputs = []
     for lo in range(0, num_queries, QUERY_BLOCK):
         hi = min(num_queries, lo + QUERY_BLOCK)

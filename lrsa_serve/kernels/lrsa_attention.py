@@ -57,6 +57,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.kernels import lrsa_split as split
+from lrsa_serve.kernels import selection_replay
 from lrsa_serve.kernels.lrsa_varlen import (
     TRITON_MIN_LENGTH,
     env_choice,
@@ -164,9 +165,17 @@ def block_mask_for(rule: Rule, layout: Layout, device: str, block: int):
 
 
 def select_kept(key: torch.Tensor, value: torch.Tensor, rule: Rule) -> torch.Tensor:
-    """Kept absolute positions ``[B, Hkv, P, keep]`` (``lagkv.select_all``), without gradient."""
-    with torch.no_grad():
-        return _selector(selector_for(key))(key, value, rule)
+    """Kept absolute positions ``[B, Hkv, P, keep]`` (``lagkv.select_all``), without gradient.
+    In a checkpointed layer's recompute, the positions its forward selected
+    (``selection_replay``)."""
+    b, h, n = key.shape[:3]
+    expected = (b, h, lagkv.compressed_partitions(n, rule), rule.keep)
+
+    def select() -> torch.Tensor:
+        with torch.no_grad():
+            return _selector(selector_for(key))(key, value, rule)
+
+    return selection_replay.remembered(select, expected)
 
 
 SELECTORS = ("auto", "triton", "compiled", "eager")

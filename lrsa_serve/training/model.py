@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from lrsa_serve.cli import UserError
 from lrsa_serve.config import LagKVConfig
-from lrsa_serve.kernels import lrsa_attention
+from lrsa_serve.kernels import lrsa_attention, selection_replay
 from lrsa_serve.kernels.lrsa_attention import lrsa_forward_logits, use_lrsa
 
 # Families whose attention goes through transformers' AttentionInterface with GQA K/V shapes
@@ -65,12 +65,21 @@ def set_attention(model: PreTrainedModel, attention: str, cfg: LagKVConfig) -> N
         raise UserError(f"unknown attention {attention!r}")
 
 
-def prepare_for_training(model: PreTrainedModel, gradient_checkpointing: bool) -> None:
+def prepare_for_training(
+    model: PreTrainedModel, gradient_checkpointing: bool, *, replay_selection: bool = True
+) -> None:
+    """Training mode, no KV cache, and per-layer activation checkpointing when asked (off:
+    disabled). With ``replay_selection`` the recompute reuses the forward's LRSA selection
+    (``selection_replay``) instead of selecting again."""
     model.config.use_cache = False
     if gradient_checkpointing:
-        # Non-reentrant: works with FSDP2 and with the no_grad selection inside attention (the
-        # recomputed selection is identical: it is deterministic).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant: works with FSDP2, and takes the context_fn that replays the selection.
+        kwargs: dict = {"use_reentrant": False}
+        if replay_selection:
+            kwargs["context_fn"] = selection_replay.checkpoint_contexts
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_disable()
     model.train()
 
 

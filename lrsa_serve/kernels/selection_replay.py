@@ -1,0 +1,90 @@
+"""Under gradient checkpointing, select once: the recompute replays the forward's kept positions.
+
+A checkpointed decoder layer runs its forward twice, once in the forward pass and once more in
+the backward pass to rebuild what its backward needs. LRSA's selection (no_grad) would run twice
+too. ``checkpoint_contexts`` is a ``context_fn`` for non-reentrant ``torch.utils.checkpoint``: its
+forward context records every selection the layer makes, its recompute context hands them back in
+the same order instead of selecting again. So the backward differentiates exactly the attention
+whose output the forward used (even if a recomputed key differed in the last bit and broke a tie
+the other way), and the second selection costs nothing. Plain context managers, not dispatch
+modes, so the compiled parts of the layer stay compiled. One memo per checkpointed call: it lives
+as long as that call's recompute closure, and what it holds is small (``[B, Hkv, P, keep]``
+positions per layer).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SelectionMemo:
+    """The kept positions of one checkpointed call, in the order its forward selected them."""
+
+    kept: list[torch.Tensor] = field(default_factory=list)
+    replayed: int = 0
+
+
+# (memo, replaying) of the checkpointed call running in this thread, if any. Autograd runs the
+# recompute in its own worker thread; the context is entered there, so a ContextVar fits.
+_ACTIVE: contextvars.ContextVar[tuple[SelectionMemo, bool] | None] = contextvars.ContextVar(
+    "lrsa_selection_replay", default=None
+)
+
+
+class _Phase:
+    """Makes ``memo`` the active one while entered; re-enterable (a second backward over a
+    retained graph recomputes again, from the first selection)."""
+
+    def __init__(self, memo: SelectionMemo, replaying: bool) -> None:
+        self.memo, self.replaying = memo, replaying
+        self._tokens: list[contextvars.Token] = []
+
+    def __enter__(self) -> SelectionMemo:
+        if self.replaying:
+            self.memo.replayed = 0
+        self._tokens.append(_ACTIVE.set((self.memo, self.replaying)))
+        return self.memo
+
+    def __exit__(self, *exc) -> None:
+        _ACTIVE.reset(self._tokens.pop())
+
+
+def checkpoint_contexts() -> tuple[_Phase, _Phase]:
+    """``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``."""
+    memo = SelectionMemo()
+    return _Phase(memo, replaying=False), _Phase(memo, replaying=True)
+
+
+def remembered(select: Callable[[], torch.Tensor], expected: tuple[int, ...]) -> torch.Tensor:
+    """``select()`` outside checkpointing and in a checkpointed forward (recorded there); in the
+    recompute, the recorded result of the same call. ``expected`` is the result's shape: a replay
+    that does not match it means the recompute took another path, which is an error."""
+    active = _ACTIVE.get()
+    if active is None:
+        return select()
+    memo, replaying = active
+    if not replaying:
+        kept = select()
+        memo.kept.append(kept)
+        return kept
+    if memo.replayed >= len(memo.kept):
+        raise RuntimeError(
+            f"checkpoint recompute asked for selection {memo.replayed + 1} but the forward made "
+            f"only {len(memo.kept)}"
+        )
+    kept = memo.kept[memo.replayed]
+    if tuple(kept.shape) != tuple(expected):
+        raise RuntimeError(
+            f"checkpoint recompute expected kept positions of shape {tuple(expected)}, the "
+            f"forward selected {tuple(kept.shape)}"
+        )
+    memo.replayed += 1
+    return kept
+
+
+__all__ = ["SelectionMemo", "checkpoint_contexts", "remembered"]

@@ -1,0 +1,105 @@
+"""Gradient checkpointing replays the forward's LRSA selection in the recompute
+(``kernels/selection_replay.py``), instead of selecting a second time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lrsa_serve import lagkv
+from lrsa_serve.config import LagKVConfig
+from lrsa_serve.kernels import lrsa_attention as la
+from lrsa_serve.kernels import selection_replay
+from lrsa_serve.training import model as model_mod
+from lrsa_serve.training.tiny import random_model, tiny_config
+
+CFG = LagKVConfig(sink=4, lag=16, ratio=0.25)
+
+
+class FlipFlopSelection:
+    """``lagkv.select_all`` on odd calls; on even calls the first ``keep`` positions of every
+    partition. A recompute that selects again therefore attends to other tokens than its forward
+    did."""
+
+    def __init__(self) -> None:
+        self.real = lagkv.select_all
+        self.calls = 0
+
+    def __call__(self, key, value, cfg):
+        self.calls += 1
+        kept = self.real(key, value, cfg)
+        if self.calls % 2:
+            return kept
+        starts = cfg.sink + cfg.lag * torch.arange(kept.shape[2], device=kept.device)
+        first = starts[:, None] + torch.arange(cfg.keep, device=kept.device)
+        return first.to(kept.dtype).expand_as(kept).clone()
+
+
+@pytest.fixture
+def selection(monkeypatch):
+    flipflop = FlipFlopSelection()
+    monkeypatch.setattr(lagkv, "select_all", flipflop)
+    la._selector.cache_clear()  # the eager selector is lagkv.select_all, looked up when built
+    yield flipflop
+    la._selector.cache_clear()
+    la.set_backend("auto")
+
+
+def loss_and_grads(model, ids, selection, checkpointing: bool, replay: bool):
+    model_mod.prepare_for_training(model, checkpointing, replay_selection=replay)
+    model.zero_grad(set_to_none=True)
+    selection.calls = 0
+    loss = model(input_ids=ids, labels=ids).loss
+    forward_calls = selection.calls
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    return float(loss.detach()), grads, forward_calls, selection.calls
+
+
+@pytest.mark.parametrize("backend", ["dense", "varlen"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_checkpoint_recompute_replays_the_forward_selection(selection, backend, compiled):
+    """With checkpointing the layers' selection runs once per forward (not again in the
+    backward) and the gradients are exactly those without checkpointing, even with a selection
+    that would change if run again; selecting again instead gives other gradients."""
+    if compiled and backend == "dense":
+        pytest.skip("one compiled case is enough: the varlen one")
+    layers = 2
+    model = random_model(tiny_config("qwen2", vocab_size=300, num_hidden_layers=layers), seed=3)
+    model = model.double()
+    model_mod.set_attention(model, "lrsa", CFG)
+    la.set_backend(backend, compile_flex=False)
+    if compiled:
+        model_mod.compile_layers(model)
+    ids = torch.randint(0, 300, (2, 75), generator=torch.Generator().manual_seed(0))
+
+    plain = loss_and_grads(model, ids, selection, checkpointing=False, replay=True)
+    replayed = loss_and_grads(model, ids, selection, checkpointing=True, replay=True)
+    again = loss_and_grads(model, ids, selection, checkpointing=True, replay=False)
+
+    assert plain[2:] == (layers, layers)
+    assert replayed[2:] == (layers, layers)  # no selection in the backward
+    assert again[2:] == (layers, 2 * layers)  # the recompute selected again...
+    assert replayed[0] == pytest.approx(plain[0], rel=1e-12)
+    for got, want in zip(replayed[1], plain[1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    # ...and, with a selection that changes, differentiated another attention than it ran
+    assert again[0] == pytest.approx(plain[0], rel=1e-12)
+    differences = [float((g - w).abs().max()) for g, w in zip(again[1], plain[1], strict=True)]
+    assert max(differences) > 1e-6
+
+
+def test_a_replay_that_does_not_match_the_forward_is_an_error():
+    forward, recompute = selection_replay.checkpoint_contexts()
+    kept = torch.zeros(1, 2, 3, 4, dtype=torch.long)
+    with forward:
+        got = selection_replay.remembered(lambda: kept, (1, 2, 3, 4))
+    assert got is kept
+    with recompute, pytest.raises(RuntimeError, match=r"expected kept positions of shape"):
+        selection_replay.remembered(lambda: kept, (1, 2, 4, 4))
+    with recompute:
+        assert selection_replay.remembered(lambda: None, (1, 2, 3, 4)) is kept
+        with pytest.raises(RuntimeError, match="forward made only 1"):
+            selection_replay.remembered(lambda: kept, (1, 2, 3, 4))
+    # outside a checkpointed call nothing is remembered
+    assert selection_replay.remembered(lambda: "fresh", (1,)) == "fresh"
