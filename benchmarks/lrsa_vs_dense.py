@@ -78,7 +78,24 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=1e9, help="seconds; skip the base eval")
     parser.add_argument("--smoke", action="store_true", help="tiny random model on CPU")
     parser.add_argument("--random-init", action="store_true", help="random weights (timing)")
+    parser.add_argument(
+        "--attentions",
+        nargs="+",
+        choices=["dense", "lrsa"],
+        default=["dense", "lrsa"],
+        help="which post-trainings to run (one per call where a call's time is short)",
+    )
+    parser.add_argument(
+        "--table", nargs="+", metavar="RESULTS_JSON", help="print one table of saved results"
+    )
     args = parser.parse_args()
+    if args.table:
+        runs: dict = {}
+        for path in args.table:
+            result = json.loads(Path(path).read_text())
+            runs |= result["runs"]
+        print_table(result | {"runs": runs})
+        return 0
     if args.smoke:  # a minute on CPU: a check that the whole script runs, not a measurement
         for name, value in SMOKE.items():
             setattr(args, name, value)
@@ -164,7 +181,7 @@ def main() -> int:
     def save():
         (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
 
-    for attention in ("dense", "lrsa"):
+    for attention in args.attentions:
         model.load_state_dict(base_state)
         shutil.rmtree(out / attention, ignore_errors=True)  # metrics of an earlier try
         job = JobConfig(lagkv=cfg)
@@ -209,13 +226,22 @@ def main() -> int:
         result["runs"]["untrained"] = base
         save()
 
+    print_table(result)
+    return 0
+
+
+def print_table(result: dict) -> None:
+    args = argparse.Namespace(**result["args"])
+    cfg = LagKVConfig(**result["lagkv"])
+    tasks = tuple(args.tasks.split(","))
     print(
         f"\n{result['device']}: {args.steps} steps x {args.batch_size * args.grad_accum} seqs, "
         f"{args.min_tokens}-{args.max_tokens} tokens, lr {args.lr}, {cfg.short()}; "
-        f"exact match on {len(held_out)} held-out examples"
+        f"exact match on {result['eval_examples']} held-out examples"
     )
     print(
-        f"one example = {100 / max(len(held_out), 1):.2f} points; per task {result['eval_tasks']}"
+        f"one example = {100 / max(result['eval_examples'], 1):.2f} points; "
+        f"per task {result['eval_tasks']}"
     )
     print(f"{'trained with':>13} {'uncompressed':>13} {'LagKV':>7} {'train s':>8}  per task")
     for name, run in result["runs"].items():
@@ -229,7 +255,6 @@ def main() -> int:
             f"{name:>13} {100 * unc['eval_exact_match']:>12.1f}% "
             f"{100 * lag['eval_exact_match']:>6.1f}% {run.get('train_s', 0):>8.0f}  {per_task}"
         )
-    return 0
 
 
 if __name__ == "__main__":
