@@ -43,7 +43,10 @@ def score(model, examples, tokenizer, mode: str, cfg: LagKVConfig, batch_size: i
     else:
         use_lagkv_reference(model, cfg)
     device = next(model.parameters()).device
-    sums = evaluate_examples(model, examples, tokenizer, batch_size=batch_size, device=device)
+    # Eager: the trainer compiled the layers around its own attention; switching the attention
+    # here would recompile them per length (the LagKV eval took 3x longer that way).
+    with torch.compiler.set_stance("force_eager"):
+        sums = evaluate_examples(model, examples, tokenizer, batch_size=batch_size, device=device)
     return sums.scores()
 
 
