@@ -13,10 +13,11 @@ with ``--floor`` the same step with attention replaced by nothing (each layer pa
 through): what the rest of the model costs. From it, the speedup the mask allows at best: dense
 attention time divided by the mask's visible-pair ratio, plus the rest.
 
-LRSA variants: ``BACKEND[:KERNEL][@select=S,pack=P,replay=R]`` (``LRSA_SELECT``, ``LRSA_PACK``;
-``replay=off``: the checkpoint recompute selects again instead of replaying the forward's
-selection), e.g. ``varlen@select=compiled,pack=torch``: the trainer before the Triton selection
-and packing.
+LRSA variants: ``BACKEND[:KERNEL][@select=S,pack=P,replay=R,op=O]`` (``LRSA_SELECT``,
+``LRSA_PACK``; ``replay=off``: the checkpoint recompute selects again instead of replaying the
+forward's selection; ``op=off``: the attention runs behind a graph break instead of as the custom
+op ``lrsa::varlen``), e.g. ``varlen@select=compiled,pack=torch``: the trainer before the Triton
+selection and packing.
 
     python benchmarks/train_model.py --out train_model.json
 """
@@ -110,19 +111,23 @@ def selection_ms(
 
 def use_variant(variant: str | None) -> bool:
     """Backend, varlen kernel, selection and packer of
-    ``BACKEND[:KERNEL][@select=S,pack=P,replay=on|off]``; returns whether a checkpoint recompute
-    replays the forward's selection (the trainer's default) or selects again."""
+    ``BACKEND[:KERNEL][@select=S,pack=P,replay=on|off,op=on|off]``; returns whether a checkpoint
+    recompute replays the forward's selection (the trainer's default) or selects again.
+    ``op=off``: the varlen attention runs eagerly behind a graph break instead of as the custom
+    op ``lrsa::varlen``."""
     spec, _, options = (variant or "auto").partition("@")
     backend, _, kernel = spec.partition(":")
     chosen = dict(option.split("=", 1) for option in options.split(",") if option)
-    unknown = set(chosen) - {"select", "pack", "replay"}
-    if unknown or chosen.get("replay", "on") not in ("on", "off"):
+    unknown = set(chosen) - {"select", "pack", "replay", "op"}
+    switches = (chosen.get("replay", "on"), chosen.get("op", "on"))
+    if unknown or not set(switches) <= {"on", "off"}:
         raise SystemExit(f"bad LRSA variant option(s) {sorted(chosen)} in {variant!r}")
     la.set_backend(backend)
     os.environ["LRSA_VARLEN_KERNEL"] = kernel or "auto"
     os.environ["LRSA_SELECT"] = chosen.get("select", "auto")
     os.environ["LRSA_PACK"] = chosen.get("pack", "auto")
-    return chosen.get("replay", "on") == "on"
+    la.set_varlen_op(switches[1] == "on")
+    return switches[0] == "on"
 
 
 def main() -> int:
@@ -139,8 +144,8 @@ def main() -> int:
         "--lrsa-backends",
         nargs="+",
         default=["auto"],
-        help="LRSA variants to time: BACKEND[:KERNEL][@select=S,pack=P,replay=R], backends "
-        f"{la.BACKENDS}, selections {la.SELECTORS}, packers {PACKERS}, replay on|off (e.g. "
+        help="LRSA variants to time: BACKEND[:KERNEL][@select=S,pack=P,replay=R,op=O], backends "
+        f"{la.BACKENDS}, selections {la.SELECTORS}, packers {PACKERS}, replay and op on|off (e.g. "
         "varlen:flash, "
         "varlen@select=compiled,pack=torch); the first is 'lrsa' in the JSON",
     )

@@ -15,6 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 CONFIG_KEY = "lagkv"
 
 
+def keep_for(lag: int, ratio: float) -> int:
+    """Tokens kept per partition and KV head: int(r * L) (also read where dynamo traces)."""
+    return int(ratio * lag)
+
+
 class LagKVConfigError(ValueError):
     """Settings that cannot work; the message is one line meant for the user."""
 
@@ -46,7 +51,7 @@ class LagKVConfig(BaseModel):
     @property
     def keep(self) -> int:
         """Tokens kept per partition and KV head: int(r * L)."""
-        return int(self.ratio * self.lag)
+        return keep_for(self.lag, self.ratio)
 
     @property
     def compresses(self) -> bool:

@@ -483,24 +483,32 @@ def test_pack_rows_forward_and_exact_gradient(batch, n, dim, dtype, layout):
 @kernel_test
 def test_lrsa_varlen_packs_with_triton_as_with_gather(monkeypatch):
     """The whole varlen LRSA attention (plain-torch items) with LRSA_PACK=triton gives the output
-    and the q/k/v gradients of LRSA_PACK=torch, batch 2 with GQA."""
+    and the q/k/v gradients of LRSA_PACK=torch, batch 2 with GQA; eagerly (autograd through the
+    packers) and through the custom op (their explicit backwards, ``pack_items_backward``)."""
     from lrsa_serve.config import LagKVConfig
     from lrsa_serve.kernels import lrsa_attention as la
+    from lrsa_serve.kernels.lrsa_op import lrsa_varlen_op
 
     cfg = LagKVConfig(sink=16, lag=32, ratio=0.25)
     n, gen = 16 + 5 * 32 + 9, torch.Generator(device=DEVICE).manual_seed(5)
     q = torch.randn(2, 4, n, 16, generator=gen, device=DEVICE, dtype=torch.float64)
     k, v = (torch.randn(2, 2, n, 16, generator=gen, device=DEVICE, dtype=torch.float64)
             for _ in range(2))  # fmt: skip
+    paths = {
+        "eager": lambda *x: la.lrsa_varlen(*x, cfg, kernel="math"),
+        "op": lambda *x: lrsa_varlen_op(*x, la.Rule.of(cfg), None),
+    }
     results = {}
     for packer in ("torch", "triton"):
         monkeypatch.setenv("LRSA_PACK", packer)
-        leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
-        out = la.lrsa_varlen(*leaves, cfg, kernel="math")
-        out.backward(torch.ones_like(out))
-        results[packer] = [out.detach()] + [x.grad for x in leaves]
-    for got, want in zip(results["triton"], results["torch"], strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        for path, attend in paths.items():
+            leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+            out = attend(*leaves)
+            out.backward(torch.ones_like(out))
+            results[packer, path] = [out.detach()] + [x.grad for x in leaves]
+    for key in results:
+        for got, want in zip(results[key], results["torch", "eager"], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 # ---- real sizes on the GPU ----------------------------------------------------------------------

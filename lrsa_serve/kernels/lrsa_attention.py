@@ -55,12 +55,13 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 
 from lrsa_serve import lagkv
-from lrsa_serve.config import LagKVConfig
+from lrsa_serve.config import CONFIG_KEY, LagKVConfig, keep_for
+from lrsa_serve.kernels import lrsa_op, selection_replay
 from lrsa_serve.kernels import lrsa_split as split
-from lrsa_serve.kernels import selection_replay
 from lrsa_serve.kernels.lrsa_varlen import (
     TRITON_MIN_LENGTH,
     env_choice,
+    in_autocast_dtype,
     lrsa_varlen_attention,
 )
 from lrsa_serve.reference_attention import lagkv_reference_attention, settings_of
@@ -403,7 +404,49 @@ def backend_for(query: torch.Tensor) -> str:
     return "varlen" if query.is_cuda else "dense"
 
 
+# ``lrsa::varlen`` (lrsa_op) where it applies; ``LRSA_VARLEN_OP=off`` (or set_varlen_op(False))
+# runs the same attention eagerly behind a graph break, as before the op.
+_varlen_op = env_choice("LRSA_VARLEN_OP", ("auto", "off")) == "auto"
+
+
+def set_varlen_op(enabled: bool) -> None:
+    global _varlen_op
+    _varlen_op = enabled
+
+
+def _traceable_rule(module: torch.nn.Module) -> Rule | None:
+    """The module's LagKV numbers read the way dynamo traces (the dict ``use_lrsa`` stores), or
+    None (then the eager path reads them)."""
+    section = getattr(module.config, CONFIG_KEY, None)
+    if not isinstance(section, dict):
+        return None
+    lag, ratio = section["lag"], section["ratio"]
+    return Rule(section["sink"], lag, keep_for(lag, ratio), section.get("score_v_ratio", 1.0))
+
+
 def lrsa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The registered attention. The varlen backend runs as the custom op ``lrsa::varlen``, which
+    a compiled decoder layer traces as one node; every other path runs eagerly, behind a graph
+    break (``_eager_attention``)."""
+    if _varlen_op and not (dropout and module.training) and backend_for(query) == "varlen":
+        rule = _traceable_rule(module)
+        cast = in_autocast_dtype(query)[0]
+        if rule is not None and query.shape[2] == key.shape[2] and lrsa_op.op_applies(cast):
+            return lrsa_op.lrsa_varlen_op(query, key, value, rule, scaling), None
+    return _eager_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+
+@torch.compiler.disable  # dynamo cannot trace these paths: a compiled layer breaks its graph here
+def _eager_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -428,9 +471,7 @@ def lrsa_attention(
     return out, None
 
 
-# Opaque to dynamo: a compiled decoder layer (training/model.py) breaks its graph here and runs
-# the selection, the gathers and the attention kernel eagerly (they carry their own compile).
-AttentionInterface.register(NAME, torch.compiler.disable(lrsa_attention))
+AttentionInterface.register(NAME, lrsa_attention)
 
 
 def use_lrsa(model: PreTrainedModel, cfg: LagKVConfig) -> PreTrainedModel:
@@ -480,5 +521,6 @@ __all__ = [
     "lrsa_static_dense_attention",
     "lrsa_varlen",
     "set_backend",
+    "set_varlen_op",
     "use_lrsa",
 ]

@@ -284,6 +284,53 @@ def packer_for(key: torch.Tensor) -> str:
     return "triton" if key.is_cuda and key.shape[2] >= TRITON_MIN_LENGTH else "torch"
 
 
+def pack_items(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kept: torch.Tensor,
+    packing: Packing,
+    template: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The items' key and value rows ``[B * Tk, Hkv, D]`` of key/value ``[B, Hkv, n, D]``
+    (``packer_for`` picks ``pack_rows`` or ``gather``); differentiable in key and value."""
+    hkv, d = key.shape[1], key.shape[-1]
+    index = key_index(kept, packing, template)  # [B, Tk, Hkv]
+    if packer_for(key) == "triton":
+        from lrsa_serve.kernels.pack_rows import pack_rows
+
+        return pack_rows(key, value, index, kept, packing)
+    index = index[..., None].expand(-1, -1, -1, d)
+    k = key.transpose(1, 2).gather(1, index).reshape(-1, hkv, d)
+    v = value.transpose(1, 2).gather(1, index).reshape(-1, hkv, d)
+    return k, v
+
+
+def pack_items_backward(
+    grad_k: torch.Tensor,
+    grad_v: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kept: torch.Tensor,
+    packing: Packing,
+    template: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pack_items``' backward without autograd: key/value gradients ``[B, Hkv, n, D]`` from
+    the rows' ``[B * Tk, Hkv, D]``, summed as the chosen packer's own backward sums them."""
+    if packer_for(key) == "triton":
+        from lrsa_serve.kernels.pack_rows import pack_rows_backward
+
+        return pack_rows_backward(grad_k, grad_v, key, value, kept, packing)
+    b, hkv, n, d = key.shape
+    index = key_index(kept, packing, template)[..., None].expand(-1, -1, -1, d)
+
+    def scatter(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(b, n, hkv, d, dtype=like.dtype, device=like.device)
+        rows = grad.reshape(b, -1, hkv, d).to(like.dtype)
+        return out.scatter_add_(1, index, rows).transpose(1, 2)
+
+    return scatter(grad_k, key), scatter(grad_v, value)
+
+
 def lrsa_varlen_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -302,7 +349,6 @@ def lrsa_varlen_attention(
     """
     query, key, value = in_autocast_dtype(query, key, value)
     b, hq, n, d = query.shape
-    hkv = key.shape[1]
     scale = d**-0.5 if scaling is None else scaling
     kernel = kernel or default_kernel(query)
     if kept is None:
@@ -310,16 +356,8 @@ def lrsa_varlen_attention(
             kept = lagkv.select_all(key, value, rule)
     packing = Packing.of(n, rule)
     cu_q, cu_k, template = _tensors(packing, b, str(query.device))
-    index = key_index(kept, packing, template)  # [B, Tk, Hkv]
     key, value = key.to(query.dtype), value.to(query.dtype)
-    if packer_for(key) == "triton":
-        from lrsa_serve.kernels.pack_rows import pack_rows
-
-        k, v = pack_rows(key, value, index, kept, packing)
-    else:
-        index = index[..., None].expand(-1, -1, -1, d)
-        k = key.transpose(1, 2).gather(1, index).reshape(-1, hkv, d)
-        v = value.transpose(1, 2).gather(1, index).reshape(-1, hkv, d)
+    k, v = pack_items(key, value, kept, packing, template)
     q = query.transpose(1, 2).reshape(b * n, hq, d)
     out = varlen_attention(
         q, k, v, cu_q, cu_k, max(packing.q_lens), max(packing.k_lens), scale, kernel
@@ -334,6 +372,8 @@ __all__ = [
     "env_choice",
     "fa4_applies",
     "key_index",
+    "pack_items",
+    "pack_items_backward",
     "TRITON_MIN_LENGTH",
     "packer_for",
     "packing_for",

@@ -257,11 +257,20 @@ class PackRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_k, grad_v):
         (kept,) = ctx.saved_tensors
-        key_shape, key_dtype, value_shape, value_dtype = ctx.shapes
-        slots = slot_of(kept, key_shape[2])
-        dk = _unpack_grad(grad_k, key_shape, key_dtype, ctx.refs, kept, slots, ctx.key_rows)
-        dv = _unpack_grad(grad_v, value_shape, value_dtype, ctx.refs, kept, slots, ctx.key_rows)
+        dk, dv = _unpack_grads(grad_k, grad_v, *ctx.shapes, kept, ctx.refs, ctx.key_rows)
         return dk, dv, None, None, None, None
+
+
+def _unpack_grads(grad_k, grad_v, key_shape, key_dtype, value_shape, value_dtype, kept, refs,
+                  key_rows):  # fmt: skip
+    slots = slot_of(kept, key_shape[2])
+    dk = _unpack_grad(grad_k, key_shape, key_dtype, refs, kept, slots, key_rows)
+    dv = _unpack_grad(grad_v, value_shape, value_dtype, refs, kept, slots, key_rows)
+    return dk, dv
+
+
+def _refs(key: torch.Tensor, kept: torch.Tensor, packing: Packing) -> Refs:
+    return refs_for(packing, kept.shape[-2] * kept.shape[-1], str(key.device))
 
 
 def pack_rows(
@@ -281,8 +290,23 @@ def pack_rows(
         key = key.contiguous()
     if value.stride(-1) != 1:
         value = value.contiguous()
-    refs = refs_for(packing, kept.shape[-2] * kept.shape[-1], str(key.device))
+    refs = _refs(key, kept, packing)
     return PackRows.apply(key, value, index.contiguous(), kept, refs, packing.key_rows)
 
 
-__all__ = ["Refs", "pack_rows", "refs_for", "slot_of"]
+def pack_rows_backward(
+    grad_k: torch.Tensor,
+    grad_v: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kept: torch.Tensor,
+    packing: Packing,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pack_rows``' backward without autograd (for a custom op's own backward): the gradients
+    of ``key``/``value`` from those of the packed rows."""
+    refs = _refs(key, kept, packing)
+    meta = (key.shape, key.dtype, value.shape, value.dtype)
+    return _unpack_grads(grad_k, grad_v, *meta, kept, refs, packing.key_rows)
+
+
+__all__ = ["Refs", "pack_rows", "pack_rows_backward", "refs_for", "slot_of"]

@@ -1,0 +1,240 @@
+"""LRSA attention (the varlen formulation, ``lrsa_varlen``) as one custom op, ``lrsa::varlen``.
+
+Why an op: dynamo cannot trace the LRSA attention (Python packing tables, the selection's own
+compile, FlashAttention-4's CuTe launch), so behind ``torch.compiler.disable`` it broke every
+compiled decoder layer into several compiled frames around an eager call. That break alone cost
+8-36 ms of host time per training step of the 0.5B model at 8-32K tokens
+(``benchmarks/probes/graph_break_probe.py``), and the short-sequence steps are host-bound. As a
+custom op the attention is one opaque node of the layer's graph, forward and backward.
+
+Forward: the selection (in a checkpoint recompute, the forward's: ``selection_replay``), the
+items' key/value rows (``lrsa_varlen.pack_items``), the items' kernel. Returns the output, the
+kernel's log-sum-exp and the kept positions. Backward (``lrsa::varlen_backward``): the rows are
+packed again from the kept positions (one gather, instead of holding them from forward to
+backward), the kernel's own backward runs on the items, and the packer's backward adds the rows'
+gradients onto the raw keys and values. Kernels: ``fa4`` and ``flash`` (CUDA, fp16/bf16) and
+``math`` (plain torch, any device: the CPU tests). Queries these do not take (float32 on CUDA)
+stay on the eager path.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from lrsa_serve.kernels import lrsa_varlen as lv
+
+OP_KERNELS = ("fa4", "flash", "math")
+
+
+def op_applies(query: torch.Tensor) -> bool:
+    """Whether ``lrsa::varlen`` takes these queries (in the dtype they are attended in). Plain
+    tensor attributes only, so dynamo traces the choice."""
+    if query.device.type != "cuda":
+        return True  # the math kernel
+    d = query.shape[-1]
+    return query.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256
+
+
+def _kernel(query: torch.Tensor) -> str:
+    kernel = lv.default_kernel(query)
+    if kernel not in OP_KERNELS:
+        raise ValueError(
+            f"LRSA_VARLEN_KERNEL={kernel} does not apply to {query.dtype} queries; "
+            f"one of {OP_KERNELS} or auto does"
+        )
+    return kernel
+
+
+def _layout(query: torch.Tensor, rule: lv.PartitionSizes):
+    b, _, n, _ = query.shape
+    packing = lv.Packing.of(n, rule)
+    cu_q, cu_k, template = lv._tensors(packing, b, str(query.device))
+    return packing, cu_q, cu_k, template, max(packing.q_lens), max(packing.k_lens)
+
+
+def _items(query: torch.Tensor) -> torch.Tensor:
+    b, hq, n, d = query.shape
+    return query.transpose(1, 2).reshape(b * n, hq, d)
+
+
+# ---- the items' kernels: forward with log-sum-exp, and their own backward ----------------------
+def items_forward(kernel, q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    """Output ``[Tq, Hq, D]`` and log-sum-exp ``[Hq, Tq]`` (float32) of the items."""
+    if kernel == "fa4":
+        return lv._fa4().flash_attn_varlen_func(
+            q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
+            max_seqlen_k=max_k, softmax_scale=scale, causal=True, return_lse=True,
+        )[:2]  # fmt: skip
+    if kernel == "flash":
+        out, lse = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale
+        )[:2]
+        return out, lse
+    outs, lses = [], []
+    for qi, ki, vi, _ in _math_items(q, k, v, cu_q, cu_k):
+        scores = _math_scores(qi, ki, scale)
+        lses.append(scores.logsumexp(-1))
+        outs.append((scores.softmax(-1) @ vi).transpose(0, 1))
+    return torch.cat(outs), torch.cat(lses, dim=-1).float()
+
+
+def items_backward(kernel, grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
+    """``dq`` ``[Tq, Hq, D]``, ``dk``/``dv`` ``[Tk, Hkv, D]`` of the items."""
+    grad = grad.contiguous()
+    if kernel == "fa4":
+        interface = importlib.import_module("flash_attn.cute.interface")
+        return interface._flash_attn_bwd(
+            q, k, v, out, grad, lse, scale, True, 0.0, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+            max_seqlen_q=max_q, max_seqlen_k=max_k,
+        )[:3]  # fmt: skip
+    if kernel == "flash":
+        unused = torch.empty((), dtype=torch.int64, device=q.device)  # philox: no dropout
+        return torch.ops.aten._flash_attention_backward(
+            grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, True, unused, unused,
+            scale=scale,
+        )  # fmt: skip
+    groups = q.shape[1] // k.shape[1]
+    dq, dk, dv = [], [], []
+    for qi, ki, vi, (q0, q1) in _math_items(q, k, v, cu_q, cu_k):
+        probs = _math_scores(qi, ki, scale).softmax(-1)  # [Hq, lq, lk]
+        gi = grad[q0:q1].transpose(0, 1).to(probs.dtype)
+        oi = out[q0:q1].transpose(0, 1).to(probs.dtype)
+        dprobs = gi @ vi.transpose(1, 2)
+        dscores = probs * (dprobs - (gi * oi).sum(-1, keepdim=True))
+        dq.append((dscores @ ki * scale).transpose(0, 1))
+        dki = (dscores.transpose(1, 2) @ qi * scale).unflatten(0, (-1, groups)).sum(1)
+        dvi = (probs.transpose(1, 2) @ gi).unflatten(0, (-1, groups)).sum(1)
+        dk.append(dki.transpose(0, 1))
+        dv.append(dvi.transpose(0, 1))
+    return torch.cat(dq).to(q.dtype), torch.cat(dk).to(k.dtype), torch.cat(dv).to(v.dtype)
+
+
+def _math_items(q, k, v, cu_q, cu_k):
+    """Per item: queries ``[Hq, lq, D]``, keys and values repeated to ``Hq`` heads, and the
+    item's query rows."""
+    groups = q.shape[1] // k.shape[1]
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for q0, q1, k0, k1 in zip(cq[:-1], cq[1:], ck[:-1], ck[1:], strict=True):
+        qi = q[q0:q1].transpose(0, 1)
+        ki = k[k0:k1].transpose(0, 1).repeat_interleave(groups, 0)
+        vi = v[k0:k1].transpose(0, 1).repeat_interleave(groups, 0)
+        yield qi, ki, vi, (q0, q1)
+
+
+def _math_scores(qi: torch.Tensor, ki: torch.Tensor, scale: float) -> torch.Tensor:
+    """Bottom-right causal scores of one item (the kernels' convention)."""
+    lq, lk = qi.shape[1], ki.shape[1]
+    rows = torch.arange(lq, device=qi.device)[:, None]
+    cols = torch.arange(lk, device=qi.device)[None, :]
+    scores = (qi @ ki.transpose(1, 2)) * scale
+    return scores.masked_fill(cols > lk - lq + rows, float("-inf"))
+
+
+# ---- the ops -----------------------------------------------------------------------------------
+@torch.library.custom_op("lrsa::varlen", mutates_args=())
+def varlen(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    sink: int,
+    lag: int,
+    keep: int,
+    score_v_ratio: float,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LRSA attention: query ``[B, Hq, n, D]``, key/value ``[B, Hkv, n, D]`` of one dtype.
+    Returns the output ``[B, n, Hq, D]``, the log-sum-exp ``[Hq, B * n]`` and the kept
+    positions ``[B, Hkv, P, keep]``."""
+    from lrsa_serve.kernels.lrsa_attention import Rule, select_kept
+
+    with torch.no_grad():
+        kept = select_kept(key, value, Rule(sink, lag, keep, score_v_ratio))
+        packing, cu_q, cu_k, template, max_q, max_k = _layout(query, packing_rule(sink, lag, keep))
+        k, v = lv.pack_items(key, value, kept, packing, template)
+        out, lse = items_forward(
+            _kernel(query), _items(query), k, v, cu_q, cu_k, max_q, max_k, scale
+        )
+    b, hq, n, d = query.shape
+    # contiguous outputs, as the fake ones: a compiled graph plans with the fake strides
+    return out.reshape(b, n, hq, d).contiguous(), lse.contiguous(), kept.contiguous()
+
+
+@varlen.register_fake
+def _(query, key, value, sink, lag, keep, score_v_ratio, scale):
+    b, hq, n, d = query.shape
+    parts = torch.sym_max(0, (n - sink) // lag - 1)
+    return (
+        query.new_empty(b, n, hq, d),
+        query.new_empty(hq, b * n, dtype=torch.float32),
+        query.new_empty(b, key.shape[1], parts, keep, dtype=torch.long),
+    )
+
+
+@torch.library.custom_op("lrsa::varlen_backward", mutates_args=())
+def varlen_backward(
+    grad: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kept: torch.Tensor,
+    sink: int,
+    lag: int,
+    keep: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of query, key and value from the output's."""
+    with torch.no_grad():
+        packing, cu_q, cu_k, template, max_q, max_k = _layout(query, packing_rule(sink, lag, keep))
+        k, v = lv.pack_items(key, value, kept, packing, template)
+        b, hq, n, d = query.shape
+        dq, dk, dv = items_backward(
+            _kernel(query), grad.reshape(b * n, hq, d), _items(query), k, v,
+            out.reshape(b * n, hq, d), lse, cu_q, cu_k, max_q, max_k, scale,
+        )  # fmt: skip
+        dkey, dvalue = lv.pack_items_backward(dk, dv, key, value, kept, packing, template)
+    dquery = dq.reshape(b, n, hq, d).transpose(1, 2)
+    return dquery.contiguous(), dkey.contiguous(), dvalue.contiguous()
+
+
+@varlen_backward.register_fake
+def _(grad, query, key, value, out, lse, kept, sink, lag, keep, scale):
+    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (query, key, value))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    query, key, value, sink, lag, keep, _, scale = inputs
+    out, lse, kept = output
+    ctx.save_for_backward(query, key, value, out, lse, kept)
+    ctx.numbers = (sink, lag, keep, scale)
+
+
+def _backward(ctx, grad, _grad_lse, _grad_kept):
+    query, key, value, out, lse, kept = ctx.saved_tensors
+    dq, dk, dv = varlen_backward(grad, query, key, value, out, lse, kept, *ctx.numbers)
+    return dq, dk, dv, None, None, None, None, None
+
+
+varlen.register_autograd(_backward, setup_context=_setup_context)
+
+
+def packing_rule(sink: int, lag: int, keep: int) -> lv.PartitionSizes:
+    return lv.PartitionSizes(sink, lag, keep)
+
+
+def lrsa_varlen_op(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rule, scaling: float | None
+) -> torch.Tensor:
+    """``lrsa_varlen_attention`` through the op: ``[B, n, Hq, D]``. Call where ``op_applies``
+    to the queries in their autocast dtype."""
+    query, key, value = lv.in_autocast_dtype(query, key, value)
+    key, value = key.to(query.dtype), value.to(query.dtype)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    sizes = (rule.sink, rule.lag, rule.keep, float(rule.score_v_ratio))
+    return varlen(query, key, value, *sizes, float(scale))[0]
+
+
+__all__ = ["OP_KERNELS", "items_backward", "items_forward", "lrsa_varlen_op", "op_applies"]
