@@ -218,6 +218,12 @@ def main() -> int:
                 model_mod.prepare_for_training(
                     model, checkpointing == "on", replay_selection=replay
                 )
+                if compiled:
+                    # Each configuration compiles afresh. Without this the layers' compiled code,
+                    # shared by all configurations, made the order matter: at 16K the second
+                    # LRSA variant of a run measured up to ~20% slower than the first, whichever
+                    # it was (notes/training.md).
+                    torch.compiler.reset()
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 try:
