@@ -88,6 +88,14 @@ def timed_steps(model, optimizer, batch, autocast, warmup: int, steps: int) -> f
     return sorted(times)[len(times) // 2]
 
 
+def qa_batch(n: int, vocab_size: int, target_tokens: int, device: torch.device) -> dict:
+    """One random sequence of ``n`` tokens whose loss is on its last ``target_tokens`` (QA)."""
+    ids = torch.randint(0, vocab_size, (1, n), device=device)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, -target_tokens:] = ids[:, -target_tokens:]
+    return {"input_ids": ids, "labels": labels}
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -199,10 +207,7 @@ def main() -> int:
         runs.append(("floor", FLOOR))
     for checkpointing in args.checkpointing:
         for n in args.lengths:
-            ids = torch.randint(0, config.vocab_size, (1, n), device=device)
-            labels = torch.full_like(ids, IGNORE_INDEX)
-            labels[:, -args.target_tokens :] = ids[:, -args.target_tokens :]
-            batch = {"input_ids": ids, "labels": labels}
+            batch = qa_batch(n, config.vocab_size, args.target_tokens, device)
             row = {"n": n, "checkpointing": checkpointing}
             for attention, backend in runs:
                 if time.time() - started > args.deadline:

@@ -16,6 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lrsa_serve.config import LagKVConfig  # noqa: E402
 from lrsa_serve.kernels import lrsa_attention as la  # noqa: E402
 from lrsa_serve.kernels import lrsa_varlen as lv  # noqa: E402
+from lrsa_serve.training import loop  # noqa: E402
+from lrsa_serve.training import model as model_mod  # noqa: E402
+from lrsa_serve.training.config import OptimConfig  # noqa: E402
+from lrsa_serve.training.tiny import qwen2_half_billion_config, random_model  # noqa: E402
 
 N = 32768
 CFG = LagKVConfig(sink=16, lag=1024, ratio=0.25)
@@ -43,3 +47,13 @@ def packed_layer(key: torch.Tensor, value: torch.Tensor):
     packing = lv.Packing.of(key.shape[2], RULE)
     cu_q, cu_k, template = lv._tensors(packing, 1, str(key.device))
     return kept, packing, cu_q, cu_k, template, lv.key_index(kept, packing, template)
+
+
+def compiled_half_billion(device: torch.device):
+    """The benchmarks' random 0.5B Qwen2 on ``device`` as the trainer runs it (compiled layers,
+    fused AdamW, bf16 autocast): ``(model, optimizer, autocast)``."""
+    with device:
+        model = random_model(qwen2_half_billion_config())
+    model_mod.compile_layers(model)
+    optimizer = loop.build_optimizer(model, OptimConfig(lr=1e-5), device)
+    return model, optimizer, loop.autocast_for(device, "bf16")

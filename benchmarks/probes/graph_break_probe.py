@@ -14,18 +14,13 @@ import sys
 from pathlib import Path
 
 import torch
+from common import compiled_half_billion
 from transformers import AttentionInterface
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from lrsa_serve.training import model as model_mod
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from train_model import no_attention, timed_steps  # noqa: E402
-
-from lrsa_serve.training import loop  # noqa: E402
-from lrsa_serve.training import model as model_mod  # noqa: E402
-from lrsa_serve.training.config import OptimConfig  # noqa: E402
-from lrsa_serve.training.data import IGNORE_INDEX  # noqa: E402
-from lrsa_serve.training.tiny import qwen2_half_billion_config, random_model  # noqa: E402
+from train_model import no_attention, qa_batch, timed_steps  # noqa: E402
 
 AttentionInterface.register("probe_traced", no_attention)
 AttentionInterface.register("probe_break", torch.compiler.disable(no_attention))
@@ -33,22 +28,15 @@ DEVICE = torch.device("cuda")
 
 
 def main() -> None:
-    config = qwen2_half_billion_config()
-    with DEVICE:
-        model = random_model(config)
-    model_mod.compile_layers(model)
-    optimizer = loop.build_optimizer(model, OptimConfig(lr=1e-5), DEVICE)
-    autocast = loop.autocast_for(DEVICE, "bf16")
+    model, optimizer, autocast = compiled_half_billion(DEVICE)
     print(f"{'n':>6} {'ckpt':>4} {'traced ms':>10} {'break ms':>9} {'cost ms':>8}")
     for checkpointing in (True, False):
         model_mod.prepare_for_training(model, checkpointing)
         for n in (8192, 16384, 32768):
-            ids = torch.randint(0, config.vocab_size, (1, n), device=DEVICE)
-            labels = torch.full_like(ids, IGNORE_INDEX)
-            labels[:, -512:] = ids[:, -512:]
-            batch = {"input_ids": ids, "labels": labels}
+            batch = qa_batch(n, model.config.vocab_size, 512, DEVICE)
             ms = {}
             for name in ("probe_traced", "probe_break"):
+                torch.compiler.reset()  # each compiles afresh, as in train_model.py
                 model.set_attn_implementation(name)
                 ms[name] = 1e3 * timed_steps(model, optimizer, batch, autocast, 2, 7)
             traced, broken = ms["probe_traced"], ms["probe_break"]

@@ -13,34 +13,23 @@ import time
 from pathlib import Path
 
 import torch
-from common import CFG
+from common import CFG, compiled_half_billion
 from torch.profiler import ProfilerActivity, profile
 
 from lrsa_serve.kernels import lrsa_attention as la
 from lrsa_serve.training import loop
 from lrsa_serve.training import model as model_mod
-from lrsa_serve.training.config import OptimConfig
-from lrsa_serve.training.data import IGNORE_INDEX
-from lrsa_serve.training.tiny import qwen2_half_billion_config, random_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train_model import timed_steps  # noqa: E402
+from train_model import qa_batch, timed_steps  # noqa: E402
 
 DEVICE = torch.device("cuda")
 
 
 def main(n: int) -> None:
-    config = qwen2_half_billion_config()
-    with DEVICE:
-        model = random_model(config)
-    model_mod.compile_layers(model)
-    optimizer = loop.build_optimizer(model, OptimConfig(lr=1e-5), DEVICE)
-    autocast = loop.autocast_for(DEVICE, "bf16")
+    model, optimizer, autocast = compiled_half_billion(DEVICE)
     model_mod.prepare_for_training(model, True)
-    ids = torch.randint(0, config.vocab_size, (1, n), device=DEVICE)
-    labels = torch.full_like(ids, IGNORE_INDEX)
-    labels[:, -512:] = ids[:, -512:]
-    batch = {"input_ids": ids, "labels": labels}
+    batch = qa_batch(n, model.config.vocab_size, 512, DEVICE)
     la.set_backend("varlen")
     for attention in ["dense", "lrsa"]:
         model_mod.set_attention(model, attention, CFG)

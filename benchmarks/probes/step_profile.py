@@ -14,19 +14,15 @@ import sys
 from pathlib import Path
 
 import torch
-from common import CFG, RULE, N, cuda_ms, packed_layer
+from common import CFG, RULE, N, compiled_half_billion, cuda_ms, packed_layer
 from torch.profiler import ProfilerActivity, profile
 
 from lrsa_serve.kernels import lrsa_attention as la
 from lrsa_serve.kernels import lrsa_varlen as lv
-from lrsa_serve.training import loop
 from lrsa_serve.training import model as model_mod
-from lrsa_serve.training.config import OptimConfig
-from lrsa_serve.training.data import IGNORE_INDEX
-from lrsa_serve.training.tiny import qwen2_half_billion_config, random_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train_model import timed_steps  # noqa: E402
+from train_model import qa_batch, timed_steps  # noqa: E402
 
 DEVICE = torch.device("cuda")
 
@@ -97,18 +93,9 @@ def layer_pieces() -> None:
 
 
 def whole_steps() -> None:
-    config = qwen2_half_billion_config()
-    with DEVICE:
-        model = random_model(config)
-    model_mod.compile_layers(model)
-    optimizer = loop.build_optimizer(model, OptimConfig(lr=1e-5), DEVICE)
-    autocast = loop.autocast_for(DEVICE, "bf16")
-    model.config.use_cache = False
-    model.train()
-    ids = torch.randint(0, config.vocab_size, (1, N), device=DEVICE)
-    labels = torch.full_like(ids, IGNORE_INDEX)
-    labels[:, -512:] = ids[:, -512:]
-    batch = {"input_ids": ids, "labels": labels}
+    model, optimizer, autocast = compiled_half_billion(DEVICE)
+    model_mod.prepare_for_training(model, False)
+    batch = qa_batch(N, model.config.vocab_size, 512, DEVICE)
     la.set_backend("varlen")
     for attention in ["dense", "lrsa"]:
         model_mod.set_attention(model, attention, CFG)

@@ -14,7 +14,9 @@ Dispatch (explicit, never silent):
 - CUDA (or ``backend="varlen"``): ``lrsa_varlen``: the same rule as ONE variable-length dense
   attention call (FlashAttention-4 or -2 varlen, bottom-right causal per partition item) over
   gathered key lists, with the selection below (compiled torch; from 32K tokens the serving
-  engine's Triton kernel). Measured fastest on the H100 (notes/training.md).
+  engine's Triton kernel). Measured fastest on the H100 (notes/training.md). It runs as the
+  custom op ``lrsa::varlen`` (``lrsa_op``), which a compiled decoder layer traces as one node;
+  ``LRSA_VARLEN_OP=off`` and float32 queries on CUDA run it eagerly behind a graph break.
   On CPU ``backend="varlen"`` runs the items in plain torch (tests).
 - ``backend="split"``: ``lrsa_split``: each block's own causal part as one batched cuDNN call
   and the older keys as one FlashAttention-2 varlen call, merged by log-sum-exp; same

@@ -3,9 +3,9 @@
 Why an op: dynamo cannot trace the LRSA attention (Python packing tables, the selection's own
 compile, FlashAttention-4's CuTe launch), so behind ``torch.compiler.disable`` it broke every
 compiled decoder layer into several compiled frames around an eager call. That break alone cost
-8-36 ms of host time per training step of the 0.5B model at 8-32K tokens
-(``benchmarks/probes/graph_break_probe.py``), and the short-sequence steps are host-bound. As a
-custom op the attention is one opaque node of the layer's graph, forward and backward.
+the 0.5B model 25-94 ms per training step at 8-32K tokens with checkpointing, 11-39 without
+(``benchmarks/probes/graph_break_probe.py``). As a custom op the attention is one opaque node of
+the layer's graph, forward and backward.
 
 Forward: the selection (in a checkpoint recompute, the forward's: ``selection_replay``), the
 items' key/value rows (``lrsa_varlen.pack_items``), the items' kernel. Returns the output, the
@@ -47,9 +47,10 @@ def _kernel(query: torch.Tensor) -> str:
     return kernel
 
 
-def _layout(query: torch.Tensor, rule: lv.PartitionSizes):
+def _layout(query: torch.Tensor, sink: int, lag: int, keep: int):
+    """The items of these queries' length: packing, cu_q/cu_k, template, longest item sizes."""
     b, _, n, _ = query.shape
-    packing = lv.Packing.of(n, rule)
+    packing = lv.packing_for(n, sink, lag, keep)
     cu_q, cu_k, template = lv._tensors(packing, b, str(query.device))
     return packing, cu_q, cu_k, template, max(packing.q_lens), max(packing.k_lens)
 
@@ -151,7 +152,7 @@ def varlen(
 
     with torch.no_grad():
         kept = select_kept(key, value, Rule(sink, lag, keep, score_v_ratio))
-        packing, cu_q, cu_k, template, max_q, max_k = _layout(query, packing_rule(sink, lag, keep))
+        packing, cu_q, cu_k, template, max_q, max_k = _layout(query, sink, lag, keep)
         k, v = lv.pack_items(key, value, kept, packing, template)
         out, lse = items_forward(
             _kernel(query), _items(query), k, v, cu_q, cu_k, max_q, max_k, scale
@@ -188,7 +189,7 @@ def varlen_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of query, key and value from the output's."""
     with torch.no_grad():
-        packing, cu_q, cu_k, template, max_q, max_k = _layout(query, packing_rule(sink, lag, keep))
+        packing, cu_q, cu_k, template, max_q, max_k = _layout(query, sink, lag, keep)
         k, v = lv.pack_items(key, value, kept, packing, template)
         b, hq, n, d = query.shape
         dq, dk, dv = items_backward(
@@ -219,10 +220,6 @@ def _backward(ctx, grad, _grad_lse, _grad_kept):
 
 
 varlen.register_autograd(_backward, setup_context=_setup_context)
-
-
-def packing_rule(sink: int, lag: int, keep: int) -> lv.PartitionSizes:
-    return lv.PartitionSizes(sink, lag, keep)
 
 
 def lrsa_varlen_op(

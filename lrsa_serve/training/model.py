@@ -86,9 +86,9 @@ def prepare_for_training(
 def compile_layers(model: PreTrainedModel) -> int:
     """``torch.compile`` every decoder layer in place, so the pointwise glue around the matmuls
     (norms with their fp32 upcast, RoPE, the gated MLP, residuals) fuses instead of making one
-    pass over a long activation per op; the LRSA attention function itself runs eagerly (it is
-    excluded from dynamo). Layers share one graph; lengths become dynamic after the first new
-    one. Returns how many layers."""
+    pass over a long activation per op; the LRSA attention is one opaque node of that graph
+    (the custom op ``lrsa::varlen``; its other paths run eagerly behind a graph break). Layers
+    share one graph; lengths become dynamic after the first new one. Returns how many layers."""
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile()
