@@ -63,7 +63,6 @@ from lrsa_serve.kernels import lrsa_split as split
 from lrsa_serve.kernels.lrsa_varlen import (
     TRITON_MIN_LENGTH,
     env_choice,
-    in_autocast_dtype,
     lrsa_varlen_attention,
 )
 from lrsa_serve.reference_attention import lagkv_reference_attention, settings_of
@@ -171,14 +170,12 @@ def select_kept(key: torch.Tensor, value: torch.Tensor, rule: Rule) -> torch.Ten
     """Kept absolute positions ``[B, Hkv, P, keep]`` (``lagkv.select_all``), without gradient.
     In a checkpointed layer's recompute, the positions its forward selected
     (``selection_replay``)."""
-    b, h, n = key.shape[:3]
-    expected = (b, h, lagkv.compressed_partitions(n, rule), rule.keep)
 
     def select() -> torch.Tensor:
         with torch.no_grad():
             return _selector(selector_for(key))(key, value, rule)
 
-    return selection_replay.remembered(select, expected)
+    return selection_replay.remembered(select, key, rule)
 
 
 SELECTORS = ("auto", "triton", "compiled", "eager")
@@ -441,8 +438,7 @@ def lrsa_attention(
     break (``_eager_attention``)."""
     if _varlen_op and not (dropout and module.training) and backend_for(query) == "varlen":
         rule = _traceable_rule(module)
-        cast = in_autocast_dtype(query)[0]
-        if rule is not None and query.shape[2] == key.shape[2] and lrsa_op.op_applies(cast):
+        if rule is not None and query.shape[2] == key.shape[2] and lrsa_op.op_applies(query):
             return lrsa_op.lrsa_varlen_op(query, key, value, rule, scaling), None
     return _eager_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
 

@@ -23,18 +23,19 @@ import importlib
 
 import torch
 
+from lrsa_serve import lagkv
 from lrsa_serve.kernels import lrsa_varlen as lv
 
 OP_KERNELS = ("fa4", "flash", "math")
 
 
 def op_applies(query: torch.Tensor) -> bool:
-    """Whether ``lrsa::varlen`` takes these queries (in the dtype they are attended in). Plain
+    """Whether ``lrsa::varlen`` takes these queries, attended in ``lv.attention_dtype``: on CUDA
+    where FlashAttention does (FA4 takes a subset), anywhere else with the math kernel. Plain
     tensor attributes only, so dynamo traces the choice."""
     if query.device.type != "cuda":
-        return True  # the math kernel
-    d = query.shape[-1]
-    return query.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256
+        return True
+    return lv.flash_applies(lv.attention_dtype(query), query.shape[-1])
 
 
 def _kernel(query: torch.Tensor) -> str:
@@ -74,8 +75,8 @@ def items_forward(kernel, q, k, v, cu_q, cu_k, max_q, max_k, scale):
         )[:2]
         return out, lse
     outs, lses = [], []
-    for qi, ki, vi, _ in _math_items(q, k, v, cu_q, cu_k):
-        scores = _math_scores(qi, ki, scale)
+    for qi, ki, vi, _ in lv.math_items(q, k, v, cu_q, cu_k):
+        scores = lv.math_scores(qi, ki, scale)
         lses.append(scores.logsumexp(-1))
         outs.append((scores.softmax(-1) @ vi).transpose(0, 1))
     return torch.cat(outs), torch.cat(lses, dim=-1).float()
@@ -98,8 +99,8 @@ def items_backward(kernel, grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, sc
         )  # fmt: skip
     groups = q.shape[1] // k.shape[1]
     dq, dk, dv = [], [], []
-    for qi, ki, vi, (q0, q1) in _math_items(q, k, v, cu_q, cu_k):
-        probs = _math_scores(qi, ki, scale).softmax(-1)  # [Hq, lq, lk]
+    for qi, ki, vi, (q0, q1) in lv.math_items(q, k, v, cu_q, cu_k):
+        probs = lv.math_scores(qi, ki, scale).softmax(-1)  # [Hq, lq, lk]
         gi = grad[q0:q1].transpose(0, 1).to(probs.dtype)
         oi = out[q0:q1].transpose(0, 1).to(probs.dtype)
         dprobs = gi @ vi.transpose(1, 2)
@@ -110,27 +111,6 @@ def items_backward(kernel, grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, sc
         dk.append(dki.transpose(0, 1))
         dv.append(dvi.transpose(0, 1))
     return torch.cat(dq).to(q.dtype), torch.cat(dk).to(k.dtype), torch.cat(dv).to(v.dtype)
-
-
-def _math_items(q, k, v, cu_q, cu_k):
-    """Per item: queries ``[Hq, lq, D]``, keys and values repeated to ``Hq`` heads, and the
-    item's query rows."""
-    groups = q.shape[1] // k.shape[1]
-    cq, ck = cu_q.tolist(), cu_k.tolist()
-    for q0, q1, k0, k1 in zip(cq[:-1], cq[1:], ck[:-1], ck[1:], strict=True):
-        qi = q[q0:q1].transpose(0, 1)
-        ki = k[k0:k1].transpose(0, 1).repeat_interleave(groups, 0)
-        vi = v[k0:k1].transpose(0, 1).repeat_interleave(groups, 0)
-        yield qi, ki, vi, (q0, q1)
-
-
-def _math_scores(qi: torch.Tensor, ki: torch.Tensor, scale: float) -> torch.Tensor:
-    """Bottom-right causal scores of one item (the kernels' convention)."""
-    lq, lk = qi.shape[1], ki.shape[1]
-    rows = torch.arange(lq, device=qi.device)[:, None]
-    cols = torch.arange(lk, device=qi.device)[None, :]
-    scores = (qi @ ki.transpose(1, 2)) * scale
-    return scores.masked_fill(cols > lk - lq + rows, float("-inf"))
 
 
 # ---- the ops -----------------------------------------------------------------------------------
@@ -153,7 +133,8 @@ def varlen(
     with torch.no_grad():
         kept = select_kept(key, value, Rule(sink, lag, keep, score_v_ratio))
         packing, cu_q, cu_k, template, max_q, max_k = _layout(query, sink, lag, keep)
-        k, v = lv.pack_items(key, value, kept, packing, template)
+        index = lv.key_index(kept, packing, template)
+        k, v = lv.pack_items(key, value, index, kept, packing)
         out, lse = items_forward(
             _kernel(query), _items(query), k, v, cu_q, cu_k, max_q, max_k, scale
         )
@@ -165,7 +146,9 @@ def varlen(
 @varlen.register_fake
 def _(query, key, value, sink, lag, keep, score_v_ratio, scale):
     b, hq, n, d = query.shape
-    parts = torch.sym_max(0, (n - sink) // lag - 1)
+    # lagkv's own count (its max(0, ...) guards a dynamic length on either side of the first
+    # compressed partition: one recompile there, none for longer sequences)
+    parts = lagkv.compressed_partitions(n, lv.PartitionSizes(sink, lag, keep))
     return (
         query.new_empty(b, n, hq, d),
         query.new_empty(hq, b * n, dtype=torch.float32),
@@ -190,13 +173,14 @@ def varlen_backward(
     """Gradients of query, key and value from the output's."""
     with torch.no_grad():
         packing, cu_q, cu_k, template, max_q, max_k = _layout(query, sink, lag, keep)
-        k, v = lv.pack_items(key, value, kept, packing, template)
+        index = lv.key_index(kept, packing, template)  # once, for the packing and its backward
+        k, v = lv.pack_items(key, value, index, kept, packing)
         b, hq, n, d = query.shape
         dq, dk, dv = items_backward(
             _kernel(query), grad.reshape(b * n, hq, d), _items(query), k, v,
             out.reshape(b * n, hq, d), lse, cu_q, cu_k, max_q, max_k, scale,
         )  # fmt: skip
-        dkey, dvalue = lv.pack_items_backward(dk, dv, key, value, kept, packing, template)
+        dkey, dvalue = lv.pack_items_backward(dk, dv, key, value, index, kept, packing)
     dquery = dq.reshape(b, n, hq, d).transpose(1, 2)
     return dquery.contiguous(), dkey.contiguous(), dvalue.contiguous()
 

@@ -186,29 +186,52 @@ def varlen_attention(
         return out[0]
     if kernel != "math":
         raise ValueError(f"kernel must be one of {KERNELS[1:]}, not {kernel!r}")
-    outs = []
+    outs = [
+        (math_scores(qi, ki, scale).softmax(-1) @ vi).transpose(0, 1)
+        for qi, ki, vi, _ in math_items(q, k, v, cu_q, cu_k)
+    ]
+    return torch.cat(outs, dim=0)
+
+
+def math_items(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q, cu_k):
+    """The ``math`` kernel's items, one by one: queries ``[Hq, lq, D]``, keys and values repeated
+    to ``Hq`` heads (``[Hq, lk, D]``) and the item's query rows ``(q0, q1)``."""
+    groups = q.shape[1] // k.shape[1]
     cq, ck = cu_q.tolist(), cu_k.tolist()
     for q0, q1, k0, k1 in zip(cq[:-1], cq[1:], ck[:-1], ck[1:], strict=True):
-        lq, lk = q1 - q0, k1 - k0
-        qi = q[q0:q1].transpose(0, 1)  # [Hq, lq, D]
+        qi = q[q0:q1].transpose(0, 1)
         ki = k[k0:k1].transpose(0, 1).repeat_interleave(groups, 0)
         vi = v[k0:k1].transpose(0, 1).repeat_interleave(groups, 0)
-        rows = torch.arange(lq, device=q.device)[:, None]
-        cols = torch.arange(lk, device=q.device)[None, :]
-        scores = (qi @ ki.transpose(1, 2)) * scale
-        scores = scores.masked_fill(cols > lk - lq + rows, float("-inf"))
-        outs.append((scores.softmax(-1) @ vi).transpose(0, 1))
-    return torch.cat(outs, dim=0)
+        yield qi, ki, vi, (q0, q1)
+
+
+def math_scores(qi: torch.Tensor, ki: torch.Tensor, scale: float) -> torch.Tensor:
+    """One item's scores, bottom-right causal (query i of lq sees keys ``<= lk - lq + i``)."""
+    lq, lk = qi.shape[1], ki.shape[1]
+    rows = torch.arange(lq, device=qi.device)[:, None]
+    cols = torch.arange(lk, device=qi.device)[None, :]
+    scores = (qi @ ki.transpose(1, 2)) * scale
+    return scores.masked_fill(cols > lk - lq + rows, float("-inf"))
+
+
+def attention_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype ``in_autocast_dtype`` gives ``tensor``: the autocast dtype where autocast is on."""
+    device = tensor.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
 
 
 def in_autocast_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """As SDPA under autocast: attend in the autocast dtype (RoPE makes fp32 q/k in a model whose
     weights are fp32, which would otherwise take the float32 kernel)."""
-    device = tensors[0].device.type
-    if not torch.is_autocast_enabled(device):
+    if not torch.is_autocast_enabled(tensors[0].device.type):
         return tensors
-    dtype = torch.get_autocast_dtype(device)
+    dtype = attention_dtype(tensors[0])
     return tuple(t.to(dtype) for t in tensors)
+
+
+def flash_applies(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether FlashAttention-2 (``flash``) takes CUDA queries of this dtype and head dim."""
+    return dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256
 
 
 @lru_cache(maxsize=1)
@@ -259,10 +282,7 @@ def default_kernel(query: torch.Tensor) -> str:
         return "math"
     if query.shape[2] >= FA4_MIN_LENGTH and fa4_applies(query):
         return "fa4"
-    d = query.shape[-1]
-    if query.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256:
-        return "flash"
-    return "efficient"
+    return "flash" if flash_applies(query.dtype, query.shape[-1]) else "efficient"
 
 
 # From this many tokens the Triton selection and packing (``sequence_select``, ``pack_rows``) are
@@ -287,14 +307,14 @@ def packer_for(key: torch.Tensor) -> str:
 def pack_items(
     key: torch.Tensor,
     value: torch.Tensor,
+    index: torch.Tensor,
     kept: torch.Tensor,
     packing: Packing,
-    template: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The items' key and value rows ``[B * Tk, Hkv, D]`` of key/value ``[B, Hkv, n, D]``
-    (``packer_for`` picks ``pack_rows`` or ``gather``); differentiable in key and value."""
+    """The items' key and value rows ``[B * Tk, Hkv, D]`` of key/value ``[B, Hkv, n, D]``;
+    ``index`` is their raw positions (``key_index`` of ``kept`` and ``packing``). ``packer_for``
+    picks ``pack_rows`` or ``gather``; differentiable in key and value."""
     hkv, d = key.shape[1], key.shape[-1]
-    index = key_index(kept, packing, template)  # [B, Tk, Hkv]
     if packer_for(key) == "triton":
         from lrsa_serve.kernels.pack_rows import pack_rows
 
@@ -310,9 +330,9 @@ def pack_items_backward(
     grad_v: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
+    index: torch.Tensor,
     kept: torch.Tensor,
     packing: Packing,
-    template: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``pack_items``' backward without autograd: key/value gradients ``[B, Hkv, n, D]`` from
     the rows' ``[B * Tk, Hkv, D]``, summed as the chosen packer's own backward sums them."""
@@ -321,7 +341,7 @@ def pack_items_backward(
 
         return pack_rows_backward(grad_k, grad_v, key, value, kept, packing)
     b, hkv, n, d = key.shape
-    index = key_index(kept, packing, template)[..., None].expand(-1, -1, -1, d)
+    index = index[..., None].expand(-1, -1, -1, d)
 
     def scatter(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(b, n, hkv, d, dtype=like.dtype, device=like.device)
@@ -357,7 +377,7 @@ def lrsa_varlen_attention(
     packing = Packing.of(n, rule)
     cu_q, cu_k, template = _tensors(packing, b, str(query.device))
     key, value = key.to(query.dtype), value.to(query.dtype)
-    k, v = pack_items(key, value, kept, packing, template)
+    k, v = pack_items(key, value, key_index(kept, packing, template), kept, packing)
     q = query.transpose(1, 2).reshape(b * n, hq, d)
     out = varlen_attention(
         q, k, v, cu_q, cu_k, max(packing.q_lens), max(packing.k_lens), scale, kernel
@@ -370,7 +390,11 @@ __all__ = [
     "Packing",
     "default_kernel",
     "env_choice",
+    "attention_dtype",
     "fa4_applies",
+    "flash_applies",
+    "math_items",
+    "math_scores",
     "key_index",
     "pack_items",
     "pack_items_backward",
