@@ -73,9 +73,7 @@ def lagkv_reference_attention(
         with torch.no_grad():  # top-K has no gradient; gradients flow through the visible K/V
             return lagkv.select_all(key, value, cfg)
 
-    b, h = key.shape[:2]
-    expected = (b, h, lagkv.compressed_partitions(num_keys, cfg), cfg.keep)
-    kept = selection_replay.remembered(select, expected)  # a checkpoint recompute replays
+    kept = selection_replay.remembered(select, key, cfg)  # a checkpoint recompute replays
     outputs = []
     for lo in range(0, num_queries, QUERY_BLOCK):
         hi = min(num_queries, lo + QUERY_BLOCK)

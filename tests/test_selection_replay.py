@@ -91,15 +91,18 @@ def test_checkpoint_recompute_replays_the_forward_selection(selection, backend, 
 
 def test_a_replay_that_does_not_match_the_forward_is_an_error():
     forward, recompute = selection_replay.checkpoint_contexts()
+    rule = la.Rule(sink=4, lag=16, keep=4, score_v_ratio=1.0)
+    key = torch.zeros(1, 2, 68, 8)  # 3 compressed partitions of 4 kept tokens
+    longer = torch.zeros(1, 2, 84, 8)  # 4
     kept = torch.zeros(1, 2, 3, 4, dtype=torch.long)
     with forward:
-        got = selection_replay.remembered(lambda: kept, (1, 2, 3, 4))
+        got = selection_replay.remembered(lambda: kept, key, rule)
     assert got is kept
     with recompute, pytest.raises(RuntimeError, match=r"expected kept positions of shape"):
-        selection_replay.remembered(lambda: kept, (1, 2, 4, 4))
+        selection_replay.remembered(lambda: kept, longer, rule)
     with recompute:
-        assert selection_replay.remembered(lambda: None, (1, 2, 3, 4)) is kept
+        assert selection_replay.remembered(lambda: None, key, rule) is kept
         with pytest.raises(RuntimeError, match="forward made only 1"):
-            selection_replay.remembered(lambda: kept, (1, 2, 3, 4))
+            selection_replay.remembered(lambda: kept, key, rule)
     # outside a checkpointed call nothing is remembered
-    assert selection_replay.remembered(lambda: "fresh", (1,)) == "fresh"
+    assert selection_replay.remembered(lambda: "fresh", key, rule) == "fresh"

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lrsa_serve import lagkv
+
 
 @dataclass
 class SelectionMemo:
@@ -60,10 +62,11 @@ def checkpoint_contexts() -> tuple[_Phase, _Phase]:
     return _Phase(memo, replaying=False), _Phase(memo, replaying=True)
 
 
-def remembered(select: Callable[[], torch.Tensor], expected: tuple[int, ...]) -> torch.Tensor:
-    """``select()`` outside checkpointing and in a checkpointed forward (recorded there); in the
-    recompute, the recorded result of the same call. ``expected`` is the result's shape: a replay
-    that does not match it means the recompute took another path, which is an error."""
+def remembered(select: Callable[[], torch.Tensor], key: torch.Tensor, rule) -> torch.Tensor:
+    """``select()``, the kept positions ``[B, Hkv, P, keep]`` of ``key`` ``[B, Hkv, n, D]`` under
+    ``rule`` (sink/lag/keep), outside checkpointing and in a checkpointed forward (recorded
+    there); in the recompute, the recorded result of the same call. A replay whose shape does
+    not fit ``key`` means the recompute took another path, which is an error."""
     active = _ACTIVE.get()
     if active is None:
         return select()
@@ -78,7 +81,9 @@ def remembered(select: Callable[[], torch.Tensor], expected: tuple[int, ...]) ->
             f"only {len(memo.kept)}"
         )
     kept = memo.kept[memo.replayed]
-    if tuple(kept.shape) != tuple(expected):
+    b, h, n = key.shape[:3]
+    expected = (b, h, lagkv.compressed_partitions(n, rule), rule.keep)
+    if tuple(kept.shape) != expected:
         raise RuntimeError(
             f"checkpoint recompute expected kept positions of shape {tuple(expected)}, the "
             f"forward selected {tuple(kept.shape)}"
