@@ -10,8 +10,12 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: train_model
+
+from train_model import timed_steps  # noqa: E402
 
 from lrsa_serve.config import LagKVConfig  # noqa: E402
 from lrsa_serve.kernels import lrsa_attention as la  # noqa: E402
@@ -57,3 +61,13 @@ def compiled_half_billion(device: torch.device):
     model_mod.compile_layers(model)
     optimizer = loop.build_optimizer(model, OptimConfig(lr=1e-5), device)
     return model, optimizer, loop.autocast_for(device, "bf16")
+
+
+def profiled_steps(model, optimizer, batch, autocast, sort_by: str, rows: int, width: int):
+    """Median seconds of a training step (2 warm-up, 3 timed) and the profiler table of one
+    more step, sorted by ``sort_by``."""
+    seconds = timed_steps(model, optimizer, batch, autocast, 2, 3)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        timed_steps(model, optimizer, batch, autocast, 0, 1)
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=width)
+    return seconds, table

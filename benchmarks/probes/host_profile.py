@@ -13,15 +13,14 @@ import time
 from pathlib import Path
 
 import torch
-from common import CFG, compiled_half_billion
-from torch.profiler import ProfilerActivity, profile
+from common import CFG, compiled_half_billion, profiled_steps
 
 from lrsa_serve.kernels import lrsa_attention as la
 from lrsa_serve.training import loop
 from lrsa_serve.training import model as model_mod
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train_model import qa_batch, timed_steps  # noqa: E402
+from train_model import qa_batch  # noqa: E402
 
 DEVICE = torch.device("cuda")
 
@@ -33,7 +32,7 @@ def main(n: int) -> None:
     la.set_backend("varlen")
     for attention in ["dense", "lrsa"]:
         model_mod.set_attention(model, attention, CFG)
-        seconds = timed_steps(model, optimizer, batch, autocast, 2, 3)
+        seconds, table = profiled_steps(model, optimizer, batch, autocast, "cpu_time_total", 40, 70)
         # host time of the step alone: the same step without waiting for the GPU at the end
         start = time.perf_counter()
         total, count = loop.loss_sum(model, batch, autocast)
@@ -43,13 +42,7 @@ def main(n: int) -> None:
         optimizer.zero_grad(set_to_none=True)
         print(f"{attention} n={n}: {seconds * 1e3:.1f} ms/step, fwd+bwd issued in "
               f"{host_s * 1e3:.1f} ms of host time", flush=True)  # fmt: skip
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            timed_steps(model, optimizer, batch, autocast, 0, 1)
-        print(f"---- {attention}")
-        table = prof.key_averages().table(
-            sort_by="cpu_time_total", row_limit=40, max_name_column_width=70
-        )
-        print(table)
+        print(f"---- {attention}\n{table}")
 
 
 if __name__ == "__main__":

@@ -14,15 +14,14 @@ import sys
 from pathlib import Path
 
 import torch
-from common import CFG, RULE, N, compiled_half_billion, cuda_ms, packed_layer
-from torch.profiler import ProfilerActivity, profile
+from common import CFG, RULE, N, compiled_half_billion, cuda_ms, packed_layer, profiled_steps
 
 from lrsa_serve.kernels import lrsa_attention as la
 from lrsa_serve.kernels import lrsa_varlen as lv
 from lrsa_serve.training import model as model_mod
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train_model import qa_batch, timed_steps  # noqa: E402
+from train_model import qa_batch  # noqa: E402
 
 DEVICE = torch.device("cuda")
 
@@ -99,15 +98,10 @@ def whole_steps() -> None:
     la.set_backend("varlen")
     for attention in ["dense", "lrsa"]:
         model_mod.set_attention(model, attention, CFG)
-        seconds = timed_steps(model, optimizer, batch, autocast, 2, 3)
-        print(f"{attention}: {seconds * 1e3:.1f} ms/step", flush=True)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            timed_steps(model, optimizer, batch, autocast, 0, 1)
-        print(f"---- {attention}")
-        table = prof.key_averages().table(
-            sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90
+        seconds, table = profiled_steps(
+            model, optimizer, batch, autocast, "self_cuda_time_total", 30, 90
         )
-        print(table)
+        print(f"{attention}: {seconds * 1e3:.1f} ms/step\n---- {attention}\n{table}", flush=True)
 
 
 if __name__ == "__main__":
