@@ -29,6 +29,7 @@ def test_prepare_model_is_a_noop_the_second_time(default_model):
         (["--enable-prefix-caching"], "prefix caching"),
         (["--kv-cache-gib", "1.5"], "whole number of GiB"),
         (["/nonexistent/model"], "not a local HF model folder"),
+        (["--default-max-tokens", "-1"], "--default-max-tokens must be >= 0"),
     ],
 )
 def test_serve_refuses_bad_settings_in_one_line(
@@ -47,5 +48,24 @@ def test_serve_refuses_bad_settings_in_one_line(
 def test_help_lists_the_lagkv_flags():
     result = lrsa("serve", "--help")
     assert result.returncode == 0
-    for flag in ("--sink", "--lag", "--ratio", "--no-lagkv", "--api-key", "--max-model-len"):
+    for flag in ("--sink", "--lag", "--ratio", "--no-lagkv", "--api-key", "--max-model-len",
+                 "--default-max-tokens", "--enable-admin-routes"):  # fmt: skip
         assert flag in result.stdout
+
+
+def test_serve_defaults_dtype_and_max_tokens(default_model):
+    from lrsa_serve.serving.cli import build_parser, prepare
+
+    args = build_parser().parse_args([])
+    prepare(args, [])
+    assert args.dtype == "float32"  # CPU: vLLM's compiled bf16 path answers garbage
+    assert args.override_generation_config == {"max_new_tokens": 1024}
+
+    argv = ["--dtype", "bfloat16", "--override-generation-config", '{"max_new_tokens": 7}']
+    args = build_parser().parse_args(argv)
+    prepare(args, argv)
+    assert args.dtype == "bfloat16" and args.override_generation_config == {"max_new_tokens": 7}
+
+    args = build_parser().parse_args(["--default-max-tokens", "0"])
+    prepare(args, [])
+    assert "max_new_tokens" not in (args.override_generation_config or {})

@@ -169,7 +169,7 @@ def test_responses_with_history_passes_the_input_check(server):
 
 
 def test_schema_lists_only_served_routes(server):
-    paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    paths = httpx.get(f"{server.url}/openapi.json", headers=server.headers()).json()["paths"]
     assert "/v1/chat/completions" in paths and "/ready" in paths
     assert "/v1/systemone" not in paths
 
@@ -191,6 +191,15 @@ def test_auth(server):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
     for path in ("/health", "/ready", "/metrics", "/version"):
         assert httpx.get(f"{server.url}{path}").status_code == 200, path
+
+
+def test_default_max_tokens_caps_only_requests_without_one(server):
+    # conftest starts the server with --default-max-tokens 24; ignore_eos makes lengths exact.
+    body = {"model": MODEL, "prompt": "Once upon a time", "temperature": 0, "ignore_eos": True}
+    capped = post(server, "/v1/completions", body)
+    assert capped.status_code == 200 and capped.json()["usage"]["completion_tokens"] == 24
+    longer = post(server, "/v1/completions", body | {"max_tokens": 30})
+    assert longer.json()["usage"]["completion_tokens"] == 30
 
 
 def wait_idle(server, timeout: float = 60) -> None:

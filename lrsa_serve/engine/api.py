@@ -31,6 +31,15 @@ def on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
+def default_dtype() -> tuple[str, str]:
+    """The dtype for ``dtype="auto"`` and why. On CPUs vLLM 0.32's compiled bfloat16 path
+    answered garbage on the default model both on an AVX2-only and on an AVX512-BF16 x86 CPU
+    (eager bf16 and float32 were right), and float32 is faster on the first: so float32."""
+    if on_cpu():
+        return "float32", "CPU: vLLM's compiled bfloat16 path gives wrong tokens; --dtype overrides"
+    return "auto", "vLLM's choice from the model's config"
+
+
 def default_block_size() -> int:
     # CPU attention needs multiples of 32, vLLM's Triton attention uses 16.
     return 32 if on_cpu() else 16
@@ -89,6 +98,8 @@ def make_llm(
 
     model = resolve_model(model)
     settings = resolve_settings(model, lagkv, sink=sink, lag=lag, ratio=ratio)
+    if engine_kwargs.get("dtype", "auto") == "auto":
+        engine_kwargs["dtype"] = default_dtype()[0]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     return LLM(**lagkv_engine_kwargs(model, settings, **engine_kwargs))
 

@@ -43,10 +43,60 @@ def drop_unserved_routes(app: FastAPI) -> list[str]:
     return dropped
 
 
+# vLLM routes that change the running deployment rather than serve it: elastic expert-parallel
+# scaling, sleep/wake and cache resets, collective RPC, profiling, fault tolerance, RL weight
+# updates and pause/resume, runtime LoRA loading. Matched by the module that defines the handler,
+# so a route vLLM adds to one of these groups is covered too. Dropped unless
+# --enable-admin-routes; with it they are still behind the API key like everything else.
+ADMIN_ROUTE_MODULES = (
+    "vllm.entrypoints.serve.elastic_ep",
+    "vllm.entrypoints.serve.dev",
+    "vllm.entrypoints.serve.profile",
+    "vllm.entrypoints.serve.fault_tolerance",
+    "vllm.entrypoints.serve.lora",
+    "vllm.entrypoints.rl",
+)
+
+
+def is_admin_route(route: BaseRoute) -> bool:
+    module = getattr(getattr(route, "endpoint", None), "__module__", "") or ""
+    return any(module == m or module.startswith(m + ".") for m in ADMIN_ROUTE_MODULES)
+
+
+def drop_admin_routes(app: FastAPI) -> list[str]:
+    """Remove the deployment-changing routes; returns their paths."""
+    dropped = [getattr(r, "path", "?") for r in app.router.routes if is_admin_route(r)]
+    app.router.routes[:] = [r for r in app.router.routes if not is_admin_route(r)]
+    app.openapi_schema = None
+    return dropped
+
+
+def build_server_app(
+    args: Any,
+    tasks: tuple[str, ...],
+    model_config: Any,
+    engine_client: Any,
+    settings: LagKVConfig | None,
+    api_key: str | None,
+) -> FastAPI:
+    """vLLM's app for ``args`` with LagKV's routes, auth and route policy: what ``lrsa serve``
+    serves (tests build it without an engine to walk its router)."""
+    from vllm.entrypoints.launchers.app import build_app
+
+    app = build_app(args, tasks, model_config)
+    return install_lagkv(app, engine_client, settings, api_key, args.enable_admin_routes)
+
+
 def install_lagkv(
-    app: FastAPI, engine_client: Any, settings: LagKVConfig | None, api_key: str | None
+    app: FastAPI,
+    engine_client: Any,
+    settings: LagKVConfig | None,
+    api_key: str | None,
+    admin_routes: bool = False,
 ) -> FastAPI:
     """Add LagKV's routes to a vLLM app. Call before the app starts serving."""
+    if not admin_routes:
+        drop_admin_routes(app)
     lagkv_info = settings.model_dump() | {"keep": settings.keep} if settings else None
 
     _drop_route(app, "/v1/models")

@@ -15,6 +15,9 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
+# Without a cap a request that sets no max_tokens may generate up to the context limit.
+DEFAULT_MAX_TOKENS = 1024
+
 
 def _multiprocess_metrics() -> None:
     """Every engine process records into one directory that /metrics aggregates; it must be set
@@ -54,14 +57,33 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--cors-origins", nargs="+", help="allowed CORS origins (same as --allowed-origins)"
     )
+    group.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help="completion length for requests that set no max_tokens (default %(default)s; "
+        "0: up to the context limit); a request's own max_tokens still wins",
+    )
+    group.add_argument(
+        "--enable-admin-routes",
+        action="store_true",
+        help="keep vLLM's routes that change the running deployment (elastic-EP scaling, "
+        "sleep/wake, cache resets, profiling, RPC, weight updates, LoRA loading); off by default, "
+        "behind --api-key when on",
+    )
     return parser
 
 
 def prepare(args: argparse.Namespace, argv: Sequence[str]):
     """Resolve the model and LagKV settings and fold them into vLLM's arguments.
-    Returns (settings or None, api key or None)."""
+    Returns (settings or None, api key or None, why the dtype is what it is)."""
     from lrsa_serve.config import LagKVConfig
-    from lrsa_serve.engine.api import default_block_size, lagkv_engine_kwargs, on_cpu
+    from lrsa_serve.engine.api import (
+        default_block_size,
+        default_dtype,
+        lagkv_engine_kwargs,
+        on_cpu,
+    )
     from lrsa_serve.models import resolve_model
 
     model_given = args.model_tag or (args.model if any(a.startswith("--model") for a in argv)
@@ -100,31 +122,43 @@ def prepare(args: argparse.Namespace, argv: Sequence[str]):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     if args.cors_origins:
         args.allowed_origins = args.cors_origins
+    if args.default_max_tokens < 0:
+        raise ValueError("--default-max-tokens must be >= 0 (0: up to the context limit)")
+    if args.default_max_tokens:
+        # vLLM's generation-config override sets the default; the user's own override wins.
+        overrides = dict(args.override_generation_config or {})
+        overrides.setdefault("max_new_tokens", args.default_max_tokens)
+        args.override_generation_config = overrides
+    dtype_reason = "--dtype"
+    if args.dtype == "auto":
+        args.dtype, dtype_reason = default_dtype()
     # vLLM's own key check answers with a non-OpenAI body; ours replaces it.
     keys = args.api_key or []
     api_key = keys[0] if keys else os.environ.get("LRSA_API_KEY") or None
     args.api_key = None
-    return settings, api_key
+    return settings, api_key, dtype_reason
 
 
-async def serve(args: argparse.Namespace, settings, api_key: str | None) -> None:
+async def serve(args: argparse.Namespace, settings, api_key: str | None, dtype_reason: str) -> None:
     from vllm import envs
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
     from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
-    from vllm.entrypoints.launchers.app import build_app
     from vllm.entrypoints.launchers.launcher import serve_http, setup_server
 
-    from lrsa_serve.serving.app import drop_unserved_routes, install_lagkv
+    from lrsa_serve.serving.app import build_server_app, drop_unserved_routes
 
     listen_address, sock = setup_server(args, reuse_port=False)
     async with build_async_engine_client(args) as engine_client:
         tasks = await engine_client.get_supported_tasks()
-        app = build_app(args, tasks, engine_client.model_config)
-        install_lagkv(app, engine_client, settings, api_key)
+        app = build_server_app(args, tasks, engine_client.model_config, engine_client,
+                               settings, api_key)  # fmt: skip
         await init_app_state(engine_client, app.state, args, tasks)
         drop_unserved_routes(app)
         lagkv = f"LagKV {settings.short()}" if settings else "LagKV off (stock vLLM)"
-        print(f"lrsa serve: {args.model} | {lagkv} | auth {'on' if api_key else 'off'}",
+        dtype = str(engine_client.model_config.dtype).removeprefix("torch.")
+        cap = args.default_max_tokens or "context limit"
+        print(f"lrsa serve: {args.model} | {lagkv} | dtype {dtype} ({dtype_reason}) | "
+              f"default max_tokens {cap} | auth {'on' if api_key else 'off'}",
               file=sys.stderr)  # fmt: skip
         print(f"lrsa serve: listening on {listen_address}", file=sys.stderr, flush=True)
         shutdown = await serve_http(
@@ -167,14 +201,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lrsa_serve.models import ModelError
 
     try:
-        settings, api_key = prepare(args, argv)
+        settings, api_key, dtype_reason = prepare(args, argv)
     except (LagKVConfigError, ModelError, ValidationError, ValueError) as e:
         print(f"lrsa serve: error: {_one_line(e)}", file=sys.stderr)
         return 2
     import uvloop
 
     try:
-        uvloop.run(serve(args, settings, api_key))
+        uvloop.run(serve(args, settings, api_key, dtype_reason))
     except KeyboardInterrupt:
         return 0
     except OSError as e:  # e.g. the port is taken
