@@ -23,7 +23,8 @@ def reference_generate(model, prompt: list[int], max_tokens: int, cfg=None) -> l
     else:
         use_lagkv_reference(model, cfg)
     # A plain greedy loop: HF's min_new_tokens would mask EOS, vLLM's ignore_eos does not.
-    tokens, past, step_input = [], None, torch.tensor([prompt])
+    device = next(model.parameters()).device
+    tokens, past, step_input = [], None, torch.tensor([prompt], device=device)
     with torch.no_grad():
         for _ in range(max_tokens):
             # Only the last position's logits: the LM head over a whole 6K prompt (a 1.2 GB
@@ -31,7 +32,7 @@ def reference_generate(model, prompt: list[int], max_tokens: int, cfg=None) -> l
             out = model(step_input, past_key_values=past, use_cache=True, logits_to_keep=1)
             past = out.past_key_values
             tokens.append(int(out.logits[0, -1].argmax()))
-            step_input = torch.tensor([[tokens[-1]]])
+            step_input = torch.tensor([[tokens[-1]]], device=device)
     return tokens
 
 

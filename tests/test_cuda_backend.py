@@ -13,9 +13,14 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
 
 from lrsa_serve.config import LagKVConfig  # noqa: E402
 from lrsa_serve.engine import settings as engine_settings  # noqa: E402
-from lrsa_serve.engine.cuda_backend import LagKVTritonBackend, LagKVTritonBuilder  # noqa: E402
+from lrsa_serve.engine.cuda_backend import (  # noqa: E402
+    LagKVFlashBackend,
+    LagKVFlashBuilder,
+    LagKVTritonBackend,
+    LagKVTritonBuilder,
+)
 from lrsa_serve.engine.kv_spec import LagKVAttentionSpec  # noqa: E402
-from lrsa_serve.engine.plugin import CUDA_BACKEND_NAME  # noqa: E402
+from lrsa_serve.engine.plugin import CUDA_BACKENDS  # noqa: E402
 
 
 @pytest.fixture
@@ -31,11 +36,21 @@ def spec(block_size: int = 16) -> FullAttentionSpec:
     )
 
 
-def test_registered_name_and_no_full_cuda_graphs():
+def test_registered_names_keep_the_stock_cuda_graph_support():
+    from vllm.v1.attention.backends.flash_attn import (
+        FlashAttentionBackend,
+        FlashAttentionMetadataBuilder,
+    )
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionMetadataBuilder
+
     assert issubclass(LagKVTritonBackend, TritonAttentionBackend)
-    assert LagKVTritonBackend.get_name() == CUDA_BACKEND_NAME
-    # LagKV rewrites block tables every step: attention must stay outside captured graphs.
-    assert LagKVTritonBuilder._cudagraph_support == AttentionCGSupport.NEVER
+    assert issubclass(LagKVFlashBackend, FlashAttentionBackend)
+    for backend in (LagKVFlashBackend, LagKVTritonBackend):
+        assert CUDA_BACKENDS[backend.get_name()].endswith(backend.__name__)
+    # The compacted view lives in persistent buffers: full CUDA graphs stay as vLLM allows them.
+    assert LagKVTritonBuilder._cudagraph_support == AttentionCGSupport.ALWAYS
+    assert LagKVFlashBuilder._cudagraph_support == FlashAttentionMetadataBuilder._cudagraph_support
+    assert TritonAttentionMetadataBuilder._cudagraph_support == AttentionCGSupport.ALWAYS
 
 
 def test_spec_becomes_lagkv_only_for_models_with_settings(remembered):

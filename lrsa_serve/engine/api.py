@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from lrsa_serve.config import LagKVConfig, LagKVConfigError
-from lrsa_serve.engine.plugin import CUDA_BACKEND_NAME, register
+from lrsa_serve.engine.plugin import register
 from lrsa_serve.engine.settings import SCHEDULER, additional_config_for
 
 logger = logging.getLogger("lrsa_serve.engine")
@@ -76,8 +76,11 @@ def lagkv_engine_kwargs(
         **(kwargs.get("additional_config") or {}),
         **additional_config_for(settings),
     }
-    if not on_cpu():
-        kwargs.setdefault("attention_backend", CUDA_BACKEND_NAME)
+    if not on_cpu() and not kwargs.get("attention_backend"):
+        from lrsa_serve.engine.cuda_backend import choose_backend
+
+        kwargs["attention_backend"], why = choose_backend(kwargs.get("dtype", "auto"))
+        logger.info("LagKV attention: %s (%s)", kwargs["attention_backend"], why)
     logger.info("LagKV: %s (block size %d)", settings.short(), kwargs["block_size"])
     return kwargs
 

@@ -26,10 +26,6 @@ from lrsa_serve.engine.layout import BlockGeometry
 from lrsa_serve.engine.settings import SCHEDULER
 
 
-class MisalignedChunkError(RuntimeError):
-    pass
-
-
 def lagkv_spec(spec: AttentionSpec) -> AttentionSpec:
     """The spec a LagKV backend reports: full attention becomes LagKV when this process's model
     has settings; anything else (sliding window, models without settings) stays stock."""
@@ -75,14 +71,9 @@ class LagKVBuilderMixin:
         seq_cpu = cm.seq_lens_cpu_upper_bound
         seq_lens = (seq_cpu if seq_cpu is not None else cm.seq_lens.cpu())[:n].long()
         context = seq_lens - query_lens
+        geometry.check_aligned(seq_lens, query_lens)
         before = geometry.compressed(context)
         after = geometry.compressed(seq_lens)
-        active = query_lens > 0
-        if (active & (geometry.compressed(seq_lens - 1) != before)).any():
-            raise MisalignedChunkError(
-                "LagKV: a prefill chunk crosses a lag-partition boundary; run the engine with "
-                "lrsa_serve's scheduler (make_llm / lrsa serve set scheduler_cls)"
-            )
         plan = self.plan(cm, before, after)
         if not bool(before.any()):
             return cm, plan

@@ -1,17 +1,30 @@
-"""LagKV on vLLM's Triton attention (CUDA), registered under its own name (``LAGKV_TRITON``) and
-selected with ``attention_backend``; compaction runs the Triton kernels of ``lrsa_serve.kernels``.
+"""LagKV on vLLM's CUDA attention backends: FlashAttention (``LAGKV_FLASH_ATTN``: FA3 on
+Hopper, FA2 elsewhere) by default, vLLM's Triton attention (``LAGKV_TRITON``) where
+FlashAttention cannot run (float32, or no FlashAttention in the vLLM build).
 
-Full CUDA graphs would capture the block table and lengths by address, while LagKV rewrites them
-every step: this builder declares no full-graph support, so vLLM keeps attention (and with it
-compaction) outside captured regions (piecewise graphs).
+Both are the stock backend with two additions:
+- the metadata builder hands the stock one the compacted view (``device_view``): persistent
+  buffers rewritten on the GPU each step, so vLLM's full CUDA graphs capture and replay LagKV
+  decode steps like any other;
+- the impl compacts after the stock forward of every layer, with the Triton select/compact
+  kernels over every request row, inactive rows skipped on the device. Captured graphs contain
+  these launches; eager and piecewise steps launch them only when the host sees a request
+  complete a partition.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields
-from typing import ClassVar
 
-from vllm.v1.attention.backend import AttentionCGSupport
+import torch
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.attention.backends.flash_attn import (
+    FlashAttentionBackend,
+    FlashAttentionImpl,
+    FlashAttentionMetadata,
+    FlashAttentionMetadataBuilder,
+)
 from vllm.v1.attention.backends.triton_attn import (
     TritonAttentionBackend,
     TritonAttentionImpl,
@@ -26,29 +39,145 @@ from lrsa_serve.engine.backend import (
     remember_current_settings,
 )
 from lrsa_serve.engine.compaction import CompactionPlan, run_compaction
+from lrsa_serve.engine.device_view import DeviceView, host_view
+
+logger = logging.getLogger("lrsa_serve.engine")
+
+FLASH_BACKEND = "LAGKV_FLASH_ATTN"
+TRITON_BACKEND = "LAGKV_TRITON"
 
 
+def choose_backend(dtype: object) -> tuple[str, str]:
+    """The LagKV CUDA backend for a model dtype (as given to vLLM) and why."""
+    if str(dtype).removeprefix("torch.") in ("float32", "float"):
+        return TRITON_BACKEND, "FlashAttention takes fp16/bf16 only; float32 runs on Triton"
+    try:
+        from vllm.v1.attention.backends.fa_utils import is_flash_attn_varlen_func_available
+
+        available = is_flash_attn_varlen_func_available()
+    except ImportError:
+        available = False
+    if not available:
+        return TRITON_BACKEND, "this vLLM build has no FlashAttention"
+    return FLASH_BACKEND, "FlashAttention (FA3 on Hopper, FA2 elsewhere)"
+
+
+class LagKVCudaBuilderMixin(LagKVBuilderMixin):
+    """Compacted view and plan from persistent device buffers (see ``device_view``)."""
+
+    view: DeviceView | None = None
+
+    def init_lagkv_cuda(self, kv_cache_spec, vllm_config, device: torch.device) -> None:
+        self.init_lagkv(kv_cache_spec, vllm_config)
+        if self.geometry is not None:
+            max_reqs = vllm_config.scheduler_config.max_num_seqs
+            self.view = DeviceView(self.geometry, max_reqs, device)
+
+    def lagkv_view(
+        self, cm: CommonAttentionMetadata
+    ) -> tuple[CommonAttentionMetadata, CompactionPlan | None]:
+        if self.view is None:
+            return cm, None
+        assert self.geometry is not None
+        host = host_view(
+            self.geometry, cm.seq_lens_cpu_upper_bound, cm.query_start_loc_cpu, cm.num_reqs,
+            cm.max_seq_len,
+        )  # fmt: skip
+        table, seq_lens = self.view.update(
+            cm.block_table_tensor, cm.seq_lens, cm.query_start_loc, cm.num_reqs
+        )
+        replaced = {"block_table_tensor": table, "seq_lens": seq_lens}
+        if host is not None:
+            replaced |= {"max_seq_len": host.max_seq_len,
+                         "seq_lens_cpu_upper_bound": host.upper_bound}  # fmt: skip
+            if host.compressing:
+                stats.record_compactions(
+                    host.compressing, host.compressing * self.geometry.evicted_per_partition
+                )
+        return cm.replace(**replaced), self.view.plan(table.shape[0], host)
+
+
+def compact_after_forward(kv_cache: torch.Tensor, head_size: int, plan: CompactionPlan | None):
+    """Every LagKV CUDA impl's addition: the step's compaction of this layer, on the logical
+    ``[blocks, kv_heads, block, 2 * head]`` cache (K|V packed in the last dim)."""
+    if plan is None or not (plan.launch or torch.cuda.is_current_stream_capturing()):
+        return
+    with stats.DEVICE_TIMER.time():
+        run_compaction(plan, kv_cache[..., :head_size], kv_cache[..., head_size:])
+
+
+def with_compaction(meta, lagkv_cls: type, plan: CompactionPlan):
+    """The stock metadata as its LagKV subclass carrying the plan (attributes the stock build
+    sets outside its dataclass fields come along)."""
+    values = {f.name: getattr(meta, f.name) for f in fields(meta) if f.init}
+    lagkv = lagkv_cls(**values, compaction=plan)
+    vars(lagkv).update({k: v for k, v in vars(meta).items() if k not in values})
+    return lagkv
+
+
+# ---- FlashAttention --------------------------------------------------------------------------
+@dataclass
+class LagKVFlashMetadata(FlashAttentionMetadata):
+    compaction: CompactionPlan | None = None
+
+
+class LagKVFlashBuilder(LagKVCudaBuilderMixin, FlashAttentionMetadataBuilder):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.init_lagkv_cuda(kv_cache_spec, vllm_config, device)
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        view, plan = self.lagkv_view(common_attn_metadata)
+        meta = super().build(common_prefix_len, view, fast_build)
+        return meta if plan is None else with_compaction(meta, LagKVFlashMetadata, plan)
+
+
+class LagKVFlashImpl(FlashAttentionImpl):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        remember_current_settings()
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        result = super().forward(
+            layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs
+        )
+        compact_after_forward(kv_cache, self.head_size, getattr(attn_metadata, "compaction", None))
+        return result
+
+
+class LagKVFlashBackend(FlashAttentionBackend):
+    @staticmethod
+    def get_name() -> str:
+        return FLASH_BACKEND
+
+    @staticmethod
+    def get_impl_cls() -> type[FlashAttentionImpl]:
+        return LagKVFlashImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[FlashAttentionMetadataBuilder]:
+        return LagKVFlashBuilder
+
+    @classmethod
+    def customize_spec(cls, spec):
+        return lagkv_spec(super().customize_spec(spec))
+
+
+# ---- Triton ----------------------------------------------------------------------------------
 @dataclass
 class LagKVTritonMetadata(TritonAttentionMetadata):
     compaction: CompactionPlan | None = None
 
 
-class LagKVTritonBuilder(LagKVBuilderMixin, TritonAttentionMetadataBuilder):
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
-
+class LagKVTritonBuilder(LagKVCudaBuilderMixin, TritonAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.init_lagkv(kv_cache_spec, vllm_config)
+        self.init_lagkv_cuda(kv_cache_spec, vllm_config, device)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
-        view, plan = self.compacted_view(common_attn_metadata)
+        view, plan = self.lagkv_view(common_attn_metadata)
         meta = super().build(common_prefix_len, view, fast_build)
-        if self.geometry is None:
-            return meta
-        return LagKVTritonMetadata(
-            **{f.name: getattr(meta, f.name) for f in fields(TritonAttentionMetadata)},
-            compaction=plan,
-        )
+        return meta if plan is None else with_compaction(meta, LagKVTritonMetadata, plan)
 
 
 class LagKVTritonImpl(TritonAttentionImpl):
@@ -60,20 +189,14 @@ class LagKVTritonImpl(TritonAttentionImpl):
         result = super().forward(
             layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs
         )
-        plan = getattr(attn_metadata, "compaction", None)
-        if plan is not None:
-            # Logical layout [blocks, kv_heads, block, 2*head]: K|V packed in the last dim.
-            with stats.time_compaction():
-                run_compaction(
-                    plan, kv_cache[..., : self.head_size], kv_cache[..., self.head_size :]
-                )
+        compact_after_forward(kv_cache, self.head_size, getattr(attn_metadata, "compaction", None))
         return result
 
 
 class LagKVTritonBackend(TritonAttentionBackend):
     @staticmethod
     def get_name() -> str:
-        return "LAGKV_TRITON"
+        return TRITON_BACKEND
 
     @staticmethod
     def get_impl_cls() -> type[TritonAttentionImpl]:

@@ -17,6 +17,10 @@ from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig
 
 
+class MisalignedChunkError(RuntimeError):
+    pass
+
+
 @dataclass(frozen=True)
 class BlockGeometry:
     settings: LagKVConfig
@@ -45,6 +49,16 @@ class BlockGeometry:
         """Vectorised ``lagkv.compressed_partitions``."""
         cfg = self.settings
         return ((num_tokens - cfg.sink).div(cfg.lag, rounding_mode="floor") - 1).clamp(min=0)
+
+    def check_aligned(self, seq_lens: torch.Tensor, query_lens: torch.Tensor) -> None:
+        """Raise unless every scheduled chunk crosses no partition boundary before its last
+        token (what lrsa_serve's scheduler guarantees; exact attention depends on it)."""
+        before = self.compressed(seq_lens - query_lens)
+        if bool(((query_lens > 0) & (self.compressed(seq_lens - 1) != before)).any()):
+            raise MisalignedChunkError(
+                "LagKV: a prefill chunk crosses a lag-partition boundary; run the engine with "
+                "lrsa_serve's scheduler (make_llm / lrsa serve set scheduler_cls)"
+            )
 
     def partition_columns(self, partition: int) -> range:
         start = self.sink_blocks + partition * self.part_blocks

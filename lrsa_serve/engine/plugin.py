@@ -7,7 +7,11 @@ runs exactly as stock vLLM.
 
 from __future__ import annotations
 
-CUDA_BACKEND_NAME = "LAGKV_TRITON"
+# The LagKV CUDA backends by name -> class (vLLM's attention_backend picks one of them).
+CUDA_BACKENDS = {
+    "LAGKV_FLASH_ATTN": "lrsa_serve.engine.cuda_backend.LagKVFlashBackend",
+    "LAGKV_TRITON": "lrsa_serve.engine.cuda_backend.LagKVTritonBackend",
+}
 _registered = False
 
 
@@ -33,9 +37,8 @@ def register() -> None:
         register_backend(
             AttentionBackendEnum.CPU_ATTN, "lrsa_serve.engine.cpu_backend.LagKVCPUBackend"
         )
-    elif (
-        current_platform.is_cuda_alike()
-        and CUDA_BACKEND_NAME not in AttentionBackendEnum.__members__
-    ):
-        register_backend(CUDA_BACKEND_NAME, "lrsa_serve.engine.cuda_backend.LagKVTritonBackend")
+    elif current_platform.is_cuda_alike():
+        for name, path in CUDA_BACKENDS.items():
+            if name not in AttentionBackendEnum.__members__:
+                register_backend(name, path)
     _registered = True

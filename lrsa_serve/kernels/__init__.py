@@ -51,16 +51,31 @@ def select_kept(
     score_v_ratio: float = 1.0,
     *,
     use_triton: bool | None = None,
+    active: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Top-``keep`` tokens of each partition per KV head, scored against its successor:
-    ``[R, num_kv_heads, keep]`` int64, increasing."""
+    ``[R, num_kv_heads, keep]`` int64, increasing. With ``active`` (``[R]`` int32), rows whose
+    entry is 0 are skipped and their output rows are undefined."""
     if _use_triton(key_cache, use_triton):
         from lrsa_serve.kernels import select
 
         return select.select_kept(
-            key_cache, value_cache, part_blocks, ref_blocks, keep, score_v_ratio
+            key_cache, value_cache, part_blocks, ref_blocks, keep, score_v_ratio, active=active
         )
-    return naive.select_kept(key_cache, value_cache, part_blocks, ref_blocks, keep, score_v_ratio)
+    rows = _active_rows(active, part_blocks.shape[0]).to(part_blocks.device)
+    kept = torch.zeros(
+        part_blocks.shape[0], key_cache.shape[1], keep, dtype=torch.long, device=key_cache.device
+    )
+    kept[rows] = naive.select_kept(
+        key_cache, value_cache, part_blocks[rows], ref_blocks[rows], keep, score_v_ratio
+    )
+    return kept
+
+
+def _active_rows(active: torch.Tensor | None, rows: int) -> torch.Tensor:
+    if active is None:
+        return torch.arange(rows)
+    return torch.nonzero(active.cpu()).flatten()
 
 
 def compact_kept(
@@ -70,15 +85,17 @@ def compact_kept(
     kept: torch.Tensor,
     *,
     use_triton: bool | None = None,
+    active: torch.Tensor | None = None,
 ) -> None:
     """Move each partition's kept rows, in order, to the front of its first
-    ``keep / block_size`` blocks, in place."""
+    ``keep / block_size`` blocks, in place (only rows with ``active[r] != 0`` when given)."""
     if _use_triton(key_cache, use_triton):
         from lrsa_serve.kernels import compact
 
-        compact.compact_kept(key_cache, value_cache, part_blocks, kept)
+        compact.compact_kept(key_cache, value_cache, part_blocks, kept, active)
         return
-    naive.compact_kept(key_cache, value_cache, part_blocks, kept)
+    rows = _active_rows(active, part_blocks.shape[0]).to(part_blocks.device)
+    naive.compact_kept(key_cache, value_cache, part_blocks[rows], kept[rows])
 
 
 def compress_partitions(
@@ -90,10 +107,12 @@ def compress_partitions(
     score_v_ratio: float = 1.0,
     *,
     use_triton: bool | None = None,
+    active: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Select then compact partition p of every request of this layer; returns ``kept``. After
-    it, the first ``keep / block_size`` blocks of ``part_blocks[r]`` hold the kept tokens and
-    the partition's other blocks can be freed."""
+    """Select then compact partition p of every request of this layer (of the rows with
+    ``active[r] != 0`` when given); returns ``kept``. After it, the first ``keep / block_size``
+    blocks of ``part_blocks[r]`` hold the kept tokens and the partition's other blocks can be
+    freed."""
     kept = select_kept(
         key_cache,
         value_cache,
@@ -102,8 +121,9 @@ def compress_partitions(
         keep,
         score_v_ratio,
         use_triton=use_triton,
+        active=active,
     )
-    compact_kept(key_cache, value_cache, part_blocks, kept, use_triton=use_triton)
+    compact_kept(key_cache, value_cache, part_blocks, kept, use_triton=use_triton, active=active)
     return kept
 
 

@@ -76,6 +76,7 @@ def _compact_kernel(
     kept_ptr,
     kept_stride_req,
     kept_stride_head,
+    active_ptr,
     num_heads,
     KEEP: tl.constexpr,
     DK: tl.constexpr,
@@ -85,10 +86,14 @@ def _compact_kernel(
     BLOCK_JV: tl.constexpr,
     BLOCK_DK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr,
 ):
     req_head = tl.program_id(0)
     which = tl.program_id(1)  # 0: keys, 1: values
     req = req_head // num_heads
+    if HAS_ACTIVE:  # rows without a partition to compress this step do nothing
+        if tl.load(active_ptr + req) == 0:
+            return
     head = req_head % num_heads
     part_row = part_ptr + req.to(tl.int64) * part_stride_req
     kept_row = kept_ptr + req.to(tl.int64) * kept_stride_req + head.to(tl.int64) * kept_stride_head
@@ -131,10 +136,12 @@ def compact_kept(
     value_cache: torch.Tensor,
     part_blocks: torch.Tensor,
     kept: torch.Tensor,
+    active: torch.Tensor | None = None,
 ) -> None:
     """Move each partition's kept rows, in order, to the front of its first ``keep/block_size``
     blocks, in place. ``kept``: ``[R, num_kv_heads, keep]`` strictly increasing indices < L
-    (as ``select_kept`` returns them); the blocks of different requests must be distinct."""
+    (as ``select_kept`` returns them); the blocks of different requests must be distinct.
+    ``active`` (``[R]`` int32, device): only rows with a non-zero entry move (see select)."""
     num_blocks, num_heads, block_size, dim_k = key_cache.shape
     dim_v = value_cache.shape[-1]
     assert value_cache.shape[:3] == key_cache.shape[:3], "K and V caches must share blocks"
@@ -157,6 +164,7 @@ def compact_kept(
         kept,
         kept.stride(0),
         kept.stride(1),
+        active if active is not None else kept,  # never read without HAS_ACTIVE
         num_heads,
         KEEP=keep,
         DK=dim_k,
@@ -166,5 +174,6 @@ def compact_kept(
         BLOCK_JV=max(1, min(TILE_ELEMENTS // block_dv, tile)),
         BLOCK_DK=block_dk,
         BLOCK_DV=block_dv,
+        HAS_ACTIVE=active is not None,
         num_warps=4,
     )

@@ -214,6 +214,7 @@ def _range_kernel(
     ref_ptr,
     ref_stride_req,
     range_ptr,
+    active_ptr,
     num_heads,
     split_tokens,
     L: tl.constexpr,
@@ -225,11 +226,15 @@ def _range_kernel(
     BLOCK_DK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     RANGE_W: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr,
 ):
     req_head = tl.program_id(0)
     which = tl.program_id(1)  # 0: keys, 1: values
     split = tl.program_id(2)
     req = req_head // num_heads
+    if HAS_ACTIVE:  # rows without a partition to compress this step do nothing
+        if tl.load(active_ptr + req) == 0:
+            return
     head = req_head % num_heads
     tok_begin = split * split_tokens
     tok_end = tl.minimum(tok_begin + split_tokens, L)
@@ -290,6 +295,7 @@ def _spread_kernel(
     part_stride_req,
     range_ptr,
     spread_ptr,
+    active_ptr,
     num_heads,
     split_tokens,
     L: tl.constexpr,
@@ -302,12 +308,16 @@ def _spread_kernel(
     BLOCK_DV: tl.constexpr,
     RANGE_W: tl.constexpr,
     EXACT: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr,
 ):
     req_head = tl.program_id(0)
     which = tl.program_id(1)  # 0: keys, 1: values
     split = tl.program_id(2)
     splits = tl.num_programs(2)
     req = req_head // num_heads
+    if HAS_ACTIVE:  # rows without a partition to compress this step do nothing
+        if tl.load(active_ptr + req) == 0:
+            return
     head = req_head % num_heads
     tok_begin = split * split_tokens
     tok_end = tl.minimum(tok_begin + split_tokens, L)
@@ -373,13 +383,19 @@ def _top_keep_kernel(
     spread_ptr,
     kept_ptr,
     scores_ptr,
+    active_ptr,
+    num_heads,
     score_v_ratio,
     L: tl.constexpr,
     KEEP: tl.constexpr,
     BLOCK_L: tl.constexpr,
     WRITE_SCORES: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr,
 ):
     req_head = tl.program_id(0)
+    if HAS_ACTIVE:  # rows without a partition to compress this step do nothing
+        if tl.load(active_ptr + req_head // num_heads) == 0:
+            return
     toks = tl.arange(0, BLOCK_L)
     tok_ok = toks < L
     row = spread_ptr + req_head.to(tl.int64) * 2 * L
@@ -450,6 +466,7 @@ def select_kept(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     scores_out: torch.Tensor | None = None,
+    active: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Top-``keep`` tokens of each partition per KV head, scored against its successor.
 
@@ -458,7 +475,9 @@ def select_kept(
     ``[R, num_kv_heads, keep]`` int64, increasing. ``num_splits`` overrides how many token slices
     each (request, head) is scored in; ``out`` (contiguous int64) receives the result;
     ``scores_out`` (``[R, H, L]`` float32), when given, receives the scores the selection was
-    made from (for tests).
+    made from (for tests). ``active`` (``[R]`` int32 on the device): only rows with a non-zero
+    entry are scored, the others' output is left as it was; a captured CUDA graph launches over a
+    fixed number of rows and the device decides which of them compress.
     """
     num_blocks, num_heads, block_size, dim_k = key_cache.shape
     dim_v = value_cache.shape[-1]
@@ -499,14 +518,18 @@ def select_kept(
         RANGE_W=range_w,
     )
     strides = (key_cache, *key_cache.stride(), value_cache, *value_cache.stride())
+    has_active = active is not None
+    active_arg = active if has_active else part_blocks  # never read without HAS_ACTIVE
     _range_kernel[grid](
         *strides,
         ref_blocks,
         ref_blocks.stride(0),
         ranges,
+        active_arg,
         num_heads,
         split_tokens,
         **shapes,
+        HAS_ACTIVE=has_active,
         num_warps=SPREAD_WARPS,
     )
     _spread_kernel[grid](
@@ -515,10 +538,12 @@ def select_kept(
         part_blocks.stride(0),
         ranges,
         spread,
+        active_arg,
         num_heads,
         split_tokens,
         **shapes,
         EXACT=EXACT_SPREAD,
+        HAS_ACTIVE=has_active,
         num_warps=SPREAD_WARPS,
     )
     if scores_out is not None:
@@ -528,11 +553,14 @@ def select_kept(
         spread,
         kept,
         scores_out if scores_out is not None else spread,
+        active_arg,
+        num_heads,
         float(score_v_ratio),
         L=length,
         KEEP=keep,
         BLOCK_L=triton.next_power_of_2(length),
         WRITE_SCORES=scores_out is not None,
+        HAS_ACTIVE=has_active,
         num_warps=TOPK_WARPS or (8 if length >= 1024 else 4),
         # torch rounds ratio * s_V, then the sum: no fused multiply-add.
         enable_fp_fusion=False,

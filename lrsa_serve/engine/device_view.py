@@ -1,0 +1,130 @@
+"""The compacted view and the compaction plan of a step, computed on the GPU into persistent
+buffers, so that full CUDA graphs can replay LagKV steps.
+
+A captured graph holds tensor addresses, so everything attention and compaction read lives in
+buffers allocated once, of fixed capacity (one row per request slot of vLLM's batch):
+
+- ``table``: each request's block table with evicted columns dropped;
+- ``seq_lens``: each request's physical length (logical length minus evicted tokens);
+- ``part_blocks`` / ``ref_blocks`` / ``active``: per request, the blocks of the partition this
+  step compresses and of its successor, and whether it compresses one at all.
+
+Everything is derived on the device from vLLM's own per-step tensors (block table, sequence
+lengths, query starts), so the step path has no host synchronisation and no Python per request.
+A request compresses at most one partition per step: the scheduler ends prefill chunks on
+partition boundaries (one partition per chunk after the first ``S + 2L`` tokens), decode adds
+one token. The compaction kernels run over every row and skip inactive ones on the device, so
+a captured decode graph compresses exactly when a request completes a partition and does
+nothing otherwise. Host-side copies of the lengths (when vLLM provides them, without a sync)
+only decide whether an eager step launches compaction at all, the kernel launch bound and the
+counters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lrsa_serve.engine.compaction import CompactionPlan
+from lrsa_serve.engine.layout import BlockGeometry
+
+
+@dataclass
+class HostView:
+    """What the host knows of the step without asking the device."""
+
+    max_seq_len: int  # physical, for the attention kernel's scheduling
+    compressing: int  # requests that compress a partition this step
+    upper_bound: torch.Tensor | None  # physical lengths (CPU), vLLM's seq_lens_cpu_upper_bound
+
+
+class DeviceView:
+    """Persistent buffers of one KV-cache group, rewritten by ``update`` every step."""
+
+    def __init__(self, geometry: BlockGeometry, max_reqs: int, device: torch.device) -> None:
+        self.geometry = geometry
+        self.device = device
+        self.max_reqs = max_reqs
+        cols = geometry.part_blocks
+        self.seq_lens = torch.zeros(max_reqs, dtype=torch.int32, device=device)
+        self.part_blocks = torch.zeros(max_reqs, cols, dtype=torch.int32, device=device)
+        self.ref_blocks = torch.zeros(max_reqs, cols, dtype=torch.int32, device=device)
+        self.active = torch.zeros(max_reqs, dtype=torch.int32, device=device)
+        self.table: torch.Tensor | None = None  # shaped like vLLM's block table, on first use
+        self._part_offsets = torch.arange(cols, device=device)
+
+    def update(
+        self,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        num_reqs: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewrite the buffers for this step; returns the compacted ``(block_table, seq_lens)``
+        views, row-for-row like vLLM's (padding rows of a captured batch included)."""
+        geo = self.geometry
+        rows = block_table.shape[0]
+        assert num_reqs <= rows <= self.max_reqs, (num_reqs, rows, self.max_reqs)
+        if self.table is None or self.table.shape[1] != block_table.shape[1]:
+            self.table = torch.zeros(
+                self.max_reqs, block_table.shape[1], dtype=block_table.dtype, device=self.device
+            )
+        n = num_reqs
+        seq = seq_lens[:n].long()
+        query = (query_start_loc[1 : n + 1] - query_start_loc[:n]).long()
+        before = geo.compressed(seq - query)
+        active = geo.compressed(seq) > before
+
+        table = block_table[:n]
+        width = table.shape[1]
+        live = geo.live_columns(width, before)
+        torch.gather(table, 1, live, out=self.table[:n])
+        self.seq_lens[: seq_lens.shape[0]].copy_(seq_lens)
+        self.seq_lens[:n] -= (before * geo.evicted_per_partition).to(torch.int32)
+
+        part_cols = geo.sink_blocks + before[:, None] * geo.part_blocks + self._part_offsets
+        torch.gather(table, 1, part_cols.clamp(max=width - 1), out=self.part_blocks[:n])
+        ref_cols = part_cols + geo.part_blocks
+        torch.gather(table, 1, ref_cols.clamp(max=width - 1), out=self.ref_blocks[:n])
+        self.active[:n] = active.to(torch.int32)
+        self.active[n:] = 0
+        return self.table[:rows], self.seq_lens[: seq_lens.shape[0]]
+
+    def plan(self, rows: int, host: HostView | None) -> CompactionPlan:
+        """Every row of the batch; the kernels skip inactive ones. An eager step whose host
+        view shows no compression launches nothing; a captured graph always holds the launches."""
+        return CompactionPlan(
+            self.part_blocks[:rows],
+            self.ref_blocks[:rows],
+            self.geometry.settings,
+            active=self.active[:rows],
+            launch=host is None or host.compressing > 0,
+        )
+
+
+def host_view(
+    geometry: BlockGeometry,
+    seq_lens_upper: torch.Tensor | None,
+    query_start_loc_cpu: torch.Tensor,
+    num_reqs: int,
+    fallback_max_seq_len: int,
+) -> HostView | None:
+    """The step as the host sees it from vLLM's CPU copies (no device sync); None when vLLM
+    gives no CPU lengths. Exact without speculative decoding, which LagKV refuses."""
+    if seq_lens_upper is None:
+        return None
+    n = num_reqs
+    seq = seq_lens_upper[:n].long()
+    starts = query_start_loc_cpu[: n + 1].long()
+    query = starts[1:] - starts[:n]
+    geometry.check_aligned(seq, query)
+    before = geometry.compressed(seq - query)
+    physical = seq - before * geometry.evicted_per_partition
+    upper = seq_lens_upper.clone()
+    upper[:n] = physical.to(upper.dtype)
+    return HostView(
+        max_seq_len=int(physical.max()) if n else fallback_max_seq_len,
+        compressing=int((geometry.compressed(seq) > before).sum()),
+        upper_bound=upper,
+    )

@@ -1,0 +1,133 @@
+"""The CUDA engine against the exact HF reference: both LagKV CUDA backends, batched, compiled
+with vLLM's full CUDA graphs (decode steps that compress run inside the replayed graph), under
+preemption, and the pool back to idle. Run on a GPU: ``pytest -m gpu tests/test_engine_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from engine_helpers import engine_generate, reference_generate, scheduler_of
+
+from lrsa_serve.config import LagKVConfig
+from lrsa_serve.tasks import passkey, split_seed
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.engine,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+CFG = LagKVConfig(sink=32, lag=128, ratio=0.25)
+NEW_TOKENS = 160  # every request crosses at least one partition boundary while decoding
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer) -> list[list[int]]:
+    """The CPU engine tests' prompts: ~1.1K, ~1.9K and ~2.9K tokens."""
+    lengths = [(1100, 0.3), (1900, 0.6), (2900, 0.8)]
+    return [
+        tokenizer.encode(passkey(tokenizer, n, depth, split_seed(i, "eval")).prompt)
+        for i, (n, depth) in enumerate(lengths)
+    ]
+
+
+@pytest.fixture(scope="module")
+def reference(default_model, prompts) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(default_model, dtype=torch.float32)
+    model = model.cuda().eval()
+    tokens = [reference_generate(model, p, NEW_TOKENS, CFG) for p in prompts]
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return tokens
+
+
+def build(default_model, **kwargs):
+    from lrsa_serve.engine import make_llm
+
+    base = dict(max_model_len=4096, seed=0, gpu_memory_utilization=0.3)
+    return make_llm(default_model, lagkv=CFG.model_dump(), **(base | kwargs))
+
+
+def close(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def backend_of(llm) -> str:
+    return str(llm.llm_engine.vllm_config.attention_config.backend)
+
+
+def cudagraph_mode(llm) -> str:
+    return str(llm.llm_engine.vllm_config.compilation_config.cudagraph_mode)
+
+
+def test_triton_float32_full_graphs_equal_the_reference(default_model, prompts, reference):
+    llm = build(default_model, dtype="float32")
+    try:
+        assert "LAGKV_TRITON" in backend_of(llm) and "FULL" in cudagraph_mode(llm)
+        batched = engine_generate(llm, prompts, NEW_TOKENS)
+        alone = engine_generate(llm, [prompts[1]], NEW_TOKENS)[0]
+        scheduler = scheduler_of(llm)
+        pool = scheduler.kv_cache_manager.block_pool
+        (manager,) = scheduler.lagkv_managers()
+        assert manager.resident_total == 0 and pool.get_num_free_blocks() == pool.num_gpu_blocks - 1
+    finally:
+        close(llm)
+    assert alone == batched[1]
+    assert batched == reference
+
+
+def test_triton_float32_preemption_replays_the_reference(default_model, prompts, reference):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = build(default_model, dtype="float32", num_gpu_blocks_override=96,
+                scheduler_reserve_full_isl=False)  # fmt: skip
+    try:
+        scheduler, engine = scheduler_of(llm), llm.llm_engine
+        params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), TokensPrompt(prompt_token_ids=prompt), params)
+        outputs, seen = {}, {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    outputs[int(out.request_id)] = list(out.outputs[0].token_ids)
+            seen.update(scheduler.requests)
+        pool = scheduler.kv_cache_manager.block_pool
+        idle = pool.get_num_free_blocks() == pool.num_gpu_blocks - 1
+    finally:
+        close(llm)
+    assert sum(r.num_preemptions for r in seen.values()) > 0, "the pool was meant to preempt"
+    assert [outputs[i] for i in range(len(prompts))] == reference
+    assert idle
+
+
+def test_flash_attention_graphs_equal_eager_and_track_the_reference(
+    default_model, prompts, reference
+):
+    """FlashAttention takes bf16 only, so tokens cannot equal a float32 reference throughout:
+    the compiled engine (full graphs) must equal the eager one exactly, and both follow the
+    reference until bf16 rounding first flips a greedy choice."""
+    outputs = {}
+    for eager in (False, True):
+        llm = build(default_model, dtype="bfloat16", enforce_eager=eager)
+        try:
+            assert "LAGKV_FLASH_ATTN" in backend_of(llm)
+            outputs[eager] = engine_generate(llm, prompts, NEW_TOKENS)
+        finally:
+            close(llm)
+    assert outputs[False] == outputs[True]
+    for got, expected in zip(outputs[False], reference, strict=True):
+        agree = next(
+            (i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b), len(got)
+        )
+        assert agree >= 16, (agree, got[:24], expected[:24])
