@@ -99,10 +99,15 @@ def prepare(args: argparse.Namespace, argv: Sequence[str]):
         settings = LagKVConfig.resolve(model, **overrides) or LagKVConfig.build(**overrides)
     if args.block_size is None:
         args.block_size = default_block_size()
+    dtype_reason = "--dtype"
+    if args.dtype == "auto":
+        args.dtype, dtype_reason = default_dtype()
     engine_kwargs = lagkv_engine_kwargs(
         model,
         settings,
         block_size=args.block_size,
+        dtype=args.dtype,
+        attention_backend=args.attention_backend,
         enable_prefix_caching=args.enable_prefix_caching,
         speculative_config=args.speculative_config,
         kv_transfer_config=args.kv_transfer_config,
@@ -129,9 +134,6 @@ def prepare(args: argparse.Namespace, argv: Sequence[str]):
         overrides = dict(args.override_generation_config or {})
         overrides.setdefault("max_new_tokens", args.default_max_tokens)
         args.override_generation_config = overrides
-    dtype_reason = "--dtype"
-    if args.dtype == "auto":
-        args.dtype, dtype_reason = default_dtype()
     # vLLM's own key check answers with a non-OpenAI body; ours replaces it.
     keys = args.api_key or []
     api_key = keys[0] if keys else os.environ.get("LRSA_API_KEY") or None
