@@ -40,12 +40,21 @@ def op_applies(query: torch.Tensor) -> bool:
 
 def _kernel(query: torch.Tensor) -> str:
     kernel = lv.default_kernel(query)
-    if kernel not in OP_KERNELS:
+    if kernel in OP_KERNELS:
+        return kernel
+    if lv.env_choice("LRSA_VARLEN_KERNEL", lv.KERNELS) != "auto":
         raise ValueError(
             f"LRSA_VARLEN_KERNEL={kernel} does not apply to {query.dtype} queries; "
             f"one of {OP_KERNELS} or auto does"
         )
-    return kernel
+    # The automatic choice for CUDA queries FlashAttention does not take (float32/64) is the
+    # memory-efficient kernel, which the op has no backward for: such queries belong on the
+    # eager path (``op_applies`` is False for them), or LRSA_VARLEN_KERNEL=math.
+    raise ValueError(
+        f"lrsa::varlen does not take {query.dtype} CUDA queries (the automatic kernel for them "
+        f"is {kernel!r}, not one of {OP_KERNELS}); check op_applies first, or set "
+        "LRSA_VARLEN_KERNEL=math"
+    )
 
 
 def _layout(query: torch.Tensor, sink: int, lag: int, keep: int):

@@ -1,6 +1,6 @@
 """LRSA training attention as ONE variable-length (varlen) dense attention call.
 
-The rule (``../shared/LAGKV.md``) per query partition is plain attention over a short key list:
+The rule (``docs/lagkv.md``) per query partition is plain attention over a short key list:
 a query at t in partition ``q = w(t)`` sees
 
     [sink ; kept(0) ; ... ; kept(q-2) ; raw partition q-1 ; raw partition q up to t]
@@ -236,11 +236,27 @@ def flash_applies(dtype: torch.dtype, head_dim: int) -> bool:
 
 @lru_cache(maxsize=1)
 def _fa4():
-    """``flash_attn.cute`` (FlashAttention-4), or None where it is not installed."""
+    """``flash_attn.cute`` (FlashAttention-4), or None where it is not installed.
+
+    Installed but failing to import (a missing shared library, a version mismatch) is an error:
+    answering None there would quietly run FlashAttention-2 where FA4 was asked for."""
     try:
         return importlib.import_module("flash_attn.cute")
-    except ImportError:
-        return None
+    except ModuleNotFoundError as err:
+        # Only the package itself missing means "not installed" (FlashAttention-2 alone is
+        # ``flash_attn`` without ``cute``); any other missing module is a broken install.
+        if err.name in ("flash_attn", "flash_attn.cute"):
+            return None
+        raise _fa4_broken(err) from err
+    except Exception as err:
+        raise _fa4_broken(err) from err
+
+
+def _fa4_broken(err: Exception) -> ImportError:
+    return ImportError(
+        "flash-attn-4 (flash_attn.cute) is installed but does not import: "
+        f"{type(err).__name__}: {err}; repair or uninstall the package"
+    )
 
 
 def fa4_applies(query: torch.Tensor) -> bool:

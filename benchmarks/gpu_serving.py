@@ -1,0 +1,425 @@
+"""GPU serving throughput, vanilla vLLM vs LagKV, in one process run (issue 21, item 5).
+
+    python benchmarks/gpu_serving.py --json out/gpu_serving.json         # every workload
+    python benchmarks/gpu_serving.py --scale 0.05 --sequences 4          # a smoke run
+
+Each workload times ``llm.generate`` over the same random-token prompts on both engines. The
+engines run one after the other: one engine serves every selected workload of its model and KV
+pool (after a warm-up generate), then is shut down and its GPU memory freed before the next is
+built. Vanilla is stock ``vllm.LLM`` with vLLM's own defaults (attention backend, compilation,
+CUDA graphs, prefix caching); LagKV is ``make_llm`` with the family's sink/lag/ratio (LagKV picks
+its own backend). Throughput counts prompt + generated tokens. The ``8b-*`` workloads run
+Llama-3.1-8B's shape (``configs/llama-8b-class``) with random weights (``load_format="dummy"``:
+speed does not depend on the values) and no tokenizer: prompts and outputs are token ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import shlex
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+# In-process engines: the step counter wraps the scheduler, and shutting an engine down frees its
+# GPU memory in this process for the next one (vLLM's EngineCore.shutdown cleans up for that).
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+sys.path.insert(0, str(Path(__file__).parent))
+
+from engine_common import print_table, token_prompts  # noqa: E402
+
+CONFIGS = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model and its LagKV settings; ``model`` None means ``--model``."""
+
+    sink: int
+    lag: int
+    ratio: float
+    model: str | None
+    dummy_weights: bool
+
+
+FAMILIES = {
+    "8b": Family(16, 1024, 0.25, str(CONFIGS / "llama-8b-class"), dummy_weights=True),
+    "small": Family(32, 256, 0.25, None, dummy_weights=False),
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    family: str
+    sequences: int
+    prompt: int
+    new: int
+    goal: float | None = None  # LagKV/vanilla throughput ratio to reach
+    kv_bytes: int | None = None  # one fixed KV pool for both engines (kv_cache_memory_bytes)
+
+
+WORKLOADS = {
+    w.name: w
+    for w in (
+        Workload("8b-e2e", "8b", 64, 30_000, 256, goal=1.3),
+        Workload("8b-prefill", "8b", 64, 30_000, 1, goal=1.05),
+        Workload("small-e2e", "small", 128, 7936, 128, goal=1.0),
+        Workload("small-prefill", "small", 128, 7936, 1),
+        Workload("small-decode", "small", 128, 512, 512, goal=0.95),
+        Workload("small-membound", "small", 128, 7936, 128, goal=2.0, kv_bytes=6 * 2**30),
+    )
+}
+# Rows derived from two workloads' times: the decode part of 8b-e2e (its time minus 8b-prefill's).
+DERIVED = {"8b-decode": ("8b-e2e", "8b-prefill", 2.5)}
+ENGINES = ("vanilla", "lagkv")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model of the small-* workloads (default: the prepared default model)",
+    )
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="skip torch.compile and CUDA graphs (default: off, as users serve)",
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="shrink prompt counts and lengths (lengths no further than "
+        "sink + 4 lag, so LagKV still compresses), e.g. 0.05 for a smoke run",
+    )
+    parser.add_argument("--sequences", type=int, default=None, help="prompts per workload")
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="default: vLLM's")
+    parser.add_argument(
+        "--gpu-memory-utilization", type=float, default=None, help="default: vLLM's"
+    )
+    parser.add_argument("--json", default=None, help="write every result here")
+    return parser.parse_args(argv)
+
+
+def sized(w: Workload, scale: float, sequences: int | None) -> Workload:
+    family = FAMILIES[w.family]
+    floor = min(w.prompt, family.sink + 4 * family.lag)
+    count = sequences or max(1, round(w.sequences * scale))
+    return replace(w, sequences=count, prompt=max(floor, round(w.prompt * scale)))
+
+
+def group_of(w: Workload) -> str:
+    """Workloads of one model and KV pool share each engine."""
+    return w.family + (f"-kv{w.kv_bytes / 2**30:g}GiB" if w.kv_bytes else "")
+
+
+def max_model_len(family: str, scale: float) -> int:
+    """Longest prompt + new tokens of the family's workloads (all of them, so that selecting
+    fewer workloads builds the same engine), rounded up to 1024."""
+    longest = max(
+        sized(w, scale, 1).prompt + w.new for w in WORKLOADS.values() if w.family == family
+    )
+    return math.ceil(longest / 1024) * 1024
+
+
+def engine_kwargs(args: argparse.Namespace, family: Family, w: Workload) -> dict[str, Any]:
+    kwargs: dict[str, Any] = dict(
+        dtype=args.dtype,
+        max_model_len=max_model_len(w.family, args.scale),
+        enforce_eager=args.enforce_eager,
+        skip_tokenizer_init=True,  # token ids in and out: no tokenizer files, no detokenizing
+        disable_log_stats=False,  # LLM turns stats off; get_metrics needs them
+    )
+    if family.dummy_weights:
+        kwargs["load_format"] = "dummy"
+    if w.kv_bytes:
+        kwargs["kv_cache_memory_bytes"] = w.kv_bytes
+    for name in ("max_num_seqs", "gpu_memory_utilization"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    return kwargs
+
+
+# ---- one engine ----------------------------------------------------------------------------------
+def _worker_view(worker) -> dict[str, Any]:
+    """Runs in the worker (collective_rpc): the backends its attention layers use and the CUDA
+    graph mode it settled on (vLLM lowers it to what every backend supports)."""
+    config = worker.vllm_config.compilation_config
+    layers = config.static_forward_context.values()
+    backends = {layer.attn_backend.get_name() for layer in layers if hasattr(layer, "attn_backend")}
+    mode = config.cudagraph_mode
+    return {"backends": sorted(backends), "cudagraph_mode": getattr(mode, "name", str(mode))}
+
+
+def engine_info(llm) -> dict[str, Any]:
+    config = llm.llm_engine.vllm_config
+    cache, sched = config.cache_config, config.scheduler_config
+    return llm.collective_rpc(_worker_view)[0] | {
+        "block_size": cache.block_size,
+        "num_gpu_blocks": cache.num_gpu_blocks,
+        "pool_tokens": (cache.num_gpu_blocks or 0) * cache.block_size,
+        "prefix_caching": cache.enable_prefix_caching,
+        "max_num_seqs": sched.max_num_seqs,
+        "max_num_batched_tokens": sched.max_num_batched_tokens,
+        "async_scheduling": sched.async_scheduling,
+    }
+
+
+class StepCounter:
+    """Counts the scheduler's steps (wrapping its ``schedule``): the token counts of vLLM's own
+    stats are recorded only in steps that emit tokens, missing the middle prefill chunks."""
+
+    def __init__(self, llm) -> None:
+        self.steps = self.prefill_steps = self.prefill_tokens = 0
+        scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+        schedule = scheduler.schedule
+
+        def counted(*args, **kwargs):
+            out = schedule(*args, **kwargs)
+            if out.total_num_scheduled_tokens:
+                self.steps += 1
+                # A chunk of more than one token is prefill (a decode step schedules one).
+                chunks = [n for n in out.num_scheduled_tokens.values() if n > 1]
+                self.prefill_steps += bool(chunks)
+                self.prefill_tokens += sum(chunks)
+            return out
+
+        scheduler.schedule = counted
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(
+            steps=self.steps, prefill_steps=self.prefill_steps, prefill_tokens=self.prefill_tokens
+        )
+
+
+METRICS = {"vllm:num_preemptions": "preemptions", "vllm:prefix_cache_hits": "prefix_cache_hits"}
+
+
+def metric_totals(llm) -> dict[str, float]:
+    from vllm.v1.metrics.reader import Counter
+
+    totals = dict.fromkeys(METRICS.values(), 0.0)
+    for metric in llm.get_metrics():
+        if isinstance(metric, Counter) and metric.name in METRICS:
+            totals[METRICS[metric.name]] += metric.value
+    return totals
+
+
+def generate(llm, prompts: list[list[int]], new: int):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=new, ignore_eos=True, temperature=0)
+    inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+    return llm.generate(inputs, params, use_tqdm=False)
+
+
+def timed(llm, steps: StepCounter, w: Workload, prompts: list[list[int]]) -> dict[str, Any]:
+    before, metrics_before = steps.snapshot(), metric_totals(llm)
+    started = time.perf_counter()
+    outputs = generate(llm, prompts, w.new)
+    seconds = time.perf_counter() - started
+    prompt_tokens = sum(map(len, prompts))
+    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    run = dict(
+        seconds=seconds,
+        prompt_tokens=prompt_tokens,
+        generated_tokens=generated,
+        tokens_per_s=(prompt_tokens + generated) / seconds,
+        requests_per_s=len(prompts) / seconds,
+    )
+    run |= {k: v - before[k] for k, v in steps.snapshot().items()}
+    run |= {k: v - metrics_before[k] for k, v in metric_totals(llm).items()}
+    run["prefill_tokens_per_step"] = run["prefill_tokens"] / max(1, run["prefill_steps"])
+    return run
+
+
+def run_engine(
+    engine: str,
+    family: Family,
+    model: str,
+    kwargs: dict[str, Any],
+    workloads: list[Workload],
+    prompts: dict[str, list[list[int]]],
+) -> dict[str, Any]:
+    """Builds one engine, warms it up, times each workload, shuts it down. The LLM never leaves
+    this function, so once it returns nothing holds the engine's GPU memory. A failure is
+    recorded (what ran before it is kept) and the benchmark goes on with the next engine."""
+    from vllm import LLM
+
+    from lrsa_serve.engine import make_llm
+
+    info: dict[str, Any] = {}
+    runs: dict[str, Any] = {}
+    llm = None
+    started = time.perf_counter()
+    try:
+        if engine == "vanilla":
+            llm = LLM(model=model, **kwargs)
+        else:
+            llm = make_llm(model, sink=family.sink, lag=family.lag, ratio=family.ratio, **kwargs)
+        info = engine_info(llm) | {"build_seconds": time.perf_counter() - started}
+        print(f"  {engine}: {json.dumps(info)}", flush=True)
+        # Long enough to compress partitions: LagKV's Triton kernels compile at their first
+        # launch, which must not land in the timed run; the same prompts warm vanilla up.
+        warm = min(family.sink + 3 * family.lag, kwargs["max_model_len"] - 16)
+        generate(llm, token_prompts(4, warm, seed=99), 16)
+        steps = StepCounter(llm)
+        for w in workloads:
+            runs[w.name] = timed(llm, steps, w, prompts[w.name])
+            print(f"  {engine} {w.name}: {json.dumps(runs[w.name])}", flush=True)
+    except Exception as err:
+        traceback.print_exc()
+        info["error"] = repr(err)
+    finally:
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+    return {"engine": info, "runs": runs}
+
+
+def free_device_memory() -> str:
+    import torch
+
+    gc.collect()
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    return f"GPU memory free: {free / 2**30:.1f} of {total / 2**30:.1f} GiB"
+
+
+# ---- the summary --------------------------------------------------------------------------------
+def goal_status(ratio: float | None, goal: float | None) -> str:
+    if goal is None:
+        return ""
+    if ratio is None:
+        return f">= {goal:.2f}: n/a"
+    return f">= {goal:.2f}: {'met' if ratio >= goal else 'not met'}"
+
+
+def derived_runs(results: dict[str, Any]) -> dict[str, Any]:
+    """Each derived row's per-engine time and tokens: the first workload's minus the second's."""
+    derived = {}
+    for name, (whole, part, goal) in DERIVED.items():
+        if whole not in results or part not in results:
+            continue
+        row: dict[str, Any] = {"goal": goal}
+        for engine in ENGINES:
+            if engine in results[whole] and engine in results[part]:
+                a, b = results[whole][engine], results[part][engine]
+                seconds = a["seconds"] - b["seconds"]
+                tokens = a["generated_tokens"] - b["generated_tokens"]
+                row[engine] = {
+                    "seconds": seconds,
+                    "generated_tokens": tokens,
+                    "tokens_per_s": tokens / seconds if seconds > 0 else None,
+                }
+        derived[name] = row
+    return derived
+
+
+def summary_rows(results: dict[str, Any], engines: dict[str, Any]) -> list[list[str]]:
+    """The table's rows (``HEADER``). ``results``: per workload (and derived row) its goal, its
+    engine group and each engine's run; ``engines``: per group each engine's info."""
+    rows = []
+    for name, res in results.items():
+        runs = [res.get(engine) or {} for engine in ENGINES]
+        speeds = [run.get("tokens_per_s") for run in runs]
+        ratio = speeds[1] / speeds[0] if all(speeds) else None
+        infos = [engines.get(res.get("group"), {}).get(engine, {}) for engine in ENGINES]
+        rows.append(
+            [
+                name,
+                *(f"{run['seconds']:.1f}" if run else "-" for run in runs),
+                *(f"{speed:.0f}" if speed else "-" for speed in speeds),
+                f"{ratio:.2f}x" if ratio is not None else "-",
+                goal_status(ratio, res.get("goal")),
+                " / ".join(",".join(info.get("backends", ["-"])) for info in infos),
+                " / ".join(str(info.get("pool_tokens", "-")) for info in infos),
+            ]
+        )
+    return rows
+
+
+HEADER = (
+    "workload|vanilla s|LagKV s|vanilla tok/s|LagKV tok/s|LagKV/vanilla|goal|"
+    "backends (vanilla / LagKV)|pool tokens (vanilla / LagKV)"
+).split("|")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    import torch
+    import vllm
+
+    from lrsa_serve.models import resolve_model
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+    command = shlex.join([sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)])
+    print(f"{command}\n{gpu}; torch {torch.__version__}; vLLM {vllm.__version__}", flush=True)
+
+    workloads = [sized(WORKLOADS[name], args.scale, args.sequences) for name in args.workloads]
+    groups: dict[str, list[Workload]] = {}
+    for w in workloads:
+        groups.setdefault(group_of(w), []).append(w)
+    seeds = {name: i for i, name in enumerate(WORKLOADS)}  # vanilla's prefix cache finds nothing
+    results: dict[str, Any] = {}
+    engines: dict[str, Any] = {}
+    for group, members in groups.items():
+        family = FAMILIES[members[0].family]
+        model = family.model or resolve_model(args.model)
+        kwargs = engine_kwargs(args, family, members[0])
+        prompts = {w.name: token_prompts(w.sequences, w.prompt, seeds[w.name]) for w in members}
+        print(f"\n[{group}] {model} {json.dumps(kwargs)}", flush=True)
+        for w in members:
+            results[w.name] = {"group": group, "goal": w.goal, "spec": asdict(w)}
+        for engine in args.engines:
+            out = run_engine(engine, family, model, kwargs, members, prompts)
+            print(f"  {engine} shut down; {free_device_memory()}", flush=True)
+            engines.setdefault(group, {})[engine] = out["engine"]
+            for name, run in out["runs"].items():
+                results[name][engine] = run
+    for name, row in derived_runs(results).items():
+        results[name] = row | {"group": results[DERIVED[name][0]]["group"]}
+
+    rows = summary_rows(results, engines)
+    print_table(
+        f"{gpu}, {args.dtype}, {'eager' if args.enforce_eager else 'compiled'}, "
+        f"throughput = (prompt + generated tokens) / s",
+        HEADER,
+        rows,
+    )
+    for name, (whole, part, _) in DERIVED.items():
+        if name in results:
+            print(f"{name}: generated tokens / ({whole} time - {part} time)")
+    report = {
+        "command": command,
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "vllm": vllm.__version__,
+        "args": vars(args),
+        "engines": engines,
+        "workloads": results,
+        "summary": [dict(zip(HEADER, r, strict=True)) for r in rows],
+    }
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

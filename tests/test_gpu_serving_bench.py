@@ -1,0 +1,118 @@
+"""The CPU-checkable parts of ``benchmarks/gpu_serving.py``: arguments, workload sizes, the
+shipped 8B-class config, and the summary table with its goals (fabricated numbers, no engine)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """The script as a module (its dataclasses need it in ``sys.modules`` while it loads)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("gpu_serving", BENCHMARKS / "gpu_serving.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_serving"] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("gpu_serving", None)
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_defaults_are_vllms_and_every_workload_on_both_engines(bench):
+    args = bench.parse_args([])
+    assert args.workloads == list(bench.WORKLOADS) and args.engines == ["vanilla", "lagkv"]
+    assert (args.dtype, args.enforce_eager, args.scale) == ("bfloat16", False, 1.0)
+    assert args.gpu_memory_utilization is None and args.max_num_seqs is None
+    args = bench.parse_args(
+        ["--workloads", "8b-e2e", "small-membound", "--engines", "lagkv", "--enforce-eager",
+         "--scale", "0.05", "--sequences", "3", "--gpu-memory-utilization", "0.8",
+         "--max-num-seqs", "64", "--json", "x.json"]
+    )  # fmt: skip
+    assert args.workloads == ["8b-e2e", "small-membound"] and args.engines == ["lagkv"]
+    assert (args.enforce_eager, args.scale, args.sequences) == (True, 0.05, 3)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--workloads", "8b-everything"])
+
+
+def test_workloads_and_engine_arguments(bench):
+    w = bench.WORKLOADS
+    assert (w["8b-e2e"].sequences, w["8b-e2e"].prompt, w["8b-e2e"].new) == (64, 30_000, 256)
+    assert w["8b-prefill"].new == 1 and w["small-decode"].prompt == 512
+    assert w["small-membound"].kv_bytes == 6 * 2**30
+    assert bench.max_model_len("8b", 1.0) == 30_720 and bench.max_model_len("small", 1.0) == 8192
+    # A smoke scale shrinks counts and lengths, but lengths no further than sink + 4 lag.
+    small = bench.sized(w["small-e2e"], 0.05, None)
+    assert (small.sequences, small.prompt, small.new) == (6, 32 + 4 * 256, 128)
+    assert bench.sized(w["8b-e2e"], 0.05, 2).sequences == 2
+    assert bench.sized(w["small-decode"], 0.05, None).prompt == 512
+    assert bench.max_model_len("small", 0.05) == 2048
+
+    args = bench.parse_args(["--gpu-memory-utilization", "0.8"])
+    kw = bench.engine_kwargs(args, bench.FAMILIES["8b"], w["8b-e2e"])
+    assert kw["load_format"] == "dummy" and kw["skip_tokenizer_init"] is True
+    assert kw["gpu_memory_utilization"] == 0.8 and "max_num_seqs" not in kw
+    assert "attention_backend" not in kw and "kv_cache_memory_bytes" not in kw
+    kw = bench.engine_kwargs(args, bench.FAMILIES["small"], w["small-membound"])
+    assert kw["kv_cache_memory_bytes"] == 6 * 2**30 and "load_format" not in kw
+    assert bench.group_of(w["small-membound"]) != bench.group_of(w["small-e2e"])
+    assert bench.group_of(w["small-decode"]) == bench.group_of(w["small-e2e"])
+
+
+def test_the_8b_config_is_llama_3_1_8b_shaped(bench):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(bench.CONFIGS / "llama-8b-class")
+    assert config.model_type == "llama" and config.architectures == ["LlamaForCausalLM"]
+    shape = (config.num_hidden_layers, config.hidden_size, config.intermediate_size,
+             config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+             config.vocab_size, config.max_position_embeddings)  # fmt: skip
+    assert shape == (32, 4096, 14336, 32, 8, 128, 128256, 131072)
+    rope = getattr(config, "rope_parameters", None) or {"rope_theta": config.rope_theta}
+    assert rope["rope_theta"] == 500000
+    assert str(config.dtype) == "torch.bfloat16"
+
+
+def run(seconds: float, prompt: int, generated: int) -> dict:
+    return {"seconds": seconds, "prompt_tokens": prompt, "generated_tokens": generated,
+            "tokens_per_s": (prompt + generated) / seconds}  # fmt: skip
+
+
+def test_summary_ratios_goals_and_the_derived_decode_row(bench):
+    info = {"vanilla": {"backends": ["FLASH_ATTN"], "pool_tokens": 400_000},
+            "lagkv": {"backends": ["LAGKV_TRITON"], "pool_tokens": 390_000}}  # fmt: skip
+    results = {
+        "8b-e2e": {"group": "8b", "goal": 1.3,
+                   "vanilla": run(200.0, 1000, 100), "lagkv": run(100.0, 1000, 100)},
+        "8b-prefill": {"group": "8b", "goal": 1.05,
+                       "vanilla": run(100.0, 1000, 10), "lagkv": run(99.0, 1000, 10)},
+        "small-decode": {"group": "small", "goal": 0.95, "vanilla": run(10.0, 500, 500)},
+    }  # fmt: skip
+    for name, row in bench.derived_runs(results).items():
+        results[name] = row | {"group": "8b"}
+    decode = results["8b-decode"]
+    assert decode["vanilla"]["seconds"] == 100.0 and decode["lagkv"]["seconds"] == 1.0
+    assert decode["lagkv"]["generated_tokens"] == 90
+    rows = {row[0]: row for row in bench.summary_rows(results, {"8b": info})}
+    assert rows["8b-e2e"][1:6] == ["200.0", "100.0", "6", "11", "2.00x"]
+    assert rows["8b-e2e"][6] == ">= 1.30: met"
+    assert rows["8b-e2e"][7:] == ["FLASH_ATTN / LAGKV_TRITON", "400000 / 390000"]
+    assert rows["8b-prefill"][5:7] == ["1.01x", ">= 1.05: not met"]
+    assert rows["8b-decode"][5:7] == ["100.00x", ">= 2.50: met"]
+    # One engine only: no ratio, the goal cannot be judged.
+    assert rows["small-decode"][1:7] == ["10.0", "-", "100", "-", "-", ">= 0.95: n/a"]
+    assert all(len(row) == len(bench.HEADER) for row in rows.values())
+
+
+def test_goal_status(bench):
+    assert bench.goal_status(2.5, 2.5) == ">= 2.50: met"
+    assert bench.goal_status(2.49, 2.5) == ">= 2.50: not met"
+    assert bench.goal_status(1.0, None) == ""
