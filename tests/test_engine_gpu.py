@@ -89,7 +89,8 @@ def test_triton_float32_preemption_replays_the_reference(default_model, prompts,
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = build(default_model, dtype="float32", num_gpu_blocks_override=96,
+    # Eager: the graphs are the first test's subject; this one is about replay.
+    llm = build(default_model, dtype="float32", num_gpu_blocks_override=96, enforce_eager=True,
                 scheduler_reserve_full_isl=False)  # fmt: skip
     try:
         scheduler, engine = scheduler_of(llm), llm.llm_engine
