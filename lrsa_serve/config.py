@@ -1,7 +1,7 @@
 """LagKV settings: one validated object shared by the reference, the engine and the trainer.
 
 A checkpoint carries its settings under ``"lagkv"`` in ``config.json``; explicit overrides
-(Python API, CLI flags) win over it. See ``../shared/LAGKV.md`` for what each field means.
+(Python API, CLI flags) win over it. See ``docs/lagkv.md`` for what each field means.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """LagKV in plain torch: the reference every fast path (engine, kernels, trainer) is tested against.
 
-Contract: ``../shared/LAGKV.md``. Positions ``t < S`` are the sink; ``t >= S`` belong to
+Contract: ``docs/lagkv.md``. Positions ``t < S`` are the sink; ``t >= S`` belong to
 partition ``w(t) = (t - S) // L``. Partition p is scored against partition p+1 (its "lag"
 reference) once p+1 is complete, keeps ``keep = int(r * L)`` tokens per KV head, and is never
 re-scored. A query at t sees: the sink, the kept tokens of partitions ``<= w(t) - 2``, the

@@ -53,7 +53,7 @@ def test_resident_tokens_formula():
     assert lagkv.resident_tokens(32 + 2 * 256, cfg) == 32 + 64 + 256
     n = 32 * 1024
     assert lagkv.resident_tokens(n, cfg) <= cfg.sink + cfg.ratio * n + 2 * cfg.lag
-    # LAGKV.md's formula S + keep*(w(n)-1) + (n - S - L*(w(n)-1)); at 32K, L=1024, r=0.25 that
+    # docs/lagkv.md's formula S + keep*(w(n)-1) + (n - S - L*(w(n)-1)); at 32K, L=1024, r=0.25 that
     # is 9728 entries, 3.37x fewer (the doc's "about 3.6x" rounds the formula loosely)
     big = LagKVConfig(sink=16, lag=1024, ratio=0.25)
     w = (32768 - 16) // 1024

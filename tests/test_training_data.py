@@ -168,3 +168,59 @@ def test_config_file_and_flags(tmp_path):
     bad.write_text("train:\n  stepz: 3\n")
     with pytest.raises(UserError, match="unknown keys in train"):
         build_job(parser.parse_args([str(model), "--config", str(bad)]))
+
+
+def test_synthetic_defaults_follow_max_len_and_the_run(tmp_path):
+    """Left unset, the synthetic data fits --max-len and holds as many examples as the run
+    takes (steps x grad-accum x batch size); it used to be 2,000 examples of 2,048-8,000 tokens
+    whatever --max-len said, so at 512 every one was skipped and the run stopped."""
+    import argparse
+
+    import torch
+
+    from lrsa_serve.training import loop
+    from lrsa_serve.training.cli import add_arguments, build_job
+    from lrsa_serve.training.tiny import random_model, save_tiny_model, tiny_config, tiny_tokenizer
+
+    model = save_tiny_model(tmp_path / "m")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = [str(model), "--data", "synthetic", "--max-len", "512", "--out", str(tmp_path / "o")]
+    run = ["--steps", "3", "--batch-size", "2", "--grad-accum", "2", "--lag", "64"]
+    job = build_job(parser.parse_args([*flags, *run]))
+    derived = (job.data.synthetic_examples, job.data.synthetic_min_tokens)
+    assert (*derived, job.data.synthetic_max_tokens) == (12, 256, 512)
+    tokenizer = tiny_tokenizer()
+    trainer = loop.Trainer(
+        job,
+        model=random_model(tiny_config("llama", vocab_size=len(tokenizer))),
+        tokenizer=tokenizer,
+        runtime=loop.Runtime(0, 1, torch.device("cpu")),
+    )
+    assert len(trainer.train_examples) == 12 and trainer.train_stats.skipped_overlong == 0
+    assert max(len(e) for e in trainer.train_examples + trainer.eval_examples) <= 512
+    assert len(trainer.eval_examples) == job.data.synthetic_eval_examples
+    # explicit flags still win; the long defaults are unchanged at the default max-len
+    job = build_job(parser.parse_args([*flags, "--synthetic-examples", "5",
+                                       "--synthetic-max-tokens", "400"]))  # fmt: skip
+    assert (job.data.synthetic_examples, job.data.synthetic_max_tokens) == (5, 400)
+    assert job.data.synthetic_min_tokens == 200
+    job = build_job(parser.parse_args([str(model), "--steps", "50"]))
+    derived = (job.data.synthetic_examples, job.data.synthetic_min_tokens)
+    assert (*derived, job.data.synthetic_max_tokens) == (50, 2048, 8000)
+
+
+def test_synthetic_examples_never_exceed_max_tokens():
+    """The drawn length is the prompt's; template and answer come on top, so over-long examples
+    are drawn again shorter. The default model's tokenizer is not needed: the tiny one's
+    template overhead is larger."""
+    from lrsa_serve.training.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    tasks = ("passkey", "multikey_needle", "kv_lookup", "variable_tracking")
+    made = data.synthetic_examples(tokenizer, 40, "train", 300, 480, tasks)
+    assert max(len(e) for e in made) <= 480
+    # the cut keeps the example: same source (seed, task) and answer as the uncut draw
+    uncut = [data.synthetic_example(tokenizer, i, "train", 300, 480, tasks) for i in range(40)]
+    assert [e.answer for e in made] == [u.answer for u in uncut]
+    assert [e.source.split(":")[2:] for e in made] == [[str(u.seed), u.task] for u in uncut]

@@ -182,3 +182,24 @@ def test_compiled_layers_train_as_eager(tmp_path, tokenizer):
     for got, want in zip(grads[True][1], grads[False][1], strict=True):
         assert float((got - want).norm()) <= (1e-4 if exact else 3e-2) * float(want.norm()) + 1e-8
     assert JobConfig().model.compiles_on("cuda") and not JobConfig().model.compiles_on("cpu")
+
+
+def test_cli_trains_the_default_model_at_max_len_512(tmp_path, default_model, capsys):
+    """The README's CPU example, with 2 held-out examples instead of 64: with no synthetic
+    lengths given the data fits --max-len, one example per step is built, and the run writes
+    its checkpoint and a servable export (S, L, keep multiples of the CPU block 32)."""
+    from lrsa_serve.cli import main as lrsa_main
+
+    out = tmp_path / "t512"
+    code = lrsa_main(["train", default_model, "--data", "synthetic", "--max-len", "512",
+                      "--steps", "2", "--lag", "128", "--synthetic-eval-examples", "2",
+                      "--out", str(out), "--no-progress"])  # fmt: skip
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout
+    assert " examples=2 " in stdout and "warning" not in stdout
+    assert (out / "checkpoints" / "step_000002" / "trainer.json").is_file()
+    assert LagKVConfig.from_checkpoint(out) == LagKVConfig(sink=32, lag=128, ratio=0.25)
+    LagKVConfig.from_checkpoint(out).check_block_size(32)
+    data_line = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert data_line["examples"] == 2 and data_line["skipped_overlong"] == 0
+    assert data_line["longest"] <= 512

@@ -2,7 +2,7 @@
 gathered kept K/V + FlexAttention under a static, cached block mask.
 
 Registered in transformers' ``AttentionInterface`` as ``"lrsa"`` (no model code copied); the
-settings come from ``model.config.lagkv`` as for ``"lagkv_reference"``. The rule is LAGKV.md's
+settings come from ``model.config.lagkv`` as for ``"lagkv_reference"``. The rule is docs/lagkv.md's
 static formulation: per layer and KV head the kept rows of every compressed partition are
 selected from the layer's own post-RoPE K/V under ``no_grad`` (``lagkv.select_all``) and appended
 after the raw rows, ``K_ext = [K ; gather(K, kept)]``; one FlexAttention call then attends under
@@ -123,7 +123,7 @@ class Layout:
 
 
 def make_mask_mod(rule: Rule, layout: Layout, device: torch.device | str) -> Callable:
-    """The flex mask_mod in layout rows: LAGKV.md's rule via ``lagkv``'s elementwise predicates.
+    """The flex mask_mod in layout rows: the rule of docs/lagkv.md via ``lagkv``'s predicates.
 
     ``raw_rows`` is captured as a tensor (not a Python int) so that one compiled flex graph with
     dynamic shapes serves every bucket; S, pad, L and keep are fixed for a run.

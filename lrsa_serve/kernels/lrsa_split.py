@@ -1,7 +1,7 @@
 """LRSA training attention as TWO dense calls merged by log-sum-exp ("split").
 
 What it computes, in plain torch terms. Cut the sequence into blocks: the sink ``[0, S)`` is
-one block, then each partition is one. A query t of block b sees (``../shared/LAGKV.md``)
+one block, then each partition is one. A query t of block b sees (``docs/lagkv.md``)
 
     own(t)   = the keys of its own block up to t            (causal inside the block)
     older(b) = every visible key before the block:  sink ; kept(0..q-2) ; raw partition q-1

@@ -84,10 +84,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p("--seed", type=int, help="data order seed (default 0)")
     p("--gguf-file", help="load weights from this GGUF file inside MODEL")
-    p("--synthetic-examples", type=int, help="synthetic training examples (default 2000)")
+    p(
+        "--synthetic-examples",
+        type=int,
+        help="synthetic training examples (default: as many as the run uses, "
+        "steps x grad-accum x batch-size x GPUs)",
+    )
     p("--synthetic-eval-examples", type=int, help="synthetic held-out examples (default 64)")
-    p("--synthetic-min-tokens", type=int, help="shortest synthetic prompt (default 2048)")
-    p("--synthetic-max-tokens", type=int, help="longest synthetic prompt (default 8000)")
+    p(
+        "--synthetic-min-tokens",
+        type=int,
+        help="shortest synthetic prompt (default 2048, at most half of --synthetic-max-tokens)",
+    )
+    p(
+        "--synthetic-max-tokens",
+        type=int,
+        help="longest synthetic example, template and answer included "
+        "(default 8000 or --max-len if smaller)",
+    )
     p("--synthetic-tasks", help="comma-separated tasks from lrsa_serve.tasks.TASKS")
     p("--no-progress", action="store_true", help="no tqdm bar")
 
@@ -125,10 +139,29 @@ def build_job(args: argparse.Namespace):
         k: v for k, v in overrides.items() if v is not None
     }
     job.lagkv = LagKVConfig.build(**merged)
+    if job.train.resume and job.data.synthetic_examples is None:
+        # The derived count follows --steps; a run resumed with more steps keeps the examples
+        # (hence the data order) it started with.
+        saved = _saved_job(job.train.out_dir)
+        if saved is not None:
+            job.data.synthetic_examples = saved["data"]["synthetic_examples"]
     try:
         return job.validate()
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def _saved_job(out_dir: str) -> dict | None:
+    """The job recorded by the newest checkpoint in out_dir, if any."""
+    import json
+    from pathlib import Path
+
+    from lrsa_serve.training import checkpoint as ckpt
+
+    latest = ckpt.latest_checkpoint(Path(out_dir))
+    if latest is None:
+        return None
+    return json.loads((latest / ckpt.TRAINER_STATE).read_text())["job"]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -145,6 +178,14 @@ def run(args: argparse.Namespace) -> int:
             except LagKVConfigError as e:
                 print(f"[lrsa train] warning: the {engine} engine cannot serve this: {e}")
                 break
+        # Below S + 2L tokens no query has a compressed partition behind it.
+        reach = job.lagkv.sink + 2 * job.lagkv.lag
+        if job.model.attention == "lrsa" and trainer.train_stats.longest <= reach:
+            print(
+                f"[lrsa train] warning: no training example is longer than sink + 2 x lag = "
+                f"{reach} tokens, so the LRSA mask is plain causal attention here; lower --lag "
+                "or raise --max-len"
+            )
         print(
             f"[lrsa train] {job.model.path} attention={job.model.attention} "
             f"{job.lagkv.short()} examples={len(trainer.train_examples)} "

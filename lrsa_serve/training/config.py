@@ -7,6 +7,7 @@ works on the default model; the LagKV numbers live in the project's ``LagKVConfi
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,10 @@ ATTENTIONS = ("lrsa", "dense")
 OVERLONG_POLICIES = ("skip", "truncate")
 MIXED_PRECISION = ("bf16", "fp32")
 EXPORT_DTYPES = ("float32", "bfloat16")
+# Synthetic lengths when not given: 2,048-8,000 tokens, capped so every example fits max_len
+# (the shortest at most half of it, so short runs still get a spread of lengths).
+SYNTHETIC_MIN_TOKENS = 2048
+SYNTHETIC_MAX_TOKENS = 8000
 
 
 @dataclass
@@ -42,10 +47,12 @@ class DataConfig:
     batch_size: int = 1  # sequences per micro-batch and rank
     pad_multiple: int = 64  # batches are right-padded to a multiple of this
     # --data synthetic: RULER-style QA from lrsa_serve.tasks, seeds disjoint from the eval split.
-    synthetic_examples: int = 2000
+    # None = derived by JobConfig.fill_derived: as many training examples as the run consumes
+    # (steps x grad_accum x batch_size x GPUs), lengths that fit max_len (SYNTHETIC_* above).
+    synthetic_examples: int | None = None
     synthetic_eval_examples: int = 64
-    synthetic_min_tokens: int = 2048
-    synthetic_max_tokens: int = 8000
+    synthetic_min_tokens: int | None = None  # shortest prompt asked for
+    synthetic_max_tokens: int | None = None  # longest example (prompt, template and answer)
     synthetic_tasks: tuple[str, ...] = (
         "passkey",
         "multikey_needle",
@@ -90,8 +97,29 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     lagkv: LagKVConfig = field(default_factory=LagKVConfig)
 
+    def fill_derived(self, world_size: int | None = None) -> JobConfig:
+        """Give the synthetic settings left at None their values for this run, in place, so the
+        job a checkpoint records holds the numbers used. ``world_size`` defaults to torchrun's
+        WORLD_SIZE (1 for a plain run)."""
+        d = self.data
+        if d.synthetic_examples is None:
+            if world_size is None:
+                world_size = int(os.environ.get("WORLD_SIZE", "1"))
+            # Each optimizer step takes grad_accum x world_size micro-batches of batch_size;
+            # more examples would never be seen, fewer would repeat within the run.
+            d.synthetic_examples = (
+                self.train.steps * self.train.grad_accum * world_size * d.batch_size
+            )
+        if d.synthetic_max_tokens is None:
+            d.synthetic_max_tokens = min(SYNTHETIC_MAX_TOKENS, d.max_len)
+        if d.synthetic_min_tokens is None:
+            d.synthetic_min_tokens = min(SYNTHETIC_MIN_TOKENS, d.synthetic_max_tokens // 2)
+        return self
+
     def validate(self) -> JobConfig:
-        """Raise ValueError with one line for settings that cannot work."""
+        """Fill the derived settings (``fill_derived``), then raise ValueError with one line for
+        settings that cannot work."""
+        self.fill_derived()
         checks = [
             (self.model.attention in ATTENTIONS, f"attention must be one of {ATTENTIONS}"),
             (
@@ -108,6 +136,7 @@ class JobConfig:
             (self.train.grad_accum >= 1, "grad-accum must be at least 1"),
             (self.train.steps >= 1, "steps must be at least 1"),
             (self.optim.lr > 0, "lr must be positive"),
+            (self.data.synthetic_examples >= 1, "synthetic examples must be at least 1"),
             (
                 0 < self.data.synthetic_min_tokens <= self.data.synthetic_max_tokens,
                 "synthetic token range must satisfy 0 < min <= max",

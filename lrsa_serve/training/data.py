@@ -177,16 +177,28 @@ def read_jsonl(path: str | Path, tokenizer: Any) -> list[TokenizedExample]:
 
 
 # ---- synthetic long-context QA ------------------------------------------------------------------
+# Re-draws of an over-long synthetic example (``synthetic_examples``); one is usually enough.
+FIT_ATTEMPTS = 8
+
+
 def synthetic_example(
-    tokenizer: Any, index: int, split: str, min_tokens: int, max_tokens: int, tasks: Sequence[str]
+    tokenizer: Any,
+    index: int,
+    split: str,
+    min_tokens: int,
+    max_tokens: int,
+    tasks: Sequence[str],
+    prompt_tokens: int | None = None,
 ) -> Example:
     """Example ``index`` of a split: task, length and depth drawn from its own seed, so train
-    (seeds 0..) and eval (seeds offset by ``tasks.EVAL_SEED_OFFSET``) never share one."""
+    (seeds 0..) and eval (seeds offset by ``tasks.EVAL_SEED_OFFSET``) never share one.
+    ``prompt_tokens`` replaces the drawn length (same task, depth and needle)."""
     seed = split_seed(index, split)
     rng = random.Random(seed)
     task = tasks[rng.randrange(len(tasks))]
     tokens = rng.randint(min_tokens, max_tokens)
-    return TASKS[task](tokenizer, tokens, rng.random(), seed)
+    depth = rng.random()
+    return TASKS[task](tokenizer, tokens if prompt_tokens is None else prompt_tokens, depth, seed)
 
 
 def synthetic_record(example: Example, tokenizer: Any) -> dict[str, Any]:
@@ -209,18 +221,37 @@ def synthetic_examples(
     max_tokens: int,
     tasks: Sequence[str],
 ) -> list[TokenizedExample]:
+    """Examples ``0..count-1`` of a split, tokenized, prompts of ``min_tokens..max_tokens``
+    tokens asked for and no example longer than ``max_tokens`` (where the task's own text
+    allows)."""
     unknown = [task for task in tasks if task not in TASKS]
     if unknown:
         raise UserError(f"unknown synthetic tasks {unknown}; known: {sorted(TASKS)}")
     out = []
     for index in range(count):
         example = synthetic_example(tokenizer, index, split, min_tokens, max_tokens, tasks)
-        where = f"synthetic:{split}:{example.seed}:{example.task}"
-        encoded = encode_record(synthetic_record(example, tokenizer), tokenizer, where)
-        out.append(
-            TokenizedExample(encoded.input_ids, encoded.labels, encoded.source, example.answer)
-        )
+        encoded = _encode_synthetic(example, tokenizer, split)
+        # The drawn length is the prompt's, and only about: the task's wording, the chat
+        # template and the answer come on top (up to ~70 tokens on the default model). An
+        # example over max_tokens is drawn again with its prompt shorter by the excess, so none
+        # exceeds it and a run whose max_len is max_tokens skips nothing. The cut doubles on
+        # each attempt: filler comes in ~20-token sentences, so a cut of 1-2 tokens may
+        # change nothing.
+        for attempt in range(FIT_ATTEMPTS):
+            shorter = example.target_tokens - (len(encoded) - max_tokens) * 2**attempt
+            if len(encoded) <= max_tokens or shorter < 1:
+                break
+            drawn = (tokenizer, index, split, min_tokens, max_tokens, tasks)
+            example = synthetic_example(*drawn, prompt_tokens=shorter)
+            encoded = _encode_synthetic(example, tokenizer, split)
+        out.append(encoded)
     return out
+
+
+def _encode_synthetic(example: Example, tokenizer: Any, split: str) -> TokenizedExample:
+    where = f"synthetic:{split}:{example.seed}:{example.task}"
+    encoded = encode_record(synthetic_record(example, tokenizer), tokenizer, where)
+    return TokenizedExample(encoded.input_ids, encoded.labels, encoded.source, example.answer)
 
 
 # ---- length policy, order, batches --------------------------------------------------------------
