@@ -97,13 +97,28 @@ class LagKVCudaBuilderMixin(LagKVBuilderMixin):
         return cm.replace(**replaced), self.view.plan(table.shape[0], host)
 
 
-def compact_after_forward(kv_cache: torch.Tensor, head_size: int, plan: CompactionPlan | None):
-    """Every LagKV CUDA impl's addition: the step's compaction of this layer, on the logical
-    ``[blocks, kv_heads, block, 2 * head]`` cache (K|V packed in the last dim)."""
-    if plan is None or not (plan.launch or torch.cuda.is_current_stream_capturing()):
-        return
-    with stats.DEVICE_TIMER.time():
-        run_compaction(plan, kv_cache[..., :head_size], kv_cache[..., head_size:])
+class CompactAfterForward:
+    """Every LagKV CUDA impl's addition: the step's compaction of its layer, on the logical
+    ``[blocks, kv_heads, block, 2 * head]`` cache (K|V packed in the last dim).
+
+    Launched when the host sees a request complete a partition, and always while a CUDA graph
+    is captured (the device then decides per row at every replay). The first call launches too,
+    whatever the plan (an eager warm-up step before capture): it compiles the Triton kernels,
+    which must not compile during graph capture (module loading is not capturable)."""
+
+    def __init__(self, head_size: int) -> None:
+        self.head_size = head_size
+        self.compiled = False
+
+    def __call__(self, kv_cache: torch.Tensor, plan: CompactionPlan | None) -> None:
+        if plan is None or kv_cache.dim() != 4:  # no cache yet (vLLM's memory profiling)
+            return
+        capturing = torch.cuda.is_current_stream_capturing()
+        if not (plan.launch or capturing or not self.compiled):
+            return
+        self.compiled = True
+        with stats.DEVICE_TIMER.time():
+            run_compaction(plan, kv_cache[..., : self.head_size], kv_cache[..., self.head_size :])
 
 
 def with_compaction(meta, lagkv_cls: type, plan: CompactionPlan):
@@ -136,12 +151,13 @@ class LagKVFlashImpl(FlashAttentionImpl):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         remember_current_settings()
+        self.compact = CompactAfterForward(self.head_size)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         result = super().forward(
             layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs
         )
-        compact_after_forward(kv_cache, self.head_size, getattr(attn_metadata, "compaction", None))
+        self.compact(kv_cache, getattr(attn_metadata, "compaction", None))
         return result
 
 
@@ -184,12 +200,13 @@ class LagKVTritonImpl(TritonAttentionImpl):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         remember_current_settings()
+        self.compact = CompactAfterForward(self.head_size)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         result = super().forward(
             layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs
         )
-        compact_after_forward(kv_cache, self.head_size, getattr(attn_metadata, "compaction", None))
+        self.compact(kv_cache, getattr(attn_metadata, "compaction", None))
         return result
 
 

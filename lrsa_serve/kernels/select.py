@@ -500,7 +500,10 @@ def select_kept(
 
     tile_k, tile_v = _tile_tokens(dim_k, length), _tile_tokens(dim_v, length)
     programs = requests * num_heads * 2
-    splits = num_splits or _default_splits(device, programs, length, min(tile_k, tile_v))
+    # With a mask the launch may sit in a captured graph, compiled before capture: one split,
+    # so the kernels' arguments (and Triton's specialisation) do not depend on the row count.
+    default = 1 if active is not None else None
+    splits = num_splits or default or _default_splits(device, programs, length, min(tile_k, tile_v))
     split_tokens = triton.cdiv(length, splits)
     block_dk, block_dv = triton.next_power_of_2(dim_k), triton.next_power_of_2(dim_v)
     range_w = max(block_dk, block_dv)
