@@ -195,10 +195,11 @@ def test_auth(server):
 
 def test_default_max_tokens_caps_only_requests_without_one(server):
     # conftest starts the server with --default-max-tokens 24; ignore_eos makes lengths exact.
-    body = {"model": MODEL, "prompt": "Once upon a time", "temperature": 0, "ignore_eos": True}
-    capped = post(server, "/v1/completions", body)
+    # Chat: /v1/completions keeps OpenAI's own default of 16 for requests without max_tokens.
+    body = {"model": MODEL, "messages": CHAT, "temperature": 0, "ignore_eos": True}
+    capped = post(server, "/v1/chat/completions", body)
     assert capped.status_code == 200 and capped.json()["usage"]["completion_tokens"] == 24
-    longer = post(server, "/v1/completions", body | {"max_tokens": 30})
+    longer = post(server, "/v1/chat/completions", body | {"max_tokens": 30})
     assert longer.json()["usage"]["completion_tokens"] == 30
 
 
