@@ -75,7 +75,7 @@ def engines(default_model):
 LIVE_SERVER_ARGS = (
     "--sink", "32", "--lag", "128", "--ratio", "0.25", "--dtype", "float32",
     "--enforce-eager", "--max-model-len", "4096", "--max-num-seqs", "8",
-    "--default-max-tokens", "24",
+    "--max-tokens-cap", "24",
 )  # fmt: skip
 LIVE_SERVER_KEY = "test-secret"
 

@@ -29,7 +29,7 @@ def test_prepare_model_is_a_noop_the_second_time(default_model):
         (["--enable-prefix-caching"], "prefix caching"),
         (["--kv-cache-gib", "1.5"], "whole number of GiB"),
         (["/nonexistent/model"], "not a local HF model folder"),
-        (["--default-max-tokens", "-1"], "--default-max-tokens must be >= 0"),
+        (["--max-tokens-cap", "-1"], "--max-tokens-cap must be >= 0"),
     ],
 )
 def test_serve_refuses_bad_settings_in_one_line(
@@ -49,7 +49,7 @@ def test_help_lists_the_lagkv_flags():
     result = lrsa("serve", "--help")
     assert result.returncode == 0
     for flag in ("--sink", "--lag", "--ratio", "--no-lagkv", "--api-key", "--max-model-len",
-                 "--default-max-tokens", "--enable-admin-routes"):  # fmt: skip
+                 "--max-tokens-cap", "--enable-admin-routes"):  # fmt: skip
         assert flag in result.stdout
 
 
@@ -66,6 +66,6 @@ def test_serve_defaults_dtype_and_max_tokens(default_model):
     prepare(args, argv)
     assert args.dtype == "bfloat16" and args.override_generation_config == {"max_new_tokens": 7}
 
-    args = build_parser().parse_args(["--default-max-tokens", "0"])
+    args = build_parser().parse_args(["--max-tokens-cap", "0"])
     prepare(args, [])
     assert "max_new_tokens" not in (args.override_generation_config or {})

@@ -25,4 +25,4 @@ def test_make_serve_answers_the_readme_example(default_model):
             "The capital of France is Paris."
         )
         log = server.tail(400)
-    assert "dtype float32 (CPU:" in log and "default max_tokens 1024" in log
+    assert "dtype float32 (CPU:" in log and "max_tokens cap 1024" in log

@@ -335,7 +335,7 @@ def test_server_args_parse_with_lrsa_serve():
     assert (parsed.sink, parsed.lag, parsed.ratio, parsed.score_v_ratio) == (32, 1024, 0.25, 1.0)
     assert parsed.max_model_len == 32768 and parsed.max_num_seqs == 64
     assert parsed.gpu_memory_utilization == 0.9 and parsed.dtype == "bfloat16"
-    assert parsed.default_max_tokens == 1024
+    assert parsed.max_tokens_cap == 1024
     assert parsed.served_model_name == ["qwen2.5-7b-lagkv"]
     assert parsed.cors_origins == ["https://a.example"]
 

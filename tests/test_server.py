@@ -193,14 +193,16 @@ def test_auth(server):
         assert httpx.get(f"{server.url}{path}").status_code == 200, path
 
 
-def test_default_max_tokens_caps_only_requests_without_one(server):
-    # conftest starts the server with --default-max-tokens 24; ignore_eos makes lengths exact.
-    # Chat: /v1/completions keeps OpenAI's own default of 16 for requests without max_tokens.
+def test_max_tokens_cap(server):
+    # conftest starts the server with --max-tokens-cap 24; ignore_eos makes lengths exact.
     body = {"model": MODEL, "messages": CHAT, "temperature": 0, "ignore_eos": True}
-    capped = post(server, "/v1/chat/completions", body)
-    assert capped.status_code == 200 and capped.json()["usage"]["completion_tokens"] == 24
-    longer = post(server, "/v1/chat/completions", body | {"max_tokens": 30})
-    assert longer.json()["usage"]["completion_tokens"] == 30
+    lengths = {}
+    for asked in (None, 10, 30):
+        extra = {} if asked is None else {"max_tokens": asked}
+        response = post(server, "/v1/chat/completions", body | extra)
+        assert response.status_code == 200, response.text
+        lengths[asked] = response.json()["usage"]["completion_tokens"]
+    assert lengths == {None: 24, 10: 10, 30: 24}
 
 
 def wait_idle(server, timeout: float = 60) -> None:

@@ -15,8 +15,8 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-# Without a cap a request that sets no max_tokens may generate up to the context limit.
-DEFAULT_MAX_TOKENS = 1024
+# Without a cap a request that sets no max_tokens generates up to the context limit.
+MAX_TOKENS_CAP = 1024
 
 
 def _multiprocess_metrics() -> None:
@@ -58,11 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--cors-origins", nargs="+", help="allowed CORS origins (same as --allowed-origins)"
     )
     group.add_argument(
-        "--default-max-tokens",
+        "--max-tokens-cap",
         type=int,
-        default=DEFAULT_MAX_TOKENS,
-        help="completion length for requests that set no max_tokens (default %(default)s; "
-        "0: up to the context limit); a request's own max_tokens still wins",
+        default=MAX_TOKENS_CAP,
+        help="most tokens one completion may generate: the length of requests that set no "
+        "max_tokens and the limit for those that ask more (default %(default)s; 0: up to the "
+        "context limit). Through vLLM's generation-config override; an explicit "
+        "--override-generation-config max_new_tokens wins",
     )
     group.add_argument(
         "--enable-admin-routes",
@@ -127,12 +129,12 @@ def prepare(args: argparse.Namespace, argv: Sequence[str]):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     if args.cors_origins:
         args.allowed_origins = args.cors_origins
-    if args.default_max_tokens < 0:
-        raise ValueError("--default-max-tokens must be >= 0 (0: up to the context limit)")
-    if args.default_max_tokens:
+    if args.max_tokens_cap < 0:
+        raise ValueError("--max-tokens-cap must be >= 0 (0: up to the context limit)")
+    if args.max_tokens_cap:
         # vLLM's generation-config override sets the default; the user's own override wins.
         overrides = dict(args.override_generation_config or {})
-        overrides.setdefault("max_new_tokens", args.default_max_tokens)
+        overrides.setdefault("max_new_tokens", args.max_tokens_cap)
         args.override_generation_config = overrides
     # vLLM's own key check answers with a non-OpenAI body; ours replaces it.
     keys = args.api_key or []
@@ -158,9 +160,9 @@ async def serve(args: argparse.Namespace, settings, api_key: str | None, dtype_r
         drop_unserved_routes(app)
         lagkv = f"LagKV {settings.short()}" if settings else "LagKV off (stock vLLM)"
         dtype = str(engine_client.model_config.dtype).removeprefix("torch.")
-        cap = args.default_max_tokens or "context limit"
+        cap = args.max_tokens_cap or "context limit"
         print(f"lrsa serve: {args.model} | {lagkv} | dtype {dtype} ({dtype_reason}) | "
-              f"default max_tokens {cap} | auth {'on' if api_key else 'off'}",
+              f"max_tokens cap {cap} | auth {'on' if api_key else 'off'}",
               file=sys.stderr)  # fmt: skip
         print(f"lrsa serve: listening on {listen_address}", file=sys.stderr, flush=True)
         shutdown = await serve_http(
