@@ -146,6 +146,29 @@ def test_admission_reserves_the_compressed_footprint(engines, prompts):
     assert finished == 3 and most_running >= 2
 
 
+def test_admission_never_promises_the_pool_twice(engines, prompts):
+    """Three ~1.9K-token requests, each peaking at 28 of 48 blocks: two fit side by side only
+    while they grow, one chunk per step. Admission counts what the admitted ones still need to
+    reach their peaks, so the third waits instead of forcing a preemption later."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    settings = SETTINGS[ROOMY].model_dump()
+    llm = engines.get(lagkv=settings, num_gpu_blocks_override=48, max_model_len=4096)
+    scheduler, engine = scheduler_of(llm), llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    for i in range(3):
+        engine.add_request(f"b{i}", TokensPrompt(prompt_token_ids=prompts[1]), params)
+    outputs, seen = {}, {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = list(out.outputs[0].token_ids)
+        seen.update(scheduler.requests)
+    assert len(outputs) == 3 and len({tuple(o) for o in outputs.values()}) == 1
+    assert sum(r.num_preemptions for r in seen.values()) == 0
+
+
 def test_compiled_engine_equals_reference(engines, prompts, hf_model):
     """vLLM's torch.compile mode, which `lrsa serve` runs by default (the other tests run eager
     to save its ~2 minutes of compilation): compaction inside the compiled model is the same."""

@@ -113,17 +113,29 @@ def test_triton_float32_preemption_replays_the_reference(default_model, prompts,
 
 
 def test_flash_attention_full_graphs_track_the_reference(default_model, prompts, reference):
-    """FlashAttention takes bf16 only, so its tokens cannot equal a float32 reference throughout:
-    they follow it until bf16 rounding first flips a greedy choice, well past the first
-    compressions of the prompt (a wrong compacted view or block table derails at once)."""
+    """FlashAttention takes bf16 only, so its greedy tokens cannot equal a float32 reference
+    throughout: they follow it until bf16 rounding flips a near-tie. So where they first differ
+    the reference's token must be a near-tie in the engine's own distribution (a wrong compacted
+    view or block table gives it a far lower log-probability, or drops it from the top 5)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
     llm = build(default_model, dtype="bfloat16")
     try:
         assert "LAGKV_FLASH_ATTN" in backend_of(llm) and "FULL" in cudagraph_mode(llm)
-        outputs = engine_generate(llm, prompts, NEW_TOKENS)
+        params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True,
+                                logprobs=5)  # fmt: skip
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                            use_tqdm=False)  # fmt: skip
     finally:
         close(llm)
-    for got, expected in zip(outputs, reference, strict=True):
-        agree = next(
-            (i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b), len(got)
-        )
-        assert agree >= 16, (agree, got[:24], expected[:24])
+    for out, expected in zip(outs, reference, strict=True):
+        got = list(out.outputs[0].token_ids)
+        pairs = zip(got, expected, strict=True)
+        first = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+        if first is None:
+            continue
+        top = out.outputs[0].logprobs[first]
+        assert expected[first] in top, (first, got[: first + 1], expected[: first + 1])
+        margin = top[got[first]].logprob - top[expected[first]].logprob
+        assert margin < 0.1, (first, margin)

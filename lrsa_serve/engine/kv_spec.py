@@ -72,6 +72,7 @@ class LagKVManager(FullAttentionManager):
         self.geometry = kv_cache_spec.geometry
         self.settings = kv_cache_spec.settings
         self.processed_tokens: dict[str, int] = {}  # per request, as of its last scheduling
+        self.admitted_peaks: dict[str, int] = {}  # peak blocks of requests still growing to it
         self.resident_total = 0
         self.logical_total = 0
         stats.record_settings(**self.settings.model_dump(), keep=self.settings.keep)
@@ -85,14 +86,43 @@ class LagKVManager(FullAttentionManager):
         apply_admission_cap: bool = False,
         **kwargs,
     ) -> int:
-        if apply_admission_cap:
-            # Admission reserves a new request's whole input up front; a LagKV sequence of
-            # num_tokens never holds more than its peak compressed footprint, so reserve that.
-            peak = self.geometry.peak_blocks(num_tokens) * self.block_size
-            num_tokens = min(num_tokens, peak)
-        return super().get_num_blocks_to_allocate(
-            request_id, num_tokens, *args, apply_admission_cap=apply_admission_cap, **kwargs
+        if not apply_admission_cap:
+            return super().get_num_blocks_to_allocate(request_id, num_tokens, *args, **kwargs)
+        # Admission: a LagKV sequence of num_tokens never holds more than its peak compressed
+        # footprint, so that is what it must find free. It also must not take what the requests
+        # admitted before it still need: they fill their peaks one chunk (one partition) per
+        # step, over many steps, and admitting against today's free blocks alone lets the pool
+        # be promised several times over, which ends in preemptions.
+        peak = self.geometry.peak_blocks(num_tokens)
+        self.admitted_peaks[request_id] = peak
+        own = super().get_num_blocks_to_allocate(
+            request_id,
+            min(num_tokens, peak * self.block_size),
+            *args,
+            apply_admission_cap=True,
+            **kwargs,
         )
+        return own + self.outstanding_blocks(excluding=request_id)
+
+    def outstanding_blocks(self, excluding: str | None = None) -> int:
+        """Blocks that admitted requests still have to allocate to reach their peak."""
+        outstanding = 0
+        for request_id, peak in list(self.admitted_peaks.items()):
+            if request_id == excluding or request_id not in self.req_to_blocks:
+                continue  # itself, or checked but not admitted (it holds nothing yet)
+            missing = peak - self.held_blocks_now(request_id)
+            if missing <= 0:
+                del self.admitted_peaks[request_id]  # at its peak: it only grows by decoding
+            else:
+                outstanding += missing
+        return outstanding
+
+    def held_blocks_now(self, request_id: str) -> int:
+        """``held_blocks`` in O(1): the table's length minus the freed tails of compressed
+        partitions (as of the last ``remove_skipped_blocks``)."""
+        blocks = self.req_to_blocks.get(request_id, ())
+        freed = lagkv.compressed_partitions(self.processed_tokens.get(request_id, 0), self.settings)
+        return len(blocks) - freed * (self.geometry.part_blocks - self.geometry.keep_blocks)
 
     def remove_skipped_blocks(
         self,
@@ -121,6 +151,7 @@ class LagKVManager(FullAttentionManager):
     def pop_blocks_for_free(self, request_id: str) -> list:
         # Every way out (finish, abort, preemption) passes here, `free` included.
         self._account(request_id, None)
+        self.admitted_peaks.pop(request_id, None)
         return super().pop_blocks_for_free(request_id)
 
     def _account(self, request_id: str, tokens: int | None) -> None:
