@@ -9,7 +9,6 @@ import os
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 # In-process engines: the benchmarks read the scheduler's KV manager directly.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -24,8 +23,9 @@ def add_engine_arguments(parser, eager: bool) -> None:
     parser.add_argument("--model", default=None, help="model folder (default: the default model)")
     parser.add_argument(
         "--dtype",
-        default=fastest_cpu_dtype(),
-        help="engine dtype (default: bfloat16 where the CPU has native bf16, else float32)",
+        default="float32",
+        help="engine dtype (default float32: vLLM's compiled bfloat16 CPU path gives wrong "
+        "tokens, on AVX512-BF16 CPUs too, and is slower on AVX2-only ones)",
     )
     parser.add_argument(
         "--enforce-eager",
@@ -37,17 +37,6 @@ def add_engine_arguments(parser, eager: bool) -> None:
     parser.add_argument("--lag", type=int, default=None)
     parser.add_argument("--ratio", type=float, default=None)
     parser.add_argument("--json", default=None, help="write the results here")
-
-
-def fastest_cpu_dtype() -> str:
-    """bfloat16 only where the CPU computes it natively (AVX512-BF16 or AMX). Elsewhere torch
-    emulates it: on a 2-core AVX2 EPYC a [256 x 576] x [576 x 1536] matmul ran at 15 GFLOP/s in
-    bf16 vs 104 in float32, so bf16 would time the emulation, not the attention LagKV saves."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "bfloat16"
-    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
 
 
 def settings_from(args) -> LagKVConfig:

@@ -60,3 +60,41 @@ def test_spec_becomes_lagkv_only_for_models_with_settings(remembered):
     wrapped = LagKVTritonBackend.customize_spec(spec())
     assert isinstance(wrapped, LagKVAttentionSpec)
     assert wrapped.geometry.keep_blocks == 2 and wrapped.geometry.part_blocks == 8
+
+
+def test_backend_choice_follows_the_dtype(monkeypatch):
+    from vllm.v1.attention.backends import fa_utils
+
+    from lrsa_serve.engine.cuda_backend import FLASH_BACKEND, TRITON_BACKEND, choose_backend
+
+    monkeypatch.setattr(fa_utils, "is_flash_attn_varlen_func_available", lambda: True)
+    assert choose_backend("bfloat16")[0] == choose_backend("auto")[0] == FLASH_BACKEND
+    assert choose_backend(torch.float32)[0] == choose_backend("float")[0] == TRITON_BACKEND
+    monkeypatch.setattr(fa_utils, "is_flash_attn_varlen_func_available", lambda: False)
+    backend, why = choose_backend("bfloat16")
+    assert backend == TRITON_BACKEND and "no FlashAttention" in why
+
+
+def test_compaction_launches_when_needed_only(monkeypatch):
+    """Launched when the host sees a compression, and once on the first call (the warm-up that
+    compiles the kernels before graph capture); otherwise the step launches nothing."""
+    import contextlib
+
+    from lrsa_serve.engine import cuda_backend, stats
+    from lrsa_serve.engine.compaction import CompactionPlan
+
+    calls = []
+    monkeypatch.setattr(cuda_backend, "run_compaction", lambda plan, k, v: calls.append(plan))
+    monkeypatch.setattr(stats.DEVICE_TIMER, "time", contextlib.nullcontext)
+    compact = cuda_backend.CompactAfterForward(head_size=4)
+    cache = torch.zeros(3, 2, 16, 8)
+    rows = torch.zeros(2, 4, dtype=torch.int32)
+    idle = CompactionPlan(rows, rows, LagKVConfig(sink=16, lag=64, ratio=0.25), launch=False)
+    busy = CompactionPlan(rows, rows, idle.settings, launch=True)
+    compact(torch.zeros(0), busy)  # no cache yet (memory profiling): nothing
+    compact(cache, None)
+    assert calls == []
+    compact(cache, idle)  # first call with a cache: compiles
+    compact(cache, idle)
+    compact(cache, busy)
+    assert calls == [idle, busy]

@@ -113,7 +113,7 @@ class CompactAfterForward:
     def __call__(self, kv_cache: torch.Tensor, plan: CompactionPlan | None) -> None:
         if plan is None or kv_cache.dim() != 4:  # no cache yet (vLLM's memory profiling)
             return
-        capturing = torch.cuda.is_current_stream_capturing()
+        capturing = kv_cache.is_cuda and torch.cuda.is_current_stream_capturing()
         if not (plan.launch or capturing or not self.compiled):
             return
         self.compiled = True
