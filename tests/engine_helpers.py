@@ -5,6 +5,18 @@ from __future__ import annotations
 import torch
 
 
+def passkey_prompts(tokenizer) -> list[list[int]]:
+    """The engine tests' prompts: ~1.1K, ~1.9K and ~2.9K tokens of natural text with different
+    needles, so that S32/L128 settings compress 7-21 partitions of each."""
+    from lrsa_serve.tasks import passkey, split_seed
+
+    lengths = [(1100, 0.3), (1900, 0.6), (2900, 0.8)]
+    return [
+        tokenizer.encode(passkey(tokenizer, n, depth, split_seed(i, "eval")).prompt)
+        for i, (n, depth) in enumerate(lengths)
+    ]
+
+
 def engine_generate(llm, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -34,6 +46,26 @@ def reference_generate(model, prompt: list[int], max_tokens: int, cfg=None) -> l
             tokens.append(int(out.logits[0, -1].argmax()))
             step_input = torch.tensor([[tokens[-1]]], device=device)
     return tokens
+
+
+def step_through(llm, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], int]:
+    """Greedy outputs of ``prompts`` stepped one engine step at a time (in order), and how many
+    preemptions the scheduler made on the way."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    scheduler, engine = scheduler_of(llm), llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), TokensPrompt(prompt_token_ids=prompt), params)
+    outputs, seen = {}, {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outputs[int(out.request_id)] = list(out.outputs[0].token_ids)
+        seen.update(scheduler.requests)
+    preemptions = sum(r.num_preemptions for r in seen.values())
+    return [outputs[i] for i in range(len(prompts))], preemptions
 
 
 def scheduler_of(llm):

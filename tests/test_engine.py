@@ -7,7 +7,13 @@ tests are ordered so that consecutive ones share an engine (``engines`` keeps on
 from __future__ import annotations
 
 import pytest
-from engine_helpers import engine_generate, reference_generate, scheduler_of
+from engine_helpers import (
+    engine_generate,
+    passkey_prompts,
+    reference_generate,
+    scheduler_of,
+    step_through,
+)
 
 from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig, LagKVConfigError
@@ -24,12 +30,7 @@ ROOMY = "S32-L128-r0.25"  # the setting most tests share: ordered so its engine 
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer) -> list[list[int]]:
-    """Three prompts of ~1.1K, ~1.9K and ~2.9K tokens (natural text, different needles)."""
-    lengths = [(1100, 0.3), (1900, 0.6), (2900, 0.8)]
-    return [
-        tokenizer.encode(passkey(tokenizer, n, depth, split_seed(i, "eval")).prompt)
-        for i, (n, depth) in enumerate(lengths)
-    ]
+    return passkey_prompts(tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -109,21 +110,9 @@ def test_preemption_replays_the_same_outputs(engines, prompts, roomy):
         max_model_len=4096,
         scheduler_reserve_full_isl=False,
     )
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    scheduler, engine = scheduler_of(llm), llm.llm_engine
-    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
-    for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), TokensPrompt(prompt_token_ids=prompt), params)
-    outputs, seen = {}, {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                outputs[int(out.request_id)] = list(out.outputs[0].token_ids)
-        seen.update(scheduler.requests)
-    assert [outputs[i] for i in range(len(prompts))] == roomy
-    assert sum(r.num_preemptions for r in seen.values()) > 0, "the pool was meant to preempt"
+    outputs, preemptions = step_through(llm, prompts, 64)
+    assert outputs == roomy
+    assert preemptions > 0, "the pool was meant to preempt"
 
 
 def test_admission_reserves_the_compressed_footprint(engines, prompts):
@@ -150,23 +139,11 @@ def test_admission_never_promises_the_pool_twice(engines, prompts):
     """Three ~1.9K-token requests, each peaking at 28 of 48 blocks: two fit side by side only
     while they grow, one chunk per step. Admission counts what the admitted ones still need to
     reach their peaks, so the third waits instead of forcing a preemption later."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
     settings = SETTINGS[ROOMY].model_dump()
     llm = engines.get(lagkv=settings, num_gpu_blocks_override=48, max_model_len=4096)
-    scheduler, engine = scheduler_of(llm), llm.llm_engine
-    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-    for i in range(3):
-        engine.add_request(f"b{i}", TokensPrompt(prompt_token_ids=prompts[1]), params)
-    outputs, seen = {}, {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                outputs[out.request_id] = list(out.outputs[0].token_ids)
-        seen.update(scheduler.requests)
-    assert len(outputs) == 3 and len({tuple(o) for o in outputs.values()}) == 1
-    assert sum(r.num_preemptions for r in seen.values()) == 0
+    outputs, preemptions = step_through(llm, [prompts[1]] * 3, 16)
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert preemptions == 0
 
 
 def test_compiled_engine_equals_reference(engines, prompts, hf_model):

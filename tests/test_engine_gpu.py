@@ -9,10 +9,15 @@ import gc
 
 import pytest
 import torch
-from engine_helpers import engine_generate, reference_generate, scheduler_of
+from engine_helpers import (
+    engine_generate,
+    passkey_prompts,
+    reference_generate,
+    scheduler_of,
+    step_through,
+)
 
 from lrsa_serve.config import LagKVConfig
-from lrsa_serve.tasks import passkey, split_seed
 
 pytestmark = [
     pytest.mark.gpu,
@@ -26,12 +31,7 @@ NEW_TOKENS = 160  # every request crosses at least one partition boundary while 
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer) -> list[list[int]]:
-    """The CPU engine tests' prompts: ~1.1K, ~1.9K and ~2.9K tokens."""
-    lengths = [(1100, 0.3), (1900, 0.6), (2900, 0.8)]
-    return [
-        tokenizer.encode(passkey(tokenizer, n, depth, split_seed(i, "eval")).prompt)
-        for i, (n, depth) in enumerate(lengths)
-    ]
+    return passkey_prompts(tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -86,29 +86,17 @@ def test_triton_float32_full_graphs_equal_the_reference(default_model, prompts, 
 
 
 def test_triton_float32_preemption_replays_the_reference(default_model, prompts, reference):
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
     # Eager: the graphs are the first test's subject; this one is about replay.
     llm = build(default_model, dtype="float32", num_gpu_blocks_override=96, enforce_eager=True,
                 scheduler_reserve_full_isl=False)  # fmt: skip
     try:
-        scheduler, engine = scheduler_of(llm), llm.llm_engine
-        params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-        for i, prompt in enumerate(prompts):
-            engine.add_request(str(i), TokensPrompt(prompt_token_ids=prompt), params)
-        outputs, seen = {}, {}
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    outputs[int(out.request_id)] = list(out.outputs[0].token_ids)
-            seen.update(scheduler.requests)
-        pool = scheduler.kv_cache_manager.block_pool
+        outputs, preemptions = step_through(llm, prompts, NEW_TOKENS)
+        pool = scheduler_of(llm).kv_cache_manager.block_pool
         idle = pool.get_num_free_blocks() == pool.num_gpu_blocks - 1
     finally:
         close(llm)
-    assert sum(r.num_preemptions for r in seen.values()) > 0, "the pool was meant to preempt"
-    assert [outputs[i] for i in range(len(prompts))] == reference
+    assert preemptions > 0, "the pool was meant to preempt"
+    assert outputs == reference
     assert idle
 
 

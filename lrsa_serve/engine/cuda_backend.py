@@ -63,15 +63,23 @@ def choose_backend(dtype: object) -> tuple[str, str]:
 
 
 class LagKVCudaBuilderMixin(LagKVBuilderMixin):
-    """Compacted view and plan from persistent device buffers (see ``device_view``)."""
+    """Compacted view and plan from persistent device buffers (see ``device_view``), handed to
+    the stock builder; its metadata comes back as ``metadata_cls`` carrying the plan."""
 
     view: DeviceView | None = None
+    metadata_cls: type
 
-    def init_lagkv_cuda(self, kv_cache_spec, vllm_config, device: torch.device) -> None:
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.init_lagkv(kv_cache_spec, vllm_config)
         if self.geometry is not None:
             max_reqs = vllm_config.scheduler_config.max_num_seqs
             self.view = DeviceView(self.geometry, max_reqs, device)
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        view, plan = self.lagkv_view(common_attn_metadata)
+        meta = super().build(common_prefix_len, view, fast_build)
+        return meta if plan is None else with_compaction(meta, self.metadata_cls, plan)
 
     def lagkv_view(
         self, cm: CommonAttentionMetadata
@@ -95,6 +103,22 @@ class LagKVCudaBuilderMixin(LagKVBuilderMixin):
                     host.compressing, host.compressing * self.geometry.evicted_per_partition
                 )
         return cm.replace(**replaced), self.view.plan(table.shape[0], host)
+
+
+class LagKVCudaImplMixin:
+    """The stock impl's forward, then this layer's compaction (``CompactAfterForward``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        remember_current_settings()
+        self.compact = CompactAfterForward(self.head_size)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        result = super().forward(
+            layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs
+        )
+        self.compact(kv_cache, getattr(attn_metadata, "compaction", None))
+        return result
 
 
 class CompactAfterForward:
@@ -137,28 +161,11 @@ class LagKVFlashMetadata(FlashAttentionMetadata):
 
 
 class LagKVFlashBuilder(LagKVCudaBuilderMixin, FlashAttentionMetadataBuilder):
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
-        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.init_lagkv_cuda(kv_cache_spec, vllm_config, device)
-
-    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
-        view, plan = self.lagkv_view(common_attn_metadata)
-        meta = super().build(common_prefix_len, view, fast_build)
-        return meta if plan is None else with_compaction(meta, LagKVFlashMetadata, plan)
+    metadata_cls = LagKVFlashMetadata
 
 
-class LagKVFlashImpl(FlashAttentionImpl):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        remember_current_settings()
-        self.compact = CompactAfterForward(self.head_size)
-
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
-        result = super().forward(
-            layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs
-        )
-        self.compact(kv_cache, getattr(attn_metadata, "compaction", None))
-        return result
+class LagKVFlashImpl(LagKVCudaImplMixin, FlashAttentionImpl):
+    pass
 
 
 class LagKVFlashBackend(FlashAttentionBackend):
@@ -186,28 +193,11 @@ class LagKVTritonMetadata(TritonAttentionMetadata):
 
 
 class LagKVTritonBuilder(LagKVCudaBuilderMixin, TritonAttentionMetadataBuilder):
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
-        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.init_lagkv_cuda(kv_cache_spec, vllm_config, device)
-
-    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
-        view, plan = self.lagkv_view(common_attn_metadata)
-        meta = super().build(common_prefix_len, view, fast_build)
-        return meta if plan is None else with_compaction(meta, LagKVTritonMetadata, plan)
+    metadata_cls = LagKVTritonMetadata
 
 
-class LagKVTritonImpl(TritonAttentionImpl):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        remember_current_settings()
-        self.compact = CompactAfterForward(self.head_size)
-
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
-        result = super().forward(
-            layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs
-        )
-        self.compact(kv_cache, getattr(attn_metadata, "compaction", None))
-        return result
+class LagKVTritonImpl(LagKVCudaImplMixin, TritonAttentionImpl):
+    pass
 
 
 class LagKVTritonBackend(TritonAttentionBackend):
