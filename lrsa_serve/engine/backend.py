@@ -70,9 +70,7 @@ class LagKVBuilderMixin:
         query_lens = starts[1:] - starts[:-1]
         seq_cpu = cm.seq_lens_cpu_upper_bound
         seq_lens = (seq_cpu if seq_cpu is not None else cm.seq_lens.cpu())[:n].long()
-        context = seq_lens - query_lens
-        geometry.check_aligned(seq_lens, query_lens)
-        before = geometry.compressed(context)
+        before = geometry.compressed_before(seq_lens, query_lens)
         after = geometry.compressed(seq_lens)
         plan = self.plan(cm, before, after)
         if not bool(before.any()):

@@ -118,8 +118,7 @@ def host_view(
     seq = seq_lens_upper[:n].long()
     starts = query_start_loc_cpu[: n + 1].long()
     query = starts[1:] - starts[:n]
-    geometry.check_aligned(seq, query)
-    before = geometry.compressed(seq - query)
+    before = geometry.compressed_before(seq, query)
     physical = seq - before * geometry.evicted_per_partition
     upper = seq_lens_upper.clone()
     upper[:n] = physical.to(upper.dtype)

@@ -50,15 +50,17 @@ class BlockGeometry:
         cfg = self.settings
         return ((num_tokens - cfg.sink).div(cfg.lag, rounding_mode="floor") - 1).clamp(min=0)
 
-    def check_aligned(self, seq_lens: torch.Tensor, query_lens: torch.Tensor) -> None:
-        """Raise unless every scheduled chunk crosses no partition boundary before its last
-        token (what lrsa_serve's scheduler guarantees; exact attention depends on it)."""
+    def compressed_before(self, seq_lens: torch.Tensor, query_lens: torch.Tensor) -> torch.Tensor:
+        """Partitions compressed before this step's tokens. Raises unless every scheduled chunk
+        crosses no partition boundary before its last token (what lrsa_serve's scheduler
+        guarantees; exact attention depends on it)."""
         before = self.compressed(seq_lens - query_lens)
         if bool(((query_lens > 0) & (self.compressed(seq_lens - 1) != before)).any()):
             raise MisalignedChunkError(
                 "LagKV: a prefill chunk crosses a lag-partition boundary; run the engine with "
                 "lrsa_serve's scheduler (make_llm / lrsa serve set scheduler_cls)"
             )
+        return before
 
     def partition_columns(self, partition: int) -> range:
         start = self.sink_blocks + partition * self.part_blocks
