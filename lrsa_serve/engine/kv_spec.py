@@ -16,7 +16,6 @@ from vllm.config import VllmConfig
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.engine import stats
 from lrsa_serve.engine.layout import BlockGeometry
@@ -72,9 +71,14 @@ class LagKVManager(FullAttentionManager):
         self.geometry = kv_cache_spec.geometry
         self.settings = kv_cache_spec.settings
         self.processed_tokens: dict[str, int] = {}  # per request, as of its last scheduling
+        self.freed_partitions: dict[str, int] = {}  # per request, partitions whose tails are freed
         self.admitted_peaks: dict[str, int] = {}  # peak blocks of requests still growing to it
         self.resident_total = 0
         self.logical_total = 0
+        # Plain ints for the per-request, per-step path (the settings' properties recompute).
+        self._sink, self._lag = self.settings.sink, self.settings.lag
+        self._evicted_blocks = self.geometry.part_blocks - self.geometry.keep_blocks
+        self._evicted_tokens = self.settings.lag - self.settings.keep
         stats.record_settings(**self.settings.model_dump(), keep=self.settings.keep)
         stats.record_occupancy(0, 0)
 
@@ -121,8 +125,11 @@ class LagKVManager(FullAttentionManager):
         """``held_blocks`` in O(1): the table's length minus the freed tails of compressed
         partitions (as of the last ``remove_skipped_blocks``)."""
         blocks = self.req_to_blocks.get(request_id, ())
-        freed = lagkv.compressed_partitions(self.processed_tokens.get(request_id, 0), self.settings)
-        return len(blocks) - freed * (self.geometry.part_blocks - self.geometry.keep_blocks)
+        return len(blocks) - self.freed_partitions.get(request_id, 0) * self._evicted_blocks
+
+    def _compressed(self, tokens: int) -> int:
+        """``lagkv.compressed_partitions`` on the manager's ints (called per request per step)."""
+        return max(0, (tokens - self._sink) // self._lag - 1)
 
     def remove_skipped_blocks(
         self,
@@ -130,38 +137,44 @@ class LagKVManager(FullAttentionManager):
         processed_computed_tokens: int,
         num_prompt_tokens: int | None = None,
     ) -> None:
-        blocks = self.req_to_blocks.get(request_id)
-        if not blocks:
+        # Runs for every scheduled request at every step: ints only, nothing published here.
+        compressed = self._compressed(processed_computed_tokens)
+        self._account(request_id, processed_computed_tokens, compressed)
+        freed = self.freed_partitions.get(request_id, 0)
+        if compressed <= freed or not self.req_to_blocks.get(request_id):
             return
-        self._account(request_id, processed_computed_tokens)
-        compressed = lagkv.compressed_partitions(processed_computed_tokens, self.settings)
-        freed = 0
-        # Newest first: stop at the first partition already freed (earlier ones are too).
-        for part in reversed(range(compressed)):
+        blocks = self.req_to_blocks[request_id]
+        already = freed
+        for part in range(freed, compressed):
             cols = self.geometry.evicted_columns(part)
-            if not cols or cols.stop > len(blocks) or blocks[cols.stop - 1] is self._null_block:
+            if cols.stop > len(blocks):
                 break
             self._remove_blocks_in_range(request_id, cols.start, cols.stop)
-            freed += 1
-        if freed:
-            stats.record_freed_blocks(
-                freed * (self.geometry.part_blocks - self.geometry.keep_blocks)
-            )
+            freed = part + 1
+        self.freed_partitions[request_id] = freed
+        if freed > already:
+            stats.record_freed_blocks((freed - already) * self._evicted_blocks)
 
     def pop_blocks_for_free(self, request_id: str) -> list:
         # Every way out (finish, abort, preemption) passes here, `free` included.
-        self._account(request_id, None)
+        self._account(request_id, None, 0)
+        self.freed_partitions.pop(request_id, None)
         self.admitted_peaks.pop(request_id, None)
+        self.publish()
         return super().pop_blocks_for_free(request_id)
 
-    def _account(self, request_id: str, tokens: int | None) -> None:
-        old = self.processed_tokens.pop(request_id, 0)
-        self.logical_total -= old
-        self.resident_total -= lagkv.resident_tokens(old, self.settings)
+    def _account(self, request_id: str, tokens: int | None, compressed: int) -> None:
+        old = self.processed_tokens.pop(request_id, None)
+        if old is not None:
+            self.logical_total -= old
+            self.resident_total -= old - self._compressed(old) * self._evicted_tokens
         if tokens is not None:
             self.processed_tokens[request_id] = tokens
             self.logical_total += tokens
-            self.resident_total += lagkv.resident_tokens(tokens, self.settings)
+            self.resident_total += tokens - compressed * self._evicted_tokens
+
+    def publish(self) -> None:
+        """Occupancy gauges, once per scheduler step (and when a request leaves)."""
         stats.record_occupancy(self.resident_total, self.logical_total)
 
     def held_blocks(self, request_id: str) -> int:

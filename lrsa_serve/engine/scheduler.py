@@ -34,6 +34,12 @@ class LagKVSchedulingMixin:
         limit = lagkv.chunk_end_limit(num_computed_tokens, self.lagkv) - num_computed_tokens
         return min(num_new_tokens, limit)
 
+    def schedule(self, *args: Any, **kwargs: Any):
+        output = super().schedule(*args, **kwargs)
+        for manager in self.lagkv_managers():
+            manager.publish()  # the occupancy gauges, once per step rather than per request
+        return output
+
     def lagkv_managers(self) -> list[LagKVManager]:
         managers = self.kv_cache_manager.coordinator.single_type_managers
         return [m for m in managers if isinstance(m, LagKVManager)]
