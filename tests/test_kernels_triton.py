@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from lrsa_serve import kernels, lagkv
+from lrsa_serve.config import LagKVConfig
 from lrsa_serve.kernels import naive
 
 HAS_CUDA = torch.cuda.is_available()
@@ -382,6 +383,55 @@ def test_active_rows_only_compress():
     fresh_k, fresh_v = _views_like(fresh, storage, key_cache, value_cache)
     kernels.compress_partitions(fresh_k, fresh_v, part, ref, keep, use_triton=False, active=active)
     assert torch.equal(fresh, twin)
+
+
+# ---- the builder's compacted view (compacted_view) ---------------------------------------------
+def view_buffers(rows: int, width: int, part_blocks: int, fill: int):
+    from lrsa_serve.kernels.compacted_view import ViewBuffers
+
+    def full(*shape):
+        return torch.full(shape, fill, dtype=torch.int32, device=DEVICE)
+
+    return ViewBuffers(
+        full(rows, width), full(rows), full(rows, part_blocks), full(rows, part_blocks), full(rows)
+    )
+
+
+@kernel_test
+@pytest.mark.parametrize("sink,lag,keep", [(16, 64, 16), (0, 32, 16), (32, 128, 64)])
+def test_compacted_view_kernel_equals_torch(sink, lag, keep):
+    """One launch writes what the torch reference writes: decode rows, first and later prefill
+    chunks, rows far into compression, a captured batch's padding rows (whose lengths vLLM
+    passes through) and buffer rows past the batch (left alone)."""
+    from lrsa_serve.kernels.compacted_view import ViewShape, compacted_view, compacted_view_torch
+
+    block = 16
+    shape = ViewShape(sink, lag, keep, block)
+    width = 48
+    gen = torch.Generator().manual_seed(lag)
+    contexts = [0, sink + 2 * lag - 1, sink + 5 * lag - 1, 3 * lag, sink + 2 * lag, 7]
+    queries = [min(sink + 2 * lag, 40), 1, 1, lag, 1, 9]
+    n, rows, capacity = len(contexts), len(contexts) + 2, len(contexts) + 4
+    seq = torch.tensor(
+        [c + q for c, q in zip(contexts, queries, strict=True)] + [0, 0], dtype=torch.int32
+    )
+    starts = torch.tensor([0, *queries, 0, 0], dtype=torch.int32).cumsum(0).int()
+    table = torch.randperm(rows * width * 2, generator=gen)[: rows * width].view(rows, width)
+    args = (table.int().to(DEVICE), seq.to(DEVICE), starts.to(DEVICE), n, shape)
+    expected, got = (
+        view_buffers(capacity, width, lag // block, -1),
+        view_buffers(capacity, width, lag // block, -1),
+    )
+    compacted_view_torch(*args, expected)
+    compacted_view(*args, got)
+    for name in ("table", "seq_lens", "part_blocks", "ref_blocks", "active"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
+    cfg = LagKVConfig(sink=sink, lag=lag, ratio=keep / lag)
+    assert got.active[:n].tolist() == [
+        int(lagkv.compressed_partitions(c + q, cfg) > lagkv.compressed_partitions(c, cfg))
+        for c, q in zip(contexts, queries, strict=True)
+    ]
+    assert got.active[:n].sum() >= 3  # the rows that complete a partition are seen
 
 
 # ---- whole training sequences (sequence_select) ------------------------------------------------

@@ -24,10 +24,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lrsa_serve.engine.compaction import CompactionPlan
 from lrsa_serve.engine.layout import BlockGeometry
+from lrsa_serve.kernels.compacted_view import (
+    ViewBuffers,
+    ViewShape,
+    compacted_view,
+    compacted_view_torch,
+)
 
 
 @dataclass
@@ -40,19 +47,32 @@ class HostView:
 
 
 class DeviceView:
-    """Persistent buffers of one KV-cache group, rewritten by ``update`` every step."""
+    """Persistent buffers of one KV-cache group, rewritten by ``update`` every step: one Triton
+    launch on CUDA (``kernels.compacted_view``), its torch reference elsewhere."""
 
     def __init__(self, geometry: BlockGeometry, max_reqs: int, device: torch.device) -> None:
         self.geometry = geometry
         self.device = device
         self.max_reqs = max_reqs
+        cfg = geometry.settings
+        self.shape = ViewShape(cfg.sink, cfg.lag, cfg.keep, geometry.block_size)
         cols = geometry.part_blocks
         self.seq_lens = torch.zeros(max_reqs, dtype=torch.int32, device=device)
         self.part_blocks = torch.zeros(max_reqs, cols, dtype=torch.int32, device=device)
         self.ref_blocks = torch.zeros(max_reqs, cols, dtype=torch.int32, device=device)
         self.active = torch.zeros(max_reqs, dtype=torch.int32, device=device)
         self.table: torch.Tensor | None = None  # shaped like vLLM's block table, on first use
-        self._part_offsets = torch.arange(cols, device=device)
+        self.write = compacted_view if device.type == "cuda" else compacted_view_torch
+        if device.type == "cuda":
+            self._compile()
+
+    def _compile(self) -> None:
+        """Compile the kernel now, at start-up: the first step may already be a CUDA graph
+        capture, where compiling cannot happen (one variant serves every batch size)."""
+        one = torch.ones(1, 1, dtype=torch.int32, device=self.device)
+        starts = torch.arange(2, dtype=torch.int32, device=self.device)
+        self.update(one, one[0], starts, 1)
+        self.table = None
 
     def update(
         self,
@@ -63,32 +83,16 @@ class DeviceView:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewrite the buffers for this step; returns the compacted ``(block_table, seq_lens)``
         views, row-for-row like vLLM's (padding rows of a captured batch included)."""
-        geo = self.geometry
         rows = block_table.shape[0]
         assert num_reqs <= rows <= self.max_reqs, (num_reqs, rows, self.max_reqs)
         if self.table is None or self.table.shape[1] != block_table.shape[1]:
             self.table = torch.zeros(
                 self.max_reqs, block_table.shape[1], dtype=block_table.dtype, device=self.device
             )
-        n = num_reqs
-        seq = seq_lens[:n].long()
-        query = (query_start_loc[1 : n + 1] - query_start_loc[:n]).long()
-        before = geo.compressed(seq - query)
-        active = geo.compressed(seq) > before
-
-        table = block_table[:n]
-        width = table.shape[1]
-        live = geo.live_columns(width, before)
-        torch.gather(table, 1, live, out=self.table[:n])
-        self.seq_lens[: seq_lens.shape[0]].copy_(seq_lens)
-        self.seq_lens[:n] -= (before * geo.evicted_per_partition).to(torch.int32)
-
-        part_cols = geo.sink_blocks + before[:, None] * geo.part_blocks + self._part_offsets
-        torch.gather(table, 1, part_cols.clamp(max=width - 1), out=self.part_blocks[:n])
-        ref_cols = part_cols + geo.part_blocks
-        torch.gather(table, 1, ref_cols.clamp(max=width - 1), out=self.ref_blocks[:n])
-        self.active[:n] = active.to(torch.int32)
-        self.active[n:] = 0
+        buffers = ViewBuffers(
+            self.table, self.seq_lens, self.part_blocks, self.ref_blocks, self.active
+        )
+        self.write(block_table, seq_lens, query_start_loc, num_reqs, self.shape, buffers)
         return self.table[:rows], self.seq_lens[: seq_lens.shape[0]]
 
     def plan(self, rows: int, host: HostView | None) -> CompactionPlan:
@@ -115,13 +119,12 @@ def host_view(
     if seq_lens_upper is None:
         return None
     n = num_reqs
-    seq = seq_lens_upper[:n].long()
-    starts = query_start_loc_cpu[: n + 1].long()
-    query = starts[1:] - starts[:n]
-    before = geometry.compressed_before(seq, query)
+    seq = seq_lens_upper[:n].numpy().astype(np.int64)
+    starts = query_start_loc_cpu[: n + 1].numpy().astype(np.int64)
+    before = geometry.compressed_before(seq, starts[1:] - starts[:-1])
     physical = seq - before * geometry.evicted_per_partition
     upper = seq_lens_upper.clone()
-    upper[:n] = physical.to(upper.dtype)
+    upper.numpy()[:n] = physical
     return HostView(
         max_seq_len=int(physical.max()) if n else fallback_max_seq_len,
         compressing=int((geometry.compressed(seq) > before).sum()),

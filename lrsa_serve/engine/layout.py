@@ -11,10 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig
+
+# The host's per-step lengths are numpy (cheaper than torch on 100-element CPU arrays).
+Ints = torch.Tensor | np.ndarray
 
 
 class MisalignedChunkError(RuntimeError):
@@ -45,15 +49,15 @@ class BlockGeometry:
     def evicted_per_partition(self) -> int:
         return self.settings.lag - self.settings.keep
 
-    def compressed(self, num_tokens: torch.Tensor) -> torch.Tensor:
-        """Vectorised ``lagkv.compressed_partitions``."""
+    def compressed(self, num_tokens: Ints) -> Ints:
+        """Vectorised ``lagkv.compressed_partitions`` (integer torch tensors or numpy arrays)."""
         cfg = self.settings
-        return ((num_tokens - cfg.sink).div(cfg.lag, rounding_mode="floor") - 1).clamp(min=0)
+        return ((num_tokens - cfg.sink) // cfg.lag - 1).clip(0)
 
-    def compressed_before(self, seq_lens: torch.Tensor, query_lens: torch.Tensor) -> torch.Tensor:
+    def compressed_before(self, seq_lens: Ints, query_lens: Ints) -> Ints:
         """Partitions compressed before this step's tokens. Raises unless every scheduled chunk
         crosses no partition boundary before its last token (what lrsa_serve's scheduler
-        guarantees; exact attention depends on it)."""
+        guarantees; exact attention depends on it). Torch tensors or numpy arrays."""
         before = self.compressed(seq_lens - query_lens)
         if bool(((query_lens > 0) & (self.compressed(seq_lens - 1) != before)).any()):
             raise MisalignedChunkError(
