@@ -227,8 +227,27 @@ def generate(llm, prompts: list[list[int]], new: int):
     return llm.generate(inputs, params, use_tqdm=False)
 
 
+LAGKV_SAMPLES = {
+    "lagkv_compaction_seconds_sum": "compaction_seconds",
+    "lagkv_compaction_seconds_count": "compaction_launches_timed",
+    "lagkv_compressed_partitions_total": "compressed_partitions",
+}
+
+
+def lagkv_totals() -> dict[str, float]:
+    """LagKV's own series from this process's registry (the engine runs in-process). Compaction
+    is timed with CUDA events on eager and piecewise steps only: inside a replayed decode graph
+    nothing can be timed, its cost shows in ``ms_per_step`` instead."""
+    from prometheus_client import REGISTRY
+
+    return {
+        name: REGISTRY.get_sample_value(sample) or 0.0 for sample, name in LAGKV_SAMPLES.items()
+    }
+
+
 def timed(llm, steps: StepCounter, w: Workload, prompts: list[list[int]]) -> dict[str, Any]:
     before, metrics_before = steps.snapshot(), metric_totals(llm)
+    lagkv_before = lagkv_totals()
     started = time.perf_counter()
     outputs = generate(llm, prompts, w.new)
     seconds = time.perf_counter() - started
@@ -243,7 +262,9 @@ def timed(llm, steps: StepCounter, w: Workload, prompts: list[list[int]]) -> dic
     )
     run |= {k: v - before[k] for k, v in steps.snapshot().items()}
     run |= {k: v - metrics_before[k] for k, v in metric_totals(llm).items()}
+    run |= {k: v - lagkv_before[k] for k, v in lagkv_totals().items()}
     run["prefill_tokens_per_step"] = run["prefill_tokens"] / max(1, run["prefill_steps"])
+    run["ms_per_step"] = 1e3 * seconds / max(1, run["steps"])
     return run
 
 
@@ -360,6 +381,36 @@ HEADER = (
 ).split("|")
 
 
+def step_rows(results: dict[str, Any]) -> list[list[str]]:
+    """Where the time goes (``STEP_HEADER``), one row per measured workload and engine."""
+    rows = []
+    for name, res in results.items():
+        for engine in ENGINES:
+            run = res.get(engine) or {}
+            if "steps" not in run:
+                continue  # derived rows and engines that did not run
+            rows.append(
+                [
+                    name,
+                    engine,
+                    str(run["steps"]),
+                    str(run["prefill_steps"]),
+                    f"{run['prefill_tokens_per_step']:.0f}",
+                    f"{run['ms_per_step']:.2f}",
+                    f"{run.get('preemptions', 0):.0f}",
+                    f"{run.get('compressed_partitions', 0):.0f}",
+                    f"{run.get('compaction_seconds', 0):.3f}",
+                ]
+            )
+    return rows
+
+
+STEP_HEADER = (
+    "workload|engine|steps|prefill steps|prefill tokens/step|ms/step|preemptions|"
+    "partitions compressed|compaction s (eager steps)"
+).split("|")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     import torch
@@ -405,6 +456,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, (whole, part, _) in DERIVED.items():
         if name in results:
             print(f"{name}: generated tokens / ({whole} time - {part} time)")
+    print_table("steps (compaction inside replayed decode graphs is in ms/step)", STEP_HEADER,
+                step_rows(results))  # fmt: skip
     report = {
         "command": command,
         "gpu": gpu,
@@ -414,6 +467,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "engines": engines,
         "workloads": results,
         "summary": [dict(zip(HEADER, r, strict=True)) for r in rows],
+        "steps": [dict(zip(STEP_HEADER, r, strict=True)) for r in step_rows(results)],
     }
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

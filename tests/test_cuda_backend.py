@@ -75,26 +75,41 @@ def test_backend_choice_follows_the_dtype(monkeypatch):
     assert backend == TRITON_BACKEND and "no FlashAttention" in why
 
 
-def test_compaction_launches_when_needed_only(monkeypatch):
-    """Launched when the host sees a compression, and once on the first call (the warm-up that
-    compiles the kernels before graph capture); otherwise the step launches nothing."""
+def test_compaction_launches_once_per_step_when_needed(monkeypatch):
+    """One launch per step, once every layer of the group has run its attention; only when the
+    host sees a compression, and on the first complete step (the warm-up that compiles the
+    kernels and builds the layers' address table before graph capture)."""
     import contextlib
 
-    from lrsa_serve.engine import cuda_backend, stats
-    from lrsa_serve.engine.compaction import CompactionPlan
+    from lrsa_serve.engine import compaction, stats
+    from lrsa_serve.engine.compaction import CompactionPlan, GroupCompaction
 
     calls = []
-    monkeypatch.setattr(cuda_backend, "run_compaction", lambda plan, k, v: calls.append(plan))
+    monkeypatch.setattr(
+        compaction, "compress_layers", lambda stack, *args, **kw: calls.append(stack)
+    )
     monkeypatch.setattr(stats.DEVICE_TIMER, "time", contextlib.nullcontext)
-    compact = cuda_backend.CompactAfterForward(head_size=4)
-    cache = torch.zeros(3, 2, 16, 8)
+    group = GroupCompaction(["l0", "l1"], head_size=4)
+    caches = {"l0": torch.zeros(3, 2, 16, 8), "l1": torch.zeros(3, 2, 16, 8)}
     rows = torch.zeros(2, 4, dtype=torch.int32)
-    idle = CompactionPlan(rows, rows, LagKVConfig(sink=16, lag=64, ratio=0.25), launch=False)
-    busy = CompactionPlan(rows, rows, idle.settings, launch=True)
-    compact(torch.zeros(0), busy)  # no cache yet (memory profiling): nothing
-    compact(cache, None)
+    settings = LagKVConfig(sink=16, lag=64, ratio=0.25)
+
+    def step(launch: bool, layers=("l0", "l1")) -> int:
+        plan = CompactionPlan(rows, rows, settings, launch=launch)
+        before = len(calls)
+        for name in layers:
+            group.after_layer(name, caches[name], plan)
+        return len(calls) - before
+
+    group.after_layer("l0", torch.zeros(0), CompactionPlan(rows, rows, settings))  # profiling
+    group.after_layer("l0", caches["l0"], None)
     assert calls == []
-    compact(cache, idle)  # first call with a cache: compiles
-    compact(cache, idle)
-    compact(cache, busy)
-    assert calls == [idle, busy]
+    assert step(launch=False, layers=("l0",)) == 0  # waits for the group's other layer
+    assert step(launch=False) == 1  # first complete step: compiles
+    assert step(launch=False) == 0
+    assert step(launch=True) == 1
+    assert step(launch=True, layers=("l1", "l0")) == 1  # whatever order the layers run in
+    stack = calls[0]
+    assert [k.data_ptr() for k in stack.keys] == [caches[n].data_ptr() for n in ("l0", "l1")]
+    assert stack.values[0].data_ptr() == caches["l0"][..., 4:].data_ptr()
+    assert all(s is stack for s in calls)  # built once, reused while the caches stay

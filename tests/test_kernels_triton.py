@@ -385,6 +385,59 @@ def test_active_rows_only_compress():
     assert torch.equal(fresh, twin)
 
 
+@kernel_test
+@pytest.mark.parametrize("layout,scratch", [("packed", None), ("separate", None), ("packed", 1)])
+def test_all_layers_in_one_launch_equal_layer_by_layer(layout, scratch, monkeypatch):
+    """``compress_layers`` over caches allocated apart (as vLLM allocates each layer's) moves,
+    in every layer, exactly what the layer-by-layer kernels move; masked rows stay untouched.
+    ``scratch=1``: a scratch budget below one layer's, so each layer gets its own launches."""
+    if scratch is not None:
+        monkeypatch.setattr(kernels, "LAYERS_SCRATCH_BYTES", scratch)
+    gen = torch.Generator().manual_seed(11)
+    layers, requests, heads, block_size, lag, keep, dim = 3, 3, 2, 16, 32, 16, 64
+    num_blocks = requests * 2 * lag // block_size + 2
+    made = [
+        paged_cache(layout, num_blocks, heads, block_size, dim, torch.float32, gen)
+        for _ in range(layers)
+    ]
+    part, ref = block_tables(requests, lag // block_size, num_blocks, gen)
+    active = torch.tensor([1, 0, 1], dtype=torch.int32, device=DEVICE)
+    originals = [storage.clone() for storage, _, _ in made]
+    twins = [storage.clone() for storage, _, _ in made]
+    expected = []
+    for twin, (storage, k, v) in zip(twins, made, strict=True):
+        twin_k, twin_v = _views_like(twin, storage, k, v)
+        expected.append(
+            kernels.compress_partitions(
+                twin_k, twin_v, part, ref, keep, use_triton=True, active=active
+            )  # fmt: skip
+        )
+    stack = kernels.LayerStack.of([k for _, k, _ in made], [v for _, _, v in made])
+    assert stack.offsets.tolist()[0] == 0 and len(set(stack.offsets.tolist())) == layers
+    kept = kernels.compress_layers(stack, part, ref, keep, use_triton=True, active=active)
+    assert kept.shape == (layers, requests, heads, keep)
+    rows = [0, 2]
+    for layer in range(layers):
+        assert torch.equal(kept[layer, rows], expected[layer][rows]), layer
+        assert torch.equal(made[layer][0], twins[layer]), layer
+    # The torch path of the same call moves the same rows.
+    fresh = [original.clone() for original in originals]
+    views = [_views_like(f, storage, k, v) for f, (storage, k, v) in zip(fresh, made, strict=True)]
+    torch_stack = kernels.LayerStack.of([k for k, _ in views], [v for _, v in views])
+    kernels.compress_layers(torch_stack, part, ref, keep, use_triton=False, active=active)
+    for f, twin in zip(fresh, twins, strict=True):
+        assert torch.equal(f, twin)
+
+
+def test_layer_stack_refuses_caches_laid_out_differently():
+    a = torch.zeros(4, 2, 16, 128)
+    b = torch.zeros(4, 2, 16, 64)
+    with pytest.raises(ValueError, match="laid out alike"):
+        kernels.LayerStack.of([a[..., :64], b[..., :32]], [a[..., 64:], b[..., 32:]])
+    stack = kernels.LayerStack.of([a[..., :64]], [a[..., 64:]])
+    assert stack.holds([a[..., :64]]) and not stack.holds([b[..., :32]])
+
+
 # ---- the builder's compacted view (compacted_view) ---------------------------------------------
 def view_buffers(rows: int, width: int, part_blocks: int, fill: int):
     from lrsa_serve.kernels.compacted_view import ViewBuffers

@@ -1,5 +1,5 @@
-"""One layer's compaction step, free of vLLM imports so kernels and tests can drive it directly
-on a synthetic paged cache."""
+"""A step's compaction of every layer of one KV-cache group, free of vLLM imports so kernels and
+tests can drive it directly on synthetic paged caches."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from lrsa_serve.config import LagKVConfig
-from lrsa_serve.kernels import compress_partitions
+from lrsa_serve.engine import stats
+from lrsa_serve.kernels import LayerStack, compress_layers
 
 
 @dataclass
@@ -24,17 +25,55 @@ class CompactionPlan:
     launch: bool = True
 
 
-def run_compaction(
-    plan: CompactionPlan, key_cache: torch.Tensor, value_cache: torch.Tensor
-) -> None:
-    """Score and compact the planned partitions of one layer, on row-major
-    ``[blocks, heads, block, dim]`` views of its cache. Asynchronous on CUDA."""
-    compress_partitions(
-        key_cache,
-        value_cache,
-        plan.part_blocks,
-        plan.ref_blocks,
-        plan.settings.keep,
-        plan.settings.score_v_ratio,
-        active=plan.active,
-    )  # Triton on CUDA, plain torch on the CPU
+class GroupCompaction:
+    """Compacts every layer of a KV-cache group in one set of launches, once the step's
+    attention has run in all of them (each layer's caches are only read again next step).
+
+    Layers report their cache as their attention finishes (``after_layer``); the last one to
+    report launches. Launched when the plan says the host saw a request complete a partition,
+    and always while a CUDA graph is captured (the device then decides per row at every
+    replay). The first complete step launches whatever its plan (an eager warm-up before
+    capture): it compiles the Triton kernels and builds the layers' address table, neither of
+    which can happen inside a capture. Caches are logical ``[blocks, kv_heads, block, 2 * head]``
+    (K|V packed in the last dim)."""
+
+    def __init__(self, layer_names: list[str], head_size: int) -> None:
+        self.layer_names = list(layer_names)
+        self.head_size = head_size
+        self.stack: LayerStack | None = None
+        self.compiled = False
+        self._step: CompactionPlan | None = None
+        self._seen: dict[str, torch.Tensor] = {}
+
+    def after_layer(self, name: str, kv_cache: torch.Tensor, plan: CompactionPlan | None) -> None:
+        if plan is None or kv_cache.dim() != 4:  # no cache yet (vLLM's memory profiling)
+            return
+        capturing = kv_cache.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not (plan.launch or capturing or not self.compiled):
+            return
+        if plan is not self._step:  # vLLM hands every layer of a step the same metadata
+            self._step, self._seen = plan, {}
+        self._seen[name] = kv_cache
+        if len(self._seen) < len(self.layer_names):
+            return
+        self._launch(plan, [self._seen[n] for n in self.layer_names], capturing)
+        self._step, self._seen = None, {}
+
+    def _launch(self, plan: CompactionPlan, caches: list[torch.Tensor], capturing: bool) -> None:
+        head = self.head_size
+        keys = [cache[..., :head] for cache in caches]
+        if self.stack is None or not self.stack.holds(keys):
+            if capturing:
+                raise RuntimeError("LagKV: the KV caches were reallocated during graph capture")
+            self.stack = LayerStack.of(keys, [cache[..., head:] for cache in caches])
+        self.compiled = True
+        settings = plan.settings
+        with stats.DEVICE_TIMER.time():
+            compress_layers(
+                self.stack,
+                plan.part_blocks,
+                plan.ref_blocks,
+                settings.keep,
+                settings.score_v_ratio,
+                active=plan.active,
+            )

@@ -6,10 +6,10 @@ Both are the stock backend with two additions:
 - the metadata builder hands the stock one the compacted view (``device_view``): persistent
   buffers rewritten on the GPU each step, so vLLM's full CUDA graphs capture and replay LagKV
   decode steps like any other;
-- the impl compacts after the stock forward of every layer, with the Triton select/compact
-  kernels over every request row, inactive rows skipped on the device. Captured graphs contain
-  these launches; eager and piecewise steps launch them only when the host sees a request
-  complete a partition.
+- after the stock forward of the group's last layer, every layer's compaction in one set of
+  Triton select/compact launches (``compaction.GroupCompaction``) over every request row,
+  inactive rows skipped on the device. Captured graphs contain these launches; eager and
+  piecewise steps launch them only when the host sees a request complete a partition.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, fields
 
-import torch
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionBackend,
@@ -38,7 +37,7 @@ from lrsa_serve.engine.backend import (
     lagkv_spec,
     remember_current_settings,
 )
-from lrsa_serve.engine.compaction import CompactionPlan, run_compaction
+from lrsa_serve.engine.compaction import CompactionPlan, GroupCompaction
 from lrsa_serve.engine.device_view import DeviceView, host_view
 
 logger = logging.getLogger("lrsa_serve.engine")
@@ -64,10 +63,15 @@ def choose_backend(dtype: object) -> tuple[str, str]:
 
 class LagKVCudaBuilderMixin(LagKVBuilderMixin):
     """Compacted view and plan from persistent device buffers (see ``device_view``), handed to
-    the stock builder; its metadata comes back as ``metadata_cls`` carrying the plan."""
+    the stock builder; its metadata comes back as ``metadata_cls`` carrying the plan and the
+    group's ``GroupCompaction``."""
 
     view: DeviceView | None = None
+    group: GroupCompaction | None = None
     metadata_cls: type
+    # vLLM may reuse another group's metadata with only the block table swapped; the compacted
+    # view is per group, so every group builds its own.
+    supports_update_block_table = False
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -75,11 +79,14 @@ class LagKVCudaBuilderMixin(LagKVBuilderMixin):
         if self.geometry is not None:
             max_reqs = vllm_config.scheduler_config.max_num_seqs
             self.view = DeviceView(self.geometry, max_reqs, device)
+            self.group = GroupCompaction(layer_names, kv_cache_spec.head_size)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         view, plan = self.lagkv_view(common_attn_metadata)
         meta = super().build(common_prefix_len, view, fast_build)
-        return meta if plan is None else with_compaction(meta, self.metadata_cls, plan)
+        if plan is None:
+            return meta
+        return with_compaction(meta, self.metadata_cls, plan, self.group)
 
     def lagkv_view(
         self, cm: CommonAttentionMetadata
@@ -106,50 +113,28 @@ class LagKVCudaBuilderMixin(LagKVBuilderMixin):
 
 
 class LagKVCudaImplMixin:
-    """The stock impl's forward, then this layer's compaction (``CompactAfterForward``)."""
+    """The stock impl's forward, then this layer reports to its group's compaction, which runs
+    once every layer of the group has (``GroupCompaction``)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         remember_current_settings()
-        self.compact = CompactAfterForward(self.head_size)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         result = super().forward(
             layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs
         )
-        self.compact(kv_cache, getattr(attn_metadata, "compaction", None))
+        plan = getattr(attn_metadata, "compaction", None)
+        if plan is not None:
+            attn_metadata.compaction_group.after_layer(layer.layer_name, kv_cache, plan)
         return result
 
 
-class CompactAfterForward:
-    """Every LagKV CUDA impl's addition: the step's compaction of its layer, on the logical
-    ``[blocks, kv_heads, block, 2 * head]`` cache (K|V packed in the last dim).
-
-    Launched when the host sees a request complete a partition, and always while a CUDA graph
-    is captured (the device then decides per row at every replay). The first call launches too,
-    whatever the plan (an eager warm-up step before capture): it compiles the Triton kernels,
-    which must not compile during graph capture (module loading is not capturable)."""
-
-    def __init__(self, head_size: int) -> None:
-        self.head_size = head_size
-        self.compiled = False
-
-    def __call__(self, kv_cache: torch.Tensor, plan: CompactionPlan | None) -> None:
-        if plan is None or kv_cache.dim() != 4:  # no cache yet (vLLM's memory profiling)
-            return
-        capturing = kv_cache.is_cuda and torch.cuda.is_current_stream_capturing()
-        if not (plan.launch or capturing or not self.compiled):
-            return
-        self.compiled = True
-        with stats.DEVICE_TIMER.time():
-            run_compaction(plan, kv_cache[..., : self.head_size], kv_cache[..., self.head_size :])
-
-
-def with_compaction(meta, lagkv_cls: type, plan: CompactionPlan):
-    """The stock metadata as its LagKV subclass carrying the plan (attributes the stock build
-    sets outside its dataclass fields come along)."""
+def with_compaction(meta, lagkv_cls: type, plan: CompactionPlan, group: GroupCompaction):
+    """The stock metadata as its LagKV subclass carrying the plan and the group's compaction
+    (attributes the stock build sets outside its dataclass fields come along)."""
     values = {f.name: getattr(meta, f.name) for f in fields(meta) if f.init}
-    lagkv = lagkv_cls(**values, compaction=plan)
+    lagkv = lagkv_cls(**values, compaction=plan, compaction_group=group)
     vars(lagkv).update({k: v for k, v in vars(meta).items() if k not in values})
     return lagkv
 
@@ -158,6 +143,7 @@ def with_compaction(meta, lagkv_cls: type, plan: CompactionPlan):
 @dataclass
 class LagKVFlashMetadata(FlashAttentionMetadata):
     compaction: CompactionPlan | None = None
+    compaction_group: GroupCompaction | None = None
 
 
 class LagKVFlashBuilder(LagKVCudaBuilderMixin, FlashAttentionMetadataBuilder):
@@ -190,6 +176,7 @@ class LagKVFlashBackend(FlashAttentionBackend):
 @dataclass
 class LagKVTritonMetadata(TritonAttentionMetadata):
     compaction: CompactionPlan | None = None
+    compaction_group: GroupCompaction | None = None
 
 
 class LagKVTritonBuilder(LagKVCudaBuilderMixin, TritonAttentionMetadataBuilder):

@@ -1,7 +1,8 @@
 """LagKV select and compact on the paged KV cache: Triton on CUDA, plain torch on the CPU.
 
 ``select_kept`` / ``compact_kept`` / ``compress_partitions`` take the tensors of one layer
-(layout and meaning in ``naive.py``) and run:
+(layout and meaning in ``naive.py``), ``compress_layers`` those of every layer of a step
+(``LayerStack``: one set of launches for all of them on CUDA), and run:
 
 - the Triton kernels (``select.py``, ``compact.py``) when the caches are on CUDA;
 - the same kernels on CPU tensors when the caller passes ``use_triton=True`` and Triton runs its
@@ -14,6 +15,8 @@ the CPU engine does not need it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -127,4 +130,95 @@ def compress_partitions(
     return kept
 
 
-__all__ = ["compact_kept", "compress_partitions", "naive", "select_kept", "triton_interpreted"]
+@dataclass(frozen=True)
+class LayerStack:
+    """The K and V caches of every layer of one KV-cache group, as one launch addresses them:
+    layer 0's views plus each layer's element offset from them (``offsets``, int64 on the
+    caches' device, made once: a captured CUDA graph reads it at every replay)."""
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    offsets: torch.Tensor
+
+    @classmethod
+    def of(cls, keys: list[torch.Tensor], values: list[torch.Tensor]) -> LayerStack:
+        k0, v0 = keys[0], values[0]
+        size = k0.element_size()
+        shifts = []
+        for k, v in zip(keys, values, strict=True):
+            same = (k.shape, k.stride(), k.dtype, v.shape, v.stride(), v.dtype) == (
+                k0.shape, k0.stride(), k0.dtype, v0.shape, v0.stride(), v0.dtype
+            )  # fmt: skip
+            shift = k.data_ptr() - k0.data_ptr()
+            if not same or shift % size or v.data_ptr() - v0.data_ptr() != shift:
+                raise ValueError("every layer's K/V caches must be laid out alike")
+            shifts.append(shift // size)
+        offsets = torch.tensor(shifts, dtype=torch.int64).to(k0.device)
+        return cls(tuple(keys), tuple(values), offsets)
+
+    def holds(self, keys: list[torch.Tensor]) -> bool:
+        """Whether these are still the stack's caches (same storage, same order)."""
+        return len(keys) == len(self.keys) and all(
+            a.data_ptr() == b.data_ptr() for a, b in zip(keys, self.keys, strict=True)
+        )
+
+
+def compress_layers(
+    stack: LayerStack,
+    part_blocks: torch.Tensor,
+    ref_blocks: torch.Tensor,
+    keep: int,
+    score_v_ratio: float = 1.0,
+    *,
+    use_triton: bool | None = None,
+    active: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``compress_partitions`` for every layer of the stack (same blocks in each layer): on
+    Triton, one select and one compact for all layers; returns ``[layers, R, H, keep]``."""
+    key, value = stack.keys[0], stack.values[0]
+    if not _use_triton(key, use_triton):
+        return torch.stack([
+            compress_partitions(k, v, part_blocks, ref_blocks, keep, score_v_ratio,
+                                use_triton=False, active=active)
+            for k, v in zip(stack.keys, stack.values, strict=True)
+        ])  # fmt: skip
+    from lrsa_serve.kernels import compact, select
+
+    layers = len(stack.keys)
+    rows, blocks = part_blocks.shape
+    per_layer = _scratch_bytes_per_layer(key, value, rows, blocks, keep)
+    group = max(1, min(layers, LAYERS_SCRATCH_BYTES // per_layer))
+    kept = torch.empty(layers, rows, key.shape[1], keep, dtype=torch.int64, device=key.device)
+    for first in range(0, layers, group):
+        offsets = stack.offsets[first : first + group]
+        select.select_kept(
+            key, value, part_blocks, ref_blocks, keep, score_v_ratio,
+            out=kept[first : first + group], active=active, layer_offsets=offsets,
+        )  # fmt: skip
+        compact.compact_kept(
+            key, value, part_blocks, kept[first : first + group], active, layer_offsets=offsets
+        )
+    return kept
+
+
+# Scratch of one set of launches (scores, ranges, kept indices of every layer it covers): layers
+# are grouped to stay under it, so a captured graph of a large batch keeps a bounded pool.
+LAYERS_SCRATCH_BYTES = 256 << 20
+
+
+def _scratch_bytes_per_layer(key, value, rows: int, part_blocks: int, keep: int) -> int:
+    heads, block_size = key.shape[1], key.shape[2]
+    length = part_blocks * block_size
+    width = 1 << (max(key.shape[-1], value.shape[-1]) - 1).bit_length()
+    return rows * heads * (2 * length * 4 + 2 * 2 * width * 4 + keep * 8)
+
+
+__all__ = [
+    "LayerStack",
+    "compact_kept",
+    "compress_layers",
+    "compress_partitions",
+    "naive",
+    "select_kept",
+    "triton_interpreted",
+]

@@ -2,7 +2,8 @@
 
 Moves row ``kept[r, h, j]`` of partition ``part_blocks[r]`` to row ``j`` (j < keep), in place,
 for every request r, KV head h, in the key and the value cache. Rows ``keep..L-1`` and every
-other block are never written. One launch per layer, grid ``(R * H, 2 [K, V])``.
+other block are never written. One launch per layer (or per step: ``layer_offsets``), grid
+``(R * H, 2 [K, V] * layers)``.
 
 Why one program per (r, h, K/V) walking the kept slots in increasing order is race-free although
 sources and destinations overlap: ``kept`` is strictly increasing from >= 0, so ``kept[j] >= j``.
@@ -19,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lrsa_serve.kernels.select import TILE_ELEMENTS
+from lrsa_serve.kernels.select import TILE_ELEMENTS, layer_shift
 
 
 @triton.jit
@@ -76,7 +77,9 @@ def _compact_kernel(
     kept_ptr,
     kept_stride_req,
     kept_stride_head,
+    kept_stride_layer,
     active_ptr,
+    layer_ptr,
     num_heads,
     KEEP: tl.constexpr,
     DK: tl.constexpr,
@@ -87,19 +90,27 @@ def _compact_kernel(
     BLOCK_DK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     HAS_ACTIVE: tl.constexpr,
+    LAYERED: tl.constexpr,
 ):
     req_head = tl.program_id(0)
-    which = tl.program_id(1)  # 0: keys, 1: values
+    which = tl.program_id(1) % 2  # 0: keys, 1: values
+    layer = tl.program_id(1) // 2
     req = req_head // num_heads
     if HAS_ACTIVE:  # rows without a partition to compress this step do nothing
         if tl.load(active_ptr + req) == 0:
             return
     head = req_head % num_heads
+    shift = layer_shift(layer_ptr, layer, LAYERED)
     part_row = part_ptr + req.to(tl.int64) * part_stride_req
-    kept_row = kept_ptr + req.to(tl.int64) * kept_stride_req + head.to(tl.int64) * kept_stride_head
+    kept_row = (
+        kept_ptr
+        + layer.to(tl.int64) * kept_stride_layer
+        + req.to(tl.int64) * kept_stride_req
+        + head.to(tl.int64) * kept_stride_head
+    )
     if which == 0:
         _move_rows(
-            k_ptr,
+            k_ptr + shift,
             k_stride_blk,
             k_stride_head,
             k_stride_tok,
@@ -115,7 +126,7 @@ def _compact_kernel(
         )
     else:
         _move_rows(
-            v_ptr,
+            v_ptr + shift,
             v_stride_blk,
             v_stride_head,
             v_stride_tok,
@@ -137,24 +148,30 @@ def compact_kept(
     part_blocks: torch.Tensor,
     kept: torch.Tensor,
     active: torch.Tensor | None = None,
+    layer_offsets: torch.Tensor | None = None,
 ) -> None:
     """Move each partition's kept rows, in order, to the front of its first ``keep/block_size``
     blocks, in place. ``kept``: ``[R, num_kv_heads, keep]`` strictly increasing indices < L
     (as ``select_kept`` returns them); the blocks of different requests must be distinct.
-    ``active`` (``[R]`` int32, device): only rows with a non-zero entry move (see select)."""
+    ``active`` (``[R]`` int32, device): only rows with a non-zero entry move (see select).
+    ``layer_offsets`` (see select): every layer at once, ``kept`` then ``[layers, R, H, keep]``."""
     num_blocks, num_heads, block_size, dim_k = key_cache.shape
     dim_v = value_cache.shape[-1]
     assert value_cache.shape[:3] == key_cache.shape[:3], "K and V caches must share blocks"
-    requests, _, keep = kept.shape
-    assert kept.shape[1] == num_heads and part_blocks.shape[0] == requests
+    layers = 1 if layer_offsets is None else layer_offsets.shape[0]
+    if layer_offsets is None:
+        kept = kept[None]
+    assert kept.shape[0] == layers, "kept: one [R, H, keep] per layer"
+    requests, _, keep = kept.shape[1:]
+    assert kept.shape[2] == num_heads and part_blocks.shape[0] == requests
     assert keep % block_size == 0, "keep must be a multiple of the block size"
-    if requests == 0 or keep == 0:
+    if requests == 0 or keep == 0 or layers == 0:
         return
     part_blocks = part_blocks.contiguous()
     kept = kept.contiguous()
     block_dk, block_dv = triton.next_power_of_2(dim_k), triton.next_power_of_2(dim_v)
     tile = triton.next_power_of_2(keep)
-    _compact_kernel[(requests * num_heads, 2)](
+    _compact_kernel[(requests * num_heads, 2 * layers)](
         key_cache,
         *key_cache.stride(),
         value_cache,
@@ -162,9 +179,11 @@ def compact_kept(
         part_blocks,
         part_blocks.stride(0),
         kept,
-        kept.stride(0),
         kept.stride(1),
+        kept.stride(2),
+        kept.stride(0),
         active if active is not None else kept,  # never read without HAS_ACTIVE
+        layer_offsets if layer_offsets is not None else kept,  # never read without LAYERED
         num_heads,
         KEEP=keep,
         DK=dim_k,
@@ -175,5 +194,6 @@ def compact_kept(
         BLOCK_DK=block_dk,
         BLOCK_DV=block_dv,
         HAS_ACTIVE=active is not None,
+        LAYERED=layer_offsets is not None,
         num_warps=4,
     )

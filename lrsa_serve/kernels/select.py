@@ -3,9 +3,10 @@
 For each request r and KV head h, score partition p (``part_blocks[r]``) against partition p+1
 (``ref_blocks[r]``), both read through their block ids straight from the cache, and return the
 ``keep`` best token indices, increasing, ties to the lower position. Three launches per layer,
-each covering all R requests, the first two over grid ``(R * H, 2 [K, V], splits)``: splitting
-the L tokens of a (request, head) keeps the GPU busy when R is small (decode batch 1), and with
-R large there is one split and each launch reads its partition once.
+or for all layers of a step at once (``layer_offsets``), each covering all R requests, the first
+two over grid ``(R * H, 2 [K, V] * layers, splits)``: splitting the L tokens of a (request, head)
+keeps the GPU busy when R is small (decode batch 1), and with R large there is one split and
+each launch reads its partition once.
 
 1. ``_range_kernel``: per-channel min/max over a slice of partition p+1's tokens (partial ranges;
    min/max are exact, so combining them in any order is exact).
@@ -200,6 +201,14 @@ def _channel_spread(
 
 
 @triton.jit
+def layer_shift(layer_ptr, layer, LAYERED: tl.constexpr):
+    """Element offset of this program's layer cache from the caches passed in (0: one layer)."""
+    if LAYERED:
+        return tl.load(layer_ptr + layer)
+    return 0
+
+
+@triton.jit
 def _range_kernel(
     k_ptr,
     k_stride_blk,
@@ -215,6 +224,7 @@ def _range_kernel(
     ref_stride_req,
     range_ptr,
     active_ptr,
+    layer_ptr,
     num_heads,
     split_tokens,
     L: tl.constexpr,
@@ -227,23 +237,27 @@ def _range_kernel(
     BLOCK_DV: tl.constexpr,
     RANGE_W: tl.constexpr,
     HAS_ACTIVE: tl.constexpr,
+    LAYERED: tl.constexpr,
 ):
     req_head = tl.program_id(0)
-    which = tl.program_id(1)  # 0: keys, 1: values
+    which = tl.program_id(1) % 2  # 0: keys, 1: values
+    layer = tl.program_id(1) // 2
     split = tl.program_id(2)
     req = req_head // num_heads
     if HAS_ACTIVE:  # rows without a partition to compress this step do nothing
         if tl.load(active_ptr + req) == 0:
             return
     head = req_head % num_heads
+    shift = layer_shift(layer_ptr, layer, LAYERED)
     tok_begin = split * split_tokens
     tok_end = tl.minimum(tok_begin + split_tokens, L)
     ref_row = ref_ptr + req.to(tl.int64) * ref_stride_req
-    slot = (req_head.to(tl.int64) * 2 + which) * tl.num_programs(2) + split
+    row = layer.to(tl.int64) * tl.num_programs(0) + req_head
+    slot = (row * 2 + which) * tl.num_programs(2) + split
     out = range_ptr + slot * 2 * RANGE_W
     if which == 0:
         _channel_range(
-            k_ptr,
+            k_ptr + shift,
             k_stride_blk,
             k_stride_head,
             k_stride_tok,
@@ -261,7 +275,7 @@ def _range_kernel(
         )
     else:
         _channel_range(
-            v_ptr,
+            v_ptr + shift,
             v_stride_blk,
             v_stride_head,
             v_stride_tok,
@@ -296,6 +310,7 @@ def _spread_kernel(
     range_ptr,
     spread_ptr,
     active_ptr,
+    layer_ptr,
     num_heads,
     split_tokens,
     L: tl.constexpr,
@@ -309,9 +324,11 @@ def _spread_kernel(
     RANGE_W: tl.constexpr,
     EXACT: tl.constexpr,
     HAS_ACTIVE: tl.constexpr,
+    LAYERED: tl.constexpr,
 ):
     req_head = tl.program_id(0)
-    which = tl.program_id(1)  # 0: keys, 1: values
+    which = tl.program_id(1) % 2  # 0: keys, 1: values
+    layer = tl.program_id(1) // 2
     split = tl.program_id(2)
     splits = tl.num_programs(2)
     req = req_head // num_heads
@@ -319,14 +336,16 @@ def _spread_kernel(
         if tl.load(active_ptr + req) == 0:
             return
     head = req_head % num_heads
+    shift = layer_shift(layer_ptr, layer, LAYERED)
     tok_begin = split * split_tokens
     tok_end = tl.minimum(tok_begin + split_tokens, L)
     part_row = part_ptr + req.to(tl.int64) * part_stride_req
-    ranges = range_ptr + (req_head.to(tl.int64) * 2 + which) * splits * 2 * RANGE_W
-    out = spread_ptr + (req_head.to(tl.int64) * 2 + which) * L
+    row = layer.to(tl.int64) * tl.num_programs(0) + req_head
+    ranges = range_ptr + (row * 2 + which) * splits * 2 * RANGE_W
+    out = spread_ptr + (row * 2 + which) * L
     if which == 0:
         _channel_spread(
-            k_ptr,
+            k_ptr + shift,
             k_stride_blk,
             k_stride_head,
             k_stride_tok,
@@ -347,7 +366,7 @@ def _spread_kernel(
         )
     else:
         _channel_spread(
-            v_ptr,
+            v_ptr + shift,
             v_stride_blk,
             v_stride_head,
             v_stride_tok,
@@ -396,16 +415,18 @@ def _top_keep_kernel(
     if HAS_ACTIVE:  # rows without a partition to compress this step do nothing
         if tl.load(active_ptr + req_head // num_heads) == 0:
             return
+    # One program per (layer, request, head): grid axis 1 is the layer.
+    layer_row = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + req_head
     toks = tl.arange(0, BLOCK_L)
     tok_ok = toks < L
-    row = spread_ptr + req_head.to(tl.int64) * 2 * L
+    row = spread_ptr + layer_row * 2 * L
     s_k = _softmax_f32(tl.load(row + toks, mask=tok_ok, other=0.0), tok_ok)
     s_v = _softmax_f32(tl.load(row + L + toks, mask=tok_ok, other=0.0), tok_ok)
     # float32 like torch: ratio * s_V rounded, then the sum rounded. "+ 0.0" turns a -0.0 (only
     # possible with a negative ratio) into +0.0 so that it ties with +0.0 as in torch.sort.
     score = s_k + score_v_ratio * s_v + 0.0
     if WRITE_SCORES:
-        tl.store(scores_ptr + req_head.to(tl.int64) * L + toks, score, mask=tok_ok)
+        tl.store(scores_ptr + layer_row * L + toks, score, mask=tok_ok)
 
     # Order-preserving integer key: positive floats order like their bits; negative ones reversed.
     bits = score.to(tl.int32, bitcast=True)
@@ -433,7 +454,7 @@ def _top_keep_kernel(
     tie_rank = tl.cumsum(tie.to(tl.int32), axis=0) - 1
     kept = above | (tie & (tie_rank < free))
     slot = tl.cumsum(kept.to(tl.int32), axis=0) - 1
-    tl.store(kept_ptr + req_head.to(tl.int64) * KEEP + slot, toks.to(tl.int64), mask=kept)
+    tl.store(kept_ptr + layer_row * KEEP + slot, toks.to(tl.int64), mask=kept)
 
 
 def _tile_tokens(head_dim: int, length: int) -> int:
@@ -467,6 +488,7 @@ def select_kept(
     out: torch.Tensor | None = None,
     scores_out: torch.Tensor | None = None,
     active: torch.Tensor | None = None,
+    layer_offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Top-``keep`` tokens of each partition per KV head, scored against its successor.
 
@@ -478,6 +500,11 @@ def select_kept(
     made from (for tests). ``active`` (``[R]`` int32 on the device): only rows with a non-zero
     entry are scored, the others' output is left as it was; a captured CUDA graph launches over a
     fixed number of rows and the device decides which of them compress.
+
+    ``layer_offsets`` (``[layers]`` int64 on the device): score every layer of a step in the same
+    launches. Layer ``l``'s caches are the given ones shifted by ``layer_offsets[l]`` elements
+    (same shape and strides: vLLM allocates every layer of a KV-cache group alike); the block ids
+    are shared. The result, ``out`` and ``scores_out`` then have a leading ``[layers]`` dim.
     """
     num_blocks, num_heads, block_size, dim_k = key_cache.shape
     dim_v = value_cache.shape[-1]
@@ -487,16 +514,18 @@ def select_kept(
     length = blocks_per_part * block_size
     assert 0 < keep <= length, f"keep={keep} must be in 1..{length}"
     device = key_cache.device
+    layers = 1 if layer_offsets is None else layer_offsets.shape[0]
+    lead = () if layer_offsets is None else (layers,)
     if out is None:
-        out = torch.empty(requests, num_heads, keep, dtype=torch.int64, device=device)
-    assert out.shape == (requests, num_heads, keep), "out: [R, num_kv_heads, keep]"
+        out = torch.empty(*lead, requests, num_heads, keep, dtype=torch.int64, device=device)
+    assert out.shape == (*lead, requests, num_heads, keep), "out: [(layers,) R, kv heads, keep]"
     assert out.dtype == torch.int64 and out.is_contiguous()
     kept = out
-    if requests == 0:
+    if requests == 0 or layers == 0:
         return kept
     part_blocks = part_blocks.contiguous()
     ref_blocks = ref_blocks.contiguous()
-    spread = torch.empty(requests, num_heads, 2, length, dtype=torch.float32, device=device)
+    spread = torch.empty(layers, requests, num_heads, 2, length, dtype=torch.float32, device=device)
 
     tile_k, tile_v = _tile_tokens(dim_k, length), _tile_tokens(dim_v, length)
     programs = requests * num_heads * 2
@@ -507,8 +536,8 @@ def select_kept(
     split_tokens = triton.cdiv(length, splits)
     block_dk, block_dv = triton.next_power_of_2(dim_k), triton.next_power_of_2(dim_v)
     range_w = max(block_dk, block_dv)
-    ranges = torch.empty(requests * num_heads, 2, splits, 2, range_w, device=device)
-    grid = (requests * num_heads, 2, splits)
+    ranges = torch.empty(layers, requests * num_heads, 2, splits, 2, range_w, device=device)
+    grid = (requests * num_heads, 2 * layers, splits)
     shapes = dict(
         L=length,
         DK=dim_k,
@@ -523,16 +552,19 @@ def select_kept(
     strides = (key_cache, *key_cache.stride(), value_cache, *value_cache.stride())
     has_active = active is not None
     active_arg = active if has_active else part_blocks  # never read without HAS_ACTIVE
+    flags = dict(HAS_ACTIVE=has_active, LAYERED=layer_offsets is not None)
+    layer_arg = layer_offsets if layer_offsets is not None else part_blocks  # read if LAYERED
     _range_kernel[grid](
         *strides,
         ref_blocks,
         ref_blocks.stride(0),
         ranges,
         active_arg,
+        layer_arg,
         num_heads,
         split_tokens,
         **shapes,
-        HAS_ACTIVE=has_active,
+        **flags,
         num_warps=SPREAD_WARPS,
     )
     _spread_kernel[grid](
@@ -542,17 +574,18 @@ def select_kept(
         ranges,
         spread,
         active_arg,
+        layer_arg,
         num_heads,
         split_tokens,
         **shapes,
         EXACT=EXACT_SPREAD,
-        HAS_ACTIVE=has_active,
+        **flags,
         num_warps=SPREAD_WARPS,
     )
     if scores_out is not None:
-        assert scores_out.shape == (requests, num_heads, length)
+        assert scores_out.shape == (*lead, requests, num_heads, length)
         assert scores_out.dtype == torch.float32 and scores_out.is_contiguous()
-    _top_keep_kernel[(requests * num_heads,)](
+    _top_keep_kernel[(requests * num_heads, layers)](
         spread,
         kept,
         scores_out if scores_out is not None else spread,
