@@ -1,6 +1,7 @@
-"""The CUDA backend's per-layer compaction step (``engine.compaction.run_compaction``) on a
-synthetic paged cache in vLLM's Triton layout ([blocks, kv_heads, block, 2*head], K|V packed),
-against the contiguous reference. On CPU it runs the torch path; with CUDA, the Triton kernels."""
+"""The CUDA backend's compaction step (``engine.compaction.GroupCompaction``: every layer of a
+step at once) on synthetic paged caches in vLLM's layout ([blocks, kv_heads, block, 2*head], K|V
+packed), one tensor per layer as vLLM allocates them, against the contiguous reference. On CPU it
+runs the torch path; with CUDA, the Triton kernels."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig
-from lrsa_serve.engine.compaction import CompactionPlan, run_compaction
+from lrsa_serve.engine.compaction import CompactionPlan, GroupCompaction
 from lrsa_serve.kernels import naive
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -30,13 +31,25 @@ def synthetic(device, requests, heads, dim, block, lag, dtype, seed):
     "requests, heads, dim, lag, dtype",
     [(3, 2, 64, 64, torch.float32), (5, 4, 128, 128, torch.bfloat16)],
 )
-def test_compaction_step_on_packed_cache(device, requests, heads, dim, lag, dtype):
+def test_compaction_step_on_packed_caches(device, requests, heads, dim, lag, dtype):
     block, cfg = 16, LagKVConfig(sink=16, lag=lag, ratio=0.25)
-    kv, part, ref = synthetic(device, requests, heads, dim, block, lag, dtype, seed=lag + heads)
-    before = kv.clone()
-    run_compaction(CompactionPlan(part, ref, cfg), kv[..., :dim], kv[..., dim:])
+    layers = [
+        synthetic(device, requests, heads, dim, block, lag, dtype, seed=lag + heads)[0]
+        for _ in range(3)
+    ]
+    layers = [kv + i for i, kv in enumerate(layers)]  # different contents per layer
+    _, part, ref = synthetic(device, requests, heads, dim, block, lag, dtype, seed=lag + heads)
+    befores = [kv.clone() for kv in layers]
+    group = GroupCompaction([f"layer.{i}" for i in range(len(layers))], head_size=dim)
+    plan = CompactionPlan(part, ref, cfg)
+    for i, kv in enumerate(layers):
+        group.after_layer(f"layer.{i}", kv, plan)
+    for kv, before in zip(layers, befores, strict=True):
+        assert_compacted(kv, before, part, ref, cfg, dim, block)
 
-    # Contiguous reference, computed on CPU in float32 scores.
+
+def assert_compacted(kv, before, part, ref, cfg, dim, block) -> None:
+    """Contiguous reference, computed on CPU in float32 scores."""
     cpu = before.cpu()
     keys, values = (
         naive.gather_rows(cpu[..., :dim], part.cpu()),

@@ -68,7 +68,8 @@ class GroupCompaction:
             self.stack = LayerStack.of(keys, [cache[..., head:] for cache in caches])
         self.compiled = True
         settings = plan.settings
-        with stats.DEVICE_TIMER.time():
+        timer = stats.DEVICE_TIMER.time() if keys[0].is_cuda else stats.time_compaction()
+        with timer:
             compress_layers(
                 self.stack,
                 plan.part_blocks,
