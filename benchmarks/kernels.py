@@ -1,7 +1,7 @@
 """LagKV select + compact on the GPU against a decode step's attention, per layer.
 
-Command (GPU machine, from the repo root):
-    python3 benchmarks/kernels.py --json kernels.json
+Command (a CUDA GPU, from the repo root; results in docs/benchmarks.md):
+    python3 benchmarks/kernels.py --json out/kernels.json
 Smoke test of this script without a GPU (tiny shapes, Triton interpreter, CPU timers):
     TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke
 

@@ -6,7 +6,7 @@ Scores are exact match under teacher forcing (= greedy decoding starts with the 
 per task and overall. The untrained model is scored too when time allows.
 
     python benchmarks/lrsa_vs_dense.py --model ~/.cache/lrsa-serve/models/SmolLM2-135M-Instruct
-    python benchmarks/lrsa_vs_dense.py --gguf ~/m/model.gguf --tokenizer .gpu/smol   # GPU box
+    python benchmarks/lrsa_vs_dense.py --gguf DIR/model.gguf --tokenizer DIR       # from a GGUF
     python benchmarks/lrsa_vs_dense.py --smoke                                       # CPU check
 
 ``--balanced-eval`` draws the held-out split task by task (the first eval seeds of each task, up
@@ -58,7 +58,7 @@ SMOKE = dict(sink=16, lag=64, steps=3, batch_size=2, grad_accum=1, train_example
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="local HF model folder")
-    parser.add_argument("--gguf", help="GGUF file (with --tokenizer): the GPU machine's copy")
+    parser.add_argument("--gguf", help="GGUF file (with --tokenizer) instead of --model")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
     parser.add_argument("--out", default="lrsa_vs_dense")
     parser.add_argument("--sink", type=int, default=32)

@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    if args.gguf:  # the GPU machine has the GGUF, not the converted folder
+    if args.gguf:  # straight from a GGUF file instead of a converted folder
         source = dict(pretrained_model_name_or_path=args.gguf.parent, gguf_file=args.gguf.name)
     else:
         source = dict(pretrained_model_name_or_path=resolve_model(args.model))

@@ -227,7 +227,7 @@ def main() -> int:
                     # Each configuration compiles afresh. Without this the layers' compiled code,
                     # shared by all configurations, made the order matter: at 16K the second
                     # LRSA variant of a run measured up to ~20% slower than the first, whichever
-                    # it was (notes/training.md).
+                    # it was (docs/training.md).
                     torch.compiler.reset()
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()

@@ -1,6 +1,6 @@
 """Soak run: the soak profile (loadtests/soak.conf) plus what locust cannot see, the server's own
 gauges sampled during the run, and the idle check afterwards. Writes OUT/summary.json and prints a
-Markdown summary (the one in deploy/README.md came from here).
+Markdown summary (the one in docs/deploy.md came from here).
 
     python loadtests/soak.py --host http://127.0.0.1:8000 [--users 64] [--run-time 10m]
 

@@ -13,7 +13,7 @@ Examples::
 
     lrsa bench --out out/bench --ratio 0.25 --lag 256
     lrsa bench memory --memory-args "--lengths 1024 4096 8000 --requests 16"
-    lrsa bench --from-json out/bench          # plot JSON from an earlier run (e.g. a GPU box)
+    lrsa bench --from-json out/bench          # plot JSON from an earlier run
 """
 
 from __future__ import annotations
@@ -51,9 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sink", type=int, help="LagKV sink S")
     parser.add_argument("--lag", type=int, help="LagKV partition size L")
     parser.add_argument("--ratio", type=float, help="LagKV kept fraction r")
-    parser.add_argument(
-        "--dtype", help="engine dtype (default: bfloat16 on CPUs with native bf16, else float32)"
-    )
+    parser.add_argument("--dtype", help="engine dtype (default: the benchmarks' float32)")
     parser.add_argument(
         "--memory-args",
         default="",

