@@ -8,10 +8,11 @@
 - the same kernels on CPU tensors when the caller passes ``use_triton=True`` and Triton runs its
   interpreter (``TRITON_INTERPRET=1`` when ``select.py`` was first imported: Triton decides at
   decoration time) - the tests do this;
-- the plain-torch path (``naive.py``) otherwise, e.g. the CPU engine.
+- the plain-torch path (``naive.py``, the kernels' oracle) otherwise: CPU tensors in tests and
+  benchmarks. (The CPU engine compacts vLLM's CPU block layout with its own torch code,
+  ``engine/cpu_backend.py``.)
 
-``use_triton=False`` forces the torch path on any device. Triton is imported only when used, so
-the CPU engine does not need it.
+``use_triton=False`` forces the torch path on any device. Triton is imported only when used.
 """
 
 from __future__ import annotations
