@@ -1,16 +1,14 @@
-"""LRSA attention (varlen; split cuDNN+FA2; gather + flex) vs dense causal SDPA, fwd+bwd, bf16.
+"""LRSA attention (varlen; gather + flex) vs dense causal SDPA, fwd+bwd, bf16.
 
 One attention layer's forward and backward at 8K/16K/32K tokens (12 query / 2 KV heads, d=128,
 S=16, L=1024, r=0.25 by default), timed with CUDA events (median after warm-up) on fresh random
 inputs. Each LRSA time includes everything the training layer does: LagKV selection (compiled),
 the gathers, the attention kernel forward and backward, the output layout. ``varlen`` is the
-varlen path (``lrsa_varlen``: one FlashAttention-2 varlen call); ``split`` the two-call one
-(``lrsa_split``: own blocks on cuDNN, older keys on FA2 varlen, LSE merge; ``split:L,G`` picks
-its local/global kernels); ``flex`` the FlexAttention one (``--impls`` picks; ``varlen_attn`` /
-``split_attn`` are those paths without the selection; ``varlen:K`` the varlen path with kernel
-K, e.g. ``fa4`` or ``flash``). Dense is timed with SDPA's default backend (cuDNN on the H100)
-and, for reference, with FlashAttention-2 forced and, where ``flash-attn-4`` is installed, with
-FlashAttention-4's dense causal kernel.
+varlen path (``lrsa_varlen``: one FlashAttention-2 varlen call); ``flex`` the FlexAttention one
+(``--impls`` picks; ``varlen_attn`` is the varlen path without the selection; ``varlen:K`` the
+varlen path with kernel K, e.g. ``fa4`` or ``flash``). Dense is timed with SDPA's default
+backend (cuDNN on the H100) and, for reference, with FlashAttention-2 forced and, where
+``flash-attn-4`` is installed, with FlashAttention-4's dense causal kernel.
 
 Also reported: the visible-pair ratio (the FLOP ratio the mask allows), selection alone, and an
 optional sweep of FlexAttention kernel options at the longest length (``--sweep``; the fastest
@@ -37,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lrsa_serve import lagkv  # noqa: E402
 from lrsa_serve.config import LagKVConfig  # noqa: E402
 from lrsa_serve.kernels import lrsa_attention as la  # noqa: E402
-from lrsa_serve.kernels.lrsa_split import lrsa_split_attention  # noqa: E402
 from lrsa_serve.kernels.lrsa_varlen import fa4_applies, lrsa_varlen_attention  # noqa: E402
 
 OPTION_SETS = {
@@ -147,18 +144,8 @@ def main() -> int:
     def varlen(q, k, v):
         return la.lrsa_varlen(q, k, v, cfg, scale)
 
-    def split(q, k, v):
-        return la.lrsa_split(q, k, v, cfg, scale)
-
-    impls = {"varlen": varlen, "split": split, "flex": lrsa}
-    for name in args.impls:  # split:LOCAL,GLOBAL = the split path with these kernels
-        if name.startswith("split:"):
-            kernels = tuple(name.split(":", 1)[1].split(","))
-
-            def split_with(q, k, v, kernels=kernels):
-                return la.lrsa_split(q, k, v, cfg, scale, kernels=kernels)
-
-            impls[name] = split_with
+    impls = {"varlen": varlen, "flex": lrsa}
+    for name in args.impls:
         if name.startswith("varlen:"):  # varlen:KERNEL = the varlen path with this kernel
             kernel = name.split(":", 1)[1]
 
@@ -229,11 +216,7 @@ def main() -> int:
         def varlen_attn(q, k, v, kept=kept):  # the varlen path without the selection
             return lrsa_varlen_attention(q, k, v, rule, scale, kept=kept)
 
-        def split_attn(q, k, v, kept=kept):  # the split path without the selection
-            return lrsa_split_attention(q, k, v, rule, scale, kept=kept)
-
         impls["varlen_attn"] = varlen_attn
-        impls["split_attn"] = split_attn
         dense = min(row["dense_sdpa_gqa_ms"], row["dense_sdpa_repeat_ms"])
         # fwd 4*pairs*d*Hq flops, bwd 2.5x fwd
         flops = 3.5 * 4 * args.dim * heads[0]

@@ -1,11 +1,9 @@
-"""The LRSA fast paths (varlen items; split own-block + older-keys parts merged by LSE; gather +
-static mask FlexAttention) against the dense masked reference.
+"""The LRSA fast paths (varlen items; gather + static mask FlexAttention) against the dense masked
+reference.
 
 The varlen path runs its items in plain torch on CPU (``kernel="math"``): forward and gradients
 are checked against the float64 oracle; on CUDA it runs FlashAttention-2 varlen (bf16) or the
-memory-efficient kernel (float32). The split path runs both parts and its merged backward (the
-kernels' contract: gradients from the merged output and log-sum-exp) in plain torch on CPU; on
-CUDA cuDNN (local) and FlashAttention-2 varlen (global).
+memory-efficient kernel (float32).
 
 On CPU FlexAttention runs forward only (eager = its math path; compiled = inductor C++), so the
 gradients of the static formulation are checked through ``lrsa_static_dense_attention``, which
@@ -21,7 +19,6 @@ import torch
 from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.kernels import lrsa_attention as la
-from lrsa_serve.kernels import lrsa_split as ls
 from lrsa_serve.kernels import lrsa_varlen as lv
 
 # (sink, lag, ratio, length): lengths off partition boundaries, sinks off block boundaries,
@@ -128,60 +125,6 @@ def test_varlen_packing_computes_exactly_the_visible_pairs(n):
     assert packing.visible_pairs() == int(visible.sum())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize(
-    "sink,lag,ratio,n", [*SHAPES, (4, 16, 0.25, 36), (4, 16, 0.25, 68), (40, 16, 0.25, 100)]
-)
-def test_split_matches_oracle_forward_and_gradients(sink, lag, ratio, n, dtype):
-    """Own-block and older-keys parts merged by LSE (plain-torch kernels, and the backward from
-    the merged out/lse) give the rule's outputs and gradients; the extra shapes end at S + 2L,
-    on a partition boundary, and have a sink longer than a partition (blocks padded to S)."""
-    cfg = LagKVConfig(sink=sink, lag=lag, ratio=ratio)
-    q, k, v = qkv(n, dtype, heads=(6, 2), seed=n + 11, grad=True)
-    out = la.lrsa_split(q, k, v, cfg, 0.3, kernels=("math", "math"))
-    assert out.shape == (2, n, 6, 8) and out.dtype == dtype
-    assert_matches_oracle(out, q, k, v, cfg, dtype)
-
-
-def test_split_attends_in_the_autocast_dtype():
-    cfg = LagKVConfig(sink=4, lag=16, ratio=0.25)
-    q, k, v = qkv(100, torch.float32, heads=(4, 2), seed=5, grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = la.lrsa_split(q, k, v, cfg, 0.3, kernels=("math", "math"))
-    assert out.dtype == torch.bfloat16
-    ref = oracle(q, k, v, cfg, 0.3)
-    assert float((out.double() - ref).norm() / ref.norm()) < 2e-2
-    out.float().sum().backward()
-    assert q.grad is not None and q.grad.dtype == torch.float32
-
-
-@pytest.mark.parametrize("sink,lag,n", [(4, 16, 1), (4, 16, 5), (4, 16, 37), (4, 16, 100),
-                                         (0, 16, 67), (20, 16, 90)])  # fmt: skip
-def test_split_plan_covers_exactly_the_visible_pairs(sink, lag, n):
-    """Own block (causal, local layout) and older keys (global items) are disjoint and together
-    are the rule's visible keys of every query, per KV head, any selection."""
-    cfg = LagKVConfig(sink=sink, lag=lag, ratio=0.25)
-    plan = ls.plan_for(n, sink, lag, cfg.keep)
-    k = torch.randn(1, 1, n, 8, generator=torch.Generator().manual_seed(n))
-    kept = lagkv.select_all(k, k, cfg)
-    rows = plan.token_rows
-    assert len(set(rows.tolist())) == n and int(rows.max()) < plan.blocks * plan.width
-    own = (rows[:, None] // plan.width == rows[None, :] // plan.width) & (
-        rows[None, :] <= rows[:, None]
-    )
-    older = torch.zeros(n, n, dtype=torch.bool)
-    index = lv.key_index(kept, plan, torch.tensor(plan.template, dtype=torch.long))[0, :, 0]
-    q0 = plan.global_from
-    k0 = 0
-    for lq, lk in zip(plan.q_lens, plan.k_lens, strict=True):
-        older[q0 : q0 + lq, index[k0 : k0 + lk]] = True
-        assert len(set(index[k0 : k0 + lk].tolist())) == lk
-        q0, k0 = q0 + lq, k0 + lk
-    assert q0 == n
-    assert not (own & older).any()
-    assert torch.equal(own | older, lagkv.visibility_mask(n, kept, cfg)[0, 0])
-
-
 @pytest.mark.parametrize("sink,lag,ratio,n", SHAPES)
 def test_flex_forward_matches_oracle_on_cpu(sink, lag, ratio, n):
     cfg = LagKVConfig(sink=sink, lag=lag, ratio=ratio)
@@ -230,7 +173,7 @@ def test_mask_mod_is_the_rule_on_raw_rows():
 
 @pytest.mark.parametrize(
     "kind,backend",
-    [("llama", "flex"), ("qwen2", "flex"), ("qwen2", "varlen"), ("qwen2", "split")],
+    [("llama", "flex"), ("qwen2", "flex"), ("qwen2", "varlen")],
 )
 def test_hf_model_lrsa_flex_equals_reference(kind, backend):
     """The registered "lrsa" attention inside a real HF model (flex forward / varlen items on
@@ -263,7 +206,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("backend", ["varlen", "split", "flex"])
+@pytest.mark.parametrize("backend", ["varlen", "flex"])
 @pytest.mark.parametrize(
     "sink,lag,ratio,n,heads,dim,dtype",
     [
@@ -273,8 +216,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
     ],
 )
 def test_cuda_forward_backward_match_reference(sink, lag, ratio, n, heads, dim, dtype, backend):
-    """varlen (flash for bf16, memory-efficient kernel for float32), split (cuDNN + FA2 varlen
-    for bf16; float32 goes to varlen) and flex, fwd+bwd."""
+    """varlen (flash for bf16, memory-efficient kernel for float32) and flex, fwd+bwd."""
     cfg = LagKVConfig(sink=sink, lag=lag, ratio=ratio)
     g = torch.Generator(device="cuda").manual_seed(n)
     shapes = [(1, heads[0], n, dim), (1, heads[1], n, dim), (1, heads[1], n, dim)]
@@ -283,9 +225,6 @@ def test_cuda_forward_backward_match_reference(sink, lag, ratio, n, heads, dim, 
     ref_in = [t.detach().clone().requires_grad_() for t in base]  # when dtype is float32
     if backend == "flex":
         out = la.lrsa_flex_attention(*fast_in, cfg, dim**-0.5)
-    elif backend == "split":
-        out = la.lrsa_split(*fast_in, cfg, dim**-0.5)
-        assert torch.isfinite(out).all()
     else:
         out = la.lrsa_varlen(*fast_in, cfg, dim**-0.5)
         assert torch.isfinite(out).all()
@@ -336,20 +275,6 @@ def assert_cuda_kernels_match_math(attend, batch: int, n: int, dim: int) -> None
     assert rel(out, ref) < 2e-2
     for got, want in zip(fast_in, ref_in, strict=True):
         assert rel(got.grad, want.grad) < 4e-2
-
-
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize("kernels", [("cudnn", "flash"), ("flash", "flash")])
-@pytest.mark.parametrize("batch,n", [(2, 1500), (1, 2200)])
-def test_cuda_split_kernels_match_math(kernels, batch, n):
-    """Each CUDA kernel pair of the split path; batch 2 and a short last partition."""
-
-    def attend(q, k, v, rule, scale, kept, fast):
-        pair = kernels if fast else ("math", "math")
-        return ls.lrsa_split_attention(q, k, v, rule, scale, kernels=pair, kept=kept)
-
-    assert_cuda_kernels_match_math(attend, batch, n, 128)
 
 
 @pytest.mark.gpu

@@ -18,11 +18,6 @@ Dispatch (explicit, never silent):
   custom op ``lrsa::varlen`` (``lrsa_op``), which a compiled decoder layer traces as one node;
   ``LRSA_VARLEN_OP=off`` and float32 queries on CUDA run it eagerly behind a graph break.
   On CPU ``backend="varlen"`` runs the items in plain torch (tests).
-- ``backend="split"``: ``lrsa_split``: each block's own causal part as one batched cuDNN call
-  and the older keys as one FlashAttention-2 varlen call, merged by log-sum-exp; same
-  selection. Exact, but measured slower than varlen on the H100 (notes/training.md), hence not
-  the default. Queries the CUDA kernels do not take (float32, head dim > 128) use varlen. On CPU
-  it runs both parts and the merged backward in plain torch (tests).
 - ``backend="flex"``: the FlexAttention path below, compiled once per length bucket (or once
   with dynamic shapes, ``LRSA_FLEX_DYNAMIC=1``). The dynamo recompile limit is raised and hitting
   it is made an error, because past it dynamo runs flex_attention eagerly, i.e. as dense math
@@ -59,7 +54,6 @@ from transformers import AttentionInterface, PreTrainedModel
 from lrsa_serve import lagkv
 from lrsa_serve.config import CONFIG_KEY, LagKVConfig, keep_for
 from lrsa_serve.kernels import lrsa_op, selection_replay
-from lrsa_serve.kernels import lrsa_split as split
 from lrsa_serve.kernels.lrsa_varlen import (
     TRITON_MIN_LENGTH,
     env_choice,
@@ -72,7 +66,7 @@ NAME = "lrsa"
 SPARSE_BLOCK = 128
 # Distinct compiled graphs we allow: buckets are multiples of L, so even L=128 at 32K stays below.
 RECOMPILE_LIMIT = 256
-BACKENDS = ("auto", "varlen", "split", "flex", "dense")
+BACKENDS = ("auto", "varlen", "flex", "dense")
 
 
 @dataclass(frozen=True)
@@ -362,34 +356,14 @@ def lrsa_varlen(
     return lrsa_varlen_attention(query, key, value, rule, scaling, kernel=kernel, kept=kept)
 
 
-# ---- the split formulation (own block on cuDNN + older keys on FA2 varlen, LSE merge) ----------
-def lrsa_split(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    cfg: LagKVConfig | Rule,
-    scaling: float | None = None,
-    *,
-    kernels: tuple[str, str] | None = None,
-) -> torch.Tensor:
-    """LRSA attention of whole sequences as two dense calls merged by LSE (``lrsa_split``),
-    with this module's selection: ``[B, n, Hq, D]``. On CUDA, queries the split kernels do not
-    take go through ``lrsa_varlen`` instead."""
-    rule = cfg if isinstance(cfg, Rule) else Rule.of(cfg)
-    if query.is_cuda and kernels is None and not split.supported(query):
-        return lrsa_varlen(query, key, value, rule, scaling)
-    kept = select_kept(key, value, rule)
-    return split.lrsa_split_attention(query, key, value, rule, scaling, kernels=kernels, kept=kept)
-
-
 # ---- the transformers attention function --------------------------------------------------------
 _backend = os.environ.get("LRSA_ATTENTION_BACKEND", "auto")
 _compile_flex = True
 
 
 def set_backend(backend: str, *, compile_flex: bool = True) -> None:
-    """``auto`` (varlen on CUDA, dense masked on CPU), ``varlen``, ``split``, ``flex`` or
-    ``dense``, for every model.
+    """``auto`` (varlen on CUDA, dense masked on CPU), ``varlen``, ``flex`` or ``dense``, for
+    every model.
     ``compile_flex=False`` runs flex eagerly (its math path): small CPU tests only."""
     global _backend, _compile_flex
     if backend not in BACKENDS:
@@ -461,8 +435,6 @@ def _eager_attention(
         return lagkv_reference_attention(module, query, key, value, None, scaling=scaling)
     if backend == "varlen":
         return lrsa_varlen(query, key, value, settings_of(module), scaling), None
-    if backend == "split":
-        return lrsa_split(query, key, value, settings_of(module), scaling), None
     out = lrsa_flex_attention(
         query, key, value, settings_of(module), scaling, compile=_compile_flex
     )
@@ -515,7 +487,6 @@ __all__ = [
     "lrsa_attention",
     "lrsa_flex_attention",
     "lrsa_forward_logits",
-    "lrsa_split",
     "lrsa_static_dense_attention",
     "lrsa_varlen",
     "set_backend",
