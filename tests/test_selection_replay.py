@@ -68,7 +68,7 @@ def test_checkpoint_recompute_replays_the_forward_selection(selection, backend, 
     model = random_model(tiny_config("qwen2", vocab_size=300, num_hidden_layers=layers), seed=3)
     model = model.double()
     model_mod.set_attention(model, "lrsa", CFG)
-    la.set_backend(backend, compile_flex=False)
+    la.set_backend(backend)
     if compiled:
         model_mod.compile_layers(model)
     ids = torch.randint(0, 300, (2, 75), generator=torch.Generator().manual_seed(0))

@@ -34,9 +34,9 @@ def engine_logprobs(engines, prompt):
     return out.prompt_logprobs
 
 
-@pytest.mark.parametrize("backend", ["dense", "flex", "varlen"])
+@pytest.mark.parametrize("backend", ["dense", "varlen"])
 def test_engine_prefill_equals_lrsa_forward(backend, hf_model, prompt, engine_logprobs):
-    lrsa_attention.set_backend(backend, compile_flex=False)
+    lrsa_attention.set_backend(backend)
     try:
         logits = lrsa_attention.lrsa_forward_logits(hf_model, torch.tensor(prompt), CFG)
     finally:

@@ -1,14 +1,8 @@
-"""The LRSA fast paths (varlen items; gather + static mask FlexAttention) against the dense masked
-reference.
+"""The LRSA varlen path against the dense masked reference.
 
 The varlen path runs its items in plain torch on CPU (``kernel="math"``): forward and gradients
-are checked against the float64 oracle; on CUDA it runs FlashAttention-2 varlen (bf16) or the
-memory-efficient kernel (float32).
-
-On CPU FlexAttention runs forward only (eager = its math path; compiled = inductor C++), so the
-gradients of the static formulation are checked through ``lrsa_static_dense_attention``, which
-evaluates the same mask_mod densely. The CUDA tests (marked ``gpu``) check flex forward and
-backward at real sizes.
+are checked against the float64 oracle; on CUDA (tests marked ``gpu``) it runs FlashAttention-4
+or -2 varlen (bf16) or the memory-efficient kernel (float32).
 """
 
 from __future__ import annotations
@@ -67,15 +61,6 @@ def assert_matches_oracle(out, q, k, v, cfg, dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("sink,lag,ratio,n", SHAPES)
-def test_static_formulation_matches_oracle_forward_and_gradients(sink, lag, ratio, n, dtype):
-    cfg = LagKVConfig(sink=sink, lag=lag, ratio=ratio)
-    q, k, v = qkv(n, dtype, heads=(6, 2), seed=n, grad=True)
-    out = la.lrsa_static_dense_attention(q, k, v, cfg, 0.3, block=16)
-    assert_matches_oracle(out, q, k, v, cfg, dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("sink,lag,ratio,n", [*SHAPES, (4, 16, 0.25, 36), (4, 16, 0.25, 68)])
 def test_varlen_matches_oracle_forward_and_gradients(sink, lag, ratio, n, dtype):
     """The varlen items (plain-torch kernel on CPU) give the rule's outputs and gradients; the
@@ -125,58 +110,9 @@ def test_varlen_packing_computes_exactly_the_visible_pairs(n):
     assert packing.visible_pairs() == int(visible.sum())
 
 
-@pytest.mark.parametrize("sink,lag,ratio,n", SHAPES)
-def test_flex_forward_matches_oracle_on_cpu(sink, lag, ratio, n):
-    cfg = LagKVConfig(sink=sink, lag=lag, ratio=ratio)
-    q, k, v = qkv(n, torch.float32, heads=(4, 1), seed=n + 1)
-    out = la.lrsa_flex_attention(q, k, v, cfg, 0.25, block=16, compile=False)
-    torch.testing.assert_close(out.double(), oracle(q, k, v, cfg, 0.25), atol=2e-5, rtol=2e-5)
-
-
-def test_compiled_flex_serves_several_lengths_on_cpu():
-    """One dynamic-shape compile of flex on CPU (LRSA_FLEX_DYNAMIC=1), equal to the oracle at
-    three bucket lengths. The default static compile is the same call with fixed shapes."""
-    cfg = LagKVConfig(sink=4, lag=16, ratio=0.25)
-    for n in (70, 100, 131):
-        q, k, v = qkv(n, torch.float32, heads=(4, 2), batch=1, seed=n)
-        out = la.lrsa_flex_attention(q, k, v, cfg, 0.25, block=16, compile=True, dynamic=True)
-        torch.testing.assert_close(out.double(), oracle(q, k, v, cfg, 0.25), atol=1e-5, rtol=1e-5)
-
-
-def test_layout_buckets_and_aligns():
-    rule = la.Rule(sink=16, lag=1024, keep=256, score_v_ratio=1.0)
-    layout = la.Layout.of(32768, rule, 128)
-    assert layout.bucket == 16 + 32 * 1024  # whole partitions
-    assert layout.front_pad == 112  # partitions start on 128-row blocks
-    assert layout.raw_rows % 128 == 0
-    assert layout.num_parts == 31 and layout.kv_rows == layout.raw_rows + 31 * 256
-    # every length of one bucket shares the layout's block mask
-    assert la.Layout.of(32000, rule, 128).bucket == layout.bucket
-    # the mask is built once per (bucket, settings) and reused
-    small = la.Rule(sink=4, lag=16, keep=4, score_v_ratio=1.0)
-    a = la.block_mask_for(small, la.Layout.of(100, small, 16), "cpu", 16)
-    b = la.block_mask_for(small, la.Layout.of(100, small, 16), "cpu", 16)
-    assert a is b
-
-
-def test_mask_mod_is_the_rule_on_raw_rows():
-    """Without pads, the mask over raw rows is lagkv's raw visibility exactly."""
-    cfg = LagKVConfig(sink=3, lag=8, ratio=0.25)
-    rule = la.Rule.of(cfg)
-    layout = la.Layout.of(59, rule, 128)  # L=8 is not a multiple of 128: no front pad
-    assert layout.front_pad == 0
-    rows = torch.arange(layout.raw_rows)[:, None]
-    cols = torch.arange(layout.raw_rows)[None, :]
-    got = la.make_mask_mod(rule, layout, "cpu")(None, None, rows, cols)
-    assert torch.equal(got, lagkv.raw_key_visible(rows, cols, cfg))
-
-
-@pytest.mark.parametrize(
-    "kind,backend",
-    [("llama", "flex"), ("qwen2", "flex"), ("qwen2", "varlen")],
-)
-def test_hf_model_lrsa_flex_equals_reference(kind, backend):
-    """The registered "lrsa" attention inside a real HF model (flex forward / varlen items on
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_hf_model_lrsa_varlen_equals_reference(kind):
+    """The registered "lrsa" attention inside a real HF model (varlen items in plain torch on
     CPU) gives the reference attention's logits; lrsa_forward_logits restores the model's
     attention."""
     from lrsa_serve.reference_attention import use_lagkv_reference
@@ -185,7 +121,7 @@ def test_hf_model_lrsa_flex_equals_reference(kind, backend):
     cfg = LagKVConfig(sink=4, lag=16, ratio=0.25)
     model = random_model(tiny_config(kind, vocab_size=300), seed=1).eval()
     ids = torch.randint(0, 300, (2, 117), generator=torch.Generator().manual_seed(0))
-    la.set_backend(backend, compile_flex=False)
+    la.set_backend("varlen")
     try:
         fast = la.lrsa_forward_logits(model, ids, cfg)
     finally:
@@ -200,13 +136,12 @@ def test_hf_model_lrsa_flex_equals_reference(kind, backend):
     assert (dense - ref).abs().max() > 1e-3  # the rule really changes something here
 
 
-# ---- CUDA (GPU machine): FlexAttention forward and backward at real sizes ----------------------
+# ---- CUDA: forward and backward at real sizes -------------------------------------------------
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("backend", ["varlen", "flex"])
 @pytest.mark.parametrize(
     "sink,lag,ratio,n,heads,dim,dtype",
     [
@@ -215,19 +150,16 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
         (32, 256, 0.25, 3001, (9, 3), 64, torch.float32),  # tight tolerance
     ],
 )
-def test_cuda_forward_backward_match_reference(sink, lag, ratio, n, heads, dim, dtype, backend):
-    """varlen (flash for bf16, memory-efficient kernel for float32) and flex, fwd+bwd."""
+def test_cuda_forward_backward_match_reference(sink, lag, ratio, n, heads, dim, dtype):
+    """varlen (flash for bf16, memory-efficient kernel for float32), fwd+bwd."""
     cfg = LagKVConfig(sink=sink, lag=lag, ratio=ratio)
     g = torch.Generator(device="cuda").manual_seed(n)
     shapes = [(1, heads[0], n, dim), (1, heads[1], n, dim), (1, heads[1], n, dim)]
     base = [torch.randn(*s, generator=g, device="cuda") for s in shapes]
     fast_in = [t.to(dtype).detach().requires_grad_() for t in base]  # distinct leaves even
     ref_in = [t.detach().clone().requires_grad_() for t in base]  # when dtype is float32
-    if backend == "flex":
-        out = la.lrsa_flex_attention(*fast_in, cfg, dim**-0.5)
-    else:
-        out = la.lrsa_varlen(*fast_in, cfg, dim**-0.5)
-        assert torch.isfinite(out).all()
+    out = la.lrsa_varlen(*fast_in, cfg, dim**-0.5)
+    assert torch.isfinite(out).all()
     # the module's own (compiled) selection: float rounding differences between compiled and
     # eager scores could flip a near-tie at the top-K boundary and move one kept token
     kept = la.select_kept(fast_in[1], fast_in[2], la.Rule.of(cfg))
@@ -242,7 +174,7 @@ def test_cuda_forward_backward_match_reference(sink, lag, ratio, n, heads, dim, 
     weights = torch.randn_like(ref)
     (out.float() * weights).sum().backward()
     (ref * weights).sum().backward()
-    # relative L2 error; flex's float32 dots may run as tf32
+    # relative L2 error
     tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
 
     def rel(a, b):

@@ -55,8 +55,8 @@ def check_supported(model: PreTrainedModel) -> None:
 
 
 def set_attention(model: PreTrainedModel, attention: str, cfg: LagKVConfig) -> None:
-    """``lrsa``: the LagKV mask (FlexAttention on CUDA, the dense masked path on CPU);
-    ``dense``: vanilla SDPA, the baseline."""
+    """``lrsa``: the LagKV mask (one varlen attention call on CUDA, the dense masked path on
+    CPU); ``dense``: vanilla SDPA, the baseline."""
     if attention == "lrsa":
         use_lrsa(model, cfg)
     elif attention == "dense":
