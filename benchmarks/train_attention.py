@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lrsa_serve import lagkv  # noqa: E402
 from lrsa_serve.config import LagKVConfig  # noqa: E402
-from lrsa_serve.kernels import lrsa_attention as la  # noqa: E402
-from lrsa_serve.kernels.lrsa_varlen import fa4_applies, lrsa_varlen_attention  # noqa: E402
+from lrsa_serve.training.attention import dispatch  # noqa: E402
+from lrsa_serve.training.attention.varlen import fa4_applies, lrsa_varlen_attention  # noqa: E402
 
 
 def median_ms(fn, warmup: int = 3, iters: int = 10) -> float:
@@ -120,10 +120,10 @@ def main() -> int:
         "rows": [],
     }
 
-    rule = la.Rule.of(cfg)
+    rule = dispatch.Rule.of(cfg)
 
     def varlen(q, k, v):
-        return la.lrsa_varlen(q, k, v, cfg, scale)
+        return dispatch.lrsa_varlen(q, k, v, cfg, scale)
 
     impls = {"varlen": varlen}
     for name in args.impls:
@@ -131,7 +131,7 @@ def main() -> int:
             kernel = name.split(":", 1)[1]
 
             def varlen_with(q, k, v, kernel=kernel):
-                return la.lrsa_varlen(q, k, v, cfg, scale, kernel=kernel)
+                return dispatch.lrsa_varlen(q, k, v, cfg, scale, kernel=kernel)
 
             impls[name] = varlen_with
 
@@ -153,7 +153,7 @@ def main() -> int:
         if fa4_applies(qkv[0]):
             row["dense_fa4_ms"] = median_ms(fwd_bwd(dense_fa4, qkv, grad))
         k, v = qkv[1].detach(), qkv[2].detach()
-        kept = la.select_kept(k, v, rule)
+        kept = dispatch.select_kept(k, v, rule)
 
         def varlen_attn(q, k, v, kept=kept):  # the varlen path without the selection
             return lrsa_varlen_attention(q, k, v, rule, scale, kept=kept)
@@ -179,7 +179,7 @@ def main() -> int:
                 row[f"{impl}_speedup_vs_fa4"] = row["dense_fa4_ms"] / row[f"{impl}_ms"]
         main = args.impls[0]
         row["lrsa_ms"], row["speedup_vs_best_dense"] = row[f"{main}_ms"], row.get(f"{main}_speedup")
-        row["select_ms"] = median_ms(lambda: la.select_kept(k, v, rule))  # noqa: B023
+        row["select_ms"] = median_ms(lambda: dispatch.select_kept(k, v, rule))  # noqa: B023
         with torch.no_grad():
             row["select_eager_ms"] = median_ms(lambda: lagkv.select_all(k, v, cfg))  # noqa: B023
         row["visible_pair_ratio"] = n * (n + 1) / 2 / visible_pairs(n, cfg)

@@ -37,10 +37,10 @@ from transformers import AttentionInterface
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lrsa_serve.config import LagKVConfig  # noqa: E402
-from lrsa_serve.kernels import lrsa_attention as la  # noqa: E402
-from lrsa_serve.kernels.lrsa_varlen import PACKERS, Packing  # noqa: E402
 from lrsa_serve.training import loop  # noqa: E402
 from lrsa_serve.training import model as model_mod  # noqa: E402
+from lrsa_serve.training.attention import dispatch  # noqa: E402
+from lrsa_serve.training.attention.varlen import PACKERS, Packing  # noqa: E402
 from lrsa_serve.training.config import ModelConfig, OptimConfig  # noqa: E402
 from lrsa_serve.training.data import IGNORE_INDEX  # noqa: E402
 from lrsa_serve.training.tiny import (  # noqa: E402
@@ -62,7 +62,7 @@ AttentionInterface.register(FLOOR, no_attention)
 
 def pair_ratio(n: int, cfg: LagKVConfig) -> float:
     """Dense causal query-key pairs over the pairs the mask lets through."""
-    return n * (n + 1) / 2 / Packing.of(n, la.Rule.of(cfg)).visible_pairs()
+    return n * (n + 1) / 2 / Packing.of(n, dispatch.Rule.of(cfg)).visible_pairs()
 
 
 def timed_steps(model, optimizer, batch, autocast, warmup: int, steps: int) -> float:
@@ -106,13 +106,13 @@ def selection_ms(
 ) -> float:
     k = torch.randn(1, kv_heads, n, head_dim, device=device, dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    rule = la.Rule.of(cfg)
+    rule = dispatch.Rule.of(cfg)
     for _ in range(3):
-        la.select_kept(k, v, rule)
+        dispatch.select_kept(k, v, rule)
     sync(device)
     start = time.perf_counter()
     for _ in range(20):
-        la.select_kept(k, v, rule)
+        dispatch.select_kept(k, v, rule)
     sync(device)
     return (time.perf_counter() - start) / 20 * 1e3
 
@@ -130,11 +130,11 @@ def use_variant(variant: str | None) -> bool:
     switches = (chosen.get("replay", "on"), chosen.get("op", "on"))
     if unknown or not set(switches) <= {"on", "off"}:
         raise SystemExit(f"bad LRSA variant option(s) {sorted(chosen)} in {variant!r}")
-    la.set_backend(backend)
+    dispatch.set_backend(backend)
     os.environ["LRSA_VARLEN_KERNEL"] = kernel or "auto"
     os.environ["LRSA_SELECT"] = chosen.get("select", "auto")
     os.environ["LRSA_PACK"] = chosen.get("pack", "auto")
-    la.set_varlen_op(switches[1] == "on")
+    dispatch.set_varlen_op(switches[1] == "on")
     return switches[0] == "on"
 
 
@@ -153,9 +153,9 @@ def main() -> int:
         nargs="+",
         default=["auto"],
         help="LRSA variants to time: BACKEND[:KERNEL][@select=S,pack=P,replay=R,op=O], backends "
-        f"{la.BACKENDS}, selections {la.SELECTORS}, packers {PACKERS}, replay and op on|off (e.g. "
-        "varlen:flash, "
-        "varlen@select=compiled,pack=torch); the first is 'lrsa' in the JSON",
+        f"{dispatch.BACKENDS}, selections {dispatch.SELECTORS}, packers {PACKERS}, replay and op "
+        "on|off (e.g. varlen:flash, varlen@select=compiled,pack=torch); the first is 'lrsa' in "
+        "the JSON",
     )
     parser.add_argument(
         "--floor", action="store_true", help="also time the model with attention removed"

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lrsa_serve.config import LagKVConfig
-from lrsa_serve.kernels import lrsa_attention
 from lrsa_serve.tasks import passkey
+from lrsa_serve.training.attention import dispatch
 
 pytestmark = pytest.mark.engine
 
@@ -36,11 +36,11 @@ def engine_logprobs(engines, prompt):
 
 @pytest.mark.parametrize("backend", ["dense", "varlen"])
 def test_engine_prefill_equals_lrsa_forward(backend, hf_model, prompt, engine_logprobs):
-    lrsa_attention.set_backend(backend)
+    dispatch.set_backend(backend)
     try:
-        logits = lrsa_attention.lrsa_forward_logits(hf_model, torch.tensor(prompt), CFG)
+        logits = dispatch.lrsa_forward_logits(hf_model, torch.tensor(prompt), CFG)
     finally:
-        lrsa_attention.set_backend("auto")
+        dispatch.set_backend("auto")
     trained = torch.log_softmax(logits[0].double(), dim=-1)
     worst = 0.0
     for pos in range(1, len(prompt)):

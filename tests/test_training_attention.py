@@ -12,8 +12,8 @@ import torch
 
 from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig
-from lrsa_serve.kernels import lrsa_attention as la
-from lrsa_serve.kernels import lrsa_varlen as lv
+from lrsa_serve.training.attention import dispatch
+from lrsa_serve.training.attention import varlen as lv
 
 # (sink, lag, ratio, length): lengths off partition boundaries, sinks off block boundaries,
 # a sequence shorter than S + 2L (no compression) and one shorter than the sink.
@@ -67,7 +67,7 @@ def test_varlen_matches_oracle_forward_and_gradients(sink, lag, ratio, n, dtype)
     extra shapes end exactly at S + 2L and on a partition boundary."""
     cfg = LagKVConfig(sink=sink, lag=lag, ratio=ratio)
     q, k, v = qkv(n, dtype, heads=(6, 2), seed=n + 7, grad=True)
-    out = la.lrsa_varlen(q, k, v, cfg, 0.3, kernel="math")
+    out = dispatch.lrsa_varlen(q, k, v, cfg, 0.3, kernel="math")
     assert out.shape == (2, n, 6, 8) and out.dtype == dtype
     assert_matches_oracle(out, q, k, v, cfg, dtype)
 
@@ -78,7 +78,7 @@ def test_varlen_attends_in_the_autocast_dtype():
     cfg = LagKVConfig(sink=4, lag=16, ratio=0.25)
     q, k, v = qkv(100, torch.float32, heads=(4, 2), seed=3, grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = la.lrsa_varlen(q, k, v, cfg, 0.3, kernel="math")
+        out = dispatch.lrsa_varlen(q, k, v, cfg, 0.3, kernel="math")
     assert out.dtype == torch.bfloat16
     ref = oracle(q, k, v, cfg, 0.3)
     assert float((out.double() - ref).norm() / ref.norm()) < 2e-2
@@ -91,7 +91,7 @@ def test_varlen_packing_computes_exactly_the_visible_pairs(n):
     """Each item's keys are distinct, the item's queries are its last keys, and the pairs the
     bottom-right causal items compute are the rule's visible pairs (per KV head, any selection)."""
     cfg = LagKVConfig(sink=4, lag=16, ratio=0.25)
-    rule = la.Rule.of(cfg)
+    rule = dispatch.Rule.of(cfg)
     packing = lv.Packing.of(n, rule)
     assert sum(packing.q_lens) == n and len(packing.template) == sum(packing.k_lens)
     k = torch.randn(1, 1, n, 8, generator=torch.Generator().manual_seed(n))
@@ -121,11 +121,11 @@ def test_hf_model_lrsa_varlen_equals_reference(kind):
     cfg = LagKVConfig(sink=4, lag=16, ratio=0.25)
     model = random_model(tiny_config(kind, vocab_size=300), seed=1).eval()
     ids = torch.randint(0, 300, (2, 117), generator=torch.Generator().manual_seed(0))
-    la.set_backend("varlen")
+    dispatch.set_backend("varlen")
     try:
-        fast = la.lrsa_forward_logits(model, ids, cfg)
+        fast = dispatch.lrsa_forward_logits(model, ids, cfg)
     finally:
-        la.set_backend("auto")
+        dispatch.set_backend("auto")
     assert model.config._attn_implementation == "sdpa"
     assert getattr(model.config, "lagkv", None) is None
     with torch.no_grad():
@@ -158,11 +158,11 @@ def test_cuda_forward_backward_match_reference(sink, lag, ratio, n, heads, dim, 
     base = [torch.randn(*s, generator=g, device="cuda") for s in shapes]
     fast_in = [t.to(dtype).detach().requires_grad_() for t in base]  # distinct leaves even
     ref_in = [t.detach().clone().requires_grad_() for t in base]  # when dtype is float32
-    out = la.lrsa_varlen(*fast_in, cfg, dim**-0.5)
+    out = dispatch.lrsa_varlen(*fast_in, cfg, dim**-0.5)
     assert torch.isfinite(out).all()
     # the module's own (compiled) selection: float rounding differences between compiled and
     # eager scores could flip a near-tie at the top-K boundary and move one kept token
-    kept = la.select_kept(fast_in[1], fast_in[2], la.Rule.of(cfg))
+    kept = dispatch.select_kept(fast_in[1], fast_in[2], dispatch.Rule.of(cfg))
     # float32 reference on the same (rounded) inputs, selection from the same keys
     q, k, v = ref_in
     groups = heads[0] // heads[1]
@@ -188,11 +188,11 @@ def test_cuda_forward_backward_match_reference(sink, lag, ratio, n, heads, dim, 
 def assert_cuda_kernels_match_math(attend, batch: int, n: int, dim: int) -> None:
     """``attend(q, k, v, rule, scale, kept, fast)`` with the CUDA kernels (bf16, ``fast``) against
     its plain-torch kernels on the same rounded inputs in float32, forward and backward."""
-    rule = la.Rule.of(LagKVConfig(sink=16, lag=256, ratio=0.25))
+    rule = dispatch.Rule.of(LagKVConfig(sink=16, lag=256, ratio=0.25))
     g = torch.Generator(device="cuda").manual_seed(n)
     shapes = [(batch, 12, n, dim), (batch, 2, n, dim), (batch, 2, n, dim)]
     base = [torch.randn(*s, generator=g, device="cuda").bfloat16() for s in shapes]
-    kept = la.select_kept(base[1], base[2], rule)
+    kept = dispatch.select_kept(base[1], base[2], rule)
     fast_in = [t.detach().requires_grad_() for t in base]
     ref_in = [t.detach().float().requires_grad_() for t in base]
     out = attend(*fast_in, rule, dim**-0.5, kept, True)
@@ -234,7 +234,7 @@ def test_cuda_varlen_op_matches_eager(kernel, n, heads, dim, monkeypatch):
     """The custom op ``lrsa::varlen`` (the kernel's own backward called directly, the packers'
     explicit backwards; at 32K the Triton selection and packing) against the eager path with the
     same kernel: the same output, gradients within the kernels' atomic-add rounding."""
-    from lrsa_serve.kernels.lrsa_op import lrsa_varlen_op
+    from lrsa_serve.training.attention.op import lrsa_varlen_op
 
     if kernel == "fa4" and not lv.fa4_applies(torch.empty(1, 1, 1, dim, device="cuda").bfloat16()):
         pytest.skip("flash-attn-4 not installed or not this GPU")
@@ -246,8 +246,8 @@ def test_cuda_varlen_op_matches_eager(kernel, n, heads, dim, monkeypatch):
     grad = torch.randn(1, n, heads[0], dim, generator=g, device="cuda").bfloat16()
     results = []
     for attend in (
-        lambda *x: la.lrsa_varlen(*x, cfg, dim**-0.5, kernel=kernel),
-        lambda *x: lrsa_varlen_op(*x, la.Rule.of(cfg), dim**-0.5),
+        lambda *x: dispatch.lrsa_varlen(*x, cfg, dim**-0.5, kernel=kernel),
+        lambda *x: lrsa_varlen_op(*x, dispatch.Rule.of(cfg), dim**-0.5),
     ):
         leaves = [t.detach().clone().requires_grad_() for t in base]
         out = attend(*leaves)
@@ -267,16 +267,16 @@ def test_selection_and_packing_choices_are_explicit(monkeypatch):
     """LRSA_SELECT / LRSA_PACK: the defaults by device, and an unknown value is an error that
     lists the choices."""
     k = torch.randn(1, 2, 40, 16)
-    assert la.selector_for(k) == "eager" and lv.packer_for(k) == "torch"  # CPU defaults
+    assert dispatch.selector_for(k) == "eager" and lv.packer_for(k) == "torch"  # CPU defaults
     monkeypatch.setenv("LRSA_SELECT", "fast")
     with pytest.raises(ValueError, match="LRSA_SELECT must be one of"):
-        la.selector_for(k)
+        dispatch.selector_for(k)
     monkeypatch.setenv("LRSA_PACK", "fast")
     with pytest.raises(ValueError, match="LRSA_PACK must be one of"):
         lv.packer_for(k)
     monkeypatch.setenv("LRSA_SELECT", "compiled")
     monkeypatch.setenv("LRSA_PACK", "torch")
-    assert la.selector_for(k) == "compiled" and lv.packer_for(k) == "torch"
+    assert dispatch.selector_for(k) == "compiled" and lv.packer_for(k) == "torch"
 
 
 def test_varlen_kernel_choice_is_explicit(monkeypatch):
@@ -288,7 +288,7 @@ def test_varlen_kernel_choice_is_explicit(monkeypatch):
     monkeypatch.setenv("LRSA_VARLEN_KERNEL", "auto")
     assert lv.default_kernel(q) == "math"  # CPU
     if lv._fa4() is None:  # FA4 is a GPU-only optional package
-        rule = la.Rule.of(LagKVConfig(sink=4, lag=8, ratio=0.25))
+        rule = dispatch.Rule.of(LagKVConfig(sink=4, lag=8, ratio=0.25))
         k = torch.randn(1, 2, 40, 16)
         with pytest.raises(ValueError, match="flash-attn-4"):
             lv.lrsa_varlen_attention(q, k, k, rule, kernel="fa4")

@@ -1,4 +1,4 @@
-"""The LRSA attention as the custom op ``lrsa::varlen`` (``kernels/lrsa_op.py``): the same
+"""The LRSA attention as the custom op ``lrsa::varlen`` (``training/attention/op.py``): the same
 output and gradients as the eager varlen path, and a compiled decoder layer traces it as one
 graph (no break)."""
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from lrsa_serve.config import LagKVConfig
-from lrsa_serve.kernels import lrsa_attention as la
-from lrsa_serve.kernels.lrsa_op import lrsa_varlen_op
 from lrsa_serve.training import model as model_mod
+from lrsa_serve.training.attention import dispatch
+from lrsa_serve.training.attention.op import lrsa_varlen_op
 from lrsa_serve.training.tiny import random_model, tiny_config
 
 CFG = LagKVConfig(sink=4, lag=16, ratio=0.25)
@@ -19,8 +19,8 @@ CFG = LagKVConfig(sink=4, lag=16, ratio=0.25)
 @pytest.fixture(autouse=True)
 def _restore():
     yield
-    la.set_backend("auto")
-    la.set_varlen_op(True)
+    dispatch.set_backend("auto")
+    dispatch.set_varlen_op(True)
 
 
 @pytest.mark.parametrize("n", [1, 30, 36, 37, 100, 203])
@@ -36,8 +36,8 @@ def test_op_matches_the_eager_path(n, heads):
     grad = torch.randn(2, n, hq, 8, generator=gen, dtype=torch.float64)
     results = []
     for attend in (
-        lambda *x: la.lrsa_varlen(*x, CFG, 0.3, kernel="math"),
-        lambda *x: lrsa_varlen_op(*x, la.Rule.of(CFG), 0.3),
+        lambda *x: dispatch.lrsa_varlen(*x, CFG, 0.3, kernel="math"),
+        lambda *x: lrsa_varlen_op(*x, dispatch.Rule.of(CFG), 0.3),
     ):
         leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
         out = attend(*leaves)
@@ -61,8 +61,8 @@ def decoder_layer_inputs(model, n: int = 75):
 def test_a_compiled_layer_traces_the_op_without_a_graph_break(op):
     """With the op a decoder layer is one dynamo graph; the eager path breaks it (the check can
     fail)."""
-    la.set_backend("varlen")
-    la.set_varlen_op(op)
+    dispatch.set_backend("varlen")
+    dispatch.set_varlen_op(op)
     model = random_model(tiny_config("qwen2", vocab_size=300), seed=3)
     model_mod.set_attention(model, "lrsa", CFG)
     hidden, kwargs = decoder_layer_inputs(model)
@@ -77,11 +77,11 @@ def test_a_compiled_layer_traces_the_op_without_a_graph_break(op):
 def test_training_through_the_op_equals_the_eager_path(compiled):
     """A tiny model with checkpointing (the recompute replays the selection): loss and every
     gradient through the op equal the eager path's, float64; compiled layers included."""
-    la.set_backend("varlen")
+    dispatch.set_backend("varlen")
     ids = torch.randint(0, 300, (2, 75), generator=torch.Generator().manual_seed(0))
     results = {}
     for op in (False, True):
-        la.set_varlen_op(op)
+        dispatch.set_varlen_op(op)
         model = random_model(tiny_config("qwen2", vocab_size=300), seed=3).double()
         model_mod.set_attention(model, "lrsa", CFG)
         model_mod.prepare_for_training(model, True)
@@ -99,4 +99,4 @@ def test_a_kernel_the_op_cannot_run_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("LRSA_VARLEN_KERNEL", "efficient")
     q, k, v = torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
     with pytest.raises(ValueError, match="LRSA_VARLEN_KERNEL=efficient does not apply"):
-        lrsa_varlen_op(q, k, v, la.Rule.of(CFG), None)
+        lrsa_varlen_op(q, k, v, dispatch.Rule.of(CFG), None)

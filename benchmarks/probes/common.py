@@ -18,16 +18,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: tra
 from train_model import timed_steps  # noqa: E402
 
 from lrsa_serve.config import LagKVConfig  # noqa: E402
-from lrsa_serve.kernels import lrsa_attention as la  # noqa: E402
-from lrsa_serve.kernels import lrsa_varlen as lv  # noqa: E402
 from lrsa_serve.training import loop  # noqa: E402
 from lrsa_serve.training import model as model_mod  # noqa: E402
+from lrsa_serve.training.attention import dispatch  # noqa: E402
+from lrsa_serve.training.attention import varlen as lv  # noqa: E402
 from lrsa_serve.training.config import OptimConfig  # noqa: E402
 from lrsa_serve.training.tiny import qwen2_half_billion_config, random_model  # noqa: E402
 
 N = 32768
 CFG = LagKVConfig(sink=16, lag=1024, ratio=0.25)
-RULE = la.Rule.of(CFG)
+RULE = dispatch.Rule.of(CFG)
 
 
 def cuda_ms(fn, reps: int = 20) -> float:
@@ -47,7 +47,7 @@ def cuda_ms(fn, reps: int = 20) -> float:
 def packed_layer(key: torch.Tensor, value: torch.Tensor):
     """One layer's selection and varlen packing: ``kept``, the ``Packing``, ``cu_q``/``cu_k``,
     the template on the device and the key index ``[1, Tk, Hkv]``."""
-    kept = la.select_kept(key, value, RULE)
+    kept = dispatch.select_kept(key, value, RULE)
     packing = lv.Packing.of(key.shape[2], RULE)
     cu_q, cu_k, template = lv._tensors(packing, 1, str(key.device))
     return kept, packing, cu_q, cu_k, template, lv.key_index(kept, packing, template)

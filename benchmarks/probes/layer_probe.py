@@ -12,8 +12,8 @@ import os
 import torch
 from common import CFG, N, cuda_ms, packed_layer
 
-from lrsa_serve.kernels import lrsa_attention as la
-from lrsa_serve.kernels.pack_rows import pack_rows
+from lrsa_serve.training.attention import dispatch
+from lrsa_serve.training.attention.pack_rows import pack_rows
 
 dev = "cuda"
 q = torch.randn(1, N, 14, 64, device=dev, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
@@ -47,7 +47,7 @@ for select, pack in [
     os.environ["LRSA_SELECT"], os.environ["LRSA_PACK"] = select, pack
 
     def whole():
-        out = la.lrsa_varlen(q, k, v, CFG)
+        out = dispatch.lrsa_varlen(q, k, v, CFG)
         out.backward(g)
 
     ms = cuda_ms(whole)

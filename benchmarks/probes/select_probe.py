@@ -19,10 +19,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lrsa_serve.config import LagKVConfig  # noqa: E402
-from lrsa_serve.kernels import lrsa_attention as la  # noqa: E402
+from lrsa_serve.training.attention import dispatch  # noqa: E402
 
 cfg = LagKVConfig(sink=16, lag=1024, ratio=0.25)
-rule = la.Rule.of(cfg)
+rule = dispatch.Rule.of(cfg)
 for n in (16384, 32768):
     k = torch.randn(1, 2, n, 64, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
@@ -33,11 +33,11 @@ for n in (16384, 32768):
         os.environ["LRSA_SELECT"] = name
         for kk, vv, lay in ((k, v, "heads"), (kt, vt, "tokens")):
             for _ in range(3):
-                out = la.select_kept(kk, vv, rule)
+                out = dispatch.select_kept(kk, vv, rule)
             torch.cuda.synchronize()
             t = time.perf_counter()
             for _ in range(50):
-                la.select_kept(kk, vv, rule)
+                dispatch.select_kept(kk, vv, rule)
             torch.cuda.synchronize()
             ms = (time.perf_counter() - t) / 50 * 1e3
             kept[name, lay] = out
@@ -46,7 +46,7 @@ for n in (16384, 32768):
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a @ a
             s.record()
-            la.select_kept(kk, vv, rule)
+            dispatch.select_kept(kk, vv, rule)
             e.record()
             torch.cuda.synchronize()
             gpu_ms = s.elapsed_time(e)

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from common import CFG, RULE, N, compiled_half_billion, cuda_ms, packed_layer, profiled_steps
 
-from lrsa_serve.kernels import lrsa_attention as la
-from lrsa_serve.kernels import lrsa_varlen as lv
 from lrsa_serve.training import model as model_mod
+from lrsa_serve.training.attention import dispatch
+from lrsa_serve.training.attention import varlen as lv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train_model import qa_batch  # noqa: E402
@@ -63,7 +63,7 @@ def layer_pieces() -> None:
         return run
 
     def whole():
-        la.lrsa_varlen(q, k, v, CFG).backward(grad)
+        dispatch.lrsa_varlen(q, k, v, CFG).backward(grad)
 
     def dense():
         out = torch.nn.functional.scaled_dot_product_attention(
@@ -76,7 +76,7 @@ def layer_pieces() -> None:
         fa4.flash_attn_func(*leaves, causal=True)[0].backward(grad)
 
     for name, fn in [
-        ("selection", lambda: la.select_kept(k, v, RULE)),
+        ("selection", lambda: dispatch.select_kept(k, v, RULE)),
         ("key_index", lambda: lv.key_index(kept, packing, template)),
         ("gathers fwd", gathers(False)),
         ("gathers fwd+bwd", gathers(True)),
@@ -95,7 +95,7 @@ def whole_steps() -> None:
     model, optimizer, autocast = compiled_half_billion(DEVICE)
     model_mod.prepare_for_training(model, False)
     batch = qa_batch(N, model.config.vocab_size, 512, DEVICE)
-    la.set_backend("varlen")
+    dispatch.set_backend("varlen")
     for attention in ["dense", "lrsa"]:
         model_mod.set_attention(model, attention, CFG)
         seconds, table = profiled_steps(

@@ -332,7 +332,7 @@ def pack_items(
     picks ``pack_rows`` or ``gather``; differentiable in key and value."""
     hkv, d = key.shape[1], key.shape[-1]
     if packer_for(key) == "triton":
-        from lrsa_serve.kernels.pack_rows import pack_rows
+        from lrsa_serve.training.attention.pack_rows import pack_rows
 
         return pack_rows(key, value, index, kept, packing)
     index = index[..., None].expand(-1, -1, -1, d)
@@ -353,7 +353,7 @@ def pack_items_backward(
     """``pack_items``' backward without autograd: key/value gradients ``[B, Hkv, n, D]`` from
     the rows' ``[B * Tk, Hkv, D]``, summed as the chosen packer's own backward sums them."""
     if packer_for(key) == "triton":
-        from lrsa_serve.kernels.pack_rows import pack_rows_backward
+        from lrsa_serve.training.attention.pack_rows import pack_rows_backward
 
         return pack_rows_backward(grad_k, grad_v, key, value, kept, packing)
     b, hkv, n, d = key.shape

@@ -1,4 +1,4 @@
-"""LRSA attention (the varlen formulation, ``lrsa_varlen``) as one custom op, ``lrsa::varlen``.
+"""LRSA attention (the varlen formulation, ``varlen``) as one custom op, ``lrsa::varlen``.
 
 Why an op: dynamo cannot trace the LRSA attention (Python packing tables, the selection's own
 compile, FlashAttention-4's CuTe launch), so behind ``torch.compiler.disable`` it broke every
@@ -7,8 +7,8 @@ the 0.5B model 25-94 ms per training step at 8-32K tokens with checkpointing, 11
 (``benchmarks/probes/graph_break_probe.py``). As a custom op the attention is one opaque node of
 the layer's graph, forward and backward.
 
-Forward: the selection (in a checkpoint recompute, the forward's: ``selection_replay``), the
-items' key/value rows (``lrsa_varlen.pack_items``), the items' kernel. Returns the output, the
+Forward: the selection (in a checkpoint recompute, the forward's: ``replay``), the
+items' key/value rows (``varlen.pack_items``), the items' kernel. Returns the output, the
 kernel's log-sum-exp and the kept positions. Backward (``lrsa::varlen_backward``): the rows are
 packed again from the kept positions (one gather, instead of holding them from forward to
 backward), the kernel's own backward runs on the items, and the packer's backward adds the rows'
@@ -24,7 +24,7 @@ import importlib
 import torch
 
 from lrsa_serve import lagkv
-from lrsa_serve.kernels import lrsa_varlen as lv
+from lrsa_serve.training.attention import varlen as lv
 
 OP_KERNELS = ("fa4", "flash", "math")
 
@@ -137,7 +137,7 @@ def varlen(
     """LRSA attention: query ``[B, Hq, n, D]``, key/value ``[B, Hkv, n, D]`` of one dtype.
     Returns the output ``[B, n, Hq, D]``, the log-sum-exp ``[Hq, B * n]`` and the kept
     positions ``[B, Hkv, P, keep]``."""
-    from lrsa_serve.kernels.lrsa_attention import Rule, select_kept
+    from lrsa_serve.training.attention.dispatch import Rule, select_kept
 
     with torch.no_grad():
         kept = select_kept(key, value, Rule(sink, lag, keep, score_v_ratio))

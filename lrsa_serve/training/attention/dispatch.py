@@ -8,11 +8,11 @@ gather of the rows each query sees.
 
 Dispatch (explicit, never silent):
 
-- CUDA (or ``backend="varlen"``): ``lrsa_varlen``: the rule as ONE variable-length dense
+- CUDA (or ``backend="varlen"``): ``varlen``: the rule as ONE variable-length dense
   attention call (FlashAttention-4 or -2 varlen, bottom-right causal per partition item) over
   gathered key lists, with the selection below (compiled torch; from 32K tokens the serving
   engine's Triton kernel). Measured fastest on the H100 (notes/training.md). It runs as the
-  custom op ``lrsa::varlen`` (``lrsa_op``), which a compiled decoder layer traces as one node;
+  custom op ``lrsa::varlen`` (``op``), which a compiled decoder layer traces as one node;
   ``LRSA_VARLEN_OP=off`` and float32 queries on CUDA run it eagerly behind a graph break.
   On CPU ``backend="varlen"`` runs the items in plain torch (tests).
 - CPU (or ``backend="dense"``): ``reference_attention``'s exact dense masked path; the tests
@@ -36,13 +36,13 @@ from transformers import AttentionInterface, PreTrainedModel
 
 from lrsa_serve import lagkv
 from lrsa_serve.config import CONFIG_KEY, LagKVConfig, keep_for
-from lrsa_serve.kernels import lrsa_op, selection_replay
-from lrsa_serve.kernels.lrsa_varlen import (
+from lrsa_serve.reference_attention import lagkv_reference_attention, settings_of
+from lrsa_serve.training.attention import op, replay
+from lrsa_serve.training.attention.varlen import (
     TRITON_MIN_LENGTH,
     env_choice,
     lrsa_varlen_attention,
 )
-from lrsa_serve.reference_attention import lagkv_reference_attention, settings_of
 
 NAME = "lrsa"
 # Distinct compiled graphs we allow, so that a run never reaches dynamo's default limit.
@@ -71,13 +71,13 @@ class Rule:
 def select_kept(key: torch.Tensor, value: torch.Tensor, rule: Rule) -> torch.Tensor:
     """Kept absolute positions ``[B, Hkv, P, keep]`` (``lagkv.select_all``), without gradient.
     In a checkpointed layer's recompute, the positions its forward selected
-    (``selection_replay``)."""
+    (``replay``)."""
 
     def select() -> torch.Tensor:
         with torch.no_grad():
             return _selector(selector_for(key))(key, value, rule)
 
-    return selection_replay.remembered(select, key, rule)
+    return replay.remembered(select, key, rule)
 
 
 SELECTORS = ("auto", "triton", "compiled", "eager")
@@ -98,7 +98,7 @@ def selector_for(key: torch.Tensor) -> str:
 @lru_cache(maxsize=4)
 def _selector(name: str) -> Callable:
     if name == "triton":
-        from lrsa_serve.kernels import sequence_select
+        from lrsa_serve.training.attention import sequence_select
 
         return sequence_select.select_all
     if name == "compiled":
@@ -128,7 +128,7 @@ def lrsa_varlen(
     *,
     kernel: str | None = None,
 ) -> torch.Tensor:
-    """LRSA attention of whole sequences as one varlen attention call (``lrsa_varlen``), with
+    """LRSA attention of whole sequences as one varlen attention call (``varlen``), with
     this module's selection (compiled on CUDA): ``[B, n, Hq, D]``."""
     rule = cfg if isinstance(cfg, Rule) else Rule.of(cfg)
     kept = select_kept(key, value, rule)
@@ -153,7 +153,7 @@ def backend_for(query: torch.Tensor) -> str:
     return "varlen" if query.is_cuda else "dense"
 
 
-# ``lrsa::varlen`` (lrsa_op) where it applies; ``LRSA_VARLEN_OP=off`` (or set_varlen_op(False))
+# ``lrsa::varlen`` (``op``) where it applies; ``LRSA_VARLEN_OP=off`` (or set_varlen_op(False))
 # runs the same attention eagerly behind a graph break, as before the op.
 _varlen_op = env_choice("LRSA_VARLEN_OP", ("auto", "off")) == "auto"
 
@@ -188,8 +188,8 @@ def lrsa_attention(
     break (``_eager_attention``)."""
     if _varlen_op and not (dropout and module.training) and backend_for(query) == "varlen":
         rule = _traceable_rule(module)
-        if rule is not None and query.shape[2] == key.shape[2] and lrsa_op.op_applies(query):
-            return lrsa_op.lrsa_varlen_op(query, key, value, rule, scaling), None
+        if rule is not None and query.shape[2] == key.shape[2] and op.op_applies(query):
+            return op.lrsa_varlen_op(query, key, value, rule, scaling), None
     return _eager_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
 
 
