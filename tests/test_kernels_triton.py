@@ -619,17 +619,19 @@ def test_pack_rows_forward_and_exact_gradient(batch, n, dim, dtype, layout):
 
 @kernel_test
 def test_lrsa_varlen_packs_with_triton_as_with_gather(monkeypatch):
-    """The whole varlen LRSA attention (plain-torch items) with LRSA_PACK=triton gives the output
-    and the q/k/v gradients of LRSA_PACK=torch, batch 2 with GQA; eagerly (autograd through the
-    packers) and through the custom op (their explicit backwards, ``pack_items_backward``)."""
+    """The whole varlen LRSA attention (plain-torch items) packing with ``pack_rows`` gives the
+    output and the q/k/v gradients of packing with ``gather``, batch 2 with GQA; eagerly
+    (autograd through the packers) and through the custom op (their explicit backwards,
+    ``pack_items_backward``). The packer is forced here: by default only CUDA takes
+    ``pack_rows``, from 32K tokens."""
     from lrsa_serve.config import LagKVConfig
     from lrsa_serve.training.attention import dispatch
+    from lrsa_serve.training.attention import varlen as lv
     from lrsa_serve.training.attention.op import lrsa_varlen_op
 
-    # float64, to compare at 1e-12: only the plain-torch items take it everywhere. The op picks
-    # its kernel itself, and on CUDA the automatic choice for float64 is the memory-efficient
-    # kernel, which the op does not run (production calls it only where ``op_applies``).
-    monkeypatch.setenv("LRSA_VARLEN_KERNEL", "math")
+    # float64, to compare at 1e-12: only the plain-torch items take it everywhere. On CUDA the
+    # automatic choice for float64 is the memory-efficient kernel, which the op does not run
+    # (production calls it only where ``op_applies``): both paths name the math kernel.
     cfg = LagKVConfig(sink=16, lag=32, ratio=0.25)
     n, gen = 16 + 5 * 32 + 9, torch.Generator(device=DEVICE).manual_seed(5)
     q = torch.randn(2, 4, n, 16, generator=gen, device=DEVICE, dtype=torch.float64)
@@ -637,11 +639,11 @@ def test_lrsa_varlen_packs_with_triton_as_with_gather(monkeypatch):
             for _ in range(2))  # fmt: skip
     paths = {
         "eager": lambda *x: dispatch.lrsa_varlen(*x, cfg, kernel="math"),
-        "op": lambda *x: lrsa_varlen_op(*x, dispatch.Rule.of(cfg), None),
+        "op": lambda *x: lrsa_varlen_op(*x, dispatch.Rule.of(cfg), None, kernel="math"),
     }
     results = {}
     for packer in ("torch", "triton"):
-        monkeypatch.setenv("LRSA_PACK", packer)
+        monkeypatch.setattr(lv, "packer_for", lambda key, packer=packer: packer)
         for path, attend in paths.items():
             leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
             out = attend(*leaves)

@@ -38,10 +38,10 @@ class FlipFlopSelection:
 def selection(monkeypatch):
     flipflop = FlipFlopSelection()
     monkeypatch.setattr(lagkv, "select_all", flipflop)
-    dispatch._selector.cache_clear()  # the eager selector is lagkv.select_all, looked up when built
+    dispatch.selector.cache_clear()  # the eager selector is lagkv.select_all, looked up when built
     yield flipflop
-    dispatch._selector.cache_clear()
-    dispatch.set_backend("auto")
+    dispatch.selector.cache_clear()
+    dispatch.set_kernel("auto")
 
 
 def loss_and_grads(model, ids, selection, checkpointing: bool, replay: bool):
@@ -55,19 +55,18 @@ def loss_and_grads(model, ids, selection, checkpointing: bool, replay: bool):
     return float(loss.detach()), grads, forward_calls, selection.calls
 
 
-@pytest.mark.parametrize("backend", ["dense", "varlen"])
+@pytest.mark.parametrize("kernel", ["auto", "math"])  # on CPU: the dense reference; varlen
 @pytest.mark.parametrize("compiled", [False, True])
-def test_checkpoint_recompute_replays_the_forward_selection(selection, backend, compiled):
+def test_checkpoint_recompute_replays_the_forward_selection(selection, kernel, compiled):
     """With checkpointing the layers' selection runs once per forward (not again in the
     backward) and the gradients are exactly those without checkpointing, even with a selection
     that would change if run again; selecting again instead gives other gradients."""
-    if compiled and backend == "dense":
+    if compiled and kernel == "auto":
         pytest.skip("one compiled case is enough: the varlen one")
     layers = 2
     model = random_model(tiny_config("qwen2", vocab_size=300, num_hidden_layers=layers), seed=3)
     model = model.double()
-    model_mod.set_attention(model, "lrsa", CFG)
-    dispatch.set_backend(backend)
+    model_mod.set_attention(model, "lrsa", CFG, kernel)
     if compiled:
         model_mod.compile_layers(model)
     ids = torch.randint(0, 300, (2, 75), generator=torch.Generator().manual_seed(0))

@@ -121,11 +121,11 @@ def test_hf_model_lrsa_varlen_equals_reference(kind):
     cfg = LagKVConfig(sink=4, lag=16, ratio=0.25)
     model = random_model(tiny_config(kind, vocab_size=300), seed=1).eval()
     ids = torch.randint(0, 300, (2, 117), generator=torch.Generator().manual_seed(0))
-    dispatch.set_backend("varlen")
+    dispatch.set_kernel("math")
     try:
         fast = dispatch.lrsa_forward_logits(model, ids, cfg)
     finally:
-        dispatch.set_backend("auto")
+        dispatch.set_kernel("auto")
     assert model.config._attn_implementation == "sdpa"
     assert getattr(model.config, "lagkv", None) is None
     with torch.no_grad():
@@ -230,7 +230,7 @@ def test_cuda_varlen_kernels_match_math(kernel, batch, n, dim):
 @cuda
 @pytest.mark.parametrize("kernel", ["fa4", "flash"])
 @pytest.mark.parametrize("n,heads,dim", [(5000, (12, 2), 128), (32768, (14, 2), 64)])
-def test_cuda_varlen_op_matches_eager(kernel, n, heads, dim, monkeypatch):
+def test_cuda_varlen_op_matches_eager(kernel, n, heads, dim):
     """The custom op ``lrsa::varlen`` (the kernel's own backward called directly, the packers'
     explicit backwards; at 32K the Triton selection and packing) against the eager path with the
     same kernel: the same output, gradients within the kernels' atomic-add rounding."""
@@ -238,7 +238,6 @@ def test_cuda_varlen_op_matches_eager(kernel, n, heads, dim, monkeypatch):
 
     if kernel == "fa4" and not lv.fa4_applies(torch.empty(1, 1, 1, dim, device="cuda").bfloat16()):
         pytest.skip("flash-attn-4 not installed or not this GPU")
-    monkeypatch.setenv("LRSA_VARLEN_KERNEL", kernel)
     cfg = LagKVConfig(sink=16, lag=1024, ratio=0.25)
     g = torch.Generator(device="cuda").manual_seed(n)
     shapes = [(1, heads[0], n, dim), (1, heads[1], n, dim), (1, heads[1], n, dim)]
@@ -247,7 +246,7 @@ def test_cuda_varlen_op_matches_eager(kernel, n, heads, dim, monkeypatch):
     results = []
     for attend in (
         lambda *x: dispatch.lrsa_varlen(*x, cfg, dim**-0.5, kernel=kernel),
-        lambda *x: lrsa_varlen_op(*x, dispatch.Rule.of(cfg), dim**-0.5),
+        lambda *x: lrsa_varlen_op(*x, dispatch.Rule.of(cfg), dim**-0.5, kernel=kernel),
     ):
         leaves = [t.detach().clone().requires_grad_() for t in base]
         out = attend(*leaves)
@@ -263,35 +262,28 @@ def test_cuda_varlen_op_matches_eager(kernel, n, heads, dim, monkeypatch):
         assert torch.isfinite(got).all() and rel(got, want) < 1e-2
 
 
-def test_selection_and_packing_choices_are_explicit(monkeypatch):
-    """LRSA_SELECT / LRSA_PACK: the defaults by device, and an unknown value is an error that
-    lists the choices."""
-    k = torch.randn(1, 2, 40, 16)
-    assert dispatch.selector_for(k) == "eager" and lv.packer_for(k) == "torch"  # CPU defaults
-    monkeypatch.setenv("LRSA_SELECT", "fast")
-    with pytest.raises(ValueError, match="LRSA_SELECT must be one of"):
-        dispatch.selector_for(k)
-    monkeypatch.setenv("LRSA_PACK", "fast")
-    with pytest.raises(ValueError, match="LRSA_PACK must be one of"):
-        lv.packer_for(k)
-    monkeypatch.setenv("LRSA_SELECT", "compiled")
-    monkeypatch.setenv("LRSA_PACK", "torch")
-    assert dispatch.selector_for(k) == "compiled" and lv.packer_for(k) == "torch"
+def test_cpu_selects_and_packs_in_plain_torch_at_any_length():
+    """The Triton selection and packing are CUDA paths (from ``TRITON_MIN_LENGTH`` tokens): a CPU
+    run takes plain torch even past that length."""
+    for n in (40, lv.TRITON_MIN_LENGTH):
+        k = torch.empty(1, 2, n, 16)
+        assert dispatch.selector_for(k) == "eager" and lv.packer_for(k) == "torch"
 
 
-def test_varlen_kernel_choice_is_explicit(monkeypatch):
-    """A kernel that cannot run is an error naming the cause, never a silent fallback."""
+def test_varlen_kernel_choice_is_explicit():
+    """A kernel that cannot run is an error naming the cause, never a silent fallback, both
+    where the trainer sets it and where a call names it."""
     q = torch.randn(1, 4, 40, 16)
-    monkeypatch.setenv("LRSA_VARLEN_KERNEL", "fast")
-    with pytest.raises(ValueError, match="LRSA_VARLEN_KERNEL must be one of"):
-        lv.default_kernel(q)
-    monkeypatch.setenv("LRSA_VARLEN_KERNEL", "auto")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        lv.default_kernel(q, "fast")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        dispatch.set_kernel("fast")
     assert lv.default_kernel(q) == "math"  # CPU
+    assert lv.default_kernel(q, "efficient") == "efficient"  # a named kernel is taken as is
     if lv._fa4() is None:  # FA4 is a GPU-only optional package
         rule = dispatch.Rule.of(LagKVConfig(sink=4, lag=8, ratio=0.25))
         k = torch.randn(1, 2, 40, 16)
         with pytest.raises(ValueError, match="flash-attn-4"):
             lv.lrsa_varlen_attention(q, k, k, rule, kernel="fa4")
-        monkeypatch.setenv("LRSA_VARLEN_KERNEL", "fa4")
         with pytest.raises(ValueError, match="flash-attn-4"):
-            lv.default_kernel(q)
+            dispatch.set_kernel("fa4")

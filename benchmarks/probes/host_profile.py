@@ -17,7 +17,6 @@ from common import CFG, compiled_half_billion, profiled_steps
 
 from lrsa_serve.training import loop
 from lrsa_serve.training import model as model_mod
-from lrsa_serve.training.attention import dispatch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train_model import qa_batch  # noqa: E402
@@ -29,7 +28,6 @@ def main(n: int) -> None:
     model, optimizer, autocast = compiled_half_billion(DEVICE)
     model_mod.prepare_for_training(model, True)
     batch = qa_batch(n, model.config.vocab_size, 512, DEVICE)
-    dispatch.set_backend("varlen")
     for attention in ["dense", "lrsa"]:
         model_mod.set_attention(model, attention, CFG)
         seconds, table = profiled_steps(model, optimizer, batch, autocast, "cpu_time_total", 40, 70)

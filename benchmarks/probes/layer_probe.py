@@ -7,12 +7,11 @@ Needs CUDA (FA4 where installed). Ran on the GPU machine from the repo root
     python3 benchmarks/probes/layer_probe.py
 """
 
-import os
-
 import torch
-from common import CFG, N, cuda_ms, packed_layer
+from common import RULE, N, cuda_ms, packed_layer
 
 from lrsa_serve.training.attention import dispatch
+from lrsa_serve.training.attention import varlen as lv
 from lrsa_serve.training.attention.pack_rows import pack_rows
 
 dev = "cuda"
@@ -44,10 +43,13 @@ for select, pack in [
     ("compiled", "torch"),
     ("triton", "triton"),
 ]:
-    os.environ["LRSA_SELECT"], os.environ["LRSA_PACK"] = select, pack
+    # The trainer picks both by length (Triton from 32K on CUDA); each pair is forced here.
+    lv.packer_for = lambda key, pack=pack: pack
 
-    def whole():
-        out = dispatch.lrsa_varlen(q, k, v, CFG)
+    def whole(select=select):
+        with torch.no_grad():
+            kept = dispatch.selector(select)(k, v, RULE)
+        out = lv.lrsa_varlen_attention(q, k, v, RULE, kept=kept)
         out.backward(g)
 
     ms = cuda_ms(whole)

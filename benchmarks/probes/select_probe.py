@@ -9,7 +9,6 @@ notes/raw_select_pack/selection_probe.txt):
     python3 benchmarks/probes/select_probe.py
 """
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,14 +29,14 @@ for n in (16384, 32768):
     vt = torch.randn_like(kt)
     kept = {}
     for name in ("triton", "compiled", "eager"):
-        os.environ["LRSA_SELECT"] = name
+        select = dispatch.selector(name)  # the trainer picks by length; each is timed here
         for kk, vv, lay in ((k, v, "heads"), (kt, vt, "tokens")):
             for _ in range(3):
-                out = dispatch.select_kept(kk, vv, rule)
+                out = select(kk, vv, rule)
             torch.cuda.synchronize()
             t = time.perf_counter()
             for _ in range(50):
-                dispatch.select_kept(kk, vv, rule)
+                select(kk, vv, rule)
             torch.cuda.synchronize()
             ms = (time.perf_counter() - t) / 50 * 1e3
             kept[name, lay] = out
@@ -46,7 +45,7 @@ for n in (16384, 32768):
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a @ a
             s.record()
-            dispatch.select_kept(kk, vv, rule)
+            select(kk, vv, rule)
             e.record()
             torch.cuda.synchronize()
             gpu_ms = s.elapsed_time(e)

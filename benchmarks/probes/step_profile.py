@@ -95,7 +95,6 @@ def whole_steps() -> None:
     model, optimizer, autocast = compiled_half_billion(DEVICE)
     model_mod.prepare_for_training(model, False)
     batch = qa_batch(N, model.config.vocab_size, 512, DEVICE)
-    dispatch.set_backend("varlen")
     for attention in ["dense", "lrsa"]:
         model_mod.set_attention(model, attention, CFG)
         seconds, table = profiled_steps(

@@ -54,10 +54,14 @@ def check_supported(model: PreTrainedModel) -> None:
         raise UserError("sliding-window attention models are not supported by LRSA training")
 
 
-def set_attention(model: PreTrainedModel, attention: str, cfg: LagKVConfig) -> None:
+def set_attention(
+    model: PreTrainedModel, attention: str, cfg: LagKVConfig, kernel: str = "auto"
+) -> None:
     """``lrsa``: the LagKV mask (one varlen attention call on CUDA, the dense masked path on
-    CPU); ``dense``: vanilla SDPA, the baseline."""
+    CPU; ``kernel`` pins the varlen call's kernel, ``dispatch.set_kernel``); ``dense``: vanilla
+    SDPA, the baseline."""
     if attention == "lrsa":
+        dispatch.set_kernel(kernel)
         use_lrsa(model, cfg)
     elif attention == "dense":
         model.set_attn_implementation("sdpa")

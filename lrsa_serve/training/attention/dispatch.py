@@ -8,14 +8,14 @@ gather of the rows each query sees.
 
 Dispatch (explicit, never silent):
 
-- CUDA (or ``backend="varlen"``): ``varlen``: the rule as ONE variable-length dense
-  attention call (FlashAttention-4 or -2 varlen, bottom-right causal per partition item) over
-  gathered key lists, with the selection below (compiled torch; from 32K tokens the serving
-  engine's Triton kernel). Measured fastest on the H100 (notes/training.md). It runs as the
-  custom op ``lrsa::varlen`` (``op``), which a compiled decoder layer traces as one node;
-  ``LRSA_VARLEN_OP=off`` and float32 queries on CUDA run it eagerly behind a graph break.
-  On CPU ``backend="varlen"`` runs the items in plain torch (tests).
-- CPU (or ``backend="dense"``): ``reference_attention``'s exact dense masked path; the tests
+- CUDA, or any device once ``set_kernel`` names a kernel: ``varlen``: the rule as ONE
+  variable-length dense attention call (FlashAttention-4 or -2 varlen, bottom-right causal per
+  partition item) over gathered key lists, with the selection below (compiled torch; from 32K
+  tokens the serving engine's Triton kernel). Measured fastest on the H100 (notes/training.md).
+  It runs as the custom op ``lrsa::varlen`` (``op``), which a compiled decoder layer traces as
+  one node; float32 queries on CUDA run it eagerly behind a graph break. ``set_kernel("math")``
+  runs the items in plain torch on any device (tests).
+- CPU with the kernel ``auto``: ``reference_attention``'s exact dense masked path; the tests
   compare the paths.
 - Queries fewer than keys (decoding with a cache) always take the reference path: the items are
   defined for a whole sequence at once.
@@ -26,7 +26,6 @@ real token see a later pad), so ``attention_mask`` is not consulted. Left paddin
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -39,15 +38,15 @@ from lrsa_serve.config import CONFIG_KEY, LagKVConfig, keep_for
 from lrsa_serve.reference_attention import lagkv_reference_attention, settings_of
 from lrsa_serve.training.attention import op, replay
 from lrsa_serve.training.attention.varlen import (
+    KERNELS,
     TRITON_MIN_LENGTH,
-    env_choice,
+    check_kernel,
     lrsa_varlen_attention,
 )
 
 NAME = "lrsa"
 # Distinct compiled graphs we allow, so that a run never reaches dynamo's default limit.
 RECOMPILE_LIMIT = 256
-BACKENDS = ("auto", "varlen", "dense")
 
 
 @dataclass(frozen=True)
@@ -75,28 +74,23 @@ def select_kept(key: torch.Tensor, value: torch.Tensor, rule: Rule) -> torch.Ten
 
     def select() -> torch.Tensor:
         with torch.no_grad():
-            return _selector(selector_for(key))(key, value, rule)
+            return selector(selector_for(key))(key, value, rule)
 
     return replay.remembered(select, key, rule)
 
 
-SELECTORS = ("auto", "triton", "compiled", "eager")
-
-
 def selector_for(key: torch.Tensor) -> str:
-    """``LRSA_SELECT`` if set; else on CUDA the serving engine's Triton kernel
-    (``sequence_select``: three launches per layer) from ``TRITON_MIN_LENGTH`` tokens and
-    ``compiled`` (``lagkv.select_all`` under ``torch.compile``) below; plain torch on CPU."""
-    forced = env_choice("LRSA_SELECT", SELECTORS)
-    if forced != "auto":
-        return forced
+    """On CUDA the serving engine's Triton kernel (``sequence_select``: three launches per layer)
+    from ``TRITON_MIN_LENGTH`` tokens and ``compiled`` (``lagkv.select_all`` under
+    ``torch.compile``) below; ``eager`` (plain torch) on CPU."""
     if not key.is_cuda:
         return "eager"
     return "triton" if key.shape[2] >= TRITON_MIN_LENGTH else "compiled"
 
 
 @lru_cache(maxsize=4)
-def _selector(name: str) -> Callable:
+def selector(name: str) -> Callable:
+    """The selection function ``selector_for`` names: ``(key, value, rule) -> kept``."""
     if name == "triton":
         from lrsa_serve.training.attention import sequence_select
 
@@ -126,41 +120,34 @@ def lrsa_varlen(
     cfg: LagKVConfig | Rule,
     scaling: float | None = None,
     *,
-    kernel: str | None = None,
+    kernel: str = "auto",
 ) -> torch.Tensor:
-    """LRSA attention of whole sequences as one varlen attention call (``varlen``), with
-    this module's selection (compiled on CUDA): ``[B, n, Hq, D]``."""
+    """LRSA attention of whole sequences as one varlen attention call (``varlen``) with this
+    ``kernel`` (one of ``KERNELS``), with this module's selection (compiled on CUDA):
+    ``[B, n, Hq, D]``."""
     rule = cfg if isinstance(cfg, Rule) else Rule.of(cfg)
     kept = select_kept(key, value, rule)
     return lrsa_varlen_attention(query, key, value, rule, scaling, kernel=kernel, kept=kept)
 
 
 # ---- the transformers attention function --------------------------------------------------------
-_backend = os.environ.get("LRSA_ATTENTION_BACKEND", "auto")
+# The varlen call's kernel for every model (``set_kernel``; the trainer passes its job's
+# ``model.lrsa_kernel``). Process-wide, because transformers hands the registered attention only
+# the layer (whose config is the model's), and what a config holds is saved with the model.
+_kernel = "auto"
 
 
-def set_backend(backend: str) -> None:
-    """``auto`` (varlen on CUDA, dense masked on CPU), ``varlen`` or ``dense``, for every model."""
-    global _backend
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
-    _backend = backend
+def set_kernel(kernel: str) -> None:
+    """The kernel of the LRSA attention of every model: ``auto`` (the varlen call on CUDA with
+    the fastest kernel that applies, the exact dense masked reference on CPU) or one of the
+    varlen call's kernels (``fa4``, ``flash``, ``efficient``, ``math``), then on any device."""
+    global _kernel
+    _kernel = check_kernel(kernel)
 
 
-def backend_for(query: torch.Tensor) -> str:
-    if _backend != "auto":
-        return _backend
-    return "varlen" if query.is_cuda else "dense"
-
-
-# ``lrsa::varlen`` (``op``) where it applies; ``LRSA_VARLEN_OP=off`` (or set_varlen_op(False))
-# runs the same attention eagerly behind a graph break, as before the op.
-_varlen_op = env_choice("LRSA_VARLEN_OP", ("auto", "off")) == "auto"
-
-
-def set_varlen_op(enabled: bool) -> None:
-    global _varlen_op
-    _varlen_op = enabled
+def uses_varlen(query: torch.Tensor) -> bool:
+    """Whether these queries take the varlen call (else the dense masked reference)."""
+    return query.is_cuda or _kernel != "auto"
 
 
 def _traceable_rule(module: torch.nn.Module) -> Rule | None:
@@ -183,13 +170,13 @@ def lrsa_attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """The registered attention. The varlen backend runs as the custom op ``lrsa::varlen``, which
-    a compiled decoder layer traces as one node; every other path runs eagerly, behind a graph
-    break (``_eager_attention``)."""
-    if _varlen_op and not (dropout and module.training) and backend_for(query) == "varlen":
+    """The registered attention. The varlen call runs as the custom op ``lrsa::varlen`` where it
+    applies, which a compiled decoder layer traces as one node; every other path runs eagerly,
+    behind a graph break (``_eager_attention``)."""
+    if not (dropout and module.training) and uses_varlen(query):
         rule = _traceable_rule(module)
         if rule is not None and query.shape[2] == key.shape[2] and op.op_applies(query):
-            return op.lrsa_varlen_op(query, key, value, rule, scaling), None
+            return op.lrsa_varlen_op(query, key, value, rule, scaling, kernel=_kernel), None
     return _eager_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
 
 
@@ -206,10 +193,9 @@ def _eager_attention(
 ) -> tuple[torch.Tensor, None]:
     if dropout and module.training:
         raise ValueError("LRSA attention does not implement attention dropout")
-    backend = backend_for(query)
-    if backend == "dense" or query.shape[2] != key.shape[2]:
+    if not uses_varlen(query) or query.shape[2] != key.shape[2]:
         return lagkv_reference_attention(module, query, key, value, None, scaling=scaling)
-    return lrsa_varlen(query, key, value, settings_of(module), scaling), None
+    return lrsa_varlen(query, key, value, settings_of(module), scaling, kernel=_kernel), None
 
 
 AttentionInterface.register(NAME, lrsa_attention)
@@ -250,12 +236,14 @@ def lrsa_forward_logits(
 
 
 __all__ = [
+    "KERNELS",
     "NAME",
     "Rule",
     "lrsa_attention",
     "lrsa_forward_logits",
     "lrsa_varlen",
-    "set_backend",
-    "set_varlen_op",
+    "select_kept",
+    "selector",
+    "set_kernel",
     "use_lrsa",
 ]

@@ -34,15 +34,14 @@ Kernels (``varlen_attention``):
 from __future__ import annotations
 
 import importlib
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
 from lrsa_serve import lagkv
+from lrsa_serve.training.config import LRSA_KERNELS as KERNELS
 
-KERNELS = ("auto", "fa4", "flash", "efficient", "math")
 # aten's CustomMaskType for the memory-efficient kernel: causal aligned to the bottom right.
 _CAUSAL_FROM_BOTTOM_RIGHT = 2
 
@@ -276,24 +275,22 @@ def fa4_applies(query: torch.Tensor) -> bool:
 FA4_MIN_LENGTH = 8192
 
 
-def env_choice(name: str, choices: tuple[str, ...]) -> str:
-    """The environment variable ``name`` (``"auto"`` when unset), which must be one of
-    ``choices``: a forced path that cannot be taken is an error, never a silent fallback."""
-    value = os.environ.get(name, "auto")
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, not {value!r}")
-    return value
+def check_kernel(kernel: str) -> str:
+    """``kernel`` if it is one of ``KERNELS``; a kernel that cannot be taken is an error, never a
+    silent fallback."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, not {kernel!r}")
+    if kernel == "fa4" and _fa4() is None:
+        raise ValueError("kernel 'fa4' needs the flash-attn-4 package (flash_attn.cute)")
+    return kernel
 
 
-def default_kernel(query: torch.Tensor) -> str:
-    """``LRSA_VARLEN_KERNEL`` if set; else fa4 where it is installed and applies from
+def default_kernel(query: torch.Tensor, kernel: str = "auto") -> str:
+    """``kernel`` if it names one; for ``auto``: fa4 where it is installed and applies from
     ``FA4_MIN_LENGTH`` tokens, flash where it applies, efficient for other CUDA dtypes / head
     dims, math on CPU. ``query`` is ``[B, Hq, n, D]``."""
-    forced = env_choice("LRSA_VARLEN_KERNEL", KERNELS)
-    if forced != "auto":
-        if forced == "fa4" and _fa4() is None:
-            raise ValueError("LRSA_VARLEN_KERNEL=fa4 needs the flash-attn-4 package")
-        return forced
+    if check_kernel(kernel) != "auto":
+        return kernel
     if not query.is_cuda:
         return "math"
     if query.shape[2] >= FA4_MIN_LENGTH and fa4_applies(query):
@@ -306,17 +303,13 @@ def default_kernel(query: torch.Tensor) -> str:
 # without (H100); at 16K the step is partly CPU-bound and their launches cost more Python time
 # than they save on the GPU (1.15x vs 1.27x). notes/training.md.
 TRITON_MIN_LENGTH = 32768
-PACKERS = ("auto", "triton", "torch")
 
 
 def packer_for(key: torch.Tensor) -> str:
-    """How the items' key/value rows are gathered: ``LRSA_PACK`` if set, else ``triton`` on CUDA
-    from ``TRITON_MIN_LENGTH`` tokens (``pack_rows``: one launch, exact float32 gradient sums,
-    deterministic) and ``torch`` otherwise (``gather``, whose backward adds the rows up with
-    atomics in the tensor's dtype). ``key`` is ``[B, Hkv, n, D]``."""
-    forced = env_choice("LRSA_PACK", PACKERS)
-    if forced != "auto":
-        return forced
+    """How the items' key/value rows are gathered: ``triton`` on CUDA from ``TRITON_MIN_LENGTH``
+    tokens (``pack_rows``: one launch, exact float32 gradient sums, deterministic) and ``torch``
+    otherwise (``gather``, whose backward adds the rows up with atomics in the tensor's dtype).
+    ``key`` is ``[B, Hkv, n, D]``."""
     return "triton" if key.is_cuda and key.shape[2] >= TRITON_MIN_LENGTH else "torch"
 
 
@@ -374,19 +367,19 @@ def lrsa_varlen_attention(
     rule,
     scaling: float | None = None,
     *,
-    kernel: str | None = None,
+    kernel: str = "auto",
     kept: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """LRSA attention of whole sequences: ``[B, n, Hq, D]`` (HF's layout).
 
     query ``[B, Hq, n, D]``, key/value ``[B, Hkv, n, D]`` (post-RoPE), Hq a multiple of Hkv.
-    ``rule`` has sink/lag/keep/score_v_ratio; ``kept`` (``[B, Hkv, P, keep]``) defaults to
-    ``lagkv.select_all`` of this key/value under no_grad.
+    ``rule`` has sink/lag/keep/score_v_ratio; ``kernel`` is one of ``KERNELS``; ``kept``
+    (``[B, Hkv, P, keep]``) defaults to ``lagkv.select_all`` of this key/value under no_grad.
     """
     query, key, value = in_autocast_dtype(query, key, value)
     b, hq, n, d = query.shape
     scale = d**-0.5 if scaling is None else scaling
-    kernel = kernel or default_kernel(query)
+    kernel = default_kernel(query, kernel)
     if kept is None:
         with torch.no_grad():
             kept = lagkv.select_all(key, value, rule)
@@ -404,8 +397,8 @@ def lrsa_varlen_attention(
 __all__ = [
     "KERNELS",
     "Packing",
+    "check_kernel",
     "default_kernel",
-    "env_choice",
     "attention_dtype",
     "fa4_applies",
     "flash_applies",
