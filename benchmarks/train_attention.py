@@ -1,20 +1,16 @@
-"""LRSA attention (varlen; split cuDNN+FA2; gather + flex) vs dense causal SDPA, fwd+bwd, bf16.
+"""LRSA attention (the varlen path) vs dense causal SDPA, fwd+bwd, bf16.
 
 One attention layer's forward and backward at 8K/16K/32K tokens (12 query / 2 KV heads, d=128,
 S=16, L=1024, r=0.25 by default), timed with CUDA events (median after warm-up) on fresh random
 inputs. Each LRSA time includes everything the training layer does: LagKV selection (compiled),
 the gathers, the attention kernel forward and backward, the output layout. ``varlen`` is the
-varlen path (``lrsa_varlen``: one FlashAttention-2 varlen call); ``split`` the two-call one
-(``lrsa_split``: own blocks on cuDNN, older keys on FA2 varlen, LSE merge; ``split:L,G`` picks
-its local/global kernels); ``flex`` the FlexAttention one (``--impls`` picks; ``varlen_attn`` /
-``split_attn`` are those paths without the selection; ``varlen:K`` the varlen path with kernel
-K, e.g. ``fa4`` or ``flash``). Dense is timed with SDPA's default backend (cuDNN on the H100)
-and, for reference, with FlashAttention-2 forced and, where ``flash-attn-4`` is installed, with
-FlashAttention-4's dense causal kernel.
+varlen path (``lrsa_varlen``: one varlen attention call; ``--impls`` picks; ``varlen_attn`` is
+the varlen path without the selection; ``varlen:K`` the varlen path with kernel K, e.g. ``fa4``
+or ``flash``). Dense is timed with SDPA's default
+backend (cuDNN on the H100) and, for reference, with FlashAttention-2 forced and, where
+``flash-attn-4`` is installed, with FlashAttention-4's dense causal kernel.
 
-Also reported: the visible-pair ratio (the FLOP ratio the mask allows), selection alone, and an
-optional sweep of FlexAttention kernel options at the longest length (``--sweep``; the fastest
-is written to ``--best-options`` for later runs: ``LRSA_FLEX_KERNEL_OPTIONS``).
+Also reported: the visible-pair ratio (the FLOP ratio the mask allows) and selection alone.
 
     python benchmarks/train_attention.py --out results.json
 """
@@ -23,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -36,16 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lrsa_serve import lagkv  # noqa: E402
 from lrsa_serve.config import LagKVConfig  # noqa: E402
-from lrsa_serve.kernels import lrsa_attention as la  # noqa: E402
-from lrsa_serve.kernels.lrsa_split import lrsa_split_attention  # noqa: E402
-from lrsa_serve.kernels.lrsa_varlen import fa4_applies, lrsa_varlen_attention  # noqa: E402
-
-OPTION_SETS = {
-    "default": None,
-    "rows_safe": {"ROWS_GUARANTEED_SAFE": True},
-    "rows_safe_prescale": {"ROWS_GUARANTEED_SAFE": True, "PRESCALE_QK": True},
-    "rows_safe_tma": {"ROWS_GUARANTEED_SAFE": True, "USE_TMA": True},
-}
+from lrsa_serve.training.attention import dispatch  # noqa: E402
+from lrsa_serve.training.attention.varlen import fa4_applies, lrsa_varlen_attention  # noqa: E402
 
 
 def median_ms(fn, warmup: int = 3, iters: int = 10) -> float:
@@ -121,13 +107,9 @@ def main() -> int:
     parser.add_argument("--sink", type=int, default=16)
     parser.add_argument("--lag", type=int, default=1024)
     parser.add_argument("--ratio", type=float, default=0.25)
-    parser.add_argument("--impls", nargs="+", default=["varlen", "flex"])
-    parser.add_argument("--sweep", nargs="*", default=[], help=f"of {sorted(OPTION_SETS)}")
-    parser.add_argument("--deadline", type=float, default=240.0, help="seconds for the sweep")
+    parser.add_argument("--impls", nargs="+", default=["varlen"])
     parser.add_argument("--out", default="train_attention.json")
-    parser.add_argument("--best-options", default=None, help="write the fastest options here")
     args = parser.parse_args()
-    started = time.time()
     cfg = LagKVConfig(sink=args.sink, lag=args.lag, ratio=args.ratio)
     heads = tuple(args.heads)
     scale = args.dim**-0.5
@@ -135,81 +117,28 @@ def main() -> int:
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "settings": cfg.model_dump() | {"heads": heads, "dim": args.dim},
-        "sweep": {},
         "rows": [],
     }
 
-    rule = la.Rule.of(cfg)
-
-    def lrsa(q, k, v):
-        return la.lrsa_flex_attention(q, k, v, cfg, scale)
+    rule = dispatch.Rule.of(cfg)
 
     def varlen(q, k, v):
-        return la.lrsa_varlen(q, k, v, cfg, scale)
+        return dispatch.lrsa_varlen(q, k, v, cfg, scale)
 
-    def split(q, k, v):
-        return la.lrsa_split(q, k, v, cfg, scale)
-
-    impls = {"varlen": varlen, "split": split, "flex": lrsa}
-    for name in args.impls:  # split:LOCAL,GLOBAL = the split path with these kernels
-        if name.startswith("split:"):
-            kernels = tuple(name.split(":", 1)[1].split(","))
-
-            def split_with(q, k, v, kernels=kernels):
-                return la.lrsa_split(q, k, v, cfg, scale, kernels=kernels)
-
-            impls[name] = split_with
+    impls = {"varlen": varlen}
+    for name in args.impls:
         if name.startswith("varlen:"):  # varlen:KERNEL = the varlen path with this kernel
             kernel = name.split(":", 1)[1]
 
             def varlen_with(q, k, v, kernel=kernel):
-                return la.lrsa_varlen(q, k, v, cfg, scale, kernel=kernel)
+                return dispatch.lrsa_varlen(q, k, v, cfg, scale, kernel=kernel)
 
             impls[name] = varlen_with
 
     def save():
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
-    # 1. kernel-option sweep at the longest length (each option set compiles once)
-    longest = max(args.lengths)
-    qkv, grad = inputs(longest, heads, args.dim, seed=0)
-    best_name, best_ms = "default", float("inf")
-    for name in args.sweep:
-        if time.time() - started > args.deadline:
-            result["sweep"][name] = "skipped: deadline"
-            continue
-        options = OPTION_SETS[name]
-        os.environ.pop("LRSA_FLEX_KERNEL_OPTIONS", None)
-        if options:
-            os.environ["LRSA_FLEX_KERNEL_OPTIONS"] = json.dumps(options)
-        try:
-            t0 = time.time()
-            fwd_bwd(lrsa, qkv, grad)()
-            torch.cuda.synchronize()
-            compile_s = time.time() - t0
-            ms = median_ms(fwd_bwd(lrsa, qkv, grad))
-        except Exception as e:  # an option the installed flex rejects: report, go on
-            result["sweep"][name] = f"failed: {type(e).__name__}: {str(e)[:200]}"
-            print(f"sweep {name}: failed {e!r}"[:300], flush=True)
-            continue
-        result["sweep"][name] = {"ms": ms, "first_call_s": compile_s}
-        print(f"sweep {name}: {ms:.2f} ms (first call {compile_s:.1f} s)", flush=True)
-        if ms < best_ms:
-            best_name, best_ms = name, ms
-        save()
-    if args.sweep:
-        best = OPTION_SETS[best_name]
-        os.environ.pop("LRSA_FLEX_KERNEL_OPTIONS", None)
-        if best:
-            os.environ["LRSA_FLEX_KERNEL_OPTIONS"] = json.dumps(best)
-    else:  # no sweep: flex runs with LRSA_FLEX_KERNEL_OPTIONS as given
-        best_name, best = "env", la.kernel_options()
-    result["best_options"] = {"name": best_name, "options": best}
-    if args.best_options:
-        Path(args.best_options).write_text(json.dumps(best or {}))
-    del qkv, grad
-
-    # 2. the table: dense SDPA (both GQA forms) vs LRSA, plus selection alone
+    # dense SDPA (both GQA forms) vs LRSA, plus selection alone
     for n in args.lengths:
         qkv, grad = inputs(n, heads, args.dim, seed=n)
         row = {"n": n}
@@ -224,24 +153,17 @@ def main() -> int:
         if fa4_applies(qkv[0]):
             row["dense_fa4_ms"] = median_ms(fwd_bwd(dense_fa4, qkv, grad))
         k, v = qkv[1].detach(), qkv[2].detach()
-        kept = la.select_kept(k, v, rule)
+        kept = dispatch.select_kept(k, v, rule)
 
         def varlen_attn(q, k, v, kept=kept):  # the varlen path without the selection
             return lrsa_varlen_attention(q, k, v, rule, scale, kept=kept)
 
-        def split_attn(q, k, v, kept=kept):  # the split path without the selection
-            return lrsa_split_attention(q, k, v, rule, scale, kept=kept)
-
         impls["varlen_attn"] = varlen_attn
-        impls["split_attn"] = split_attn
         dense = min(row["dense_sdpa_gqa_ms"], row["dense_sdpa_repeat_ms"])
         # fwd 4*pairs*d*Hq flops, bwd 2.5x fwd
         flops = 3.5 * 4 * args.dim * heads[0]
         row["dense_tflops"] = flops * n * (n + 1) / 2 / (dense * 1e-3) / 1e12
         for impl in args.impls:
-            if impl == "flex" and time.time() - started > args.deadline:
-                row["flex_ms"] = None
-                continue
             try:
                 row[f"{impl}_ms"] = median_ms(fwd_bwd(impls[impl], qkv, grad))
             except Exception as e:  # report and go on with the other paths
@@ -257,7 +179,7 @@ def main() -> int:
                 row[f"{impl}_speedup_vs_fa4"] = row["dense_fa4_ms"] / row[f"{impl}_ms"]
         main = args.impls[0]
         row["lrsa_ms"], row["speedup_vs_best_dense"] = row[f"{main}_ms"], row.get(f"{main}_speedup")
-        row["select_ms"] = median_ms(lambda: la.select_kept(k, v, rule))  # noqa: B023
+        row["select_ms"] = median_ms(lambda: dispatch.select_kept(k, v, rule))  # noqa: B023
         with torch.no_grad():
             row["select_eager_ms"] = median_ms(lambda: lagkv.select_all(k, v, cfg))  # noqa: B023
         row["visible_pair_ratio"] = n * (n + 1) / 2 / visible_pairs(n, cfg)
@@ -271,7 +193,7 @@ def main() -> int:
     save()
     print(
         f"\n{result['device']}, torch {result['torch']}, {cfg.short()}, heads {heads}, "
-        f"d={args.dim}, bf16, fwd+bwd, median ms; flex options: {best_name}"
+        f"d={args.dim}, bf16, fwd+bwd, median ms"
     )
     head = "".join(f"{impl:>12} {'speedup':>8}" for impl in args.impls)
     print(

@@ -13,11 +13,9 @@ with ``--floor`` the same step with attention replaced by nothing (each layer pa
 through): what the rest of the model costs. From it, the speedup the mask allows at best: dense
 attention time divided by the mask's visible-pair ratio, plus the rest.
 
-LRSA variants: ``BACKEND[:KERNEL][@select=S,pack=P,replay=R,op=O]`` (``LRSA_SELECT``,
-``LRSA_PACK``; ``replay=off``: the checkpoint recompute selects again instead of replaying the
-forward's selection; ``op=off``: the attention runs behind a graph break instead of as the custom
-op ``lrsa::varlen``), e.g. ``varlen@select=compiled,pack=torch``: the trainer before the Triton
-selection and packing.
+LRSA variants: ``KERNEL[@replay=on|off]``, the trainer's ``--lrsa-kernel`` (``auto``, ``fa4``,
+``flash``, ...); ``replay=off``: the checkpoint recompute selects again instead of replaying the
+forward's selection. E.g. ``--lrsa-variants auto flash``: FlashAttention-4 against -2.
 
     python benchmarks/train_model.py --out train_model.json
 """
@@ -26,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -37,11 +34,11 @@ from transformers import AttentionInterface
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lrsa_serve.config import LagKVConfig  # noqa: E402
-from lrsa_serve.kernels import lrsa_attention as la  # noqa: E402
-from lrsa_serve.kernels.lrsa_varlen import PACKERS, Packing  # noqa: E402
 from lrsa_serve.training import loop  # noqa: E402
 from lrsa_serve.training import model as model_mod  # noqa: E402
-from lrsa_serve.training.config import ModelConfig, OptimConfig  # noqa: E402
+from lrsa_serve.training.attention import dispatch  # noqa: E402
+from lrsa_serve.training.attention.varlen import Packing  # noqa: E402
+from lrsa_serve.training.config import LRSA_KERNELS, ModelConfig, OptimConfig  # noqa: E402
 from lrsa_serve.training.data import IGNORE_INDEX  # noqa: E402
 from lrsa_serve.training.tiny import (  # noqa: E402
     qwen2_half_billion_config,
@@ -62,7 +59,7 @@ AttentionInterface.register(FLOOR, no_attention)
 
 def pair_ratio(n: int, cfg: LagKVConfig) -> float:
     """Dense causal query-key pairs over the pairs the mask lets through."""
-    return n * (n + 1) / 2 / Packing.of(n, la.Rule.of(cfg)).visible_pairs()
+    return n * (n + 1) / 2 / Packing.of(n, dispatch.Rule.of(cfg)).visible_pairs()
 
 
 def timed_steps(model, optimizer, batch, autocast, warmup: int, steps: int) -> float:
@@ -106,36 +103,26 @@ def selection_ms(
 ) -> float:
     k = torch.randn(1, kv_heads, n, head_dim, device=device, dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    rule = la.Rule.of(cfg)
+    rule = dispatch.Rule.of(cfg)
     for _ in range(3):
-        la.select_kept(k, v, rule)
+        dispatch.select_kept(k, v, rule)
     sync(device)
     start = time.perf_counter()
     for _ in range(20):
-        la.select_kept(k, v, rule)
+        dispatch.select_kept(k, v, rule)
     sync(device)
     return (time.perf_counter() - start) / 20 * 1e3
 
 
-def use_variant(variant: str | None) -> bool:
-    """Backend, varlen kernel, selection and packer of
-    ``BACKEND[:KERNEL][@select=S,pack=P,replay=on|off,op=on|off]``; returns whether a checkpoint
-    recompute replays the forward's selection (the trainer's default) or selects again.
-    ``op=off``: the varlen attention runs eagerly behind a graph break instead of as the custom
-    op ``lrsa::varlen``."""
-    spec, _, options = (variant or "auto").partition("@")
-    backend, _, kernel = spec.partition(":")
+def parse_variant(variant: str) -> tuple[str, bool]:
+    """The kernel of ``KERNEL[@replay=on|off]`` and whether a checkpoint recompute replays the
+    forward's selection (the trainer's default) or selects again."""
+    kernel, _, options = variant.partition("@")
     chosen = dict(option.split("=", 1) for option in options.split(",") if option)
-    unknown = set(chosen) - {"select", "pack", "replay", "op"}
-    switches = (chosen.get("replay", "on"), chosen.get("op", "on"))
-    if unknown or not set(switches) <= {"on", "off"}:
-        raise SystemExit(f"bad LRSA variant option(s) {sorted(chosen)} in {variant!r}")
-    la.set_backend(backend)
-    os.environ["LRSA_VARLEN_KERNEL"] = kernel or "auto"
-    os.environ["LRSA_SELECT"] = chosen.get("select", "auto")
-    os.environ["LRSA_PACK"] = chosen.get("pack", "auto")
-    la.set_varlen_op(switches[1] == "on")
-    return switches[0] == "on"
+    replay = chosen.pop("replay", "on")
+    if chosen or replay not in ("on", "off") or kernel not in LRSA_KERNELS:
+        raise SystemExit(f"bad LRSA variant {variant!r}: KERNEL[@replay=on|off], {LRSA_KERNELS}")
+    return kernel, replay == "on"
 
 
 def main() -> int:
@@ -149,13 +136,11 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--checkpointing", nargs="+", default=["on", "off"])
     parser.add_argument(
-        "--lrsa-backends",
+        "--lrsa-variants",
         nargs="+",
         default=["auto"],
-        help="LRSA variants to time: BACKEND[:KERNEL][@select=S,pack=P,replay=R,op=O], backends "
-        f"{la.BACKENDS}, selections {la.SELECTORS}, packers {PACKERS}, replay and op on|off (e.g. "
-        "varlen:flash, "
-        "varlen@select=compiled,pack=torch); the first is 'lrsa' in the JSON",
+        help=f"LRSA variants to time: KERNEL[@replay=on|off], kernels {LRSA_KERNELS} (e.g. "
+        "flash, auto@replay=off); the first is 'lrsa' in the JSON",
     )
     parser.add_argument(
         "--floor", action="store_true", help="also time the model with attention removed"
@@ -171,6 +156,8 @@ def main() -> int:
     parser.add_argument("--out", default="train_model.json")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script")
     args = parser.parse_args()
+    for variant in args.lrsa_variants:  # a typo stops the run before any model is built
+        parse_variant(variant)
     started = time.time()
     cfg = LagKVConfig(sink=args.sink, lag=args.lag, ratio=args.ratio)
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -197,28 +184,30 @@ def main() -> int:
             "adamw": args.adamw,
             "compiled_layers": compiled,
         },
-        "lrsa_backends": args.lrsa_backends,
+        "lrsa_variants": args.lrsa_variants,
         "rows": [],
     }
     # (name in the JSON, LRSA variant or None for dense): the first variant is plain "lrsa"
-    runs = [("dense", None), ("lrsa", args.lrsa_backends[0])]
-    runs += [(f"lrsa_{b}", b) for b in args.lrsa_backends[1:]]
+    runs = [("dense", None), ("lrsa", args.lrsa_variants[0])]
+    runs += [(f"lrsa_{v}", v) for v in args.lrsa_variants[1:]]
     if args.floor:
         runs.append(("floor", FLOOR))
     for checkpointing in args.checkpointing:
         for n in args.lengths:
             batch = qa_batch(n, config.vocab_size, args.target_tokens, device)
             row = {"n": n, "checkpointing": checkpointing}
-            for attention, backend in runs:
+            for attention, variant in runs:
                 if time.time() - started > args.deadline:
                     row[f"{attention}_s"] = None
                     continue
                 replay = True
-                if backend == FLOOR:
+                if variant == FLOOR:
                     model.set_attn_implementation(FLOOR)
+                elif variant is None:
+                    model_mod.set_attention(model, "dense", cfg)
                 else:
-                    model_mod.set_attention(model, "dense" if backend is None else "lrsa", cfg)
-                    replay = use_variant(backend)
+                    kernel, replay = parse_variant(variant)
+                    model_mod.set_attention(model, "lrsa", cfg, kernel)
                 # the trainer's own set-up (checkpointing per layer, replaying the selection)
                 model_mod.prepare_for_training(
                     model, checkpointing == "on", replay_selection=replay
@@ -253,7 +242,7 @@ def main() -> int:
             if isinstance(row.get("dense_s"), float) and isinstance(row.get("lrsa_s"), float):
                 row["speedup"] = row["dense_s"] / row["lrsa_s"]
                 head_dim = config.hidden_size // config.num_attention_heads
-                replays = use_variant(args.lrsa_backends[0])
+                _, replays = parse_variant(args.lrsa_variants[0])
                 per_layer = selection_ms(n, config.num_key_value_heads, head_dim, cfg, device)
                 passes = 2 if checkpointing == "on" and not replays else 1
                 select_s = per_layer * config.num_hidden_layers * passes / 1e3
@@ -276,7 +265,7 @@ def main() -> int:
     others = [name for name, _ in runs[2:] if name != "floor"]
     extra = "".join(f" {name + ' tok/s':>18} {'speedup':>8}" for name in others)
     print(
-        f"lrsa = backend {args.lrsa_backends[0]}\n"
+        f"lrsa = kernel {args.lrsa_variants[0]}\n"
         f"{'n':>6} {'ckpt':>4} {'dense tok/s':>12} {'lrsa tok/s':>11} {'speedup':>8} {'select':>7}"
         f"{extra}" + (f" {'floor tok/s':>12} {'best':>6}" if args.floor else "")
     )

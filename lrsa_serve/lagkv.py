@@ -118,7 +118,7 @@ def select_all(keys: torch.Tensor, values: torch.Tensor, cfg: LagKVConfig) -> to
 # ---- the visibility rule -------------------------------------------------------------------------
 def raw_key_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, cfg: LagKVConfig) -> torch.Tensor:
     """Keys seen whatever was selected: causal, and sink, previous or current partition
-    (everything while w(t) <= 1). Broadcasts; usable inside a FlexAttention mask_mod."""
+    (everything while w(t) <= 1). Broadcasts."""
     q_part, k_part = partition_of(q_pos, cfg), partition_of(k_pos, cfg)
     return (k_pos <= q_pos) & ((k_pos < cfg.sink) | (k_part >= q_part - 1) | (q_part <= 1))
 

@@ -17,7 +17,7 @@ from transformers import AttentionInterface, PreTrainedModel
 
 from lrsa_serve import lagkv
 from lrsa_serve.config import CONFIG_KEY, LagKVConfig
-from lrsa_serve.kernels import selection_replay
+from lrsa_serve.training.attention import replay
 
 NAME = "lagkv_reference"
 # Queries per block: bounds the float32 score matrix at long lengths (9 heads x 1024 x 8K ~ 300 MB).
@@ -73,7 +73,7 @@ def lagkv_reference_attention(
         with torch.no_grad():  # top-K has no gradient; gradients flow through the visible K/V
             return lagkv.select_all(key, value, cfg)
 
-    kept = selection_replay.remembered(select, key, cfg)  # a checkpoint recompute replays
+    kept = replay.remembered(select, key, cfg)  # a checkpoint recompute replays
     outputs = []
     for lo in range(0, num_queries, QUERY_BLOCK):
         hi = min(num_queries, lo + QUERY_BLOCK)

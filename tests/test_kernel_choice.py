@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from lrsa_serve.config import LagKVConfig
-from lrsa_serve.kernels import lrsa_attention as la
-from lrsa_serve.kernels import lrsa_varlen as lv
-from lrsa_serve.kernels.lrsa_op import lrsa_varlen_op
+from lrsa_serve.training.attention import dispatch
+from lrsa_serve.training.attention import varlen as lv
+from lrsa_serve.training.attention.op import lrsa_varlen_op
 
 
 @pytest.fixture
@@ -46,15 +46,14 @@ def fake_flash_attn(tmp_path, monkeypatch):
     ],
 )
 def test_a_broken_fa4_install_is_an_error_naming_the_package_and_cause(
-    fake_flash_attn, monkeypatch, source, cause
+    fake_flash_attn, source, cause
 ):
     fake_flash_attn({"__init__.py": "", "cute/__init__.py": source + "\n"})
     with pytest.raises(ImportError, match="flash-attn-4") as raised:
         lv._fa4()
     assert cause in str(raised.value)
-    monkeypatch.setenv("LRSA_VARLEN_KERNEL", "fa4")  # the forced choice asks for FA4 too
-    with pytest.raises(ImportError, match="flash-attn-4") as raised:
-        lv.default_kernel(torch.randn(1, 4, 40, 16))
+    with pytest.raises(ImportError, match="flash-attn-4") as raised:  # a named fa4 asks too
+        lv.default_kernel(torch.randn(1, 4, 40, 16), "fa4")
     assert cause in str(raised.value)
 
 
@@ -76,7 +75,7 @@ def test_an_installed_fa4_imports(fake_flash_attn):
 def test_the_op_names_why_it_cannot_take_the_automatic_kernel(monkeypatch):
     """On CUDA, float32/64 queries get the memory-efficient kernel automatically, which the op
     does not run: the error says to check ``op_applies`` (simulated here on the CPU)."""
-    monkeypatch.setattr(lv, "default_kernel", lambda query: "efficient")
+    monkeypatch.setattr(lv, "default_kernel", lambda query, kernel="auto": "efficient")
     q = torch.randn(1, 2, 40, 8, dtype=torch.float64)
     with pytest.raises(ValueError, match="check op_applies first"):
-        lrsa_varlen_op(q, q, q, la.Rule.of(LagKVConfig(sink=4, lag=16, ratio=0.25)), None)
+        lrsa_varlen_op(q, q, q, dispatch.Rule.of(LagKVConfig(sink=4, lag=16, ratio=0.25)), None)

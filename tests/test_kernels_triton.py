@@ -501,7 +501,7 @@ def sequence_kv(batch, heads, n, dim, dtype, layout, gen, device=DEVICE):
 def assert_sequence_selection(key, value, cfg) -> int:
     """``sequence_select.select_all`` equals ``lagkv.select_all`` up to near-ties (see
     assert_same_selection); returns how many (partition, head) rows differ at all."""
-    from lrsa_serve.kernels import sequence_select
+    from lrsa_serve.training.attention import sequence_select
 
     kept = sequence_select.select_all(key, value, cfg)
     expected = lagkv.select_all(key.cpu(), value.cpu(), cfg).to(kept.device)
@@ -552,7 +552,7 @@ def test_sequence_select_matches_lagkv(batch, n, layout, dtype):
 def packed_case(batch, n, dim, dtype, layout, seed, device=DEVICE):
     """Keys/values, their selection and the varlen packing of one small LRSA case."""
     from lrsa_serve.config import LagKVConfig
-    from lrsa_serve.kernels import lrsa_varlen as lv
+    from lrsa_serve.training.attention import varlen as lv
 
     cfg = LagKVConfig(sink=16, lag=32, ratio=0.25)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -589,7 +589,7 @@ def test_pack_rows_forward_and_exact_gradient(batch, n, dim, dtype, layout):
     """Forward: the rows ``gather`` copies, bit for bit. Backward: each source row's gradient is
     the sum of the packed rows' gradients that copied it, accumulated in float32 and rounded
     once (checked against float64 sums), and the same bits on a second run."""
-    from lrsa_serve.kernels.pack_rows import pack_rows
+    from lrsa_serve.training.attention.pack_rows import pack_rows
 
     key, value, kept, packing, index = packed_case(batch, n, dim, dtype, layout, seed=n)
     key.requires_grad_(True)
@@ -619,29 +619,31 @@ def test_pack_rows_forward_and_exact_gradient(batch, n, dim, dtype, layout):
 
 @kernel_test
 def test_lrsa_varlen_packs_with_triton_as_with_gather(monkeypatch):
-    """The whole varlen LRSA attention (plain-torch items) with LRSA_PACK=triton gives the output
-    and the q/k/v gradients of LRSA_PACK=torch, batch 2 with GQA; eagerly (autograd through the
-    packers) and through the custom op (their explicit backwards, ``pack_items_backward``)."""
+    """The whole varlen LRSA attention (plain-torch items) packing with ``pack_rows`` gives the
+    output and the q/k/v gradients of packing with ``gather``, batch 2 with GQA; eagerly
+    (autograd through the packers) and through the custom op (their explicit backwards,
+    ``pack_items_backward``). The packer is forced here: by default only CUDA takes
+    ``pack_rows``, from 32K tokens."""
     from lrsa_serve.config import LagKVConfig
-    from lrsa_serve.kernels import lrsa_attention as la
-    from lrsa_serve.kernels.lrsa_op import lrsa_varlen_op
+    from lrsa_serve.training.attention import dispatch
+    from lrsa_serve.training.attention import varlen as lv
+    from lrsa_serve.training.attention.op import lrsa_varlen_op
 
-    # float64, to compare at 1e-12: only the plain-torch items take it everywhere. The op picks
-    # its kernel itself, and on CUDA the automatic choice for float64 is the memory-efficient
-    # kernel, which the op does not run (production calls it only where ``op_applies``).
-    monkeypatch.setenv("LRSA_VARLEN_KERNEL", "math")
+    # float64, to compare at 1e-12: only the plain-torch items take it everywhere. On CUDA the
+    # automatic choice for float64 is the memory-efficient kernel, which the op does not run
+    # (production calls it only where ``op_applies``): both paths name the math kernel.
     cfg = LagKVConfig(sink=16, lag=32, ratio=0.25)
     n, gen = 16 + 5 * 32 + 9, torch.Generator(device=DEVICE).manual_seed(5)
     q = torch.randn(2, 4, n, 16, generator=gen, device=DEVICE, dtype=torch.float64)
     k, v = (torch.randn(2, 2, n, 16, generator=gen, device=DEVICE, dtype=torch.float64)
             for _ in range(2))  # fmt: skip
     paths = {
-        "eager": lambda *x: la.lrsa_varlen(*x, cfg, kernel="math"),
-        "op": lambda *x: lrsa_varlen_op(*x, la.Rule.of(cfg), None),
+        "eager": lambda *x: dispatch.lrsa_varlen(*x, cfg, kernel="math"),
+        "op": lambda *x: lrsa_varlen_op(*x, dispatch.Rule.of(cfg), None, kernel="math"),
     }
     results = {}
     for packer in ("torch", "triton"):
-        monkeypatch.setenv("LRSA_PACK", packer)
+        monkeypatch.setattr(lv, "packer_for", lambda key, packer=packer: packer)
         for path, attend in paths.items():
             leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
             out = attend(*leaves)
@@ -716,8 +718,8 @@ def test_gpu_pack_rows_real_size():
     """The trainer's 32K packing (S=16, L=1024, r=0.25; 2 KV heads of 64, bf16, tokens-major as
     a model makes them): rows equal gather's; gradients within one bf16 rounding of float64 sums."""
     from lrsa_serve.config import LagKVConfig
-    from lrsa_serve.kernels import lrsa_varlen as lv
-    from lrsa_serve.kernels.pack_rows import pack_rows
+    from lrsa_serve.training.attention import varlen as lv
+    from lrsa_serve.training.attention.pack_rows import pack_rows
 
     cfg = LagKVConfig(sink=16, lag=1024, ratio=0.25)
     gen = torch.Generator(device="cuda").manual_seed(11)

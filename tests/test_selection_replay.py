@@ -1,5 +1,5 @@
 """Gradient checkpointing replays the forward's LRSA selection in the recompute
-(``kernels/selection_replay.py``), instead of selecting a second time."""
+(``training/attention/replay.py``), instead of selecting a second time."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import torch
 
 from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig
-from lrsa_serve.kernels import lrsa_attention as la
-from lrsa_serve.kernels import selection_replay
 from lrsa_serve.training import model as model_mod
+from lrsa_serve.training.attention import dispatch, replay
 from lrsa_serve.training.tiny import random_model, tiny_config
 
 CFG = LagKVConfig(sink=4, lag=16, ratio=0.25)
@@ -39,10 +38,10 @@ class FlipFlopSelection:
 def selection(monkeypatch):
     flipflop = FlipFlopSelection()
     monkeypatch.setattr(lagkv, "select_all", flipflop)
-    la._selector.cache_clear()  # the eager selector is lagkv.select_all, looked up when built
+    dispatch.selector.cache_clear()  # the eager selector is lagkv.select_all, looked up when built
     yield flipflop
-    la._selector.cache_clear()
-    la.set_backend("auto")
+    dispatch.selector.cache_clear()
+    dispatch.set_kernel("auto")
 
 
 def loss_and_grads(model, ids, selection, checkpointing: bool, replay: bool):
@@ -56,19 +55,18 @@ def loss_and_grads(model, ids, selection, checkpointing: bool, replay: bool):
     return float(loss.detach()), grads, forward_calls, selection.calls
 
 
-@pytest.mark.parametrize("backend", ["dense", "varlen"])
+@pytest.mark.parametrize("kernel", ["auto", "math"])  # on CPU: the dense reference; varlen
 @pytest.mark.parametrize("compiled", [False, True])
-def test_checkpoint_recompute_replays_the_forward_selection(selection, backend, compiled):
+def test_checkpoint_recompute_replays_the_forward_selection(selection, kernel, compiled):
     """With checkpointing the layers' selection runs once per forward (not again in the
     backward) and the gradients are exactly those without checkpointing, even with a selection
     that would change if run again; selecting again instead gives other gradients."""
-    if compiled and backend == "dense":
+    if compiled and kernel == "auto":
         pytest.skip("one compiled case is enough: the varlen one")
     layers = 2
     model = random_model(tiny_config("qwen2", vocab_size=300, num_hidden_layers=layers), seed=3)
     model = model.double()
-    model_mod.set_attention(model, "lrsa", CFG)
-    la.set_backend(backend, compile_flex=False)
+    model_mod.set_attention(model, "lrsa", CFG, kernel)
     if compiled:
         model_mod.compile_layers(model)
     ids = torch.randint(0, 300, (2, 75), generator=torch.Generator().manual_seed(0))
@@ -90,19 +88,19 @@ def test_checkpoint_recompute_replays_the_forward_selection(selection, backend, 
 
 
 def test_a_replay_that_does_not_match_the_forward_is_an_error():
-    forward, recompute = selection_replay.checkpoint_contexts()
-    rule = la.Rule(sink=4, lag=16, keep=4, score_v_ratio=1.0)
+    forward, recompute = replay.checkpoint_contexts()
+    rule = dispatch.Rule(sink=4, lag=16, keep=4, score_v_ratio=1.0)
     key = torch.zeros(1, 2, 68, 8)  # 3 compressed partitions of 4 kept tokens
     longer = torch.zeros(1, 2, 84, 8)  # 4
     kept = torch.zeros(1, 2, 3, 4, dtype=torch.long)
     with forward:
-        got = selection_replay.remembered(lambda: kept, key, rule)
+        got = replay.remembered(lambda: kept, key, rule)
     assert got is kept
     with recompute, pytest.raises(RuntimeError, match=r"expected kept positions of shape"):
-        selection_replay.remembered(lambda: kept, longer, rule)
+        replay.remembered(lambda: kept, longer, rule)
     with recompute:
-        assert selection_replay.remembered(lambda: None, key, rule) is kept
+        assert replay.remembered(lambda: None, key, rule) is kept
         with pytest.raises(RuntimeError, match="forward made only 1"):
-            selection_replay.remembered(lambda: kept, key, rule)
+            replay.remembered(lambda: kept, key, rule)
     # outside a checkpointed call nothing is remembered
-    assert selection_replay.remembered(lambda: "fresh", key, rule) == "fresh"
+    assert replay.remembered(lambda: "fresh", key, rule) == "fresh"

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lrsa_serve.config import LagKVConfig
-from lrsa_serve.kernels import lrsa_attention
 from lrsa_serve.tasks import passkey
+from lrsa_serve.training.attention import dispatch
 
 pytestmark = pytest.mark.engine
 
@@ -34,13 +34,13 @@ def engine_logprobs(engines, prompt):
     return out.prompt_logprobs
 
 
-@pytest.mark.parametrize("backend", ["dense", "flex", "varlen"])
-def test_engine_prefill_equals_lrsa_forward(backend, hf_model, prompt, engine_logprobs):
-    lrsa_attention.set_backend(backend, compile_flex=False)
+@pytest.mark.parametrize("kernel", ["auto", "math"])  # on CPU: the dense reference; varlen
+def test_engine_prefill_equals_lrsa_forward(kernel, hf_model, prompt, engine_logprobs):
+    dispatch.set_kernel(kernel)
     try:
-        logits = lrsa_attention.lrsa_forward_logits(hf_model, torch.tensor(prompt), CFG)
+        logits = dispatch.lrsa_forward_logits(hf_model, torch.tensor(prompt), CFG)
     finally:
-        lrsa_attention.set_backend("auto")
+        dispatch.set_kernel("auto")
     trained = torch.log_softmax(logits[0].double(), dim=-1)
     worst = 0.0
     for pos in range(1, len(prompt)):

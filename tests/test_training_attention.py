@@ -1,16 +1,8 @@
-"""The LRSA fast paths (varlen items; split own-block + older-keys parts merged by LSE; gather +
-static mask FlexAttention) against the dense masked reference.
+"""The LRSA varlen path against the dense masked reference.
 
 The varlen path runs its items in plain torch on CPU (``kernel="math"``): forward and gradients
-are checked against the float64 oracle; on CUDA it runs FlashAttention-2 varlen (bf16) or the
-memory-efficient kernel (float32). The split path runs both parts and its merged backward (the
-kernels' contract: gradients from the merged output and log-sum-exp) in plain torch on CPU; on
-CUDA cuDNN (local) and FlashAttention-2 varlen (global).
-
-On CPU FlexAttention runs forward only (eager = its math path; compiled = inductor C++), so the
-gradients of the static formulation are checked through ``lrsa_static_dense_attention``, which
-evaluates the same mask_mod densely. The CUDA tests (marked ``gpu``) check flex forward and
-backward at real sizes.
+are checked against the float64 oracle; on CUDA (tests marked ``gpu``) it runs FlashAttention-4
+or -2 varlen (bf16) or the memory-efficient kernel (float32).
 """
 
 from __future__ import annotations
@@ -20,9 +12,8 @@ import torch
 
 from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig
-from lrsa_serve.kernels import lrsa_attention as la
-from lrsa_serve.kernels import lrsa_split as ls
-from lrsa_serve.kernels import lrsa_varlen as lv
+from lrsa_serve.training.attention import dispatch
+from lrsa_serve.training.attention import varlen as lv
 
 # (sink, lag, ratio, length): lengths off partition boundaries, sinks off block boundaries,
 # a sequence shorter than S + 2L (no compression) and one shorter than the sink.
@@ -70,22 +61,13 @@ def assert_matches_oracle(out, q, k, v, cfg, dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("sink,lag,ratio,n", SHAPES)
-def test_static_formulation_matches_oracle_forward_and_gradients(sink, lag, ratio, n, dtype):
-    cfg = LagKVConfig(sink=sink, lag=lag, ratio=ratio)
-    q, k, v = qkv(n, dtype, heads=(6, 2), seed=n, grad=True)
-    out = la.lrsa_static_dense_attention(q, k, v, cfg, 0.3, block=16)
-    assert_matches_oracle(out, q, k, v, cfg, dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("sink,lag,ratio,n", [*SHAPES, (4, 16, 0.25, 36), (4, 16, 0.25, 68)])
 def test_varlen_matches_oracle_forward_and_gradients(sink, lag, ratio, n, dtype):
     """The varlen items (plain-torch kernel on CPU) give the rule's outputs and gradients; the
     extra shapes end exactly at S + 2L and on a partition boundary."""
     cfg = LagKVConfig(sink=sink, lag=lag, ratio=ratio)
     q, k, v = qkv(n, dtype, heads=(6, 2), seed=n + 7, grad=True)
-    out = la.lrsa_varlen(q, k, v, cfg, 0.3, kernel="math")
+    out = dispatch.lrsa_varlen(q, k, v, cfg, 0.3, kernel="math")
     assert out.shape == (2, n, 6, 8) and out.dtype == dtype
     assert_matches_oracle(out, q, k, v, cfg, dtype)
 
@@ -96,7 +78,7 @@ def test_varlen_attends_in_the_autocast_dtype():
     cfg = LagKVConfig(sink=4, lag=16, ratio=0.25)
     q, k, v = qkv(100, torch.float32, heads=(4, 2), seed=3, grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = la.lrsa_varlen(q, k, v, cfg, 0.3, kernel="math")
+        out = dispatch.lrsa_varlen(q, k, v, cfg, 0.3, kernel="math")
     assert out.dtype == torch.bfloat16
     ref = oracle(q, k, v, cfg, 0.3)
     assert float((out.double() - ref).norm() / ref.norm()) < 2e-2
@@ -109,7 +91,7 @@ def test_varlen_packing_computes_exactly_the_visible_pairs(n):
     """Each item's keys are distinct, the item's queries are its last keys, and the pairs the
     bottom-right causal items compute are the rule's visible pairs (per KV head, any selection)."""
     cfg = LagKVConfig(sink=4, lag=16, ratio=0.25)
-    rule = la.Rule.of(cfg)
+    rule = dispatch.Rule.of(cfg)
     packing = lv.Packing.of(n, rule)
     assert sum(packing.q_lens) == n and len(packing.template) == sum(packing.k_lens)
     k = torch.randn(1, 1, n, 8, generator=torch.Generator().manual_seed(n))
@@ -128,112 +110,9 @@ def test_varlen_packing_computes_exactly_the_visible_pairs(n):
     assert packing.visible_pairs() == int(visible.sum())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize(
-    "sink,lag,ratio,n", [*SHAPES, (4, 16, 0.25, 36), (4, 16, 0.25, 68), (40, 16, 0.25, 100)]
-)
-def test_split_matches_oracle_forward_and_gradients(sink, lag, ratio, n, dtype):
-    """Own-block and older-keys parts merged by LSE (plain-torch kernels, and the backward from
-    the merged out/lse) give the rule's outputs and gradients; the extra shapes end at S + 2L,
-    on a partition boundary, and have a sink longer than a partition (blocks padded to S)."""
-    cfg = LagKVConfig(sink=sink, lag=lag, ratio=ratio)
-    q, k, v = qkv(n, dtype, heads=(6, 2), seed=n + 11, grad=True)
-    out = la.lrsa_split(q, k, v, cfg, 0.3, kernels=("math", "math"))
-    assert out.shape == (2, n, 6, 8) and out.dtype == dtype
-    assert_matches_oracle(out, q, k, v, cfg, dtype)
-
-
-def test_split_attends_in_the_autocast_dtype():
-    cfg = LagKVConfig(sink=4, lag=16, ratio=0.25)
-    q, k, v = qkv(100, torch.float32, heads=(4, 2), seed=5, grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = la.lrsa_split(q, k, v, cfg, 0.3, kernels=("math", "math"))
-    assert out.dtype == torch.bfloat16
-    ref = oracle(q, k, v, cfg, 0.3)
-    assert float((out.double() - ref).norm() / ref.norm()) < 2e-2
-    out.float().sum().backward()
-    assert q.grad is not None and q.grad.dtype == torch.float32
-
-
-@pytest.mark.parametrize("sink,lag,n", [(4, 16, 1), (4, 16, 5), (4, 16, 37), (4, 16, 100),
-                                         (0, 16, 67), (20, 16, 90)])  # fmt: skip
-def test_split_plan_covers_exactly_the_visible_pairs(sink, lag, n):
-    """Own block (causal, local layout) and older keys (global items) are disjoint and together
-    are the rule's visible keys of every query, per KV head, any selection."""
-    cfg = LagKVConfig(sink=sink, lag=lag, ratio=0.25)
-    plan = ls.plan_for(n, sink, lag, cfg.keep)
-    k = torch.randn(1, 1, n, 8, generator=torch.Generator().manual_seed(n))
-    kept = lagkv.select_all(k, k, cfg)
-    rows = plan.token_rows
-    assert len(set(rows.tolist())) == n and int(rows.max()) < plan.blocks * plan.width
-    own = (rows[:, None] // plan.width == rows[None, :] // plan.width) & (
-        rows[None, :] <= rows[:, None]
-    )
-    older = torch.zeros(n, n, dtype=torch.bool)
-    index = lv.key_index(kept, plan, torch.tensor(plan.template, dtype=torch.long))[0, :, 0]
-    q0 = plan.global_from
-    k0 = 0
-    for lq, lk in zip(plan.q_lens, plan.k_lens, strict=True):
-        older[q0 : q0 + lq, index[k0 : k0 + lk]] = True
-        assert len(set(index[k0 : k0 + lk].tolist())) == lk
-        q0, k0 = q0 + lq, k0 + lk
-    assert q0 == n
-    assert not (own & older).any()
-    assert torch.equal(own | older, lagkv.visibility_mask(n, kept, cfg)[0, 0])
-
-
-@pytest.mark.parametrize("sink,lag,ratio,n", SHAPES)
-def test_flex_forward_matches_oracle_on_cpu(sink, lag, ratio, n):
-    cfg = LagKVConfig(sink=sink, lag=lag, ratio=ratio)
-    q, k, v = qkv(n, torch.float32, heads=(4, 1), seed=n + 1)
-    out = la.lrsa_flex_attention(q, k, v, cfg, 0.25, block=16, compile=False)
-    torch.testing.assert_close(out.double(), oracle(q, k, v, cfg, 0.25), atol=2e-5, rtol=2e-5)
-
-
-def test_compiled_flex_serves_several_lengths_on_cpu():
-    """One dynamic-shape compile of flex on CPU (LRSA_FLEX_DYNAMIC=1), equal to the oracle at
-    three bucket lengths. The default static compile is the same call with fixed shapes."""
-    cfg = LagKVConfig(sink=4, lag=16, ratio=0.25)
-    for n in (70, 100, 131):
-        q, k, v = qkv(n, torch.float32, heads=(4, 2), batch=1, seed=n)
-        out = la.lrsa_flex_attention(q, k, v, cfg, 0.25, block=16, compile=True, dynamic=True)
-        torch.testing.assert_close(out.double(), oracle(q, k, v, cfg, 0.25), atol=1e-5, rtol=1e-5)
-
-
-def test_layout_buckets_and_aligns():
-    rule = la.Rule(sink=16, lag=1024, keep=256, score_v_ratio=1.0)
-    layout = la.Layout.of(32768, rule, 128)
-    assert layout.bucket == 16 + 32 * 1024  # whole partitions
-    assert layout.front_pad == 112  # partitions start on 128-row blocks
-    assert layout.raw_rows % 128 == 0
-    assert layout.num_parts == 31 and layout.kv_rows == layout.raw_rows + 31 * 256
-    # every length of one bucket shares the layout's block mask
-    assert la.Layout.of(32000, rule, 128).bucket == layout.bucket
-    # the mask is built once per (bucket, settings) and reused
-    small = la.Rule(sink=4, lag=16, keep=4, score_v_ratio=1.0)
-    a = la.block_mask_for(small, la.Layout.of(100, small, 16), "cpu", 16)
-    b = la.block_mask_for(small, la.Layout.of(100, small, 16), "cpu", 16)
-    assert a is b
-
-
-def test_mask_mod_is_the_rule_on_raw_rows():
-    """Without pads, the mask over raw rows is lagkv's raw visibility exactly."""
-    cfg = LagKVConfig(sink=3, lag=8, ratio=0.25)
-    rule = la.Rule.of(cfg)
-    layout = la.Layout.of(59, rule, 128)  # L=8 is not a multiple of 128: no front pad
-    assert layout.front_pad == 0
-    rows = torch.arange(layout.raw_rows)[:, None]
-    cols = torch.arange(layout.raw_rows)[None, :]
-    got = la.make_mask_mod(rule, layout, "cpu")(None, None, rows, cols)
-    assert torch.equal(got, lagkv.raw_key_visible(rows, cols, cfg))
-
-
-@pytest.mark.parametrize(
-    "kind,backend",
-    [("llama", "flex"), ("qwen2", "flex"), ("qwen2", "varlen"), ("qwen2", "split")],
-)
-def test_hf_model_lrsa_flex_equals_reference(kind, backend):
-    """The registered "lrsa" attention inside a real HF model (flex forward / varlen items on
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_hf_model_lrsa_varlen_equals_reference(kind):
+    """The registered "lrsa" attention inside a real HF model (varlen items in plain torch on
     CPU) gives the reference attention's logits; lrsa_forward_logits restores the model's
     attention."""
     from lrsa_serve.reference_attention import use_lagkv_reference
@@ -242,11 +121,11 @@ def test_hf_model_lrsa_flex_equals_reference(kind, backend):
     cfg = LagKVConfig(sink=4, lag=16, ratio=0.25)
     model = random_model(tiny_config(kind, vocab_size=300), seed=1).eval()
     ids = torch.randint(0, 300, (2, 117), generator=torch.Generator().manual_seed(0))
-    la.set_backend(backend, compile_flex=False)
+    dispatch.set_kernel("math")
     try:
-        fast = la.lrsa_forward_logits(model, ids, cfg)
+        fast = dispatch.lrsa_forward_logits(model, ids, cfg)
     finally:
-        la.set_backend("auto")
+        dispatch.set_kernel("auto")
     assert model.config._attn_implementation == "sdpa"
     assert getattr(model.config, "lagkv", None) is None
     with torch.no_grad():
@@ -257,13 +136,12 @@ def test_hf_model_lrsa_flex_equals_reference(kind, backend):
     assert (dense - ref).abs().max() > 1e-3  # the rule really changes something here
 
 
-# ---- CUDA: FlexAttention forward and backward at real sizes ------------------------------------
+# ---- CUDA: forward and backward at real sizes -------------------------------------------------
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("backend", ["varlen", "split", "flex"])
 @pytest.mark.parametrize(
     "sink,lag,ratio,n,heads,dim,dtype",
     [
@@ -272,26 +150,19 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
         (32, 256, 0.25, 3001, (9, 3), 64, torch.float32),  # tight tolerance
     ],
 )
-def test_cuda_forward_backward_match_reference(sink, lag, ratio, n, heads, dim, dtype, backend):
-    """varlen (flash for bf16, memory-efficient kernel for float32), split (cuDNN + FA2 varlen
-    for bf16; float32 goes to varlen) and flex, fwd+bwd."""
+def test_cuda_forward_backward_match_reference(sink, lag, ratio, n, heads, dim, dtype):
+    """varlen (flash for bf16, memory-efficient kernel for float32), fwd+bwd."""
     cfg = LagKVConfig(sink=sink, lag=lag, ratio=ratio)
     g = torch.Generator(device="cuda").manual_seed(n)
     shapes = [(1, heads[0], n, dim), (1, heads[1], n, dim), (1, heads[1], n, dim)]
     base = [torch.randn(*s, generator=g, device="cuda") for s in shapes]
     fast_in = [t.to(dtype).detach().requires_grad_() for t in base]  # distinct leaves even
     ref_in = [t.detach().clone().requires_grad_() for t in base]  # when dtype is float32
-    if backend == "flex":
-        out = la.lrsa_flex_attention(*fast_in, cfg, dim**-0.5)
-    elif backend == "split":
-        out = la.lrsa_split(*fast_in, cfg, dim**-0.5)
-        assert torch.isfinite(out).all()
-    else:
-        out = la.lrsa_varlen(*fast_in, cfg, dim**-0.5)
-        assert torch.isfinite(out).all()
+    out = dispatch.lrsa_varlen(*fast_in, cfg, dim**-0.5)
+    assert torch.isfinite(out).all()
     # the module's own (compiled) selection: float rounding differences between compiled and
     # eager scores could flip a near-tie at the top-K boundary and move one kept token
-    kept = la.select_kept(fast_in[1], fast_in[2], la.Rule.of(cfg))
+    kept = dispatch.select_kept(fast_in[1], fast_in[2], dispatch.Rule.of(cfg))
     # float32 reference on the same (rounded) inputs, selection from the same keys
     q, k, v = ref_in
     groups = heads[0] // heads[1]
@@ -303,7 +174,7 @@ def test_cuda_forward_backward_match_reference(sink, lag, ratio, n, heads, dim, 
     weights = torch.randn_like(ref)
     (out.float() * weights).sum().backward()
     (ref * weights).sum().backward()
-    # relative L2 error; flex's float32 dots may run as tf32
+    # relative L2 error
     tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
 
     def rel(a, b):
@@ -317,11 +188,11 @@ def test_cuda_forward_backward_match_reference(sink, lag, ratio, n, heads, dim, 
 def assert_cuda_kernels_match_math(attend, batch: int, n: int, dim: int) -> None:
     """``attend(q, k, v, rule, scale, kept, fast)`` with the CUDA kernels (bf16, ``fast``) against
     its plain-torch kernels on the same rounded inputs in float32, forward and backward."""
-    rule = la.Rule.of(LagKVConfig(sink=16, lag=256, ratio=0.25))
+    rule = dispatch.Rule.of(LagKVConfig(sink=16, lag=256, ratio=0.25))
     g = torch.Generator(device="cuda").manual_seed(n)
     shapes = [(batch, 12, n, dim), (batch, 2, n, dim), (batch, 2, n, dim)]
     base = [torch.randn(*s, generator=g, device="cuda").bfloat16() for s in shapes]
-    kept = la.select_kept(base[1], base[2], rule)
+    kept = dispatch.select_kept(base[1], base[2], rule)
     fast_in = [t.detach().requires_grad_() for t in base]
     ref_in = [t.detach().float().requires_grad_() for t in base]
     out = attend(*fast_in, rule, dim**-0.5, kept, True)
@@ -336,20 +207,6 @@ def assert_cuda_kernels_match_math(attend, batch: int, n: int, dim: int) -> None
     assert rel(out, ref) < 2e-2
     for got, want in zip(fast_in, ref_in, strict=True):
         assert rel(got.grad, want.grad) < 4e-2
-
-
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize("kernels", [("cudnn", "flash"), ("flash", "flash")])
-@pytest.mark.parametrize("batch,n", [(2, 1500), (1, 2200)])
-def test_cuda_split_kernels_match_math(kernels, batch, n):
-    """Each CUDA kernel pair of the split path; batch 2 and a short last partition."""
-
-    def attend(q, k, v, rule, scale, kept, fast):
-        pair = kernels if fast else ("math", "math")
-        return ls.lrsa_split_attention(q, k, v, rule, scale, kernels=pair, kept=kept)
-
-    assert_cuda_kernels_match_math(attend, batch, n, 128)
 
 
 @pytest.mark.gpu
@@ -373,15 +230,14 @@ def test_cuda_varlen_kernels_match_math(kernel, batch, n, dim):
 @cuda
 @pytest.mark.parametrize("kernel", ["fa4", "flash"])
 @pytest.mark.parametrize("n,heads,dim", [(5000, (12, 2), 128), (32768, (14, 2), 64)])
-def test_cuda_varlen_op_matches_eager(kernel, n, heads, dim, monkeypatch):
+def test_cuda_varlen_op_matches_eager(kernel, n, heads, dim):
     """The custom op ``lrsa::varlen`` (the kernel's own backward called directly, the packers'
     explicit backwards; at 32K the Triton selection and packing) against the eager path with the
     same kernel: the same output, gradients within the kernels' atomic-add rounding."""
-    from lrsa_serve.kernels.lrsa_op import lrsa_varlen_op
+    from lrsa_serve.training.attention.op import lrsa_varlen_op
 
     if kernel == "fa4" and not lv.fa4_applies(torch.empty(1, 1, 1, dim, device="cuda").bfloat16()):
         pytest.skip("flash-attn-4 not installed or not this GPU")
-    monkeypatch.setenv("LRSA_VARLEN_KERNEL", kernel)
     cfg = LagKVConfig(sink=16, lag=1024, ratio=0.25)
     g = torch.Generator(device="cuda").manual_seed(n)
     shapes = [(1, heads[0], n, dim), (1, heads[1], n, dim), (1, heads[1], n, dim)]
@@ -389,8 +245,8 @@ def test_cuda_varlen_op_matches_eager(kernel, n, heads, dim, monkeypatch):
     grad = torch.randn(1, n, heads[0], dim, generator=g, device="cuda").bfloat16()
     results = []
     for attend in (
-        lambda *x: la.lrsa_varlen(*x, cfg, dim**-0.5, kernel=kernel),
-        lambda *x: lrsa_varlen_op(*x, la.Rule.of(cfg), dim**-0.5),
+        lambda *x: dispatch.lrsa_varlen(*x, cfg, dim**-0.5, kernel=kernel),
+        lambda *x: lrsa_varlen_op(*x, dispatch.Rule.of(cfg), dim**-0.5, kernel=kernel),
     ):
         leaves = [t.detach().clone().requires_grad_() for t in base]
         out = attend(*leaves)
@@ -406,35 +262,28 @@ def test_cuda_varlen_op_matches_eager(kernel, n, heads, dim, monkeypatch):
         assert torch.isfinite(got).all() and rel(got, want) < 1e-2
 
 
-def test_selection_and_packing_choices_are_explicit(monkeypatch):
-    """LRSA_SELECT / LRSA_PACK: the defaults by device, and an unknown value is an error that
-    lists the choices."""
-    k = torch.randn(1, 2, 40, 16)
-    assert la.selector_for(k) == "eager" and lv.packer_for(k) == "torch"  # CPU defaults
-    monkeypatch.setenv("LRSA_SELECT", "fast")
-    with pytest.raises(ValueError, match="LRSA_SELECT must be one of"):
-        la.selector_for(k)
-    monkeypatch.setenv("LRSA_PACK", "fast")
-    with pytest.raises(ValueError, match="LRSA_PACK must be one of"):
-        lv.packer_for(k)
-    monkeypatch.setenv("LRSA_SELECT", "compiled")
-    monkeypatch.setenv("LRSA_PACK", "torch")
-    assert la.selector_for(k) == "compiled" and lv.packer_for(k) == "torch"
+def test_cpu_selects_and_packs_in_plain_torch_at_any_length():
+    """The Triton selection and packing are CUDA paths (from ``TRITON_MIN_LENGTH`` tokens): a CPU
+    run takes plain torch even past that length."""
+    for n in (40, lv.TRITON_MIN_LENGTH):
+        k = torch.empty(1, 2, n, 16)
+        assert dispatch.selector_for(k) == "eager" and lv.packer_for(k) == "torch"
 
 
-def test_varlen_kernel_choice_is_explicit(monkeypatch):
-    """A kernel that cannot run is an error naming the cause, never a silent fallback."""
+def test_varlen_kernel_choice_is_explicit():
+    """A kernel that cannot run is an error naming the cause, never a silent fallback, both
+    where the trainer sets it and where a call names it."""
     q = torch.randn(1, 4, 40, 16)
-    monkeypatch.setenv("LRSA_VARLEN_KERNEL", "fast")
-    with pytest.raises(ValueError, match="LRSA_VARLEN_KERNEL must be one of"):
-        lv.default_kernel(q)
-    monkeypatch.setenv("LRSA_VARLEN_KERNEL", "auto")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        lv.default_kernel(q, "fast")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        dispatch.set_kernel("fast")
     assert lv.default_kernel(q) == "math"  # CPU
+    assert lv.default_kernel(q, "efficient") == "efficient"  # a named kernel is taken as is
     if lv._fa4() is None:  # FA4 is a GPU-only optional package
-        rule = la.Rule.of(LagKVConfig(sink=4, lag=8, ratio=0.25))
+        rule = dispatch.Rule.of(LagKVConfig(sink=4, lag=8, ratio=0.25))
         k = torch.randn(1, 2, 40, 16)
         with pytest.raises(ValueError, match="flash-attn-4"):
             lv.lrsa_varlen_attention(q, k, k, rule, kernel="fa4")
-        monkeypatch.setenv("LRSA_VARLEN_KERNEL", "fa4")
         with pytest.raises(ValueError, match="flash-attn-4"):
-            lv.default_kernel(q)
+            dispatch.set_kernel("fa4")

@@ -163,10 +163,17 @@ def test_config_file_and_flags(tmp_path):
     job = build_job(args)
     assert job.train.steps == 7 and job.train.grad_accum == 4 and job.data.batch_size == 2
     assert (job.lagkv.sink, job.lagkv.lag, job.lagkv.ratio) == (32, 128, 0.25)
-    assert job.model.path == str(model)
+    assert job.model.path == str(model) and job.model.lrsa_kernel == "auto"
+    job = build_job(
+        parser.parse_args([str(model), "--config", str(example), "--lrsa-kernel", "math"])
+    )
+    assert job.model.lrsa_kernel == "math"
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  stepz: 3\n")
     with pytest.raises(UserError, match="unknown keys in train"):
+        build_job(parser.parse_args([str(model), "--config", str(bad)]))
+    bad.write_text("model:\n  lrsa_kernel: fast\n")
+    with pytest.raises(UserError, match="lrsa kernel must be one of"):
         build_job(parser.parse_args([str(model), "--config", str(bad)]))
 
 

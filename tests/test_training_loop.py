@@ -69,6 +69,37 @@ def test_steps_reduce_loss_on_a_fixed_batch(tmp_path, tokenizer, kind):
     assert loss() < 0.6 * before
 
 
+def test_the_jobs_lrsa_kernel_picks_the_attention_path(tmp_path, tokenizer, monkeypatch):
+    """``model.lrsa_kernel`` (``--lrsa-kernel``) reaches the attention: on CPU ``auto`` is the
+    dense masked reference, ``math`` the varlen items through ``lrsa::varlen``; same loss."""
+    from lrsa_serve.training.attention import dispatch, op
+
+    kernels = []
+    real = op.lrsa_varlen_op
+
+    def recording(*args, kernel="auto", **kwargs):
+        kernels.append(kernel)
+        return real(*args, kernel=kernel, **kwargs)
+
+    monkeypatch.setattr(op, "lrsa_varlen_op", recording)
+    losses = {}
+    try:
+        for kernel in ("auto", "math"):
+            job = make_job(tmp_path / kernel, steps=1)
+            job.model.lrsa_kernel = kernel
+            trainer = make_trainer(job, tokenizer)
+            batch = trainer._batch([0, 1], trainer.train_examples)
+            kernels.clear()
+            with torch.no_grad():
+                total, count = loop.loss_sum(trainer.model, batch, trainer.autocast)
+            losses[kernel] = float(total) / count
+            layers = trainer.model.config.num_hidden_layers
+            assert kernels == ([] if kernel == "auto" else ["math"] * layers)
+    finally:
+        dispatch.set_kernel("auto")
+    assert losses["math"] == pytest.approx(losses["auto"], rel=1e-5)
+
+
 def test_export_reloads_with_weights_and_settings(tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,4 +1,4 @@
-"""The LRSA attention as the custom op ``lrsa::varlen`` (``kernels/lrsa_op.py``): the same
+"""The LRSA attention as the custom op ``lrsa::varlen`` (``training/attention/op.py``): the same
 output and gradients as the eager varlen path, and a compiled decoder layer traces it as one
 graph (no break)."""
 
@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from lrsa_serve.config import LagKVConfig
-from lrsa_serve.kernels import lrsa_attention as la
-from lrsa_serve.kernels.lrsa_op import lrsa_varlen_op
 from lrsa_serve.training import model as model_mod
+from lrsa_serve.training.attention import dispatch
+from lrsa_serve.training.attention import op as op_mod
+from lrsa_serve.training.attention.op import lrsa_varlen_op
 from lrsa_serve.training.tiny import random_model, tiny_config
 
 CFG = LagKVConfig(sink=4, lag=16, ratio=0.25)
@@ -19,8 +20,13 @@ CFG = LagKVConfig(sink=4, lag=16, ratio=0.25)
 @pytest.fixture(autouse=True)
 def _restore():
     yield
-    la.set_backend("auto")
-    la.set_varlen_op(True)
+    dispatch.set_kernel("auto")
+
+
+def run_eagerly(monkeypatch) -> None:
+    """Make the registered attention take its eager path (a graph break) where it would take the
+    op, as it does for queries the op does not apply to."""
+    monkeypatch.setattr(op_mod, "op_applies", lambda query: False)
 
 
 @pytest.mark.parametrize("n", [1, 30, 36, 37, 100, 203])
@@ -36,8 +42,8 @@ def test_op_matches_the_eager_path(n, heads):
     grad = torch.randn(2, n, hq, 8, generator=gen, dtype=torch.float64)
     results = []
     for attend in (
-        lambda *x: la.lrsa_varlen(*x, CFG, 0.3, kernel="math"),
-        lambda *x: lrsa_varlen_op(*x, la.Rule.of(CFG), 0.3),
+        lambda *x: dispatch.lrsa_varlen(*x, CFG, 0.3, kernel="math"),
+        lambda *x: lrsa_varlen_op(*x, dispatch.Rule.of(CFG), 0.3),
     ):
         leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
         out = attend(*leaves)
@@ -58,13 +64,13 @@ def decoder_layer_inputs(model, n: int = 75):
 
 
 @pytest.mark.parametrize("op", [True, False])
-def test_a_compiled_layer_traces_the_op_without_a_graph_break(op):
+def test_a_compiled_layer_traces_the_op_without_a_graph_break(op, monkeypatch):
     """With the op a decoder layer is one dynamo graph; the eager path breaks it (the check can
     fail)."""
-    la.set_backend("varlen")
-    la.set_varlen_op(op)
+    if not op:
+        run_eagerly(monkeypatch)
     model = random_model(tiny_config("qwen2", vocab_size=300), seed=3)
-    model_mod.set_attention(model, "lrsa", CFG)
+    model_mod.set_attention(model, "lrsa", CFG, kernel="math")
     hidden, kwargs = decoder_layer_inputs(model)
     explained = torch._dynamo.explain(model.model.layers[0])(hidden, **kwargs)
     if op:
@@ -74,29 +80,29 @@ def test_a_compiled_layer_traces_the_op_without_a_graph_break(op):
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_training_through_the_op_equals_the_eager_path(compiled):
+def test_training_through_the_op_equals_the_eager_path(compiled, monkeypatch):
     """A tiny model with checkpointing (the recompute replays the selection): loss and every
     gradient through the op equal the eager path's, float64; compiled layers included."""
-    la.set_backend("varlen")
     ids = torch.randint(0, 300, (2, 75), generator=torch.Generator().manual_seed(0))
     results = {}
     for op in (False, True):
-        la.set_varlen_op(op)
-        model = random_model(tiny_config("qwen2", vocab_size=300), seed=3).double()
-        model_mod.set_attention(model, "lrsa", CFG)
-        model_mod.prepare_for_training(model, True)
-        if compiled:
-            model_mod.compile_layers(model)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        with monkeypatch.context() as patch:
+            if not op:
+                run_eagerly(patch)
+            model = random_model(tiny_config("qwen2", vocab_size=300), seed=3).double()
+            model_mod.set_attention(model, "lrsa", CFG, kernel="math")
+            model_mod.prepare_for_training(model, True)
+            if compiled:
+                model_mod.compile_layers(model)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
         results[op] = (float(loss.detach()), [p.grad.clone() for p in model.parameters()])
     assert results[True][0] == pytest.approx(results[False][0], rel=1e-12)
     for got, want in zip(results[True][1], results[False][1], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
-def test_a_kernel_the_op_cannot_run_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("LRSA_VARLEN_KERNEL", "efficient")
+def test_a_kernel_the_op_cannot_run_is_a_clear_error():
     q, k, v = torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
-    with pytest.raises(ValueError, match="LRSA_VARLEN_KERNEL=efficient does not apply"):
-        lrsa_varlen_op(q, k, v, la.Rule.of(CFG), None)
+    with pytest.raises(ValueError, match="kernel 'efficient' does not apply"):
+        lrsa_varlen_op(q, k, v, dispatch.Rule.of(CFG), None, kernel="efficient")

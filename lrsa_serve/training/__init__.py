@@ -11,7 +11,7 @@ from typing import Any
 
 def __getattr__(name: str) -> Any:
     if name in ("lrsa_forward_logits", "use_lrsa"):
-        from lrsa_serve.kernels import lrsa_attention
+        from lrsa_serve.training.attention import dispatch
 
-        return getattr(lrsa_attention, name)
+        return getattr(dispatch, name)
     raise AttributeError(name)

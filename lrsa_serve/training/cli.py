@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 from lrsa_serve.cli import UserError
+from lrsa_serve.training.config import LRSA_KERNELS
 
 # flag -> (section, field) of JobConfig
 FLAG_FIELDS = {
@@ -29,6 +30,7 @@ FLAG_FIELDS = {
     "synthetic_min_tokens": ("data", "synthetic_min_tokens"),
     "synthetic_max_tokens": ("data", "synthetic_max_tokens"),
     "attention": ("model", "attention"),
+    "lrsa_kernel": ("model", "lrsa_kernel"),
     "gguf_file": ("model", "gguf_file"),
     "lr": ("optim", "lr"),
     "min_lr_ratio": ("optim", "min_lr_ratio"),
@@ -73,6 +75,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--batch-size", type=int, help="sequences per micro-batch and GPU (default 1)")
     p("--grad-accum", type=int, help="micro-batches per optimizer step and GPU (default 1)")
     p("--attention", choices=("lrsa", "dense"), help="lrsa (default) or dense SDPA baseline")
+    p(
+        "--lrsa-kernel",
+        choices=LRSA_KERNELS,
+        help="LRSA attention kernel (default auto: FlashAttention-4 from 8K tokens where "
+        "installed, else FlashAttention-2 on CUDA; the exact reference on CPU); naming one pins "
+        "it on any device",
+    )
     p("--no-grad-checkpointing", action="store_true", help="keep activations (more memory)")
     p("--no-compile", action="store_true", help="eager decoder layers (compiled on CUDA)")
     p("--dtype", choices=("bf16", "fp32"), help="autocast on CUDA (default bf16)")

@@ -15,6 +15,8 @@ from typing import Any
 from lrsa_serve.config import LagKVConfig
 
 ATTENTIONS = ("lrsa", "dense")
+# Kernels of the LRSA attention's varlen call (training/attention/varlen.py).
+LRSA_KERNELS = ("auto", "fa4", "flash", "efficient", "math")
 OVERLONG_POLICIES = ("skip", "truncate")
 MIXED_PRECISION = ("bf16", "fp32")
 EXPORT_DTYPES = ("float32", "bfloat16")
@@ -27,11 +29,16 @@ SYNTHETIC_MAX_TOKENS = 8000
 @dataclass
 class ModelConfig:
     path: str | None = None  # local HF folder; None = the project's default model
-    gguf_file: str | None = None  # load weights from this GGUF inside ``path`` (GPU machine)
+    gguf_file: str | None = None  # load weights from this GGUF inside ``path``
     attention: str = "lrsa"  # "lrsa" (the LagKV mask) or "dense" (vanilla SDPA, for comparison)
+    # The LRSA attention's kernel. "auto": on CUDA the varlen call on FlashAttention-4 from 8K
+    # tokens where installed, else FlashAttention-2 (the memory-efficient kernel for float32); on
+    # CPU the exact dense masked reference. Naming one (fa4, flash, efficient, math = plain torch)
+    # pins it on any device, e.g. to train the same way with and without flash-attn-4 installed.
+    lrsa_kernel: str = "auto"
     gradient_checkpointing: bool = True
     # torch.compile the decoder layers (model.compile_layers); None = on CUDA only. Measured on
-    # the H100 (notes/training.md): +32% LRSA / +22% dense tokens/s on a 0.5B model at 32K.
+    # the H100 (docs/training.md): +32% LRSA / +22% dense tokens/s on a 0.5B model at 32K.
     compile: bool | None = None
 
     def compiles_on(self, device_type: str) -> bool:
@@ -122,6 +129,10 @@ class JobConfig:
         self.fill_derived()
         checks = [
             (self.model.attention in ATTENTIONS, f"attention must be one of {ATTENTIONS}"),
+            (
+                self.model.lrsa_kernel in LRSA_KERNELS,
+                f"lrsa kernel must be one of {LRSA_KERNELS}",
+            ),
             (
                 self.data.overlong in OVERLONG_POLICIES,
                 f"overlong must be one of {OVERLONG_POLICIES}",

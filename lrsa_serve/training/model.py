@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from lrsa_serve.cli import UserError
 from lrsa_serve.config import LagKVConfig
-from lrsa_serve.kernels import lrsa_attention, selection_replay
-from lrsa_serve.kernels.lrsa_attention import lrsa_forward_logits, use_lrsa
+from lrsa_serve.training.attention import dispatch, replay
+from lrsa_serve.training.attention.dispatch import lrsa_forward_logits, use_lrsa
 
 # Families whose attention goes through transformers' AttentionInterface with GQA K/V shapes
 # (checked: Llama, Qwen2, Mistral); others may work but are not tested.
@@ -54,10 +54,14 @@ def check_supported(model: PreTrainedModel) -> None:
         raise UserError("sliding-window attention models are not supported by LRSA training")
 
 
-def set_attention(model: PreTrainedModel, attention: str, cfg: LagKVConfig) -> None:
-    """``lrsa``: the LagKV mask (FlexAttention on CUDA, the dense masked path on CPU);
-    ``dense``: vanilla SDPA, the baseline."""
+def set_attention(
+    model: PreTrainedModel, attention: str, cfg: LagKVConfig, kernel: str = "auto"
+) -> None:
+    """``lrsa``: the LagKV mask (one varlen attention call on CUDA, the dense masked path on
+    CPU; ``kernel`` pins the varlen call's kernel, ``dispatch.set_kernel``); ``dense``: vanilla
+    SDPA, the baseline."""
     if attention == "lrsa":
+        dispatch.set_kernel(kernel)
         use_lrsa(model, cfg)
     elif attention == "dense":
         model.set_attn_implementation("sdpa")
@@ -70,13 +74,13 @@ def prepare_for_training(
 ) -> None:
     """Training mode, no KV cache, and per-layer activation checkpointing when asked (off:
     disabled). With ``replay_selection`` the recompute reuses the forward's LRSA selection
-    (``selection_replay``) instead of selecting again."""
+    (``attention.replay``) instead of selecting again."""
     model.config.use_cache = False
     if gradient_checkpointing:
         # Non-reentrant: works with FSDP2, and takes the context_fn that replays the selection.
         kwargs: dict = {"use_reentrant": False}
         if replay_selection:
-            kwargs["context_fn"] = selection_replay.checkpoint_contexts
+            kwargs["context_fn"] = replay.checkpoint_contexts
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_disable()
@@ -119,7 +123,7 @@ __all__ = [
     "compile_layers",
     "load_model",
     "load_tokenizer",
-    "lrsa_attention",
+    "dispatch",
     "lrsa_forward_logits",
     "parallelize",
     "prepare_for_training",

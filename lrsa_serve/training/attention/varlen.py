@@ -22,7 +22,7 @@ Kernels (``varlen_attention``):
   ``flash-attn-4`` package; Hopper/Blackwell, fp16/bf16, head dim a multiple of 8 up to 128;
   GQA native). Same bottom-right causal convention; its own autograd. Used by default where it
   is installed, for sequences of ``FA4_MIN_LENGTH`` tokens or more: on the H100 it ran a 32K
-  layer's items (fwd+bwd) 1.8x faster than FlashAttention-2 (notes/training.md).
+  layer's items (fwd+bwd) 1.8x faster than FlashAttention-2 (docs/training.md).
 - ``flash``: ``aten._flash_attention_forward`` with ``cum_seq_q/k`` (CUDA, fp16/bf16, head dim
   a multiple of 8 up to 256; GQA native). Autograd through the op's own backward.
 - ``efficient``: ``aten._efficient_attention_forward`` with ``cu_seqlens`` and the
@@ -34,15 +34,14 @@ Kernels (``varlen_attention``):
 from __future__ import annotations
 
 import importlib
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
 from lrsa_serve import lagkv
+from lrsa_serve.training.config import LRSA_KERNELS as KERNELS
 
-KERNELS = ("auto", "fa4", "flash", "efficient", "math")
 # aten's CustomMaskType for the memory-efficient kernel: causal aligned to the bottom right.
 _CAUSAL_FROM_BOTTOM_RIGHT = 2
 
@@ -272,28 +271,26 @@ def fa4_applies(query: torch.Tensor) -> bool:
 
 # Below this many tokens FA2's lower per-call cost wins (H100: a 5K-token layer 1.19 ms on FA2
 # vs 1.37 ms on FA4, an 8K one 2.30 vs 2.02 ms; a tiny model at <1K tokens trained 1.45x faster
-# on FA2). notes/training.md.
+# on FA2). docs/training.md.
 FA4_MIN_LENGTH = 8192
 
 
-def env_choice(name: str, choices: tuple[str, ...]) -> str:
-    """The environment variable ``name`` (``"auto"`` when unset), which must be one of
-    ``choices``: a forced path that cannot be taken is an error, never a silent fallback."""
-    value = os.environ.get(name, "auto")
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, not {value!r}")
-    return value
+def check_kernel(kernel: str) -> str:
+    """``kernel`` if it is one of ``KERNELS``; a kernel that cannot be taken is an error, never a
+    silent fallback."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, not {kernel!r}")
+    if kernel == "fa4" and _fa4() is None:
+        raise ValueError("kernel 'fa4' needs the flash-attn-4 package (flash_attn.cute)")
+    return kernel
 
 
-def default_kernel(query: torch.Tensor) -> str:
-    """``LRSA_VARLEN_KERNEL`` if set; else fa4 where it is installed and applies from
+def default_kernel(query: torch.Tensor, kernel: str = "auto") -> str:
+    """``kernel`` if it names one; for ``auto``: fa4 where it is installed and applies from
     ``FA4_MIN_LENGTH`` tokens, flash where it applies, efficient for other CUDA dtypes / head
     dims, math on CPU. ``query`` is ``[B, Hq, n, D]``."""
-    forced = env_choice("LRSA_VARLEN_KERNEL", KERNELS)
-    if forced != "auto":
-        if forced == "fa4" and _fa4() is None:
-            raise ValueError("LRSA_VARLEN_KERNEL=fa4 needs the flash-attn-4 package")
-        return forced
+    if check_kernel(kernel) != "auto":
+        return kernel
     if not query.is_cuda:
         return "math"
     if query.shape[2] >= FA4_MIN_LENGTH and fa4_applies(query):
@@ -304,19 +301,15 @@ def default_kernel(query: torch.Tensor) -> str:
 # From this many tokens the Triton selection and packing (``sequence_select``, ``pack_rows``) are
 # the CUDA defaults: a 32K training step of the 0.5B model ran 1.79x dense with them vs 1.72x
 # without (H100); at 16K the step is partly CPU-bound and their launches cost more Python time
-# than they save on the GPU (1.15x vs 1.27x). notes/training.md.
+# than they save on the GPU (1.15x vs 1.27x). docs/training.md.
 TRITON_MIN_LENGTH = 32768
-PACKERS = ("auto", "triton", "torch")
 
 
 def packer_for(key: torch.Tensor) -> str:
-    """How the items' key/value rows are gathered: ``LRSA_PACK`` if set, else ``triton`` on CUDA
-    from ``TRITON_MIN_LENGTH`` tokens (``pack_rows``: one launch, exact float32 gradient sums,
-    deterministic) and ``torch`` otherwise (``gather``, whose backward adds the rows up with
-    atomics in the tensor's dtype). ``key`` is ``[B, Hkv, n, D]``."""
-    forced = env_choice("LRSA_PACK", PACKERS)
-    if forced != "auto":
-        return forced
+    """How the items' key/value rows are gathered: ``triton`` on CUDA from ``TRITON_MIN_LENGTH``
+    tokens (``pack_rows``: one launch, exact float32 gradient sums, deterministic) and ``torch``
+    otherwise (``gather``, whose backward adds the rows up with atomics in the tensor's dtype).
+    ``key`` is ``[B, Hkv, n, D]``."""
     return "triton" if key.is_cuda and key.shape[2] >= TRITON_MIN_LENGTH else "torch"
 
 
@@ -332,7 +325,7 @@ def pack_items(
     picks ``pack_rows`` or ``gather``; differentiable in key and value."""
     hkv, d = key.shape[1], key.shape[-1]
     if packer_for(key) == "triton":
-        from lrsa_serve.kernels.pack_rows import pack_rows
+        from lrsa_serve.training.attention.pack_rows import pack_rows
 
         return pack_rows(key, value, index, kept, packing)
     index = index[..., None].expand(-1, -1, -1, d)
@@ -353,7 +346,7 @@ def pack_items_backward(
     """``pack_items``' backward without autograd: key/value gradients ``[B, Hkv, n, D]`` from
     the rows' ``[B * Tk, Hkv, D]``, summed as the chosen packer's own backward sums them."""
     if packer_for(key) == "triton":
-        from lrsa_serve.kernels.pack_rows import pack_rows_backward
+        from lrsa_serve.training.attention.pack_rows import pack_rows_backward
 
         return pack_rows_backward(grad_k, grad_v, key, value, kept, packing)
     b, hkv, n, d = key.shape
@@ -374,19 +367,19 @@ def lrsa_varlen_attention(
     rule,
     scaling: float | None = None,
     *,
-    kernel: str | None = None,
+    kernel: str = "auto",
     kept: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """LRSA attention of whole sequences: ``[B, n, Hq, D]`` (HF's layout).
 
     query ``[B, Hq, n, D]``, key/value ``[B, Hkv, n, D]`` (post-RoPE), Hq a multiple of Hkv.
-    ``rule`` has sink/lag/keep/score_v_ratio; ``kept`` (``[B, Hkv, P, keep]``) defaults to
-    ``lagkv.select_all`` of this key/value under no_grad.
+    ``rule`` has sink/lag/keep/score_v_ratio; ``kernel`` is one of ``KERNELS``; ``kept``
+    (``[B, Hkv, P, keep]``) defaults to ``lagkv.select_all`` of this key/value under no_grad.
     """
     query, key, value = in_autocast_dtype(query, key, value)
     b, hq, n, d = query.shape
     scale = d**-0.5 if scaling is None else scaling
-    kernel = kernel or default_kernel(query)
+    kernel = default_kernel(query, kernel)
     if kept is None:
         with torch.no_grad():
             kept = lagkv.select_all(key, value, rule)
@@ -404,8 +397,8 @@ def lrsa_varlen_attention(
 __all__ = [
     "KERNELS",
     "Packing",
+    "check_kernel",
     "default_kernel",
-    "env_choice",
     "attention_dtype",
     "fa4_applies",
     "flash_applies",

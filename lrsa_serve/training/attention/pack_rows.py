@@ -1,4 +1,4 @@
-"""The varlen call's key/value rows (``lrsa_varlen``) in Triton, with an exact, deterministic
+"""The varlen call's key/value rows (``varlen``) in Triton, with an exact, deterministic
 gradient.
 
 Forward: ``out[b * Tk + r, h] = x[b, h, index[b, r, h]]`` for the keys and the values in one
@@ -16,7 +16,7 @@ position the selection decides at run time. So the backward inverts the template
 per call only maps each (sequence, head, position) to its kept slot, if any (``slot_of``). Two
 launches: the kept slots' sums (a block of slots lies in one partition, so its rows all have the
 same count), then each position's raw rows plus its slot's sum. On the H100 this made a 32K LRSA
-training step of the 0.5B model ~2% faster than ``gather`` (notes/training.md).
+training step of the 0.5B model ~2% faster than ``gather`` (docs/training.md).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-if TYPE_CHECKING:  # lrsa_varlen imports this module lazily; no cycle at run time
-    from lrsa_serve.kernels.lrsa_varlen import Packing
+if TYPE_CHECKING:  # varlen imports this module lazily; no cycle at run time
+    from lrsa_serve.training.attention.varlen import Packing
 
 ROWS_PER_PROGRAM = 64
 # Source rows per backward program. Where it divides keep, a block of kept slots lies in one
@@ -172,7 +172,7 @@ class Refs:
 
 @lru_cache(maxsize=64)
 def refs_for(packing: Packing, slots: int, device: str) -> Refs:
-    """``Refs`` of a ``lrsa_varlen.Packing`` whose selection has ``slots`` kept slots (the last
+    """``Refs`` of a ``varlen.Packing`` whose selection has ``slots`` kept slots (the last
     partitions' may be copied by no row yet). Cached per packing object: hashing its template
     per call would cost a millisecond of CPU at 32K."""
     source = torch.tensor(packing.template, dtype=torch.int64)
@@ -281,8 +281,8 @@ def pack_rows(
     packing: Packing,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed key and value rows ``[B * Tk, Hkv, D]`` of ``key``/``value`` ``[B, Hkv, n, D]``
-    (any strides), ``index`` ``[B, Tk, Hkv]`` their raw positions (``lrsa_varlen.key_index``),
-    made of ``kept`` ``[B, Hkv, P, keep]`` and ``packing`` (``lrsa_varlen.Packing``).
+    (any strides), ``index`` ``[B, Tk, Hkv]`` their raw positions (``varlen.key_index``),
+    made of ``kept`` ``[B, Hkv, P, keep]`` and ``packing`` (``varlen.Packing``).
     Differentiable in key and value (the exact gradient, see the module docstring)."""
     assert value.shape == key.shape, "keys and values of one shape"
     assert index.shape[1] == packing.key_rows and key.shape[2] == packing.length

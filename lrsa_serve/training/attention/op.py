@@ -1,14 +1,14 @@
-"""LRSA attention (the varlen formulation, ``lrsa_varlen``) as one custom op, ``lrsa::varlen``.
+"""LRSA attention (the varlen formulation, ``varlen``) as one custom op, ``lrsa::varlen``.
 
 Why an op: dynamo cannot trace the LRSA attention (Python packing tables, the selection's own
 compile, FlashAttention-4's CuTe launch), so behind ``torch.compiler.disable`` it broke every
 compiled decoder layer into several compiled frames around an eager call. That break alone cost
 the 0.5B model 25-94 ms per training step at 8-32K tokens with checkpointing, 11-39 without
-(``benchmarks/probes/graph_break_probe.py``). As a custom op the attention is one opaque node of
+(docs/training.md). As a custom op the attention is one opaque node of
 the layer's graph, forward and backward.
 
-Forward: the selection (in a checkpoint recompute, the forward's: ``selection_replay``), the
-items' key/value rows (``lrsa_varlen.pack_items``), the items' kernel. Returns the output, the
+Forward: the selection (in a checkpoint recompute, the forward's: ``replay``), the
+items' key/value rows (``varlen.pack_items``), the items' kernel. Returns the output, the
 kernel's log-sum-exp and the kept positions. Backward (``lrsa::varlen_backward``): the rows are
 packed again from the kept positions (one gather, instead of holding them from forward to
 backward), the kernel's own backward runs on the items, and the packer's backward adds the rows'
@@ -24,7 +24,7 @@ import importlib
 import torch
 
 from lrsa_serve import lagkv
-from lrsa_serve.kernels import lrsa_varlen as lv
+from lrsa_serve.training.attention import varlen as lv
 
 OP_KERNELS = ("fa4", "flash", "math")
 
@@ -38,22 +38,24 @@ def op_applies(query: torch.Tensor) -> bool:
     return lv.flash_applies(lv.attention_dtype(query), query.shape[-1])
 
 
-def _kernel(query: torch.Tensor) -> str:
-    kernel = lv.default_kernel(query)
+def _kernel(query: torch.Tensor, choice: str) -> str:
+    """The items' kernel for ``choice`` (one of ``varlen.KERNELS``), which must be one the op
+    runs."""
+    kernel = lv.default_kernel(query, choice)
     if kernel in OP_KERNELS:
         return kernel
-    if lv.env_choice("LRSA_VARLEN_KERNEL", lv.KERNELS) != "auto":
+    if choice != "auto":
         raise ValueError(
-            f"LRSA_VARLEN_KERNEL={kernel} does not apply to {query.dtype} queries; "
-            f"one of {OP_KERNELS} or auto does"
+            f"kernel {kernel!r} does not apply to {query.dtype} queries in lrsa::varlen; "
+            f"one of {OP_KERNELS} or 'auto' does"
         )
     # The automatic choice for CUDA queries FlashAttention does not take (float32/64) is the
     # memory-efficient kernel, which the op has no backward for: such queries belong on the
-    # eager path (``op_applies`` is False for them), or LRSA_VARLEN_KERNEL=math.
+    # eager path (``op_applies`` is False for them), or on the math kernel.
     raise ValueError(
         f"lrsa::varlen does not take {query.dtype} CUDA queries (the automatic kernel for them "
-        f"is {kernel!r}, not one of {OP_KERNELS}); check op_applies first, or set "
-        "LRSA_VARLEN_KERNEL=math"
+        f"is {kernel!r}, not one of {OP_KERNELS}); check op_applies first, or choose the "
+        "'math' kernel"
     )
 
 
@@ -133,11 +135,13 @@ def varlen(
     keep: int,
     score_v_ratio: float,
     scale: float,
+    kernel: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LRSA attention: query ``[B, Hq, n, D]``, key/value ``[B, Hkv, n, D]`` of one dtype.
-    Returns the output ``[B, n, Hq, D]``, the log-sum-exp ``[Hq, B * n]`` and the kept
-    positions ``[B, Hkv, P, keep]``."""
-    from lrsa_serve.kernels.lrsa_attention import Rule, select_kept
+    """LRSA attention: query ``[B, Hq, n, D]``, key/value ``[B, Hkv, n, D]`` of one dtype;
+    ``kernel`` is one of ``varlen.KERNELS`` that resolves to one of ``OP_KERNELS``. Returns the
+    output ``[B, n, Hq, D]``, the log-sum-exp ``[Hq, B * n]`` and the kept positions
+    ``[B, Hkv, P, keep]``."""
+    from lrsa_serve.training.attention.dispatch import Rule, select_kept
 
     with torch.no_grad():
         kept = select_kept(key, value, Rule(sink, lag, keep, score_v_ratio))
@@ -145,7 +149,7 @@ def varlen(
         index = lv.key_index(kept, packing, template)
         k, v = lv.pack_items(key, value, index, kept, packing)
         out, lse = items_forward(
-            _kernel(query), _items(query), k, v, cu_q, cu_k, max_q, max_k, scale
+            _kernel(query, kernel), _items(query), k, v, cu_q, cu_k, max_q, max_k, scale
         )
     b, hq, n, d = query.shape
     # contiguous outputs, as the fake ones: a compiled graph plans with the fake strides
@@ -153,7 +157,7 @@ def varlen(
 
 
 @varlen.register_fake
-def _(query, key, value, sink, lag, keep, score_v_ratio, scale):
+def _(query, key, value, sink, lag, keep, score_v_ratio, scale, kernel):
     b, hq, n, d = query.shape
     # lagkv's own count (its max(0, ...) guards a dynamic length on either side of the first
     # compressed partition: one recompile there, none for longer sequences)
@@ -178,6 +182,7 @@ def varlen_backward(
     lag: int,
     keep: int,
     scale: float,
+    kernel: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of query, key and value from the output's."""
     with torch.no_grad():
@@ -186,7 +191,7 @@ def varlen_backward(
         k, v = lv.pack_items(key, value, index, kept, packing)
         b, hq, n, d = query.shape
         dq, dk, dv = items_backward(
-            _kernel(query), grad.reshape(b * n, hq, d), _items(query), k, v,
+            _kernel(query, kernel), grad.reshape(b * n, hq, d), _items(query), k, v,
             out.reshape(b * n, hq, d), lse, cu_q, cu_k, max_q, max_k, scale,
         )  # fmt: skip
         dkey, dvalue = lv.pack_items_backward(dk, dv, key, value, index, kept, packing)
@@ -195,28 +200,34 @@ def varlen_backward(
 
 
 @varlen_backward.register_fake
-def _(grad, query, key, value, out, lse, kept, sink, lag, keep, scale):
+def _(grad, query, key, value, out, lse, kept, sink, lag, keep, scale, kernel):
     return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (query, key, value))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    query, key, value, sink, lag, keep, _, scale = inputs
+    query, key, value, sink, lag, keep, _, scale, kernel = inputs
     out, lse, kept = output
     ctx.save_for_backward(query, key, value, out, lse, kept)
-    ctx.numbers = (sink, lag, keep, scale)
+    ctx.numbers = (sink, lag, keep, scale, kernel)
 
 
 def _backward(ctx, grad, _grad_lse, _grad_kept):
     query, key, value, out, lse, kept = ctx.saved_tensors
     dq, dk, dv = varlen_backward(grad, query, key, value, out, lse, kept, *ctx.numbers)
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 varlen.register_autograd(_backward, setup_context=_setup_context)
 
 
 def lrsa_varlen_op(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rule, scaling: float | None
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    rule,
+    scaling: float | None,
+    *,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """``lrsa_varlen_attention`` through the op: ``[B, n, Hq, D]``. Call where ``op_applies``
     to the queries in their autocast dtype."""
@@ -224,7 +235,7 @@ def lrsa_varlen_op(
     key, value = key.to(query.dtype), value.to(query.dtype)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     sizes = (rule.sink, rule.lag, rule.keep, float(rule.score_v_ratio))
-    return varlen(query, key, value, *sizes, float(scale))[0]
+    return varlen(query, key, value, *sizes, float(scale), kernel)[0]
 
 
 __all__ = ["OP_KERNELS", "items_backward", "items_forward", "lrsa_varlen_op", "op_applies"]

@@ -1,0 +1,249 @@
+"""LRSA training attention: the ``"lrsa"`` attention of transformers and its dispatch.
+
+Registered in transformers' ``AttentionInterface`` as ``"lrsa"`` (no model code copied); the
+settings come from ``model.config.lagkv`` as for ``"lagkv_reference"``. The rule is docs/lagkv.md's:
+per layer and KV head the kept rows of every compressed partition are selected from the layer's
+own post-RoPE K/V under ``no_grad`` (``lagkv.select_all``); gradients reach K/V through the
+gather of the rows each query sees.
+
+Dispatch (explicit, never silent):
+
+- CUDA, or any device once ``set_kernel`` names a kernel: ``varlen``: the rule as ONE
+  variable-length dense attention call (FlashAttention-4 or -2 varlen, bottom-right causal per
+  partition item) over gathered key lists, with the selection below (compiled torch; from 32K
+  tokens the serving engine's Triton kernel). Measured fastest on the H100 (docs/training.md).
+  It runs as the custom op ``lrsa::varlen`` (``op``), which a compiled decoder layer traces as
+  one node; float32 queries on CUDA run it eagerly behind a graph break. ``set_kernel("math")``
+  runs the items in plain torch on any device (tests).
+- CPU with the kernel ``auto``: ``reference_attention``'s exact dense masked path; the tests
+  compare the paths.
+- Queries fewer than keys (decoding with a cache) always take the reference path: the items are
+  defined for a whole sequence at once.
+
+Batches: sequences start at position 0; right padding is harmless (causal attention never lets a
+real token see a later pad), so ``attention_mask`` is not consulted. Left padding is not supported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+
+from lrsa_serve import lagkv
+from lrsa_serve.config import CONFIG_KEY, LagKVConfig, keep_for
+from lrsa_serve.reference_attention import lagkv_reference_attention, settings_of
+from lrsa_serve.training.attention import op, replay
+from lrsa_serve.training.attention.varlen import (
+    KERNELS,
+    TRITON_MIN_LENGTH,
+    check_kernel,
+    lrsa_varlen_attention,
+)
+
+NAME = "lrsa"
+# Distinct compiled graphs we allow, so that a run never reaches dynamo's default limit.
+RECOMPILE_LIMIT = 256
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The four LagKV numbers the mask and the selection read (``lagkv`` duck-types its ``cfg``).
+
+    A frozen dataclass rather than the pydantic ``LagKVConfig``: torch.compile traces through it
+    without graph breaks.
+    """
+
+    sink: int
+    lag: int
+    keep: int
+    score_v_ratio: float
+
+    @classmethod
+    def of(cls, cfg: LagKVConfig) -> Rule:
+        return cls(cfg.sink, cfg.lag, cfg.keep, cfg.score_v_ratio)
+
+
+def select_kept(key: torch.Tensor, value: torch.Tensor, rule: Rule) -> torch.Tensor:
+    """Kept absolute positions ``[B, Hkv, P, keep]`` (``lagkv.select_all``), without gradient.
+    In a checkpointed layer's recompute, the positions its forward selected
+    (``replay``)."""
+
+    def select() -> torch.Tensor:
+        with torch.no_grad():
+            return selector(selector_for(key))(key, value, rule)
+
+    return replay.remembered(select, key, rule)
+
+
+def selector_for(key: torch.Tensor) -> str:
+    """On CUDA the serving engine's Triton kernel (``sequence_select``: three launches per layer)
+    from ``TRITON_MIN_LENGTH`` tokens and ``compiled`` (``lagkv.select_all`` under
+    ``torch.compile``) below; ``eager`` (plain torch) on CPU."""
+    if not key.is_cuda:
+        return "eager"
+    return "triton" if key.shape[2] >= TRITON_MIN_LENGTH else "compiled"
+
+
+@lru_cache(maxsize=4)
+def selector(name: str) -> Callable:
+    """The selection function ``selector_for`` names: ``(key, value, rule) -> kept``."""
+    if name == "triton":
+        from lrsa_serve.training.attention import sequence_select
+
+        return sequence_select.select_all
+    if name == "compiled":
+        _raise_recompile_limit()
+        return torch.compile(lagkv.select_all, dynamic=True)
+    return lagkv.select_all
+
+
+def _raise_recompile_limit() -> None:
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
+    # Past the limit dynamo would fall back to eager code silently: fail loudly instead.
+    if hasattr(cfg, "fail_on_recompile_limit_hit"):
+        cfg.fail_on_recompile_limit_hit = True
+
+
+# ---- the varlen formulation (default on CUDA) ----------------------------------------------------
+def lrsa_varlen(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cfg: LagKVConfig | Rule,
+    scaling: float | None = None,
+    *,
+    kernel: str = "auto",
+) -> torch.Tensor:
+    """LRSA attention of whole sequences as one varlen attention call (``varlen``) with this
+    ``kernel`` (one of ``KERNELS``), with this module's selection (compiled on CUDA):
+    ``[B, n, Hq, D]``."""
+    rule = cfg if isinstance(cfg, Rule) else Rule.of(cfg)
+    kept = select_kept(key, value, rule)
+    return lrsa_varlen_attention(query, key, value, rule, scaling, kernel=kernel, kept=kept)
+
+
+# ---- the transformers attention function --------------------------------------------------------
+# The varlen call's kernel for every model (``set_kernel``; the trainer passes its job's
+# ``model.lrsa_kernel``). Process-wide, because transformers hands the registered attention only
+# the layer (whose config is the model's), and what a config holds is saved with the model.
+_kernel = "auto"
+
+
+def set_kernel(kernel: str) -> None:
+    """The kernel of the LRSA attention of every model: ``auto`` (the varlen call on CUDA with
+    the fastest kernel that applies, the exact dense masked reference on CPU) or one of the
+    varlen call's kernels (``fa4``, ``flash``, ``efficient``, ``math``), then on any device."""
+    global _kernel
+    _kernel = check_kernel(kernel)
+
+
+def uses_varlen(query: torch.Tensor) -> bool:
+    """Whether these queries take the varlen call (else the dense masked reference)."""
+    return query.is_cuda or _kernel != "auto"
+
+
+def _traceable_rule(module: torch.nn.Module) -> Rule | None:
+    """The module's LagKV numbers read the way dynamo traces (the dict ``use_lrsa`` stores), or
+    None (then the eager path reads them)."""
+    section = getattr(module.config, CONFIG_KEY, None)
+    if not isinstance(section, dict):
+        return None
+    lag, ratio = section["lag"], section["ratio"]
+    return Rule(section["sink"], lag, keep_for(lag, ratio), section.get("score_v_ratio", 1.0))
+
+
+def lrsa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The registered attention. The varlen call runs as the custom op ``lrsa::varlen`` where it
+    applies, which a compiled decoder layer traces as one node; every other path runs eagerly,
+    behind a graph break (``_eager_attention``)."""
+    if not (dropout and module.training) and uses_varlen(query):
+        rule = _traceable_rule(module)
+        if rule is not None and query.shape[2] == key.shape[2] and op.op_applies(query):
+            return op.lrsa_varlen_op(query, key, value, rule, scaling, kernel=_kernel), None
+    return _eager_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+
+@torch.compiler.disable  # dynamo cannot trace these paths: a compiled layer breaks its graph here
+def _eager_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    if dropout and module.training:
+        raise ValueError("LRSA attention does not implement attention dropout")
+    if not uses_varlen(query) or query.shape[2] != key.shape[2]:
+        return lagkv_reference_attention(module, query, key, value, None, scaling=scaling)
+    return lrsa_varlen(query, key, value, settings_of(module), scaling, kernel=_kernel), None
+
+
+AttentionInterface.register(NAME, lrsa_attention)
+
+
+def use_lrsa(model: PreTrainedModel, cfg: LagKVConfig) -> PreTrainedModel:
+    """Switch a loaded HF model to LRSA attention with these settings."""
+    model.config.lagkv = cfg.model_dump()
+    model.set_attn_implementation(NAME)
+    return model
+
+
+@torch.no_grad()
+def lrsa_forward_logits(
+    model: PreTrainedModel, input_ids: torch.Tensor, cfg: LagKVConfig | None = None
+) -> torch.Tensor:
+    """Logits of a full forward pass under the LRSA mask (what training optimises), for comparing
+    with the serving engine's prefill. ``cfg`` defaults to the checkpoint's ``config.lagkv``.
+    The model's attention implementation and settings are restored afterwards."""
+    if cfg is None:
+        section = getattr(model.config, "lagkv", None)
+        if section is None:
+            raise ValueError("no LagKV settings: pass cfg or use a checkpoint with config.lagkv")
+        cfg = section if isinstance(section, LagKVConfig) else LagKVConfig.build(**section)
+    previous_impl = model.config._attn_implementation
+    previous_cfg = getattr(model.config, "lagkv", None)
+    use_lrsa(model, cfg)
+    try:
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        return model(input_ids=input_ids.to(model.device), use_cache=False).logits
+    finally:
+        model.set_attn_implementation(previous_impl)
+        if previous_cfg is None:
+            del model.config.lagkv
+        else:
+            model.config.lagkv = previous_cfg
+
+
+__all__ = [
+    "KERNELS",
+    "NAME",
+    "Rule",
+    "lrsa_attention",
+    "lrsa_forward_logits",
+    "lrsa_varlen",
+    "select_kept",
+    "selector",
+    "set_kernel",
+    "use_lrsa",
+]
