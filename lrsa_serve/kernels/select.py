@@ -203,9 +203,10 @@ def _channel_spread(
 @triton.jit
 def layer_shift(layer_ptr, layer, LAYERED: tl.constexpr):
     """Element offset of this program's layer cache from the caches passed in (0: one layer)."""
+    shift = layer.to(tl.int64) * 0  # one int64 type on both paths (Triton checks returns)
     if LAYERED:
-        return tl.load(layer_ptr + layer)
-    return 0
+        shift = tl.load(layer_ptr + layer).to(tl.int64)
+    return shift
 
 
 @triton.jit
