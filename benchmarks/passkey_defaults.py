@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.models import resolve_model
 from lrsa_serve.reference_attention import use_lagkv_reference
-from lrsa_serve.tasks import passkey, split_seed
+from lrsa_serve.synthetic_tasks import passkey, split_seed
 
 SETTINGS = {
     "full": None,

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from lrsa_serve.tasks import EVAL_SEED_OFFSET, TASKS, Example, fill_with_needles, split_seed
+from lrsa_serve.synthetic_tasks import (
+    EVAL_SEED_OFFSET,
+    TASKS,
+    Example,
+    fill_with_needles,
+    split_seed,
+)
 
 
 @pytest.fixture(scope="module")

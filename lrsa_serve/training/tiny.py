@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from lrsa_serve.tasks import FILLER
+from lrsa_serve.synthetic_tasks import FILLER
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
