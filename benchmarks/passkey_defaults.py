@@ -1,6 +1,6 @@
 """Passkey retrieval of the default model under the exact LagKV reference, to pick defaults.
 
-    python benchmarks/passkey_defaults.py --lengths 2048 6144 --samples 5 --json out/passkey.json
+    python -m benchmarks.passkey_defaults --lengths 2048 6144 --samples 5 --json out/passkey.json
 
 Greedy-decodes the answer of the LagKV paper's passkey prompt (5-digit key in filler, depths
 spread over the context) with the HF reference attention (float32, CPU) for each setting and the
