@@ -107,7 +107,7 @@ def main() -> int:
     tasks = tuple(args.tasks.split(","))
 
     if args.smoke:
-        from lrsa_serve.training.tiny import random_model, tiny_config, tiny_tokenizer
+        from benchmarks.random_models import random_model, tiny_config, tiny_tokenizer
 
         tokenizer = tiny_tokenizer()
         model = random_model(tiny_config("llama", vocab_size=len(tokenizer)))

@@ -31,6 +31,11 @@ from pathlib import Path
 import torch
 from transformers import AttentionInterface
 
+from benchmarks.random_models import (
+    qwen2_half_billion_config,
+    random_model,
+    tiny_config,
+)
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.training import loop
 from lrsa_serve.training import model as model_mod
@@ -38,11 +43,6 @@ from lrsa_serve.training.attention import dispatch
 from lrsa_serve.training.attention.varlen import Packing
 from lrsa_serve.training.config import LRSA_KERNELS, ModelConfig, OptimConfig
 from lrsa_serve.training.data import IGNORE_INDEX
-from lrsa_serve.training.tiny import (
-    qwen2_half_billion_config,
-    random_model,
-    tiny_config,
-)
 
 FLOOR = "lrsa_bench_floor"
 

@@ -16,7 +16,7 @@ from lrsa_serve.synthetic_tasks import (
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from lrsa_serve.training.tiny import tiny_tokenizer
+    from benchmarks.random_models import tiny_tokenizer
 
     return tiny_tokenizer()
 

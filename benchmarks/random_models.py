@@ -1,6 +1,10 @@
 """Small stand-ins for tests, smoke runs and speed benchmarks: a byte-level BPE tokenizer trained
 in memory (with a ChatML template) and randomly initialised Llama/Qwen2 models of any size.
-Nothing is downloaded."""
+Nothing is downloaded.
+
+Here rather than in lrsa_serve, which never uses it: the speed benchmarks build their model shapes
+from it (``train_model``), their ``--smoke`` runs and the tests their tiny models, and
+docs/training.md saves a tiny model with ``save_tiny_model`` for the two-GPU comparison."""
 
 from __future__ import annotations
 
