@@ -35,8 +35,8 @@ lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 bench: model
-	$(PY) benchmarks/engine_memory.py --json out/engine_memory.json
-	$(PY) benchmarks/engine_throughput.py --json out/engine_throughput.json
+	$(PY) -m benchmarks.engine_memory --json out/engine_memory.json
+	$(PY) -m benchmarks.engine_throughput --json out/engine_throughput.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,6 +1,6 @@
 """KV memory of vanilla vLLM vs LagKV, measured on the real engines in one process run.
 
-    python benchmarks/engine_memory.py --json out/engine_memory.json
+    python -m benchmarks.engine_memory --json out/engine_memory.json
 
 1. Blocks one sequence holds after its prompt and 16 generated tokens, per prompt length, read
    from vLLM's KV manager (not computed from the formula; the formula is printed beside it).
@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from engine_common import (  # noqa: E402
+from benchmarks.engine_common import (
     add_engine_arguments,
     engine,
     held_blocks,
@@ -27,8 +24,7 @@ from engine_common import (  # noqa: E402
     settings_from,
     token_prompts,
 )
-
-from lrsa_serve import lagkv  # noqa: E402
+from lrsa_serve import lagkv
 
 
 def blocks_per_length(llm, lengths: list[int], new_tokens: int) -> dict[int, dict]:

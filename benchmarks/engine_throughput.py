@@ -1,6 +1,6 @@
 """Decode throughput and time to first token, vanilla vLLM vs LagKV, in one process run.
 
-    python benchmarks/engine_throughput.py --json out/engine_throughput.json
+    python -m benchmarks.engine_throughput --json out/engine_throughput.json
 
 1. Time to first token of one ``--context``-token prompt alone (compressed history makes the
    later prefill chunks cheaper).
@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from engine_common import (  # noqa: E402
+from benchmarks.engine_common import (
     add_engine_arguments,
     engine,
     print_table,

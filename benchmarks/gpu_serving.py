@@ -1,7 +1,7 @@
 """GPU serving throughput, vanilla vLLM vs LagKV, in one process run (issue 21, item 5).
 
-    python benchmarks/gpu_serving.py --json out/gpu_serving.json         # every workload
-    python benchmarks/gpu_serving.py --scale 0.05 --sequences 4          # a smoke run
+    python -m benchmarks.gpu_serving --json out/gpu_serving.json         # every workload
+    python -m benchmarks.gpu_serving --scale 0.05 --sequences 4          # a smoke run
 
 Each workload times ``llm.generate`` over the same random-token prompts on both engines. The
 engines run one after the other: one engine serves every selected workload of its model and KV
@@ -31,9 +31,8 @@ from typing import Any
 # In-process engines: the step counter wraps the scheduler, and shutting an engine down frees its
 # GPU memory in this process for the next one (vLLM's EngineCore.shutdown cleans up for that).
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-sys.path.insert(0, str(Path(__file__).parent))
 
-from engine_common import print_table, token_prompts  # noqa: E402
+from benchmarks.engine_common import print_table, token_prompts  # noqa: E402
 
 CONFIGS = Path(__file__).parent / "configs"
 

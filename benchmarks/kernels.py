@@ -1,9 +1,9 @@
 """LagKV select + compact on the GPU against a decode step's attention, per layer.
 
 Command (a CUDA GPU, from the repo root; results in docs/benchmarks.md):
-    python3 benchmarks/kernels.py --json out/kernels.json
+    python -m benchmarks.kernels --json out/kernels.json
 Smoke test of this script without a GPU (tiny shapes, Triton interpreter, CPU timers):
-    TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke
+    TRITON_INTERPRET=1 python -m benchmarks.kernels --smoke
 
 The layer: Llama-3.1-8B's attention shape (32 query heads, 8 KV heads, head_dim 128), bf16,
 vLLM block size 16, LagKV sink 16, ratio 0.25, lag L = 1024 (the paper's accurate setting) and

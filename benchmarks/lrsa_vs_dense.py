@@ -5,9 +5,9 @@ held-out split uncompressed (SDPA) and under LagKV (the reference attention, sam
 Scores are exact match under teacher forcing (= greedy decoding starts with the answer), float32,
 per task and overall. The untrained model is scored too when time allows.
 
-    python benchmarks/lrsa_vs_dense.py --model ~/.cache/lrsa-serve/models/SmolLM2-135M-Instruct
-    python benchmarks/lrsa_vs_dense.py --gguf DIR/model.gguf --tokenizer DIR       # from a GGUF
-    python benchmarks/lrsa_vs_dense.py --smoke                                       # CPU check
+    python -m benchmarks.lrsa_vs_dense --model ~/.cache/lrsa-serve/models/SmolLM2-135M-Instruct
+    python -m benchmarks.lrsa_vs_dense --gguf DIR/model.gguf --tokenizer DIR       # from a GGUF
+    python -m benchmarks.lrsa_vs_dense --smoke                                       # CPU check
 
 ``--balanced-eval`` draws the held-out split task by task (the first eval seeds of each task, up
 to ``--eval-examples / len(tasks)`` each); ``--random-init`` keeps the tokenizer folder's config
@@ -25,15 +25,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lrsa_serve.config import LagKVConfig  # noqa: E402
-from lrsa_serve.reference_attention import use_lagkv_reference  # noqa: E402
-from lrsa_serve.training import data as data_mod  # noqa: E402
-from lrsa_serve.training import model as model_mod  # noqa: E402
-from lrsa_serve.training.config import JobConfig  # noqa: E402
-from lrsa_serve.training.evaluate import evaluate_examples, task_of  # noqa: E402
-from lrsa_serve.training.loop import Trainer  # noqa: E402
+from lrsa_serve.config import LagKVConfig
+from lrsa_serve.reference_attention import use_lagkv_reference
+from lrsa_serve.training import data as data_mod
+from lrsa_serve.training import model as model_mod
+from lrsa_serve.training.config import JobConfig
+from lrsa_serve.training.evaluate import evaluate_examples, task_of
+from lrsa_serve.training.loop import Trainer
 
 
 def score(model, examples, tokenizer, mode: str, cfg: LagKVConfig, batch_size: int) -> dict:
@@ -109,7 +107,7 @@ def main() -> int:
     tasks = tuple(args.tasks.split(","))
 
     if args.smoke:
-        from lrsa_serve.training.tiny import random_model, tiny_config, tiny_tokenizer
+        from benchmarks.random_models import random_model, tiny_config, tiny_tokenizer
 
         tokenizer = tiny_tokenizer()
         model = random_model(tiny_config("llama", vocab_size=len(tokenizer)))

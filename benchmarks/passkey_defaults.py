@@ -1,6 +1,6 @@
 """Passkey retrieval of the default model under the exact LagKV reference, to pick defaults.
 
-    python benchmarks/passkey_defaults.py --lengths 2048 6144 --samples 5 --json out/passkey.json
+    python -m benchmarks.passkey_defaults --lengths 2048 6144 --samples 5 --json out/passkey.json
 
 Greedy-decodes the answer of the LagKV paper's passkey prompt (5-digit key in filler, depths
 spread over the context) with the HF reference attention (float32, CPU) for each setting and the
@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.models import resolve_model
 from lrsa_serve.reference_attention import use_lagkv_reference
-from lrsa_serve.tasks import passkey, split_seed
+from lrsa_serve.synthetic_tasks import passkey, split_seed
 
 SETTINGS = {
     "full": None,

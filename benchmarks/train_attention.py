@@ -12,7 +12,7 @@ backend (cuDNN on the H100) and, for reference, with FlashAttention-2 forced and
 
 Also reported: the visible-pair ratio (the FLOP ratio the mask allows) and selection alone.
 
-    python benchmarks/train_attention.py --out results.json
+    python -m benchmarks.train_attention --out results.json
 """
 
 from __future__ import annotations
@@ -26,12 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lrsa_serve import lagkv  # noqa: E402
-from lrsa_serve.config import LagKVConfig  # noqa: E402
-from lrsa_serve.training.attention import dispatch  # noqa: E402
-from lrsa_serve.training.attention.varlen import fa4_applies, lrsa_varlen_attention  # noqa: E402
+from lrsa_serve import lagkv
+from lrsa_serve.config import LagKVConfig
+from lrsa_serve.training.attention import dispatch
+from lrsa_serve.training.attention.varlen import fa4_applies, lrsa_varlen_attention
 
 
 def median_ms(fn, warmup: int = 3, iters: int = 10) -> float:

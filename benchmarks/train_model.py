@@ -17,7 +17,7 @@ LRSA variants: ``KERNEL[@replay=on|off]``, the trainer's ``--lrsa-kernel`` (``au
 ``flash``, ...); ``replay=off``: the checkpoint recompute selects again instead of replaying the
 forward's selection. E.g. ``--lrsa-variants auto flash``: FlashAttention-4 against -2.
 
-    python benchmarks/train_model.py --out train_model.json
+    python -m benchmarks.train_model --out train_model.json
 """
 
 from __future__ import annotations
@@ -31,20 +31,18 @@ from pathlib import Path
 import torch
 from transformers import AttentionInterface
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lrsa_serve.config import LagKVConfig  # noqa: E402
-from lrsa_serve.training import loop  # noqa: E402
-from lrsa_serve.training import model as model_mod  # noqa: E402
-from lrsa_serve.training.attention import dispatch  # noqa: E402
-from lrsa_serve.training.attention.varlen import Packing  # noqa: E402
-from lrsa_serve.training.config import LRSA_KERNELS, ModelConfig, OptimConfig  # noqa: E402
-from lrsa_serve.training.data import IGNORE_INDEX  # noqa: E402
-from lrsa_serve.training.tiny import (  # noqa: E402
+from benchmarks.random_models import (
     qwen2_half_billion_config,
     random_model,
     tiny_config,
 )
+from lrsa_serve.config import LagKVConfig
+from lrsa_serve.training import loop
+from lrsa_serve.training import model as model_mod
+from lrsa_serve.training.attention import dispatch
+from lrsa_serve.training.attention.varlen import Packing
+from lrsa_serve.training.config import LRSA_KERNELS, ModelConfig, OptimConfig
+from lrsa_serve.training.data import IGNORE_INDEX
 
 FLOOR = "lrsa_bench_floor"
 

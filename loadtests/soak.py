@@ -22,8 +22,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hosts import check_target  # noqa: E402
+from hosts import check_target  # beside this script, which Python puts first on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 GAUGES = (

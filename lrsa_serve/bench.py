@@ -1,9 +1,9 @@
 """``lrsa bench``: vanilla vLLM vs LagKV, KV memory and throughput, measured and plotted.
 
-Runs the engine benchmarks of the source tree (``benchmarks/engine_memory.py``,
-``benchmarks/engine_throughput.py``) as subprocesses, each with ``--json``, so every engine they
-build lives and dies in its own process; their tables print as they run. Then draws, from the
-JSON they wrote::
+Runs the engine benchmarks (the modules ``benchmarks.engine_memory`` and
+``benchmarks.engine_throughput``, from the source tree or the installed package) as subprocesses,
+each with ``--json``, so every engine they build lives and dies in its own process; their tables
+print as they run. Then draws, from the JSON they wrote::
 
     OUT/engine_memory.png        KV blocks per sequence vs prompt length (after the prompt and at
                                  the peak), and requests running at once in a fixed KV pool
@@ -19,6 +19,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shlex
 import subprocess
@@ -29,10 +30,7 @@ from typing import Any
 from lrsa_serve.cli import UserError
 
 BENCHMARKS = {"memory": "engine_memory", "throughput": "engine_throughput"}
-
-
-def default_benchmarks_dir() -> Path:
-    return Path(__file__).resolve().parents[1] / "benchmarks"
+PACKAGE = "benchmarks"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,8 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--benchmarks-dir",
         type=Path,
         default=None,
-        help="where engine_memory.py / engine_throughput.py live "
-        "(default: the source tree's benchmarks/)",
+        help="run DIR/engine_memory.py and DIR/engine_throughput.py as scripts instead of the "
+        "benchmarks package's modules",
     )
 
 
@@ -90,8 +88,28 @@ def extra_flags(args: argparse.Namespace, name: str) -> list[str]:
         raise UserError(f"--{name}-args: {e}") from None
 
 
-def benchmark_command(args: argparse.Namespace, name: str, script: Path, json_path: Path) -> list:
-    command = [sys.executable, str(script), "--json", str(json_path)]
+def benchmark_target(args: argparse.Namespace, name: str) -> tuple[list[str], str]:
+    """The interpreter arguments that run benchmark ``name`` and how to name it in messages:
+    ``-P -m benchmarks.NAME`` (-P: a ``benchmarks`` folder in the working directory must not
+    shadow the package beside lrsa_serve), or ``DIR/NAME.py`` with ``--benchmarks-dir``."""
+    module = BENCHMARKS[name]
+    if args.benchmarks_dir is not None:
+        script = args.benchmarks_dir / f"{module}.py"
+        if not script.is_file():
+            raise UserError(f"{script} not found")
+        return [str(script)], script.name
+    if importlib.util.find_spec(f"{PACKAGE}.{module}") is None:
+        raise UserError(
+            f"module {PACKAGE}.{module} not found: install lrsa-serve with its benchmarks "
+            "package, or pass --benchmarks-dir"
+        )
+    return ["-P", "-m", f"{PACKAGE}.{module}"], f"{module}.py"
+
+
+def benchmark_command(
+    args: argparse.Namespace, name: str, target: list[str], json_path: Path
+) -> list[str]:
+    command = [sys.executable, *target, "--json", str(json_path)]
     for flag in ("model", "sink", "lag", "ratio", "dtype"):
         if getattr(args, flag) is not None:
             command += [f"--{flag}", str(getattr(args, flag))]
@@ -99,20 +117,14 @@ def benchmark_command(args: argparse.Namespace, name: str, script: Path, json_pa
 
 
 def run_benchmark(args: argparse.Namespace, name: str, out: Path) -> Path:
-    folder = args.benchmarks_dir or default_benchmarks_dir()
-    script = folder / f"{BENCHMARKS[name]}.py"
-    if not script.is_file():
-        raise UserError(
-            f"{script} not found: lrsa bench runs the benchmarks of a source checkout "
-            "(or pass --benchmarks-dir)"
-        )
+    target, label = benchmark_target(args, name)
     json_path = out / f"{BENCHMARKS[name]}.json"
     json_path.unlink(missing_ok=True)  # never plot a stale file as this run's result
-    command = benchmark_command(args, name, script, json_path)
+    command = benchmark_command(args, name, target, json_path)
     print(f"[bench] {' '.join(command[1:])}", flush=True)
     code = subprocess.run(command).returncode
     if code != 0:
-        raise UserError(f"{script.name} failed with exit code {code} (its output is above)")
+        raise UserError(f"{label} failed with exit code {code} (its output is above)")
     return json_path
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 SUBCOMMANDS = {
     "serve": ("lrsa_serve.serving.cli", "Start the OpenAI-compatible server with LagKV"),
     "train": ("lrsa_serve.training.cli", "Post-train a checkpoint with the LRSA mask"),
-    "pipeline": ("lrsa_serve.pipeline", "Train, serve and evaluate in one command"),
+    "pipeline": ("lrsa_serve.pipeline.cli", "Train, serve and evaluate in one command"),
     "eval": ("lrsa_serve.eval.cli", "Long-context accuracy under compression"),
     "bench": ("lrsa_serve.bench", "Vanilla vLLM vs LagKV memory and throughput"),
     "prepare-model": ("lrsa_serve.cli", "Convert the default model once; print its folder"),

@@ -8,7 +8,7 @@ import torch
 def passkey_prompts(tokenizer) -> list[list[int]]:
     """The engine tests' prompts: ~1.1K, ~1.9K and ~2.9K tokens of natural text with different
     needles, so that S32/L128 settings compress 7-21 partitions of each."""
-    from lrsa_serve.tasks import passkey, split_seed
+    from lrsa_serve.synthetic_tasks import passkey, split_seed
 
     lengths = [(1100, 0.3), (1900, 0.6), (2900, 0.8)]
     return [

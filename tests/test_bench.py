@@ -1,10 +1,13 @@
-"""``lrsa bench``: runs the engine benchmarks by path with --json (stand-in scripts here that
-write results in the real scripts' format; the real ones build four engines each) and plots the
-JSON; bad results or a failing benchmark end in one line."""
+"""``lrsa bench``: runs the engine benchmarks with --json (stand-in scripts here, through
+--benchmarks-dir, that write results in the real modules' format; the real ones build four engines
+each) and plots the JSON; bad results or a failing benchmark end in one line. By default it runs
+the real ones as modules of the benchmarks package, wherever the working directory is."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -106,8 +109,16 @@ def test_failures_are_one_line(tmp_path, capsys, setup, args, message):
     assert err.startswith("lrsa bench: error:") and message in err
 
 
-def test_default_benchmarks_dir_holds_the_real_scripts():
-    from lrsa_serve.bench import BENCHMARKS, default_benchmarks_dir
+def test_by_default_the_benchmarks_run_as_modules_from_any_directory(tmp_path):
+    from lrsa_serve.bench import BENCHMARKS, benchmark_target
+    from lrsa_serve.cli import build_parser
 
-    for name in BENCHMARKS.values():
-        assert (default_benchmarks_dir() / f"{name}.py").is_file()
+    for name, module in BENCHMARKS.items():
+        target, label = benchmark_target(build_parser().parse_args(["bench", name]), name)
+        assert target == ["-P", "-m", f"benchmarks.{module}"] and label == f"{module}.py"
+        # elsewhere, with a `benchmarks` folder there that must not shadow the package
+        (tmp_path / "benchmarks").mkdir(exist_ok=True)
+        (tmp_path / "benchmarks" / "__init__.py").write_text("")
+        done = subprocess.run([sys.executable, *target, "--help"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 0 and "--json" in done.stdout, done.stderr[-2000:]

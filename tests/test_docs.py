@@ -1,6 +1,7 @@
 """Everything a clone needs is in the clone: no file points outside the repository, every
-relative Markdown link resolves to a file (and heading) inside it, every repository path the docs
-name exists, and the README stays a front page that leads into docs/."""
+relative Markdown link resolves to a file (and heading) inside it, every repository path and every
+module run with ``python -m`` the docs name exists, and the README stays a front page that leads
+into docs/."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 # preceded by a path character, so URLs and paths under other folders are left alone.
 TOP_FOLDERS = "benchmarks|deploy|docs|examples|loadtests|lrsa_serve|notes|tests"
 REPO_PATH = re.compile(rf"(?<![\w./~$-])((?:{TOP_FOLDERS})/[\w.*/-]*)")
+# A module of the repository run with `-m` (`python -m benchmarks.kernels`); upper-case
+# placeholders (`benchmarks.NAME`) are not module names.
+REPO_MODULE = re.compile(rf"(?<![\w-])-m\s+((?:{TOP_FOLDERS})(?:\.[a-z_][a-z0-9_]*)+)(?![\w.])")
 README_MAX_LINES = 160
 
 
@@ -89,7 +93,8 @@ def broken_links(markdown: Path, root: Path = ROOT) -> list[str]:
 
 
 def missing_paths(markdown: Path, root: Path = ROOT) -> list[str]:
-    """Repository paths named in the page (prose or code) that match no file or folder."""
+    """Repository paths and ``-m`` modules named in the page (prose or code) that match no file
+    or folder."""
     missing = []
     text = markdown.read_text(encoding="utf-8")
     for number, line in enumerate(text.splitlines(), start=1):
@@ -97,6 +102,10 @@ def missing_paths(markdown: Path, root: Path = ROOT) -> list[str]:
             name = name.rstrip(".-")
             if not any(root.glob(name)) if "*" in name else not (root / name).exists():
                 missing.append(f"{markdown.relative_to(root)}:{number}: {name}")
+        for module in REPO_MODULE.findall(line):
+            path = root / module.replace(".", "/")
+            if not (path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()):
+                missing.append(f"{markdown.relative_to(root)}:{number}: {module}")
     return missing
 
 
@@ -150,6 +159,7 @@ def test_the_checks_catch_what_they_look_for(tmp_path):
         "```\n[not a link](docs/missing.md)\n```\n"
         "Run `tests/test_one.py` and tests/test_*.py, not tests/test_gone.py or `docs/b.md`.\n"
         "Paths elsewhere are not ours: https://example.org/tests/x.py, out/docs/y.md.\n"
+        "`python -m tests.test_one`, not `python -m tests.test_gone`; `python -m tests.NAME`.\n"
     )
     assert outside_references([page], tmp_path) == ["README.md:1"]
     broken = broken_links(page, tmp_path)
@@ -164,4 +174,5 @@ def test_the_checks_catch_what_they_look_for(tmp_path):
         "README.md:6: docs/missing.md",
         "README.md:8: tests/test_gone.py",
         "README.md:8: docs/b.md",
+        "README.md:10: tests.test_gone",
     ]

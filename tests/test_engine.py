@@ -17,7 +17,7 @@ from engine_helpers import (
 
 from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig, LagKVConfigError
-from lrsa_serve.tasks import passkey, split_seed
+from lrsa_serve.synthetic_tasks import passkey, split_seed
 
 pytestmark = pytest.mark.engine
 

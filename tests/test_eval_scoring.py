@@ -13,7 +13,7 @@ from lrsa_serve.eval.report import cells, failures, lookup, table_rows, text_tab
 from lrsa_serve.eval.runner import Answer, EvalRun, TargetInfo, grade, parse_completion
 from lrsa_serve.eval.scoring import normalize, recalled, score_response
 from lrsa_serve.eval.tasks import build_items, expected_values, item_seed, resolve_tasks
-from lrsa_serve.tasks import EVAL_SEED_OFFSET, TASKS
+from lrsa_serve.synthetic_tasks import EVAL_SEED_OFFSET, TASKS
 
 
 # ---- scoring ------------------------------------------------------------------------------------

@@ -3,28 +3,16 @@ shipped 8B-class config, and the summary table with its goals (fabricated number
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+import importlib
 
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    """The script as a module (its dataclasses need it in ``sys.modules`` while it loads)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("gpu_serving", BENCHMARKS / "gpu_serving.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_serving"] = module
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop("gpu_serving", None)
-        sys.path.remove(str(BENCHMARKS))
+    """The benchmark module, imported when these tests run, not at collection: importing it sets
+    vLLM's environment for in-process engines."""
+    return importlib.import_module("benchmarks.gpu_serving")
 
 
 def test_defaults_are_vllms_and_every_workload_on_both_engines(bench):

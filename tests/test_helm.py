@@ -6,20 +6,20 @@ from __future__ import annotations
 
 import copy
 import os
+import runpy
 import shlex
 import stat
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "deploy"))
-
-import helmtool  # noqa: E402
-
+# deploy/ holds scripts, not a package: helmtool.py's names as attributes.
+helmtool = SimpleNamespace(**runpy.run_path(str(ROOT / "deploy" / "helmtool.py")))
 helm = pytest.importorskip("helm_python", reason="dev extra: helm-python-sdk")
 
 CHART = ROOT / "deploy" / "helm" / "lrsa-serve"

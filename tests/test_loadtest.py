@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -19,9 +20,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LOADTESTS = ROOT / "loadtests"
-sys.path.insert(0, str(LOADTESTS))
-
-from hosts import HostNotAllowed, check_target  # noqa: E402
+# loadtests/ holds scripts (locust loads locustfile.py by path), not a package: hosts.py's names.
+_hosts = runpy.run_path(str(LOADTESTS / "hosts.py"))
+HostNotAllowed, check_target = _hosts["HostNotAllowed"], _hosts["check_target"]
 
 
 def locust_command() -> list[str]:

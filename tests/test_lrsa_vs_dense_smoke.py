@@ -13,9 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_smoke_run_trains_and_scores_both_variants(tmp_path):
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "lrsa_vs_dense.py"), "--smoke",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "benchmarks.lrsa_vs_dense", "--smoke", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line.split()[0] for line in done.stdout.splitlines() if "%" in line]

@@ -148,11 +148,8 @@ def test_server_never_ready_times_out_and_is_stopped(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_and_sigterm_stop_the_server(tmp_path, sig):
     """A process holding a server the way `lrsa pipeline` does, signalled while serving."""
-    holder = tmp_path / "holder.py"
-    holder.write_text(
-        textwrap.dedent(f"""
-        import sys, time
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+    holder = textwrap.dedent(f"""
+        import time
         from test_pipeline import fake_server
         from lrsa_serve.pipeline import stop_on_signals
         from pathlib import Path
@@ -160,9 +157,14 @@ def test_ctrl_c_and_sigterm_stop_the_server(tmp_path, sig):
             print("serving", flush=True)
             time.sleep(600)
     """)
+    # `python -c` in this folder: test_pipeline is importable from the working directory.
+    process = subprocess.Popen(
+        [sys.executable, "-c", holder],
+        cwd=Path(__file__).parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    process = subprocess.Popen([sys.executable, str(holder)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         assert process.stdout.readline().strip() == "serving"
         pids = pids_of(tmp_path)

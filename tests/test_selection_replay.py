@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.random_models import random_model, tiny_config
 from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.training import model as model_mod
 from lrsa_serve.training.attention import dispatch, replay
-from lrsa_serve.training.tiny import random_model, tiny_config
 
 CFG = LagKVConfig(sink=4, lag=16, ratio=0.25)
 

@@ -33,7 +33,7 @@ def client(server) -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def long_prompt(tokenizer) -> list[int]:
-    from lrsa_serve.tasks import passkey
+    from lrsa_serve.synthetic_tasks import passkey
 
     return tokenizer.encode(passkey(tokenizer, 1500, 0.5, 7).prompt)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lrsa_serve.config import LagKVConfig
-from lrsa_serve.tasks import passkey
+from lrsa_serve.synthetic_tasks import passkey
 from lrsa_serve.training.attention import dispatch
 
 pytestmark = pytest.mark.engine

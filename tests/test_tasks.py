@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import pytest
 
-from lrsa_serve.tasks import EVAL_SEED_OFFSET, TASKS, Example, fill_with_needles, split_seed
+from lrsa_serve.synthetic_tasks import (
+    EVAL_SEED_OFFSET,
+    TASKS,
+    Example,
+    fill_with_needles,
+    split_seed,
+)
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from lrsa_serve.training.tiny import tiny_tokenizer
+    from benchmarks.random_models import tiny_tokenizer
 
     return tiny_tokenizer()
 

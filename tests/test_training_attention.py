@@ -115,8 +115,8 @@ def test_hf_model_lrsa_varlen_equals_reference(kind):
     """The registered "lrsa" attention inside a real HF model (varlen items in plain torch on
     CPU) gives the reference attention's logits; lrsa_forward_logits restores the model's
     attention."""
+    from benchmarks.random_models import random_model, tiny_config
     from lrsa_serve.reference_attention import use_lagkv_reference
-    from lrsa_serve.training.tiny import random_model, tiny_config
 
     cfg = LagKVConfig(sink=4, lag=16, ratio=0.25)
     model = random_model(tiny_config(kind, vocab_size=300), seed=1).eval()

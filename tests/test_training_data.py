@@ -14,7 +14,7 @@ from lrsa_serve.training.data import IGNORE_INDEX, DataError
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from lrsa_serve.training.tiny import tiny_tokenizer
+    from benchmarks.random_models import tiny_tokenizer
 
     return tiny_tokenizer()
 
@@ -83,7 +83,7 @@ def test_bad_lines_name_file_and_line(tmp_path, tokenizer, line, message):
 
 
 def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
-    from lrsa_serve.training.tiny import save_tiny_model
+    from benchmarks.random_models import save_tiny_model
 
     model = save_tiny_model(tmp_path / "m")
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}, "{oops"])
@@ -151,9 +151,9 @@ def test_config_file_and_flags(tmp_path):
     import argparse
     from pathlib import Path
 
+    from benchmarks.random_models import save_tiny_model
     from lrsa_serve.cli import UserError
     from lrsa_serve.training.cli import add_arguments, build_job
-    from lrsa_serve.training.tiny import save_tiny_model
 
     model = save_tiny_model(tmp_path / "m")
     parser = argparse.ArgumentParser()
@@ -185,9 +185,9 @@ def test_synthetic_defaults_follow_max_len_and_the_run(tmp_path):
 
     import torch
 
+    from benchmarks.random_models import random_model, save_tiny_model, tiny_config, tiny_tokenizer
     from lrsa_serve.training import loop
     from lrsa_serve.training.cli import add_arguments, build_job
-    from lrsa_serve.training.tiny import random_model, save_tiny_model, tiny_config, tiny_tokenizer
 
     model = save_tiny_model(tmp_path / "m")
     parser = argparse.ArgumentParser()
@@ -221,7 +221,7 @@ def test_synthetic_examples_never_exceed_max_tokens():
     """The drawn length is the prompt's; template and answer come on top, so over-long examples
     are drawn again shorter. The default model's tokenizer is not needed: the tiny one's
     template overhead is larger."""
-    from lrsa_serve.training.tiny import tiny_tokenizer
+    from benchmarks.random_models import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     tasks = ("passkey", "multikey_needle", "kv_lookup", "variable_tracking")

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from lrsa_serve.training.tiny import save_tiny_model
+from benchmarks.random_models import save_tiny_model
 
 ARGS = [
     "--data", "synthetic", "--sink", "4", "--lag", "16", "--ratio", "0.25", "--max-len", "400",

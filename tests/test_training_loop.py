@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 
+from benchmarks.random_models import random_model, tiny_config, tiny_tokenizer
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.training import loop
 from lrsa_serve.training.config import JobConfig
-from lrsa_serve.training.tiny import random_model, tiny_config, tiny_tokenizer
 
 LAGKV = LagKVConfig(sink=4, lag=16, ratio=0.25)  # ~150-token examples: several compressed parts
 

@@ -11,13 +11,13 @@ In-process (vLLM engines built here, one at a time)::
     lrsa eval --model PATH --ratio 0.25 --lengths 2048 4096
     lrsa eval --sweep 0.5 0.25 0.125 --lag 256      # uncompressed baseline + three ratios
 
-A server's LagKV settings are fixed when it starts, so a sweep against servers is one
-``--base-url NAME=URL`` per setting (start each with ``lrsa serve --ratio ...``); ``--sweep`` is
-for in-process engines. Prompts are generated locally from seeds (the eval split of
-``lrsa_serve.tasks`` plus ``lrsa_serve.eval.ruler``), sized with ``--tokenizer`` (default: the
-model's, else the default model's). Writes ``OUT/results.json``, ``OUT/report.md`` and PNG plots;
-prints the table. Exit status 0 when every request was answered, 1 when some failed (the report
-lists them per task with their messages), 2 for bad arguments.
+A server's LagKV settings are fixed when it starts, so a sweep against servers is one ``--base-url
+NAME=URL`` per setting (start each with ``lrsa serve --ratio ...``); ``--sweep`` is for in-process
+engines. Prompts are generated locally from seeds (the eval split of ``lrsa_serve.synthetic_tasks``
+plus ``lrsa_serve.eval.ruler``), sized with ``--tokenizer`` (default: the model's, else the default
+model's). Writes ``OUT/results.json``, ``OUT/report.md`` and PNG plots; prints the table. Exit
+status 0 when every request was answered, 1 when some failed (the report lists them per task with
+their messages), 2 for bad arguments.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
-"""RULER-style synthetic tasks that the training generator (``lrsa_serve.tasks``) does not have.
+"""RULER-style synthetic tasks that the training generator (``lrsa_serve.synthetic_tasks``) does
+not have.
 
-Built from ``tasks.py``'s primitives (``Example``, the filler and its fill helpers), with the same
-signature as ``tasks.TASKS`` entries, ``(tokenizer, tokens, depth, seed) -> Example``, so the eval
-registry treats both alike. Multi-value answers are the values joined by single spaces (as
-``variable_tracking`` does); ``lrsa_serve.eval.tasks`` splits them back for partial credit.
+Built from ``synthetic_tasks.py``'s primitives (``Example``, the filler and its fill helpers), with
+the same signature as ``synthetic_tasks.TASKS`` entries, ``(tokenizer, tokens, depth, seed) ->
+Example``, so the eval registry treats both alike. Multi-value answers are the values joined by
+single spaces (as ``variable_tracking`` does); ``lrsa_serve.eval.tasks`` splits them back for
+partial credit.
 
 Prompts follow RULER's templates (Hsieh et al. 2024, "RULER: What's the Real Context Size of
 Your Long-Context Language Models?"), with the repeated-sentence haystack of ``tasks.FILLER``.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from lrsa_serve.tasks import Example, Tokenizer, fill_to_length, fill_with_needles
+from lrsa_serve.synthetic_tasks import Example, Tokenizer, fill_to_length, fill_with_needles
 
 NIAH_HEAD = (
     "Some special magic numbers are hidden inside the following text. Make sure to memorize "

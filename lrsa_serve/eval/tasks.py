@@ -1,10 +1,10 @@
 """The eval task registry and the grid of items one ``lrsa eval`` run asks.
 
-Tasks come from two places: every generator of the training module ``lrsa_serve.tasks.TASKS``
-(passkey, multi-key needle, key-value lookup, variable tracking, and whatever is added there
-later), drawn from its **eval** seed split so nothing evaluated was trained on, and the RULER-style
-generators of ``lrsa_serve.eval.ruler``. Each task says how its answer is scored (one value or
-several) and how many tokens an answer needs.
+Tasks come from two places: every generator of the training module
+``lrsa_serve.synthetic_tasks.TASKS`` (passkey, multi-key needle, key-value lookup, variable
+tracking, and whatever is added there later), drawn from its **eval** seed split so nothing
+evaluated was trained on, and the RULER-style generators of ``lrsa_serve.eval.ruler``. Each task
+says how its answer is scored (one value or several) and how many tokens an answer needs.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lrsa_serve import tasks as training_tasks
+from lrsa_serve import synthetic_tasks
 from lrsa_serve.eval.ruler import RULER_TASKS
-from lrsa_serve.tasks import Example, TaskFn, Tokenizer, split_seed
+from lrsa_serve.synthetic_tasks import Example, TaskFn, Tokenizer, split_seed
 
 # Tasks whose answer is several values joined by spaces; scored by the fraction recalled.
 MULTI_VALUE = {"variable_tracking", "niah_multivalue", "niah_multiquery", "common_words"}
@@ -52,12 +52,13 @@ class TaskSpec:
     multi_value: bool
     uses_depth: bool
     max_tokens: int
-    source: str  # "training" (lrsa_serve.tasks, eval split) or "ruler" (lrsa_serve.eval.ruler)
+    # "training" (lrsa_serve.synthetic_tasks, eval split) or "ruler" (lrsa_serve.eval.ruler)
+    source: str
 
 
 def registry() -> dict[str, TaskSpec]:
-    """All tasks, read at call time so generators added to ``lrsa_serve.tasks`` appear."""
-    found = {name: (fn, "training") for name, fn in training_tasks.TASKS.items()}
+    """All tasks, read at call time so generators added to ``lrsa_serve.synthetic_tasks`` appear."""
+    found = {name: (fn, "training") for name, fn in synthetic_tasks.TASKS.items()}
     found |= {name: (fn, "ruler") for name, fn in RULER_TASKS.items() if name not in found}
     return {
         name: TaskSpec(

@@ -111,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="longest synthetic example, template and answer included "
         "(default 8000 or --max-len if smaller)",
     )
-    p("--synthetic-tasks", help="comma-separated tasks from lrsa_serve.tasks.TASKS")
+    p("--synthetic-tasks", help="comma-separated tasks from lrsa_serve.synthetic_tasks.TASKS")
     p("--no-progress", action="store_true", help="no tqdm bar")
 
 

@@ -53,7 +53,8 @@ class DataConfig:
     overlong: str = "skip"  # examples over max_len: "skip" them or "truncate" (keep the start)
     batch_size: int = 1  # sequences per micro-batch and rank
     pad_multiple: int = 64  # batches are right-padded to a multiple of this
-    # --data synthetic: RULER-style QA from lrsa_serve.tasks, seeds disjoint from the eval split.
+    # --data synthetic: RULER-style QA from lrsa_serve.synthetic_tasks, seeds disjoint from the
+    # eval split.
     # None = derived by JobConfig.fill_derived: as many training examples as the run consumes
     # (steps x grad_accum x batch_size x GPUs), lengths that fit max_len (SYNTHETIC_* above).
     synthetic_examples: int | None = None

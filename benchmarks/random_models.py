@@ -1,15 +1,22 @@
 """Small stand-ins for tests, smoke runs and speed benchmarks: a byte-level BPE tokenizer trained
 in memory (with a ChatML template) and randomly initialised Llama/Qwen2 models of any size.
-Nothing is downloaded."""
+Nothing is downloaded.
+
+Here rather than in lrsa_serve, which never uses it: the speed benchmarks build their model shapes
+from it (``train_model``), their ``--smoke`` runs and the tests their tiny models, and
+docs/training.md saves a tiny model with ``save_tiny_model`` for the two-GPU comparison."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lrsa_serve.tasks import FILLER
+from lrsa_serve.synthetic_tasks import FILLER
+
+if TYPE_CHECKING:  # transformers loads on first use
+    from transformers import PretrainedConfig
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
@@ -51,7 +58,7 @@ def tiny_tokenizer(vocab_size: int = 400, chat: bool = True) -> Any:
     return fast
 
 
-def tiny_config(kind: str = "llama", vocab_size: int = 400, **overrides: Any):
+def tiny_config(kind: str = "llama", vocab_size: int = 400, **overrides: Any) -> PretrainedConfig:
     """A few-layer GQA config of the given family (4 query heads, 2 KV heads, head_dim 16)."""
     from transformers import LlamaConfig, Qwen2Config
 
@@ -73,7 +80,7 @@ def tiny_config(kind: str = "llama", vocab_size: int = 400, **overrides: Any):
     raise ValueError(f"unknown tiny model kind {kind!r}")
 
 
-def qwen2_half_billion_config(vocab_size: int = 151936):
+def qwen2_half_billion_config(vocab_size: int = 151936) -> PretrainedConfig:
     """Qwen2.5-0.5B's shape (24 layers, 896 hidden, 14 q / 2 kv heads of 64): speed benchmarks."""
     return tiny_config(
         "qwen2",
@@ -88,14 +95,16 @@ def qwen2_half_billion_config(vocab_size: int = 151936):
     )
 
 
-def random_model(config: Any, seed: int = 0) -> torch.nn.Module:
+def random_model(config: PretrainedConfig, seed: int = 0) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def save_tiny_model(folder: str | Path, kind: str = "llama", seed: int = 0, **overrides) -> Path:
+def save_tiny_model(
+    folder: str | Path, kind: str = "llama", seed: int = 0, **overrides: Any
+) -> Path:
     """A random tiny model + tokenizer saved as an HF folder (what ``lrsa train MODEL`` takes)."""
     folder = Path(folder)
     tokenizer = tiny_tokenizer()

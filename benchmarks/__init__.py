@@ -1,0 +1,6 @@
+"""The measurement scripts behind docs/benchmarks.md, each run as a module from the repository
+root or an installed package: ``python -m benchmarks.engine_memory --json out/engine_memory.json``.
+
+``engine_memory`` and ``engine_throughput`` are what ``lrsa bench`` runs; the others need a GPU
+or are one-off experiments (each module's docstring gives its command).
+"""

@@ -1,0 +1,100 @@
+"""``OUT/report.md``: training summary and accuracy per task x length, against the base model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from lrsa_serve.pipeline.config import PipelineConfig
+
+
+def report_markdown(
+    config: PipelineConfig,
+    settings: Any,
+    run: Any,
+    training: dict[str, dict],
+    plots: dict[str, Path],
+    out: Path,
+) -> str:
+    from lrsa_serve.eval.report import appendix, cells, lookup, markdown_table, target_lines
+
+    by_key = lookup(cells(run))
+    names = [info.name for info in run.targets]
+    trained = [name for name in names if name in training]
+    tasks = list(dict.fromkeys(item.task for item in run.items))
+    lengths = sorted({item.length for item in run.items})
+
+    def score(name: str, task: str, length: int | None) -> str:
+        cell = by_key.get((name, task, length))
+        if cell is None:
+            return "-"
+        return f"{cell.score:.0%}" + (f" ({cell.failed} failed)" if cell.failed else "")
+
+    def delta(name: str, task: str, length: int | None) -> str:
+        new, old = by_key.get((name, task, length)), by_key.get(("base", task, length))
+        if new is None or old is None:
+            return "-"
+        return f"{100 * (new.score - old.score):+.0f}"
+
+    header = ["task", "length", *names, *(f"{n} vs base (points)" for n in trained)]
+    rows = []
+    per_task = [*lengths, None] if len(lengths) > 1 else lengths  # None: over all lengths
+    for task in [*tasks, "mean"]:
+        for length in [None] if task == "mean" else per_task:
+            rows.append(
+                [
+                    task,
+                    "all" if length is None else str(length),
+                    *(score(n, task, length) for n in names),
+                    *(delta(n, task, length) for n in trained),
+                ]
+            )
+    train_rows = [
+        [
+            name,
+            str(s.get("step", "-")),
+            f"{s['loss']:.4f}" if "loss" in s else "-",
+            f"{s['eval_exact_match']:.0%}" if "eval_exact_match" in s else "-",
+            os.path.relpath(s["checkpoint"], out),
+        ]
+        for name, s in training.items()
+    ]
+    section = config.eval
+    intro = (
+        f"Base model `{run.targets[0].model}` ({config.model or 'the default model'}); every "
+        f"model served by `lrsa serve` under LagKV {settings.short()}. Eval: API "
+        f"`{section.api}`, tasks {', '.join(run.config['tasks'])}; lengths {section.lengths} "
+        f"tokens; depths {section.depths}; {section.samples} sample(s) per cell, from the eval "
+        "seed split (never trained on). Accuracy = mean partial-credit score; failed requests "
+        "count as 0."
+    )
+    parts = [
+        f"# Pipeline report: {config.name}",
+        "",
+        intro,
+        "",
+        "## Training",
+        "",
+        markdown_table(
+            [
+                "variant",
+                "steps",
+                "final loss",
+                "held-out exact match (teacher forcing)",
+                "checkpoint",
+            ],
+            train_rows,
+        )
+        if train_rows
+        else "(none)",
+        "",
+        "## Accuracy",
+        "",
+        markdown_table(header, rows),
+        "",
+        "## Models",
+        "",
+        *[f"- {line}" for line in target_lines(run)],
+    ]
+    return "\n".join(parts + appendix(run, plots, out))

@@ -1,0 +1,182 @@
+"""The pipeline's stages: train each variant, check its export, serve and evaluate each model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lrsa_serve.cli import UserError
+from lrsa_serve.pipeline.config import PipelineConfig
+from lrsa_serve.pipeline.processes import ManagedServer, PipelineError, last_line, run_logged
+
+
+def cli_flags(options: dict[str, Any]) -> list[str]:
+    """``{max_len: 1536, resume: true, synthetic_tasks: [a, b]}`` -> ``--max-len 1536 --resume
+    --synthetic-tasks a,b`` (false/null: left out)."""
+    flags: list[str] = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, list | tuple):
+            flags += [flag, ",".join(map(str, value))]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def say(message: str) -> None:
+    print(f"[pipeline] {message}", flush=True)
+
+
+def lagkv_flags(settings: Any) -> list[str]:
+    return [
+        "--sink",
+        str(settings.sink),
+        "--lag",
+        str(settings.lag),
+        "--ratio",
+        str(settings.ratio),
+        "--score-v-ratio",
+        str(settings.score_v_ratio),
+    ]
+
+
+def train_variant(
+    config: PipelineConfig, base_model: str, settings: Any, variant: str, out: Path
+) -> Path:
+    """``lrsa train`` into ``OUT/train/VARIANT``; returns the exported checkpoint folder."""
+    target = out / "train" / variant
+    if target.exists():  # the pipeline's own folder: a new run trains afresh
+        shutil.rmtree(target)
+    options = {**config.train.args, **config.train.variants[variant]}
+    for reserved in ("out", "sink", "lag", "ratio", "score_v_ratio", "model"):
+        if reserved in options:
+            raise UserError(f"train.args: {reserved!r} is set by the pipeline (use lagkv/out)")
+    command = [
+        sys.executable,
+        "-m",
+        "lrsa_serve.cli",
+        "train",
+        base_model,
+        "--out",
+        str(target),
+        *lagkv_flags(settings),
+        *cli_flags(options),
+        "--no-progress",
+    ]
+    log = out / "logs" / f"train-{variant}.log"
+    say(f"train {variant}: lrsa train {' '.join(command[4:])}  (log: {log})")
+    code = run_logged(command, log)
+    if code != 0:
+        raise PipelineError(
+            f"training {variant} failed (exit {code}): {last_line(log)} (log: {log})"
+        )
+    return check_export(target)
+
+
+def check_export(folder: Path) -> Path:
+    config = folder / "config.json"
+    if not config.is_file() or not any(folder.glob("*.safetensors")):
+        raise PipelineError(f"{folder} holds no exported checkpoint (config.json + safetensors)")
+    try:
+        json.loads(config.read_text())
+    except json.JSONDecodeError as e:
+        raise PipelineError(f"{config}: not valid JSON ({e.msg})") from None
+    return folder
+
+
+def training_summary(folder: Path) -> dict[str, Any]:
+    """The last training loss and the last held-out scores from the trainer's metrics.jsonl."""
+    summary: dict[str, Any] = {"checkpoint": str(folder)}
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        return summary
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "loss" in record:
+            summary["step"], summary["loss"] = record.get("step"), record["loss"]
+        summary |= {k: v for k, v in record.items() if k.startswith("eval_")}
+    return summary
+
+
+def check_base_server(target: Any, settings: Any) -> None:
+    """A base model served elsewhere must run the settings the trained models get."""
+    wanted = settings.model_dump()
+    card = target.info.lagkv or {}
+    if not target.info.lagkv_known or any(card.get(k) != v for k, v in wanted.items()):
+        raise UserError(
+            f"the base server at {target.base_url} runs LagKV "
+            f"{target.info.setting}, the pipeline evaluates under "
+            f"{settings.short()}"
+        )
+
+
+def evaluate_models(
+    config: PipelineConfig,
+    models: list[tuple[str, str, Any]],
+    settings: Any,
+    items: list,
+    out: Path,
+    progress: bool,
+) -> Any:
+    """Serve each (name, model folder, LagKV settings or None) in turn and evaluate it; or use
+    ``base.url`` for the base model."""
+    from lrsa_serve.eval.runner import HTTPTarget, run_targets
+
+    section = config.eval
+    eval_config = {
+        "tasks": list(dict.fromkeys(item.task for item in items)),
+        "lengths": section.lengths,
+        "depths": section.depths,
+        "samples": section.samples,
+        "seed": section.seed,
+        "api": section.api,
+    }
+    longest = max(section.lengths) + max(item.max_tokens for item in items) + 512
+    run = None
+    for name, model, model_settings in models:
+
+        def target_for(url: str, api_key: str | None, name: str = name) -> HTTPTarget:
+            return HTTPTarget(
+                url,
+                name=name,
+                api_key=api_key,
+                api=section.api,
+                concurrency=section.concurrency,
+                timeout=section.timeout,
+            )
+
+        if name == "base" and config.base.url:
+            target = target_for(config.base.url, config.base.api_key)
+            target.prepare()
+            check_base_server(target, settings)
+            say(f"eval {name}: {config.base.url} (already running)")
+            part = run_targets([target], items, eval_config, progress=progress)
+        else:
+            flags = lagkv_flags(model_settings) if model_settings else ["--no-lagkv"]
+            if "--max-model-len" not in config.serve.args:
+                flags += ["--max-model-len", str(longest)]
+            log = out / "logs" / f"serve-{name.replace(' ', '-')}.log"
+            say(
+                f"serve {name}: lrsa serve {model} {' '.join(flags + config.serve.args)} "
+                f"(log: {log})"
+            )
+            started = time.monotonic()
+            with ManagedServer(
+                model, [*flags, *config.serve.args], log, ready_timeout=config.serve.ready_timeout
+            ) as server:
+                say(f"serve {name}: ready on {server.url} in {time.monotonic() - started:.0f}s")
+                target = target_for(server.url, server.api_key)
+                part = run_targets([target], items, eval_config, progress=progress)
+        run = part if run is None else run.merged(part)
+    return run
