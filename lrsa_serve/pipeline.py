@@ -51,7 +51,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lrsa_serve.cli import UserError
+from lrsa_serve.errors import UserError
 
 
 class PipelineError(UserError):

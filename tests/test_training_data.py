@@ -151,7 +151,7 @@ def test_config_file_and_flags(tmp_path):
     import argparse
     from pathlib import Path
 
-    from lrsa_serve.cli import UserError
+    from lrsa_serve.errors import UserError
     from lrsa_serve.training.cli import add_arguments, build_job
     from lrsa_serve.training.tiny import save_tiny_model
 

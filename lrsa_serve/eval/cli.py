@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lrsa_serve.cli import UserError
+from lrsa_serve.errors import UserError
 
 DEFAULT_LENGTHS = (1024, 2048, 4096)
 DEFAULT_DEPTHS = (0.1, 0.5, 0.9)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from lrsa_serve.cli import UserError
+from lrsa_serve.errors import UserError
 from lrsa_serve.training.config import LRSA_KERNELS
 
 # flag -> (section, field) of JobConfig

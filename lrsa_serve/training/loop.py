@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from lrsa_serve.cli import UserError
+from lrsa_serve.errors import UserError
 from lrsa_serve.models import resolve_model
 from lrsa_serve.training import checkpoint as ckpt
 from lrsa_serve.training import data as data_mod

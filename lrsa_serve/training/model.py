@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from lrsa_serve.cli import UserError
 from lrsa_serve.config import LagKVConfig
+from lrsa_serve.errors import UserError
 from lrsa_serve.training.attention import dispatch, replay
 from lrsa_serve.training.attention.dispatch import lrsa_forward_logits, use_lrsa
 
