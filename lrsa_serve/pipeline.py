@@ -49,8 +49,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from lrsa_serve.config import LagKVConfig
 from lrsa_serve.errors import UserError
 
 
@@ -63,11 +64,12 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class LagKVSection(_Section):
-    sink: int | None = None
-    lag: int | None = None
-    ratio: float | None = None
-    score_v_ratio: float | None = None
+# LagKVConfig's fields, each optional: what the config names overrides the base model's own.
+LagKVSection = create_model(
+    "LagKVSection",
+    __base__=_Section,
+    **{name: (field.annotation | None, None) for name, field in LagKVConfig.model_fields.items()},
+)
 
 
 class TrainSection(_Section):
@@ -299,17 +301,8 @@ def say(message: str) -> None:
     print(f"[pipeline] {message}", flush=True)
 
 
-def lagkv_flags(settings: Any) -> list[str]:
-    return [
-        "--sink",
-        str(settings.sink),
-        "--lag",
-        str(settings.lag),
-        "--ratio",
-        str(settings.ratio),
-        "--score-v-ratio",
-        str(settings.score_v_ratio),
-    ]
+def lagkv_flags(settings: LagKVConfig) -> list[str]:
+    return cli_flags(settings.model_dump())
 
 
 def train_variant(
@@ -320,7 +313,7 @@ def train_variant(
     if target.exists():  # the pipeline's own folder: a new run trains afresh
         shutil.rmtree(target)
     options = {**config.train.args, **config.train.variants[variant]}
-    for reserved in ("out", "sink", "lag", "ratio", "score_v_ratio", "model"):
+    for reserved in ("out", *LagKVConfig.model_fields, "model"):
         if reserved in options:
             raise UserError(f"train.args: {reserved!r} is set by the pipeline (use lagkv/out)")
     command = [
@@ -564,7 +557,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_pipeline(config: PipelineConfig, *, skip_train: bool = False, progress: bool = True) -> int:
-    from lrsa_serve.config import LagKVConfig
     from lrsa_serve.eval.cli import load_tokenizer
     from lrsa_serve.eval.report import to_json, write_outputs
     from lrsa_serve.eval.tasks import build_items, resolve_tasks
