@@ -31,7 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lrsa_serve import lagkv  # noqa: E402
 from lrsa_serve.config import LagKVConfig  # noqa: E402
 from lrsa_serve.training.attention import dispatch  # noqa: E402
-from lrsa_serve.training.attention.varlen import fa4_applies, lrsa_varlen_attention  # noqa: E402
+from lrsa_serve.training.attention.varlen import (  # noqa: E402
+    fa4_applies,
+    lrsa_varlen_attention,
+    packing_for,
+)
 
 
 def median_ms(fn, warmup: int = 3, iters: int = 10) -> float:
@@ -89,14 +93,9 @@ def dense_repeat(q, k, v):  # HF's path when SDPA's GQA flag cannot be used
     return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
 
 
-def visible_pairs(n: int, cfg: LagKVConfig) -> int:
+def visible_pairs(n: int, rule: lagkv.Rule) -> int:
     """Query-key pairs the LagKV rule lets attend, summed over queries (causal: n(n+1)/2)."""
-    t = torch.arange(n, dtype=torch.int64)
-    w = lagkv.partition_of(t, cfg)
-    prev_start = torch.where(w <= 1, torch.zeros_like(t), cfg.sink + (w - 1) * cfg.lag)
-    raw = t + 1 - prev_start + torch.where(w <= 1, 0, cfg.sink)
-    gathered = torch.clamp(w - 1, min=0) * cfg.keep
-    return int((raw + gathered).sum())
+    return packing_for(n, rule).visible_pairs()
 
 
 def main() -> int:
@@ -120,10 +119,10 @@ def main() -> int:
         "rows": [],
     }
 
-    rule = dispatch.Rule.of(cfg)
+    rule = cfg.rule
 
     def varlen(q, k, v):
-        return dispatch.lrsa_varlen(q, k, v, cfg, scale)
+        return dispatch.lrsa_varlen(q, k, v, rule, scale)
 
     impls = {"varlen": varlen}
     for name in args.impls:
@@ -131,7 +130,7 @@ def main() -> int:
             kernel = name.split(":", 1)[1]
 
             def varlen_with(q, k, v, kernel=kernel):
-                return dispatch.lrsa_varlen(q, k, v, cfg, scale, kernel=kernel)
+                return dispatch.lrsa_varlen(q, k, v, rule, scale, kernel=kernel)
 
             impls[name] = varlen_with
 
@@ -172,7 +171,7 @@ def main() -> int:
                 continue
             print(f"n={n} {impl}: {row[f'{impl}_ms']:.2f} ms (dense {dense:.2f})", flush=True)
             row[f"{impl}_speedup"] = dense / row[f"{impl}_ms"]
-            row[f"{impl}_tflops"] = flops * visible_pairs(n, cfg) / row[f"{impl}_ms"] / 1e9
+            row[f"{impl}_tflops"] = flops * visible_pairs(n, rule) / row[f"{impl}_ms"] / 1e9
             if row["dense_flash_ms"]:
                 row[f"{impl}_speedup_vs_flash"] = row["dense_flash_ms"] / row[f"{impl}_ms"]
             if row["dense_fa4_ms"]:
@@ -181,8 +180,8 @@ def main() -> int:
         row["lrsa_ms"], row["speedup_vs_best_dense"] = row[f"{main}_ms"], row.get(f"{main}_speedup")
         row["select_ms"] = median_ms(lambda: dispatch.select_kept(k, v, rule))  # noqa: B023
         with torch.no_grad():
-            row["select_eager_ms"] = median_ms(lambda: lagkv.select_all(k, v, cfg))  # noqa: B023
-        row["visible_pair_ratio"] = n * (n + 1) / 2 / visible_pairs(n, cfg)
+            row["select_eager_ms"] = median_ms(lambda: lagkv.select_all(k, v, rule))  # noqa: B023
+        row["visible_pair_ratio"] = n * (n + 1) / 2 / visible_pairs(n, rule)
         result["rows"].append(row)
         save()
         print(json.dumps(row), flush=True)

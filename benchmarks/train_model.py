@@ -37,7 +37,7 @@ from lrsa_serve.config import LagKVConfig  # noqa: E402
 from lrsa_serve.training import loop  # noqa: E402
 from lrsa_serve.training import model as model_mod  # noqa: E402
 from lrsa_serve.training.attention import dispatch  # noqa: E402
-from lrsa_serve.training.attention.varlen import Packing  # noqa: E402
+from lrsa_serve.training.attention.varlen import packing_for  # noqa: E402
 from lrsa_serve.training.config import LRSA_KERNELS, ModelConfig, OptimConfig  # noqa: E402
 from lrsa_serve.training.data import IGNORE_INDEX  # noqa: E402
 from lrsa_serve.training.tiny import (  # noqa: E402
@@ -59,7 +59,7 @@ AttentionInterface.register(FLOOR, no_attention)
 
 def pair_ratio(n: int, cfg: LagKVConfig) -> float:
     """Dense causal query-key pairs over the pairs the mask lets through."""
-    return n * (n + 1) / 2 / Packing.of(n, dispatch.Rule.of(cfg)).visible_pairs()
+    return n * (n + 1) / 2 / packing_for(n, cfg.rule).visible_pairs()
 
 
 def timed_steps(model, optimizer, batch, autocast, warmup: int, steps: int) -> float:
@@ -103,7 +103,7 @@ def selection_ms(
 ) -> float:
     k = torch.randn(1, kv_heads, n, head_dim, device=device, dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    rule = dispatch.Rule.of(cfg)
+    rule = cfg.rule
     for _ in range(3):
         dispatch.select_kept(k, v, rule)
     sync(device)

@@ -65,20 +65,20 @@ def lagkv_reference_attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    cfg = settings_of(module)
+    rule = settings_of(module).rule
     num_keys, num_queries = key.shape[2], query.shape[2]
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
 
     def select() -> torch.Tensor:
         with torch.no_grad():  # top-K has no gradient; gradients flow through the visible K/V
-            return lagkv.select_all(key, value, cfg)
+            return lagkv.select_all(key, value, rule)
 
-    kept = replay.remembered(select, key, cfg)  # a checkpoint recompute replays
+    kept = replay.remembered(select, key, rule)  # a checkpoint recompute replays
     outputs = []
     for lo in range(0, num_queries, QUERY_BLOCK):
         hi = min(num_queries, lo + QUERY_BLOCK)
         first = num_keys - num_queries + lo
-        visible = lagkv.visibility_mask(first + (hi - lo), kept, cfg, query_start=first)
+        visible = lagkv.visibility_mask(first + (hi - lo), kept, rule, query_start=first)
         outputs.append(
             masked_attention(
                 query[:, :, lo:hi],

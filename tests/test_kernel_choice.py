@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from lrsa_serve.config import LagKVConfig
-from lrsa_serve.training.attention import dispatch
 from lrsa_serve.training.attention import varlen as lv
 from lrsa_serve.training.attention.op import lrsa_varlen_op
 
@@ -78,4 +77,4 @@ def test_the_op_names_why_it_cannot_take_the_automatic_kernel(monkeypatch):
     monkeypatch.setattr(lv, "default_kernel", lambda query, kernel="auto": "efficient")
     q = torch.randn(1, 2, 40, 8, dtype=torch.float64)
     with pytest.raises(ValueError, match="check op_applies first"):
-        lrsa_varlen_op(q, q, q, dispatch.Rule.of(LagKVConfig(sink=4, lag=16, ratio=0.25)), None)
+        lrsa_varlen_op(q, q, q, LagKVConfig(sink=4, lag=16, ratio=0.25).rule, None)

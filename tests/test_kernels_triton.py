@@ -481,7 +481,7 @@ def test_compacted_view_kernel_equals_torch(sink, lag, keep):
         assert torch.equal(getattr(got, name), getattr(expected, name)), name
     cfg = LagKVConfig(sink=sink, lag=lag, ratio=keep / lag)
     assert got.active[:n].tolist() == [
-        int(lagkv.compressed_partitions(c + q, cfg) > lagkv.compressed_partitions(c, cfg))
+        int(lagkv.compressed_partitions(c + q, cfg.rule) > lagkv.compressed_partitions(c, cfg.rule))
         for c, q in zip(contexts, queries, strict=True)
     ]
     assert got.active[:n].sum() >= 3  # the rows that complete a partition are seen
@@ -503,8 +503,8 @@ def assert_sequence_selection(key, value, cfg) -> int:
     assert_same_selection); returns how many (partition, head) rows differ at all."""
     from lrsa_serve.training.attention import sequence_select
 
-    kept = sequence_select.select_all(key, value, cfg)
-    expected = lagkv.select_all(key.cpu(), value.cpu(), cfg).to(kept.device)
+    kept = sequence_select.select_all(key, value, cfg.rule)
+    expected = lagkv.select_all(key.cpu(), value.cpu(), cfg.rule).to(kept.device)
     assert kept.shape == expected.shape and kept.dtype == torch.int64
     parts = kept.shape[2]
     if parts == 0:
@@ -557,8 +557,8 @@ def packed_case(batch, n, dim, dtype, layout, seed, device=DEVICE):
     cfg = LagKVConfig(sink=16, lag=32, ratio=0.25)
     gen = torch.Generator(device=device).manual_seed(seed)
     key, value = sequence_kv(batch, 2, n, dim, dtype, layout, gen, device=device)
-    kept = lagkv.select_all(key, value, cfg)
-    packing = lv.packing_for(n, cfg.sink, cfg.lag, cfg.keep)
+    kept = lagkv.select_all(key, value, cfg.rule)
+    packing = lv.packing_for(n, cfg.rule)
     template = torch.tensor(packing.template, device=device)
     return key, value, kept, packing, lv.key_index(kept, packing, template)
 
@@ -638,8 +638,8 @@ def test_lrsa_varlen_packs_with_triton_as_with_gather(monkeypatch):
     k, v = (torch.randn(2, 2, n, 16, generator=gen, device=DEVICE, dtype=torch.float64)
             for _ in range(2))  # fmt: skip
     paths = {
-        "eager": lambda *x: dispatch.lrsa_varlen(*x, cfg, kernel="math"),
-        "op": lambda *x: lrsa_varlen_op(*x, dispatch.Rule.of(cfg), None, kernel="math"),
+        "eager": lambda *x: dispatch.lrsa_varlen(*x, cfg.rule, kernel="math"),
+        "op": lambda *x: lrsa_varlen_op(*x, cfg.rule, None, kernel="math"),
     }
     results = {}
     for packer in ("torch", "triton"):
@@ -724,8 +724,8 @@ def test_gpu_pack_rows_real_size():
     cfg = LagKVConfig(sink=16, lag=1024, ratio=0.25)
     gen = torch.Generator(device="cuda").manual_seed(11)
     key, value = sequence_kv(1, 2, 32768, 64, torch.bfloat16, "tokens", gen, device="cuda")
-    kept = lagkv.select_all(key, value, cfg)
-    packing = lv.packing_for(32768, cfg.sink, cfg.lag, cfg.keep)
+    kept = lagkv.select_all(key, value, cfg.rule)
+    packing = lv.packing_for(32768, cfg.rule)
     index = lv.key_index(kept, packing, torch.tensor(packing.template, device="cuda"))
     key.requires_grad_(True)
     value.requires_grad_(True)

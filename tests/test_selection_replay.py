@@ -89,7 +89,7 @@ def test_checkpoint_recompute_replays_the_forward_selection(selection, kernel, c
 
 def test_a_replay_that_does_not_match_the_forward_is_an_error():
     forward, recompute = replay.checkpoint_contexts()
-    rule = dispatch.Rule(sink=4, lag=16, keep=4, score_v_ratio=1.0)
+    rule = lagkv.Rule(sink=4, lag=16, keep=4, score_v_ratio=1.0)
     key = torch.zeros(1, 2, 68, 8)  # 3 compressed partitions of 4 kept tokens
     longer = torch.zeros(1, 2, 84, 8)  # 4
     kept = torch.zeros(1, 2, 3, 4, dtype=torch.long)

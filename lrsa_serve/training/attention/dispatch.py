@@ -27,7 +27,6 @@ real token see a later pad), so ``attention_mask`` is not consulted. Left paddin
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -35,6 +34,7 @@ from transformers import AttentionInterface, PreTrainedModel
 
 from lrsa_serve import lagkv
 from lrsa_serve.config import CONFIG_KEY, LagKVConfig, keep_for
+from lrsa_serve.lagkv import Rule
 from lrsa_serve.reference_attention import lagkv_reference_attention, settings_of
 from lrsa_serve.training.attention import op, replay
 from lrsa_serve.training.attention.varlen import (
@@ -47,24 +47,6 @@ from lrsa_serve.training.attention.varlen import (
 NAME = "lrsa"
 # Distinct compiled graphs we allow, so that a run never reaches dynamo's default limit.
 RECOMPILE_LIMIT = 256
-
-
-@dataclass(frozen=True)
-class Rule:
-    """The four LagKV numbers the mask and the selection read (``lagkv`` duck-types its ``cfg``).
-
-    A frozen dataclass rather than the pydantic ``LagKVConfig``: torch.compile traces through it
-    without graph breaks.
-    """
-
-    sink: int
-    lag: int
-    keep: int
-    score_v_ratio: float
-
-    @classmethod
-    def of(cls, cfg: LagKVConfig) -> Rule:
-        return cls(cfg.sink, cfg.lag, cfg.keep, cfg.score_v_ratio)
 
 
 def select_kept(key: torch.Tensor, value: torch.Tensor, rule: Rule) -> torch.Tensor:
@@ -117,7 +99,7 @@ def lrsa_varlen(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    cfg: LagKVConfig | Rule,
+    rule: Rule,
     scaling: float | None = None,
     *,
     kernel: str = "auto",
@@ -125,7 +107,6 @@ def lrsa_varlen(
     """LRSA attention of whole sequences as one varlen attention call (``varlen``) with this
     ``kernel`` (one of ``KERNELS``), with this module's selection (compiled on CUDA):
     ``[B, n, Hq, D]``."""
-    rule = cfg if isinstance(cfg, Rule) else Rule.of(cfg)
     kept = select_kept(key, value, rule)
     return lrsa_varlen_attention(query, key, value, rule, scaling, kernel=kernel, kept=kept)
 
@@ -195,7 +176,7 @@ def _eager_attention(
         raise ValueError("LRSA attention does not implement attention dropout")
     if not uses_varlen(query) or query.shape[2] != key.shape[2]:
         return lagkv_reference_attention(module, query, key, value, None, scaling=scaling)
-    return lrsa_varlen(query, key, value, settings_of(module), scaling, kernel=_kernel), None
+    return lrsa_varlen(query, key, value, settings_of(module).rule, scaling, kernel=_kernel), None
 
 
 AttentionInterface.register(NAME, lrsa_attention)
@@ -238,7 +219,6 @@ def lrsa_forward_logits(
 __all__ = [
     "KERNELS",
     "NAME",
-    "Rule",
     "lrsa_attention",
     "lrsa_forward_logits",
     "lrsa_varlen",

@@ -24,6 +24,7 @@ import importlib
 import torch
 
 from lrsa_serve import lagkv
+from lrsa_serve.lagkv import Rule
 from lrsa_serve.training.attention import varlen as lv
 
 OP_KERNELS = ("fa4", "flash", "math")
@@ -60,9 +61,10 @@ def _kernel(query: torch.Tensor, choice: str) -> str:
 
 
 def _layout(query: torch.Tensor, sink: int, lag: int, keep: int):
-    """The items of these queries' length: packing, cu_q/cu_k, template, longest item sizes."""
+    """The items of these queries' length: packing, cu_q/cu_k, template, longest item sizes.
+    The items do not depend on the scores: forward and backward share one cached packing."""
     b, _, n, _ = query.shape
-    packing = lv.packing_for(n, sink, lag, keep)
+    packing = lv.packing_for(n, Rule(sink, lag, keep))
     cu_q, cu_k, template = lv._tensors(packing, b, str(query.device))
     return packing, cu_q, cu_k, template, max(packing.q_lens), max(packing.k_lens)
 
@@ -141,7 +143,7 @@ def varlen(
     ``kernel`` is one of ``varlen.KERNELS`` that resolves to one of ``OP_KERNELS``. Returns the
     output ``[B, n, Hq, D]``, the log-sum-exp ``[Hq, B * n]`` and the kept positions
     ``[B, Hkv, P, keep]``."""
-    from lrsa_serve.training.attention.dispatch import Rule, select_kept
+    from lrsa_serve.training.attention.dispatch import select_kept
 
     with torch.no_grad():
         kept = select_kept(key, value, Rule(sink, lag, keep, score_v_ratio))
@@ -161,7 +163,7 @@ def _(query, key, value, sink, lag, keep, score_v_ratio, scale, kernel):
     b, hq, n, d = query.shape
     # lagkv's own count (its max(0, ...) guards a dynamic length on either side of the first
     # compressed partition: one recompile there, none for longer sequences)
-    parts = lagkv.compressed_partitions(n, lv.PartitionSizes(sink, lag, keep))
+    parts = lagkv.compressed_partitions(n, Rule(sink, lag, keep))
     return (
         query.new_empty(b, n, hq, d),
         query.new_empty(hq, b * n, dtype=torch.float32),
@@ -224,7 +226,7 @@ def lrsa_varlen_op(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    rule,
+    rule: Rule,
     scaling: float | None,
     *,
     kernel: str = "auto",

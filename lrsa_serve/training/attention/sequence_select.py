@@ -21,6 +21,7 @@ from functools import lru_cache
 import torch
 
 from lrsa_serve import lagkv
+from lrsa_serve.lagkv import Rule
 
 
 def token_blocks(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -40,21 +41,21 @@ def token_blocks(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 @lru_cache(maxsize=64)
 def partition_blocks(
-    batch: int, parts: int, step: int, sink: int, lag: int, device: str
+    batch: int, parts: int, step: int, rule: Rule, device: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Block ids of every compressed partition (``[batch * parts, lag]`` int32, sequence-major),
     of its reference, the next partition, and each partition's first position (``[parts]``)."""
-    starts = sink + lag * torch.arange(parts)
+    starts = lagkv.partition_start(torch.arange(parts), rule)
     seq = step * torch.arange(batch)
-    part = (seq[:, None, None] + starts[None, :, None] + torch.arange(lag)).flatten(0, 1)
+    part = (seq[:, None, None] + starts[None, :, None] + torch.arange(rule.lag)).flatten(0, 1)
     part = part.to(torch.int32).to(device)
-    return part, part + lag, starts.to(device)
+    return part, part + rule.lag, starts.to(device)
 
 
-def select_all(key: torch.Tensor, value: torch.Tensor, rule) -> torch.Tensor:
+def select_all(key: torch.Tensor, value: torch.Tensor, rule: Rule) -> torch.Tensor:
     """``lagkv.select_all`` of ``[B, Hkv, n, D]`` keys/values through the Triton kernel:
-    ``[B, Hkv, P, keep]`` absolute positions, increasing within each partition. ``rule`` has
-    sink/lag/keep/score_v_ratio. CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``."""
+    ``[B, Hkv, P, keep]`` absolute positions, increasing within each partition. CUDA tensors, or
+    CPU ones under ``TRITON_INTERPRET=1``."""
     from lrsa_serve.kernels import select
 
     b, h, n, _ = key.shape
@@ -66,7 +67,7 @@ def select_all(key: torch.Tensor, value: torch.Tensor, rule) -> torch.Tensor:
     if value_step != step:  # both views must number their blocks alike
         key_cache, step = token_blocks(key.contiguous())
         value_cache, _ = token_blocks(value.contiguous())
-    part, ref, starts = partition_blocks(b, parts, step, rule.sink, rule.lag, str(key.device))
+    part, ref, starts = partition_blocks(b, parts, step, rule, str(key.device))
     kept = select.select_kept(key_cache, value_cache, part, ref, rule.keep, rule.score_v_ratio)
     kept = kept.view(b, parts, h, rule.keep) + starts[None, :, None, None]
     return kept.transpose(1, 2)

@@ -40,6 +40,7 @@ from functools import lru_cache
 import torch
 
 from lrsa_serve import lagkv
+from lrsa_serve.lagkv import Rule
 from lrsa_serve.training.config import LRSA_KERNELS as KERNELS
 
 # aten's CustomMaskType for the memory-efficient kernel: causal aligned to the bottom right.
@@ -60,10 +61,6 @@ class Packing:
     k_lens: tuple[int, ...]
     template: tuple[int, ...]
 
-    @classmethod
-    def of(cls, length: int, rule) -> Packing:
-        return packing_for(length, rule.sink, rule.lag, rule.keep)
-
     @property
     def key_rows(self) -> int:
         return len(self.template)
@@ -77,14 +74,13 @@ class Packing:
 
 
 @lru_cache(maxsize=64)
-def packing_for(length: int, sink: int, lag: int, keep: int) -> Packing:
+def packing_for(length: int, rule: Rule) -> Packing:
     """Items from ``lagkv``'s own rule: an item is a run of queries that see the same
     compressed history (``chunk_end_limit``, as the engine's prefill chunks); its keys are what
     its last query sees: the kept slots (``gathered_key_visible``), placed after the sink, then
     the raw keys (``raw_key_visible``), which end with the item's own queries."""
-    rule = PartitionSizes(sink, lag, keep)
     positions = torch.arange(length)
-    slots = torch.arange(lagkv.compressed_partitions(length, rule) * keep)
+    slots = torch.arange(lagkv.compressed_partitions(length, rule) * rule.keep)
     q_lens, k_lens, template = [], [], []
     start = 0
     while start < length:
@@ -92,21 +88,12 @@ def packing_for(length: int, sink: int, lag: int, keep: int) -> Packing:
         last = torch.tensor(stop - 1)
         raw = positions[lagkv.raw_key_visible(last, positions, rule)].tolist()
         kept = (slots[lagkv.gathered_key_visible(last, slots, rule)] + length).tolist()
-        keys = [p for p in raw if p < sink] + kept + [p for p in raw if p >= sink]
+        keys = [p for p in raw if p < rule.sink] + kept + [p for p in raw if p >= rule.sink]
         q_lens.append(stop - start)
         k_lens.append(len(keys))
         template.extend(keys)
         start = stop
     return Packing(length, tuple(q_lens), tuple(k_lens), tuple(template))
-
-
-@dataclass(frozen=True)
-class PartitionSizes:
-    """The numbers ``lagkv``'s bookkeeping reads (it duck-types its ``cfg``)."""
-
-    sink: int
-    lag: int
-    keep: int
 
 
 @lru_cache(maxsize=64)
@@ -364,7 +351,7 @@ def lrsa_varlen_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    rule,
+    rule: Rule,
     scaling: float | None = None,
     *,
     kernel: str = "auto",
@@ -373,7 +360,7 @@ def lrsa_varlen_attention(
     """LRSA attention of whole sequences: ``[B, n, Hq, D]`` (HF's layout).
 
     query ``[B, Hq, n, D]``, key/value ``[B, Hkv, n, D]`` (post-RoPE), Hq a multiple of Hkv.
-    ``rule`` has sink/lag/keep/score_v_ratio; ``kernel`` is one of ``KERNELS``; ``kept``
+    ``kernel`` is one of ``KERNELS``; ``kept``
     (``[B, Hkv, P, keep]``) defaults to ``lagkv.select_all`` of this key/value under no_grad.
     """
     query, key, value = in_autocast_dtype(query, key, value)
@@ -383,7 +370,7 @@ def lrsa_varlen_attention(
     if kept is None:
         with torch.no_grad():
             kept = lagkv.select_all(key, value, rule)
-    packing = Packing.of(n, rule)
+    packing = packing_for(n, rule)
     cu_q, cu_k, template = _tensors(packing, b, str(query.device))
     key, value = key.to(query.dtype), value.to(query.dtype)
     k, v = pack_items(key, value, key_index(kept, packing, template), kept, packing)
