@@ -38,7 +38,9 @@ def masked_attention(
     visible: torch.Tensor,
     scaling: float,
 ) -> torch.Tensor:
-    """Softmax attention in float32 under a per-KV-head mask.
+    """Softmax attention under a per-KV-head mask, in float32 (float64 stays float64): the one
+    plain-torch attention of training, forward and (through autograd) backward, that the dense
+    path and the varlen ``math`` kernel run and the fast kernels are tested against.
 
     query ``[B, Hq, Tq, D]``; key/value ``[B, Hkv, Tk, D]``; visible ``[B, Hkv, Tq, Tk]`` bool.
     Returns ``[B, Tq, Hq, D]`` in the query's dtype. The query heads of a KV head are stacked
@@ -47,10 +49,11 @@ def masked_attention(
     """
     b, hkv, tq, tk = visible.shape
     groups = query.shape[1] // hkv
-    q = query.float().unflatten(1, (hkv, groups)).flatten(2, 3)  # B, Hkv, G*Tq, D
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    q = query.to(dtype).unflatten(1, (hkv, groups)).flatten(2, 3)  # B, Hkv, G*Tq, D
     mask = visible[:, :, None].expand(b, hkv, groups, tq, tk).flatten(2, 3)
     out = torch.nn.functional.scaled_dot_product_attention(
-        q, key.float(), value.float(), attn_mask=mask, scale=scaling
+        q, key.to(dtype), value.to(dtype), attn_mask=mask, scale=scaling
     )
     return out.unflatten(2, (groups, tq)).flatten(1, 2).transpose(1, 2).to(query.dtype)
 

@@ -12,6 +12,7 @@ import torch
 
 from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig
+from lrsa_serve.reference_attention import masked_attention
 from lrsa_serve.training.attention import dispatch
 from lrsa_serve.training.attention import varlen as lv
 
@@ -29,16 +30,12 @@ SHAPES = [
 
 
 def oracle(q, k, v, cfg, scale):
-    """Float64 dense attention under lagkv.visibility_mask: the rule written the obvious way."""
+    """Float64 dense attention under lagkv.visibility_mask: the rule written the obvious way,
+    through the one plain-torch reference attention."""
     with torch.no_grad():
         kept = lagkv.select_all(k, v, cfg.rule)
     visible = lagkv.visibility_mask(k.shape[2], kept, cfg.rule)  # [B, Hkv, n, n]
-    groups = q.shape[1] // k.shape[1]
-    visible = visible.repeat_interleave(groups, 1)
-    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * scale
-    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-    return torch.einsum("bhqk,bhkd->bhqd", probs, v.double()).transpose(1, 2)
+    return masked_attention(q.double(), k.double(), v.double(), visible, scale)
 
 
 def qkv(n, dtype, heads=(6, 2), dim=8, batch=2, seed=0, grad=False):
@@ -164,13 +161,9 @@ def test_cuda_forward_backward_match_reference(sink, lag, ratio, n, heads, dim, 
     # eager scores could flip a near-tie at the top-K boundary and move one kept token
     kept = dispatch.select_kept(fast_in[1], fast_in[2], cfg.rule)
     # float32 reference on the same (rounded) inputs, selection from the same keys
-    q, k, v = ref_in
-    groups = heads[0] // heads[1]
-    visible = lagkv.visibility_mask(n, kept, cfg.rule).repeat_interleave(groups, 1)
-    qr, kr, vr = (t.to(dtype).float() for t in (q, k, v))
-    scores = torch.einsum("bhqd,bhkd->bhqk", qr, kr.repeat_interleave(groups, 1)) * dim**-0.5
-    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-    ref = torch.einsum("bhqk,bhkd->bhqd", probs, vr.repeat_interleave(groups, 1)).transpose(1, 2)
+    visible = lagkv.visibility_mask(n, kept, cfg.rule)
+    qr, kr, vr = (t.to(dtype).float() for t in ref_in)
+    ref = masked_attention(qr, kr, vr, visible, dim**-0.5)
     weights = torch.randn_like(ref)
     (out.float() * weights).sum().backward()
     (ref * weights).sum().backward()

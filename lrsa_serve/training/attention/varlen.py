@@ -27,8 +27,9 @@ Kernels (``varlen_attention``):
   a multiple of 8 up to 256; GQA native). Autograd through the op's own backward.
 - ``efficient``: ``aten._efficient_attention_forward`` with ``cu_seqlens`` and the
   bottom-right causal mask type (CUDA, also float32; K/V heads repeated for GQA).
-- ``math``: the same items written out in plain torch (any device/dtype): what the CPU tests
-  check the layout with, and a readable statement of the kernel's contract.
+- ``math``: the same items through the plain-torch reference attention
+  (``reference_attention.masked_attention``, each item under its bottom-right causal mask; any
+  device and dtype): what the CPU tests check the layout with, and the kernels' oracle.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import torch
 
 from lrsa_serve import lagkv
 from lrsa_serve.lagkv import Rule
+from lrsa_serve.reference_attention import masked_attention
 from lrsa_serve.training.config import LRSA_KERNELS as KERNELS
 
 # aten's CustomMaskType for the memory-efficient kernel: causal aligned to the bottom right.
@@ -172,32 +174,27 @@ def varlen_attention(
         return out[0]
     if kernel != "math":
         raise ValueError(f"kernel must be one of {KERNELS[1:]}, not {kernel!r}")
-    outs = [
-        (math_scores(qi, ki, scale).softmax(-1) @ vi).transpose(0, 1)
-        for qi, ki, vi, _ in math_items(q, k, v, cu_q, cu_k)
-    ]
-    return torch.cat(outs, dim=0)
+    return math_items(q, k, v, cu_q, cu_k, scale)
 
 
-def math_items(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q, cu_k):
-    """The ``math`` kernel's items, one by one: queries ``[Hq, lq, D]``, keys and values repeated
-    to ``Hq`` heads (``[Hq, lk, D]``) and the item's query rows ``(q0, q1)``."""
-    groups = q.shape[1] // k.shape[1]
+def math_items(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The ``math`` kernel: each item through the reference attention, query i of lq seeing keys
+    ``<= lk - lq + i`` (bottom-right causal). Shapes as ``varlen_attention``'s."""
+    outs = []
     cq, ck = cu_q.tolist(), cu_k.tolist()
     for q0, q1, k0, k1 in zip(cq[:-1], cq[1:], ck[:-1], ck[1:], strict=True):
-        qi = q[q0:q1].transpose(0, 1)
-        ki = k[k0:k1].transpose(0, 1).repeat_interleave(groups, 0)
-        vi = v[k0:k1].transpose(0, 1).repeat_interleave(groups, 0)
-        yield qi, ki, vi, (q0, q1)
-
-
-def math_scores(qi: torch.Tensor, ki: torch.Tensor, scale: float) -> torch.Tensor:
-    """One item's scores, bottom-right causal (query i of lq sees keys ``<= lk - lq + i``)."""
-    lq, lk = qi.shape[1], ki.shape[1]
-    rows = torch.arange(lq, device=qi.device)[:, None]
-    cols = torch.arange(lk, device=qi.device)[None, :]
-    scores = (qi @ ki.transpose(1, 2)) * scale
-    return scores.masked_fill(cols > lk - lq + rows, float("-inf"))
+        lq, lk = q1 - q0, k1 - k0
+        visible = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+        items = (x.transpose(0, 1)[None] for x in (q[q0:q1], k[k0:k1], v[k0:k1]))
+        outs.append(masked_attention(*items, visible.expand(1, k.shape[1], lq, lk), scale)[0])
+    return torch.cat(outs, dim=0)
 
 
 def attention_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -390,7 +387,6 @@ __all__ = [
     "fa4_applies",
     "flash_applies",
     "math_items",
-    "math_scores",
     "key_index",
     "pack_items",
     "pack_items_backward",
