@@ -32,7 +32,7 @@ from lrsa_serve import lagkv  # noqa: E402
 from lrsa_serve.config import LagKVConfig  # noqa: E402
 from lrsa_serve.training.attention import dispatch  # noqa: E402
 from lrsa_serve.training.attention.varlen import (  # noqa: E402
-    fa4_applies,
+    kernel_applies,
     lrsa_varlen_attention,
     packing_for,
 )
@@ -149,7 +149,7 @@ def main() -> int:
             row["dense_flash_ms"] = None
             print(f"n={n} dense flash: failed {e!r}"[:300], flush=True)
         row["dense_fa4_ms"] = None
-        if fa4_applies(qkv[0]):
+        if kernel_applies("fa4", qkv[0]):
             row["dense_fa4_ms"] = median_ms(fwd_bwd(dense_fa4, qkv, grad))
         k, v = qkv[1].detach(), qkv[2].detach()
         kept = dispatch.select_kept(k, v, rule)

@@ -209,7 +209,7 @@ def assert_cuda_kernels_match_math(attend, batch: int, n: int, dim: int) -> None
 def test_cuda_varlen_kernels_match_math(kernel, batch, n, dim):
     """Each CUDA varlen kernel; batch 2, a short last partition, both head dims the benchmarks
     use."""
-    if kernel == "fa4" and not lv.fa4_applies(torch.empty(1, 1, 1, dim, device="cuda").bfloat16()):
+    if kernel == "fa4" and not lv.kernel_applies("fa4", torch.empty(dim, device="cuda").bfloat16()):
         pytest.skip("flash-attn-4 not installed or not this GPU")
 
     def attend(q, k, v, rule, scale, kept, fast):
@@ -229,7 +229,7 @@ def test_cuda_varlen_op_matches_eager(kernel, n, heads, dim):
     same kernel: the same output, gradients within the kernels' atomic-add rounding."""
     from lrsa_serve.training.attention.op import lrsa_varlen_op
 
-    if kernel == "fa4" and not lv.fa4_applies(torch.empty(1, 1, 1, dim, device="cuda").bfloat16()):
+    if kernel == "fa4" and not lv.kernel_applies("fa4", torch.empty(dim, device="cuda").bfloat16()):
         pytest.skip("flash-attn-4 not installed or not this GPU")
     cfg = LagKVConfig(sink=16, lag=1024, ratio=0.25)
     g = torch.Generator(device="cuda").manual_seed(n)

@@ -36,7 +36,7 @@ def op_applies(query: torch.Tensor) -> bool:
     tensor attributes only, so dynamo traces the choice."""
     if query.device.type != "cuda":
         return True
-    return lv.flash_applies(lv.attention_dtype(query), query.shape[-1])
+    return lv.kernel_applies("flash", query, lv.attention_dtype(query))
 
 
 def _kernel(query: torch.Tensor, choice: str) -> str:

@@ -212,11 +212,6 @@ def in_autocast_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(dtype) for t in tensors)
 
 
-def flash_applies(dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether FlashAttention-2 (``flash``) takes CUDA queries of this dtype and head dim."""
-    return dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256
-
-
 @lru_cache(maxsize=1)
 def _fa4():
     """``flash_attn.cute`` (FlashAttention-4), or None where it is not installed.
@@ -242,15 +237,33 @@ def _fa4_broken(err: Exception) -> ImportError:
     )
 
 
-def fa4_applies(query: torch.Tensor) -> bool:
-    """Whether FlashAttention-4 is installed and takes these queries: Hopper or Blackwell
-    (compute capability 9 or 10), fp16/bf16, head dim a multiple of 8 up to 128."""
-    if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
+def kernel_applies(kernel: str, query: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether ``kernel`` takes queries like ``query`` (``[..., D]``) attended in ``dtype`` (their
+    own by default). The one place each kernel's conditions are written:
+
+    - ``math``: any device and dtype; ``efficient``: CUDA, any floating dtype;
+    - ``flash`` (FlashAttention-2): CUDA, fp16/bf16, head dim a multiple of 8 up to 256;
+    - ``fa4``: flash's conditions with head dim up to 128, on Hopper or Blackwell (compute
+      capability 9 or 10), where flash-attn-4 is installed.
+
+    Up to ``flash`` it reads plain tensor attributes, so dynamo traces it (``op.op_applies``)."""
+    if kernel not in KERNELS[1:]:
+        raise ValueError(f"kernel must be one of {KERNELS[1:]}, not {kernel!r}")
+    if kernel == "math":
+        return True
+    if query.device.type != "cuda":
         return False
+    if kernel == "efficient":
+        return True
     d = query.shape[-1]
-    if d % 8 or d > 128 or _fa4() is None:
-        return False
-    return torch.cuda.get_device_capability(query.device)[0] in (9, 10)
+    flash = (dtype or query.dtype) in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256
+    if kernel == "flash" or not flash:
+        return flash
+    return (
+        d <= 128
+        and _fa4() is not None
+        and torch.cuda.get_device_capability(query.device)[0] in (9, 10)
+    )
 
 
 # Below this many tokens FA2's lower per-call cost wins (H100: a 5K-token layer 1.19 ms on FA2
@@ -277,9 +290,9 @@ def default_kernel(query: torch.Tensor, kernel: str = "auto") -> str:
         return kernel
     if not query.is_cuda:
         return "math"
-    if query.shape[2] >= FA4_MIN_LENGTH and fa4_applies(query):
+    if query.shape[2] >= FA4_MIN_LENGTH and kernel_applies("fa4", query):
         return "fa4"
-    return "flash" if flash_applies(query.dtype, query.shape[-1]) else "efficient"
+    return "flash" if kernel_applies("flash", query) else "efficient"
 
 
 # From this many tokens the Triton selection and packing (``sequence_select``, ``pack_rows``) are
@@ -384,8 +397,7 @@ __all__ = [
     "check_kernel",
     "default_kernel",
     "attention_dtype",
-    "fa4_applies",
-    "flash_applies",
+    "kernel_applies",
     "math_items",
     "key_index",
     "pack_items",
