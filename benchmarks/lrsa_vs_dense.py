@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lrsa_serve.config import LagKVConfig  # noqa: E402
+from lrsa_serve.models import load_tokenizer  # noqa: E402
 from lrsa_serve.reference_attention import use_lagkv_reference  # noqa: E402
 from lrsa_serve.training import data as data_mod  # noqa: E402
 from lrsa_serve.training import model as model_mod  # noqa: E402
@@ -117,7 +118,7 @@ def main() -> int:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         folder = args.tokenizer or args.model
-        tokenizer = model_mod.load_tokenizer(folder)
+        tokenizer = load_tokenizer(folder)
         config = AutoConfig.from_pretrained(folder)
         torch.manual_seed(args.seed)
         model = AutoModelForCausalLM.from_config(
@@ -125,10 +126,10 @@ def main() -> int:
         )
     elif args.gguf:
         gguf = Path(args.gguf).expanduser()
-        tokenizer = model_mod.load_tokenizer(args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer)
         model = model_mod.load_model(str(gguf.parent), gguf_file=gguf.name)
     else:
-        tokenizer = model_mod.load_tokenizer(args.tokenizer or args.model)
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
         model = model_mod.load_model(args.model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)

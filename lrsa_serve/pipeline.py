@@ -557,10 +557,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_pipeline(config: PipelineConfig, *, skip_train: bool = False, progress: bool = True) -> int:
-    from lrsa_serve.eval.cli import load_tokenizer
     from lrsa_serve.eval.report import to_json, write_outputs
     from lrsa_serve.eval.tasks import build_items, resolve_tasks
-    from lrsa_serve.models import resolve_model
+    from lrsa_serve.models import load_tokenizer, resolve_model
 
     out = Path(config.out)
     base_model = str(resolve_model(config.model))

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from lrsa_serve.errors import UserError
-from lrsa_serve.models import resolve_model
+from lrsa_serve.models import load_tokenizer, resolve_model
 from lrsa_serve.training import checkpoint as ckpt
 from lrsa_serve.training import data as data_mod
 from lrsa_serve.training import model as model_mod
@@ -159,7 +159,7 @@ class Trainer:
         path = job.model.path
         if model is None or tokenizer is None:
             path = path or resolve_model(None)
-        self.tokenizer = tokenizer or model_mod.load_tokenizer(path, job.model.gguf_file)
+        self.tokenizer = tokenizer or load_tokenizer(path, job.model.gguf_file)
         self.train_examples, self.train_stats = self._dataset(train_examples, "train")
         self.eval_examples, _ = self._dataset(eval_examples, "eval")
         self.pad_id = data_mod.pad_token_id(self.tokenizer)
