@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lrsa_serve import lagkv  # noqa: E402
 from lrsa_serve.config import LagKVConfig  # noqa: E402
-from lrsa_serve.training.attention import dispatch  # noqa: E402
+from lrsa_serve.training.attention import dispatch, sequence_select  # noqa: E402
 from lrsa_serve.training.attention.varlen import (  # noqa: E402
     kernel_applies,
     lrsa_varlen_attention,
@@ -152,7 +152,7 @@ def main() -> int:
         if kernel_applies("fa4", qkv[0]):
             row["dense_fa4_ms"] = median_ms(fwd_bwd(dense_fa4, qkv, grad))
         k, v = qkv[1].detach(), qkv[2].detach()
-        kept = dispatch.select_kept(k, v, rule)
+        kept = sequence_select.select_kept(k, v, rule)
 
         def varlen_attn(q, k, v, kept=kept):  # the varlen path without the selection
             return lrsa_varlen_attention(q, k, v, rule, scale, kept=kept)
@@ -178,7 +178,7 @@ def main() -> int:
                 row[f"{impl}_speedup_vs_fa4"] = row["dense_fa4_ms"] / row[f"{impl}_ms"]
         main = args.impls[0]
         row["lrsa_ms"], row["speedup_vs_best_dense"] = row[f"{main}_ms"], row.get(f"{main}_speedup")
-        row["select_ms"] = median_ms(lambda: dispatch.select_kept(k, v, rule))  # noqa: B023
+        row["select_ms"] = median_ms(lambda: sequence_select.select_kept(k, v, rule))  # noqa: B023
         with torch.no_grad():
             row["select_eager_ms"] = median_ms(lambda: lagkv.select_all(k, v, rule))  # noqa: B023
         row["visible_pair_ratio"] = n * (n + 1) / 2 / visible_pairs(n, rule)

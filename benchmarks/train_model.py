@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lrsa_serve.config import LagKVConfig  # noqa: E402
 from lrsa_serve.training import loop  # noqa: E402
 from lrsa_serve.training import model as model_mod  # noqa: E402
-from lrsa_serve.training.attention import dispatch  # noqa: E402
+from lrsa_serve.training.attention import sequence_select  # noqa: E402
 from lrsa_serve.training.attention.varlen import packing_for  # noqa: E402
 from lrsa_serve.training.config import LRSA_KERNELS, ModelConfig, OptimConfig  # noqa: E402
 from lrsa_serve.training.data import IGNORE_INDEX  # noqa: E402
@@ -105,11 +105,11 @@ def selection_ms(
     v = torch.randn_like(k)
     rule = cfg.rule
     for _ in range(3):
-        dispatch.select_kept(k, v, rule)
+        sequence_select.select_kept(k, v, rule)
     sync(device)
     start = time.perf_counter()
     for _ in range(20):
-        dispatch.select_kept(k, v, rule)
+        sequence_select.select_kept(k, v, rule)
     sync(device)
     return (time.perf_counter() - start) / 20 * 1e3
 

@@ -589,19 +589,21 @@ def test_pack_rows_forward_and_exact_gradient(batch, n, dim, dtype, layout):
     """Forward: the rows ``gather`` copies, bit for bit. Backward: each source row's gradient is
     the sum of the packed rows' gradients that copied it, accumulated in float32 and rounded
     once (checked against float64 sums), and the same bits on a second run."""
+    from lrsa_serve.training.attention import varlen as lv
     from lrsa_serve.training.attention.pack_rows import pack_rows
 
     key, value, kept, packing, index = packed_case(batch, n, dim, dtype, layout, seed=n)
+    refs = lv.rows_refs(packing, kept)
     key.requires_grad_(True)
     value.requires_grad_(True)
-    k, v = pack_rows(key, value, index, kept, packing)
+    k, v = pack_rows(key, value, index, kept, refs)
     want_k, want_v = torch_packed(key.detach(), value.detach(), index)
     assert torch.equal(k, want_k) and torch.equal(v, want_v)
     gen = torch.Generator(device=key.device).manual_seed(1)
     grad_k, grad_v = (torch.randn(k.shape, generator=gen, device=k.device).to(dtype)
                       for _ in range(2))  # fmt: skip
     dk, dv = torch.autograd.grad((k, v), (key, value), (grad_k, grad_v))
-    again = torch.autograd.grad(pack_rows(key, value, index, kept, packing),
+    again = torch.autograd.grad(pack_rows(key, value, index, kept, refs),
                                 (key, value), (grad_k, grad_v))  # fmt: skip
     assert torch.equal(dk, again[0]) and torch.equal(dv, again[1])
     ref_k, ref_v = float64_gather_grads(key, value, index, (grad_k, grad_v))
@@ -729,7 +731,7 @@ def test_gpu_pack_rows_real_size():
     index = lv.key_index(kept, packing, torch.tensor(packing.template, device="cuda"))
     key.requires_grad_(True)
     value.requires_grad_(True)
-    k, v = pack_rows(key, value, index, kept, packing)
+    k, v = pack_rows(key, value, index, kept, lv.rows_refs(packing, kept))
     assert torch.equal(k, torch_packed(key.detach(), value.detach(), index)[0])
     grad = torch.randn(k.shape, generator=gen, device="cuda").to(torch.bfloat16)
     (dk,) = torch.autograd.grad(k, key, grad)

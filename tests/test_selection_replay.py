@@ -9,7 +9,7 @@ import torch
 from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.training import model as model_mod
-from lrsa_serve.training.attention import dispatch, replay
+from lrsa_serve.training.attention import dispatch, replay, sequence_select
 from lrsa_serve.training.tiny import random_model, tiny_config
 
 CFG = LagKVConfig(sink=4, lag=16, ratio=0.25)
@@ -38,9 +38,10 @@ class FlipFlopSelection:
 def selection(monkeypatch):
     flipflop = FlipFlopSelection()
     monkeypatch.setattr(lagkv, "select_all", flipflop)
-    dispatch.selector.cache_clear()  # the eager selector is lagkv.select_all, looked up when built
+    # the eager selector is lagkv.select_all, looked up when it is built
+    sequence_select.selector.cache_clear()
     yield flipflop
-    dispatch.selector.cache_clear()
+    sequence_select.selector.cache_clear()
     dispatch.set_kernel("auto")
 
 

@@ -13,7 +13,7 @@ import torch
 from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.reference_attention import masked_attention
-from lrsa_serve.training.attention import dispatch
+from lrsa_serve.training.attention import dispatch, sequence_select
 from lrsa_serve.training.attention import varlen as lv
 
 # (sink, lag, ratio, length): lengths off partition boundaries, sinks off block boundaries,
@@ -159,7 +159,7 @@ def test_cuda_forward_backward_match_reference(sink, lag, ratio, n, heads, dim, 
     assert torch.isfinite(out).all()
     # the module's own (compiled) selection: float rounding differences between compiled and
     # eager scores could flip a near-tie at the top-K boundary and move one kept token
-    kept = dispatch.select_kept(fast_in[1], fast_in[2], cfg.rule)
+    kept = sequence_select.select_kept(fast_in[1], fast_in[2], cfg.rule)
     # float32 reference on the same (rounded) inputs, selection from the same keys
     visible = lagkv.visibility_mask(n, kept, cfg.rule)
     qr, kr, vr = (t.to(dtype).float() for t in ref_in)
@@ -185,7 +185,7 @@ def assert_cuda_kernels_match_math(attend, batch: int, n: int, dim: int) -> None
     g = torch.Generator(device="cuda").manual_seed(n)
     shapes = [(batch, 12, n, dim), (batch, 2, n, dim), (batch, 2, n, dim)]
     base = [torch.randn(*s, generator=g, device="cuda").bfloat16() for s in shapes]
-    kept = dispatch.select_kept(base[1], base[2], rule)
+    kept = sequence_select.select_kept(base[1], base[2], rule)
     fast_in = [t.detach().requires_grad_() for t in base]
     ref_in = [t.detach().float().requires_grad_() for t in base]
     out = attend(*fast_in, rule, dim**-0.5, kept, True)
@@ -258,9 +258,9 @@ def test_cuda_varlen_op_matches_eager(kernel, n, heads, dim):
 def test_cpu_selects_and_packs_in_plain_torch_at_any_length():
     """The Triton selection and packing are CUDA paths (from ``TRITON_MIN_LENGTH`` tokens): a CPU
     run takes plain torch even past that length."""
-    for n in (40, lv.TRITON_MIN_LENGTH):
+    for n in (40, sequence_select.TRITON_MIN_LENGTH):
         k = torch.empty(1, 2, n, 16)
-        assert dispatch.selector_for(k) == "eager" and lv.packer_for(k) == "torch"
+        assert sequence_select.selector_for(k) == "eager" and lv.packer_for(k) == "torch"
 
 
 def test_varlen_kernel_choice_is_explicit():

@@ -11,8 +11,9 @@ paged-cache kernels (``lrsa_serve.kernels``). Each fast path sits beside its pla
   with its own backward; plain-torch items beside the CUDA kernels.
 - ``pack_rows``: Triton gather of the items' key/value rows with an exact, deterministic
   backward; ``torch.gather`` (``varlen.pack_items``) is its reference.
-- ``sequence_select``: whole-sequence selection on the serving engine's Triton select kernel;
-  ``lagkv.select_all`` is its reference.
+- ``sequence_select``: the selection of whole sequences, in plain torch, compiled, or on the
+  serving engine's Triton select kernel (``lagkv.select_all`` is its reference), replayed under
+  checkpointing.
 - ``replay``: under gradient checkpointing the recompute replays the forward's selection.
 
 Nothing is imported here: ``reference_attention`` imports ``replay`` and ``dispatch`` imports

@@ -26,72 +26,17 @@ real token see a later pad), so ``attention_mask`` is not consulted. Left paddin
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import lru_cache
-
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 
-from lrsa_serve import lagkv
 from lrsa_serve.config import CONFIG_KEY, LagKVConfig, keep_for
 from lrsa_serve.lagkv import Rule
 from lrsa_serve.reference_attention import lagkv_reference_attention, settings_of
-from lrsa_serve.training.attention import op, replay
-from lrsa_serve.training.attention.varlen import (
-    KERNELS,
-    TRITON_MIN_LENGTH,
-    check_kernel,
-    lrsa_varlen_attention,
-)
+from lrsa_serve.training.attention import op
+from lrsa_serve.training.attention.sequence_select import select_kept
+from lrsa_serve.training.attention.varlen import KERNELS, check_kernel, lrsa_varlen_attention
 
 NAME = "lrsa"
-# Distinct compiled graphs we allow, so that a run never reaches dynamo's default limit.
-RECOMPILE_LIMIT = 256
-
-
-def select_kept(key: torch.Tensor, value: torch.Tensor, rule: Rule) -> torch.Tensor:
-    """Kept absolute positions ``[B, Hkv, P, keep]`` (``lagkv.select_all``), without gradient.
-    In a checkpointed layer's recompute, the positions its forward selected
-    (``replay``)."""
-
-    def select() -> torch.Tensor:
-        with torch.no_grad():
-            return selector(selector_for(key))(key, value, rule)
-
-    return replay.remembered(select, key, rule)
-
-
-def selector_for(key: torch.Tensor) -> str:
-    """On CUDA the serving engine's Triton kernel (``sequence_select``: three launches per layer)
-    from ``TRITON_MIN_LENGTH`` tokens and ``compiled`` (``lagkv.select_all`` under
-    ``torch.compile``) below; ``eager`` (plain torch) on CPU."""
-    if not key.is_cuda:
-        return "eager"
-    return "triton" if key.shape[2] >= TRITON_MIN_LENGTH else "compiled"
-
-
-@lru_cache(maxsize=4)
-def selector(name: str) -> Callable:
-    """The selection function ``selector_for`` names: ``(key, value, rule) -> kept``."""
-    if name == "triton":
-        from lrsa_serve.training.attention import sequence_select
-
-        return sequence_select.select_all
-    if name == "compiled":
-        _raise_recompile_limit()
-        return torch.compile(lagkv.select_all, dynamic=True)
-    return lagkv.select_all
-
-
-def _raise_recompile_limit() -> None:
-    import torch._dynamo
-
-    cfg = torch._dynamo.config
-    cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
-    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
-    # Past the limit dynamo would fall back to eager code silently: fail loudly instead.
-    if hasattr(cfg, "fail_on_recompile_limit_hit"):
-        cfg.fail_on_recompile_limit_hit = True
 
 
 # ---- the varlen formulation (default on CUDA) ----------------------------------------------------
@@ -222,8 +167,6 @@ __all__ = [
     "lrsa_attention",
     "lrsa_forward_logits",
     "lrsa_varlen",
-    "select_kept",
-    "selector",
     "set_kernel",
     "use_lrsa",
 ]

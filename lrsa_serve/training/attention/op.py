@@ -26,6 +26,7 @@ import torch
 from lrsa_serve import lagkv
 from lrsa_serve.lagkv import Rule
 from lrsa_serve.training.attention import varlen as lv
+from lrsa_serve.training.attention.sequence_select import select_kept
 
 OP_KERNELS = ("fa4", "flash", "math")
 
@@ -130,8 +131,6 @@ def varlen(
     ``kernel`` is one of ``varlen.KERNELS`` that resolves to one of ``OP_KERNELS``. Returns the
     output ``[B, n, Hq, D]``, the log-sum-exp ``[Hq, B * n]`` and the kept positions
     ``[B, Hkv, P, keep]``."""
-    from lrsa_serve.training.attention.dispatch import select_kept
-
     with torch.no_grad():
         kept = select_kept(key, value, Rule(sink, lag, keep, score_v_ratio))
         packing, cu_q, cu_k, template, max_q, max_k = _layout(query, sink, lag, keep)

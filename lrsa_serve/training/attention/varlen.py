@@ -37,13 +37,18 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 
 from lrsa_serve import lagkv
 from lrsa_serve.lagkv import Rule
 from lrsa_serve.reference_attention import masked_attention
+from lrsa_serve.training.attention.sequence_select import TRITON_MIN_LENGTH
 from lrsa_serve.training.config import LRSA_KERNELS as KERNELS
+
+if TYPE_CHECKING:
+    from lrsa_serve.training.attention.pack_rows import Refs
 
 # aten's CustomMaskType for the memory-efficient kernel: causal aligned to the bottom right.
 _CAUSAL_FROM_BOTTOM_RIGHT = 2
@@ -295,19 +300,26 @@ def default_kernel(query: torch.Tensor, kernel: str = "auto") -> str:
     return "flash" if kernel_applies("flash", query) else "efficient"
 
 
-# From this many tokens the Triton selection and packing (``sequence_select``, ``pack_rows``) are
-# the CUDA defaults: a 32K training step of the 0.5B model ran 1.79x dense with them vs 1.72x
-# without (H100); at 16K the step is partly CPU-bound and their launches cost more Python time
-# than they save on the GPU (1.15x vs 1.27x). docs/training.md.
-TRITON_MIN_LENGTH = 32768
-
-
 def packer_for(key: torch.Tensor) -> str:
     """How the items' key/value rows are gathered: ``triton`` on CUDA from ``TRITON_MIN_LENGTH``
     tokens (``pack_rows``: one launch, exact float32 gradient sums, deterministic) and ``torch``
     otherwise (``gather``, whose backward adds the rows up with atomics in the tensor's dtype).
     ``key`` is ``[B, Hkv, n, D]``."""
     return "triton" if key.is_cuda and key.shape[2] >= TRITON_MIN_LENGTH else "torch"
+
+
+def rows_refs(packing: Packing, kept: torch.Tensor) -> Refs:
+    """``pack_rows``' inverted template of ``packing`` for the kept slots of ``kept``."""
+    return _rows_refs(packing, kept.shape[-2] * kept.shape[-1], str(kept.device))
+
+
+@lru_cache(maxsize=64)
+def _rows_refs(packing: Packing, slots: int, device: str) -> Refs:
+    # Cached per packing object: hashing its template per call would cost a millisecond of CPU
+    # at 32K. pack_rows is imported here only: it needs Triton.
+    from lrsa_serve.training.attention.pack_rows import refs_for
+
+    return refs_for(packing.template, packing.length + slots, device)
 
 
 def pack_items(
@@ -324,7 +336,7 @@ def pack_items(
     if packer_for(key) == "triton":
         from lrsa_serve.training.attention.pack_rows import pack_rows
 
-        return pack_rows(key, value, index, kept, packing)
+        return pack_rows(key, value, index, kept, rows_refs(packing, kept))
     index = index[..., None].expand(-1, -1, -1, d)
     k = key.transpose(1, 2).gather(1, index).reshape(-1, hkv, d)
     v = value.transpose(1, 2).gather(1, index).reshape(-1, hkv, d)
@@ -345,7 +357,7 @@ def pack_items_backward(
     if packer_for(key) == "triton":
         from lrsa_serve.training.attention.pack_rows import pack_rows_backward
 
-        return pack_rows_backward(grad_k, grad_v, key, value, kept, packing)
+        return pack_rows_backward(grad_k, grad_v, key, value, kept, rows_refs(packing, kept))
     b, hkv, n, d = key.shape
     index = index[..., None].expand(-1, -1, -1, d)
 
@@ -402,8 +414,8 @@ __all__ = [
     "key_index",
     "pack_items",
     "pack_items_backward",
-    "TRITON_MIN_LENGTH",
     "packer_for",
+    "rows_refs",
     "packing_for",
     "lrsa_varlen_attention",
     "varlen_attention",
