@@ -72,7 +72,8 @@ def test_the_engine_refuses_the_same_features_from_arguments_and_config():
 
     check_engine_arguments({"enable_prefix_caching": False, "decode_context_parallel_size": 1})
     check_engine_config(LagKVConfig(), config("speculative_config", None))
-    for what, argument, path in REFUSED:
+    for path, what in REFUSED.items():
+        argument = path.rsplit(".", 1)[-1]  # the engine argument is the config's last name
         on = 2 if "size" in argument else True
         with pytest.raises(LagKVConfigError, match=what.split(" (")[0]):
             check_engine_arguments({argument: on})

@@ -41,28 +41,17 @@ def remembered() -> LagKVConfig | None:
     return _process_settings
 
 
-# Features that replay, share or move KV blocks behind the compaction, refused in one line: what
-# the user is told, the engine argument that asks for it, where vLLM's config holds it. Checked on
-# the arguments before any engine process starts, and on the config where the engine builds.
-REFUSED = (
-    (
-        "prefix caching (pass enable_prefix_caching=False / --no-enable-prefix-caching)",
-        "enable_prefix_caching",
-        "cache_config.enable_prefix_caching",
-    ),
-    ("speculative decoding", "speculative_config", "speculative_config"),
-    ("KV transfer / offload connectors", "kv_transfer_config", "kv_transfer_config"),
-    (
-        "decode context parallelism",
-        "decode_context_parallel_size",
-        "parallel_config.decode_context_parallel_size",
-    ),
-    (
-        "prefill context parallelism",
-        "prefill_context_parallel_size",
-        "parallel_config.prefill_context_parallel_size",
-    ),
-)
+# Features that replay, share or move KV blocks behind the compaction, refused in one line: where
+# vLLM's config holds each (the engine argument is the last name), and what the user is told.
+# Checked on the arguments before any engine process starts, and on the config as the engine builds.
+REFUSED = {
+    "cache_config.enable_prefix_caching": "prefix caching (pass enable_prefix_caching=False / "
+    "--no-enable-prefix-caching)",
+    "speculative_config": "speculative decoding",
+    "kv_transfer_config": "KV transfer / offload connectors",
+    "parallel_config.decode_context_parallel_size": "decode context parallelism",
+    "parallel_config.prefill_context_parallel_size": "prefill context parallelism",
+}
 
 
 def _turns_on(value: Any) -> bool:
@@ -72,14 +61,15 @@ def _turns_on(value: Any) -> bool:
     return bool(value)
 
 
-def refuse(problems: list[str]) -> None:
+def _refuse(problems: list[str]) -> None:
     if problems:
         raise LagKVConfigError("LagKV eviction cannot run with " + ", ".join(problems))
 
 
 def check_engine_arguments(engine_kwargs: dict[str, Any]) -> None:
     """Raise LagKVConfigError (one line) if these engine arguments ask for a refused feature."""
-    refuse([what for what, argument, _ in REFUSED if _turns_on(engine_kwargs.get(argument))])
+    arguments = {path: engine_kwargs.get(path.rsplit(".", 1)[-1]) for path in REFUSED}
+    _refuse([REFUSED[path] for path, value in arguments.items() if _turns_on(value)])
 
 
 def check_engine_config(settings: LagKVConfig, vllm_config: VllmConfig) -> None:
@@ -89,7 +79,7 @@ def check_engine_config(settings: LagKVConfig, vllm_config: VllmConfig) -> None:
     def value(path: str) -> Any:
         return reduce(lambda obj, name: getattr(obj, name, None), path.split("."), vllm_config)
 
-    refuse([what for what, _, path in REFUSED if _turns_on(value(path))])
+    _refuse([what for path, what in REFUSED.items() if _turns_on(value(path))])
 
 
 def additional_config_for(settings: LagKVConfig | None) -> dict[str, Any]:
