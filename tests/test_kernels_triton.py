@@ -456,7 +456,8 @@ def test_compacted_view_kernel_equals_torch(sink, lag, keep):
     """One launch writes what the torch reference writes: decode rows, first and later prefill
     chunks, rows far into compression, a captured batch's padding rows (whose lengths vLLM
     passes through) and buffer rows past the batch (left alone)."""
-    from lrsa_serve.kernels.compacted_view import ViewShape, compacted_view, compacted_view_torch
+    from lrsa_serve.kernels.compacted_view import ViewShape, compacted_view_torch
+    from lrsa_serve.kernels.compacted_view_triton import compacted_view
 
     block = 16
     shape = ViewShape(sink, lag, keep, block)

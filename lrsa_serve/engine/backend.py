@@ -35,6 +35,29 @@ def lagkv_spec(spec: AttentionSpec) -> AttentionSpec:
     return LagKVAttentionSpec.wrap(spec, settings)
 
 
+def lagkv_backend(
+    class_name: str, base: type, impl: type, builder: type, name: str | None = None
+) -> type:
+    """The stock backend ``base`` with LagKV's impl and metadata builder, reporting LagKV's KV
+    spec for models with settings. ``name``: the name vLLM selects it by (None keeps the stock
+    one, as on the CPU, where the platform always picks ``CPU_ATTN``). ``class_name`` is the
+    module-level name it is bound to: vLLM's registry imports backends by qualified path."""
+
+    def customize_spec(cls, spec):
+        return lagkv_spec(super(backend, cls).customize_spec(spec))
+
+    attrs = {
+        "__module__": builder.__module__,  # where it is bound, beside its builder
+        "get_impl_cls": staticmethod(lambda: impl),
+        "get_builder_cls": staticmethod(lambda: builder),
+        "customize_spec": classmethod(customize_spec),
+    }
+    if name is not None:
+        attrs["get_name"] = staticmethod(lambda: name)
+    backend = type(class_name, (base,), attrs)
+    return backend
+
+
 def remember_current_settings() -> None:
     """Called while vLLM builds the model's attention layers, when its config is current."""
     config = get_current_vllm_config_or_none()

@@ -17,7 +17,7 @@ from lrsa_serve import lagkv
 from lrsa_serve.engine import stats
 from lrsa_serve.engine.backend import (
     LagKVBuilderMixin,
-    lagkv_spec,
+    lagkv_backend,
     remember_current_settings,
 )
 from lrsa_serve.engine.compaction import CompactionPlan
@@ -97,15 +97,6 @@ def compact_cpu_pages(
         half.flatten(2)[dst] = order.to_physical(moved)
 
 
-class LagKVCPUBackend(CPUAttentionBackend):
-    @staticmethod
-    def get_impl_cls() -> type[CPUAttentionBackendImpl]:
-        return LagKVCPUImpl
-
-    @staticmethod
-    def get_builder_cls() -> type[CPUAttentionMetadataBuilder]:
-        return LagKVCPUBuilder
-
-    @classmethod
-    def customize_spec(cls, spec):
-        return lagkv_spec(super().customize_spec(spec))
+LagKVCPUBackend = lagkv_backend(
+    "LagKVCPUBackend", CPUAttentionBackend, LagKVCPUImpl, LagKVCPUBuilder
+)

@@ -34,7 +34,7 @@ from vllm.v1.attention.backends.triton_attn import (
 from lrsa_serve.engine import stats
 from lrsa_serve.engine.backend import (
     LagKVBuilderMixin,
-    lagkv_spec,
+    lagkv_backend,
     remember_current_settings,
 )
 from lrsa_serve.engine.compaction import CompactionPlan, GroupCompaction
@@ -154,22 +154,9 @@ class LagKVFlashImpl(LagKVCudaImplMixin, FlashAttentionImpl):
     pass
 
 
-class LagKVFlashBackend(FlashAttentionBackend):
-    @staticmethod
-    def get_name() -> str:
-        return FLASH_BACKEND
-
-    @staticmethod
-    def get_impl_cls() -> type[FlashAttentionImpl]:
-        return LagKVFlashImpl
-
-    @staticmethod
-    def get_builder_cls() -> type[FlashAttentionMetadataBuilder]:
-        return LagKVFlashBuilder
-
-    @classmethod
-    def customize_spec(cls, spec):
-        return lagkv_spec(super().customize_spec(spec))
+LagKVFlashBackend = lagkv_backend(
+    "LagKVFlashBackend", FlashAttentionBackend, LagKVFlashImpl, LagKVFlashBuilder, FLASH_BACKEND
+)
 
 
 # ---- Triton ----------------------------------------------------------------------------------
@@ -187,19 +174,10 @@ class LagKVTritonImpl(LagKVCudaImplMixin, TritonAttentionImpl):
     pass
 
 
-class LagKVTritonBackend(TritonAttentionBackend):
-    @staticmethod
-    def get_name() -> str:
-        return TRITON_BACKEND
-
-    @staticmethod
-    def get_impl_cls() -> type[TritonAttentionImpl]:
-        return LagKVTritonImpl
-
-    @staticmethod
-    def get_builder_cls() -> type[TritonAttentionMetadataBuilder]:
-        return LagKVTritonBuilder
-
-    @classmethod
-    def customize_spec(cls, spec):
-        return lagkv_spec(super().customize_spec(spec))
+LagKVTritonBackend = lagkv_backend(
+    "LagKVTritonBackend",
+    TritonAttentionBackend,
+    LagKVTritonImpl,
+    LagKVTritonBuilder,
+    TRITON_BACKEND,
+)

@@ -29,12 +29,7 @@ import torch
 
 from lrsa_serve.engine.compaction import CompactionPlan
 from lrsa_serve.engine.layout import BlockGeometry
-from lrsa_serve.kernels.compacted_view import (
-    ViewBuffers,
-    ViewShape,
-    compacted_view,
-    compacted_view_torch,
-)
+from lrsa_serve.kernels.compacted_view import ViewBuffers, ViewShape, compacted_view_torch
 
 
 @dataclass
@@ -62,8 +57,11 @@ class DeviceView:
         self.ref_blocks = torch.zeros(max_reqs, cols, dtype=torch.int32, device=device)
         self.active = torch.zeros(max_reqs, dtype=torch.int32, device=device)
         self.table: torch.Tensor | None = None  # shaped like vLLM's block table, on first use
-        self.write = compacted_view if device.type == "cuda" else compacted_view_torch
+        self.write = compacted_view_torch
         if device.type == "cuda":
+            from lrsa_serve.kernels.compacted_view_triton import compacted_view
+
+            self.write = compacted_view
             self._compile()
 
     def _compile(self) -> None:

@@ -1,5 +1,6 @@
 """A step's compacted view of the paged cache, written into persistent buffers: one Triton launch
-on CUDA (``compacted_view``), its plain-torch reference beside it (``compacted_view_torch``).
+on CUDA (``compacted_view_triton.compacted_view``), its plain-torch reference here
+(``compacted_view_torch``).
 
 Per request row r of the step (``num_reqs`` real rows, then a captured batch's padding rows):
 
@@ -90,18 +91,3 @@ def compacted_view_torch(
     torch.gather(table, 1, ref_cols.clamp(max=width - 1), out=out.ref_blocks[:n])
     out.active[:n] = active.to(torch.int32)
     out.active[n : block_table.shape[0]] = 0
-
-
-def compacted_view(
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    num_reqs: int,
-    shape: ViewShape,
-    out: ViewBuffers,
-) -> None:
-    """One Triton launch writing what ``compacted_view_torch`` writes (CUDA tensors, or CPU
-    tensors under Triton's interpreter)."""
-    from lrsa_serve.kernels import compacted_view_triton
-
-    compacted_view_triton.launch(block_table, seq_lens, query_start_loc, num_reqs, shape, out)

@@ -77,7 +77,7 @@ def _view_kernel(
     tl.store(ref_ptr + r.to(tl.int64) * ref_stride + offsets, ref, mask=part_ok)
 
 
-def launch(
+def compacted_view(
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
@@ -85,6 +85,8 @@ def launch(
     shape: ViewShape,
     out: ViewBuffers,
 ) -> None:
+    """One launch writing what ``compacted_view_torch`` writes (CUDA tensors, or CPU tensors
+    under Triton's interpreter)."""
     table_rows, width = block_table.shape
     seq_rows = seq_lens.shape[0]
     assert block_table.stride(1) == 1 and out.table.stride(1) == 1
