@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     for length in args.lengths:
         vanilla = results["runs"]["vanilla"]["per_length"][length]
         compressed = results["runs"]["lagkv"]["per_length"][length]
-        formula = lagkv.resident_tokens(length + args.new_tokens - 1, settings)
+        formula = lagkv.resident_tokens(length + args.new_tokens - 1, settings.rule)
         # Sequences a pool fits is bounded by each one's peak (mid-compaction) footprint.
         fit = [args.fit_pool // run["peak_blocks"] for run in (vanilla, compressed)]
         rows.append([length, vanilla["final_blocks"], compressed["final_blocks"],

@@ -39,6 +39,7 @@ import torch
 
 from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig
+from lrsa_serve.engine.layout import BlockGeometry
 from lrsa_serve.kernels import compact, naive, select
 
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, SINK, RATIO = 32, 8, 128, 16, 16, 0.25
@@ -85,12 +86,17 @@ def decode_attention_ms(batch: int, tokens: int, device: torch.device) -> float:
     return timed_ms(step, device)
 
 
+def geometry(lag: int) -> BlockGeometry:
+    """The benchmark's LagKV settings at this lag, on blocks of ``BLOCK_SIZE``."""
+    return BlockGeometry(LagKVConfig(sink=SINK, lag=lag, ratio=RATIO), BLOCK_SIZE)
+
+
 class PagedLayer:
     """One layer's paged cache ([blocks, kv heads, block, 2 * head_dim], K|V packed) holding
     partitions p and p+1 of `requests` requests on shuffled blocks."""
 
     def __init__(self, requests: int, lag: int, device: torch.device, gen: torch.Generator):
-        per_part = lag // BLOCK_SIZE
+        per_part = geometry(lag).part_blocks
         num_blocks = requests * 2 * per_part + 64
         self.kv = torch.randn(
             num_blocks, KV_HEADS, BLOCK_SIZE, 2 * HEAD_DIM, device=device, generator=gen
@@ -249,7 +255,7 @@ def main() -> None:
 
     compression: dict[tuple[int, int], dict] = {}
     for lag in lags:
-        keep = int(RATIO * lag)
+        keep = geometry(lag).rule.keep
         for batch in batches:
             layer = PagedLayer(batch, lag, device, gen)
             times = compression_times(layer, keep, device)
@@ -267,9 +273,10 @@ def main() -> None:
     report["sweep"], report["breakdown"] = [], []
     for batch in batches:
         layer = PagedLayer(batch, lags[0], device, gen)
-        report["sweep"] += sweep_select_configs(layer, int(RATIO * lags[0]), device)
+        keep = geometry(lags[0]).rule.keep
+        report["sweep"] += sweep_select_configs(layer, keep, device)
         if device.type == "cuda":
-            report["breakdown"].append(kernel_breakdown(layer, int(RATIO * lags[0]), device))
+            report["breakdown"].append(kernel_breakdown(layer, keep, device))
         del layer
     for row in report["sweep"] + report["breakdown"]:
         print(f"{row}", flush=True)
@@ -280,8 +287,7 @@ def main() -> None:
             full_ms = decode_attention_ms(batch, context, device)
             torch.cuda.empty_cache() if device.type == "cuda" else None
             for lag in lags:
-                cfg = LagKVConfig(sink=SINK, lag=lag, ratio=RATIO)
-                resident = lagkv.resident_tokens(context, cfg)
+                resident = lagkv.resident_tokens(context, geometry(lag).rule)
                 lagkv_ms = decode_attention_ms(batch, resident, device)
                 comp = compression[lag, batch]
                 amortised = batch / lag * compression[lag, 1]["total_ms"]

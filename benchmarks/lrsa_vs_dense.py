@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from lrsa_serve.config import LagKVConfig
+from lrsa_serve.models import load_tokenizer
 from lrsa_serve.reference_attention import use_lagkv_reference
 from lrsa_serve.training import data as data_mod
 from lrsa_serve.training import model as model_mod
@@ -115,7 +116,7 @@ def main() -> int:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         folder = args.tokenizer or args.model
-        tokenizer = model_mod.load_tokenizer(folder)
+        tokenizer = load_tokenizer(folder)
         config = AutoConfig.from_pretrained(folder)
         torch.manual_seed(args.seed)
         model = AutoModelForCausalLM.from_config(
@@ -123,10 +124,10 @@ def main() -> int:
         )
     elif args.gguf:
         gguf = Path(args.gguf).expanduser()
-        tokenizer = model_mod.load_tokenizer(args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer)
         model = model_mod.load_model(str(gguf.parent), gguf_file=gguf.name)
     else:
-        tokenizer = model_mod.load_tokenizer(args.tokenizer or args.model)
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
         model = model_mod.load_model(args.model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)

@@ -28,8 +28,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig
-from lrsa_serve.training.attention import dispatch
-from lrsa_serve.training.attention.varlen import fa4_applies, lrsa_varlen_attention
+from lrsa_serve.training.attention import dispatch, sequence_select
+from lrsa_serve.training.attention.varlen import (
+    kernel_applies,
+    lrsa_varlen_attention,
+    packing_for,
+)
 
 
 def median_ms(fn, warmup: int = 3, iters: int = 10) -> float:
@@ -87,14 +91,9 @@ def dense_repeat(q, k, v):  # HF's path when SDPA's GQA flag cannot be used
     return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
 
 
-def visible_pairs(n: int, cfg: LagKVConfig) -> int:
+def visible_pairs(n: int, rule: lagkv.Rule) -> int:
     """Query-key pairs the LagKV rule lets attend, summed over queries (causal: n(n+1)/2)."""
-    t = torch.arange(n, dtype=torch.int64)
-    w = lagkv.partition_of(t, cfg)
-    prev_start = torch.where(w <= 1, torch.zeros_like(t), cfg.sink + (w - 1) * cfg.lag)
-    raw = t + 1 - prev_start + torch.where(w <= 1, 0, cfg.sink)
-    gathered = torch.clamp(w - 1, min=0) * cfg.keep
-    return int((raw + gathered).sum())
+    return packing_for(n, rule).visible_pairs()
 
 
 def main() -> int:
@@ -118,10 +117,10 @@ def main() -> int:
         "rows": [],
     }
 
-    rule = dispatch.Rule.of(cfg)
+    rule = cfg.rule
 
     def varlen(q, k, v):
-        return dispatch.lrsa_varlen(q, k, v, cfg, scale)
+        return dispatch.lrsa_varlen(q, k, v, rule, scale)
 
     impls = {"varlen": varlen}
     for name in args.impls:
@@ -129,7 +128,7 @@ def main() -> int:
             kernel = name.split(":", 1)[1]
 
             def varlen_with(q, k, v, kernel=kernel):
-                return dispatch.lrsa_varlen(q, k, v, cfg, scale, kernel=kernel)
+                return dispatch.lrsa_varlen(q, k, v, rule, scale, kernel=kernel)
 
             impls[name] = varlen_with
 
@@ -148,10 +147,10 @@ def main() -> int:
             row["dense_flash_ms"] = None
             print(f"n={n} dense flash: failed {e!r}"[:300], flush=True)
         row["dense_fa4_ms"] = None
-        if fa4_applies(qkv[0]):
+        if kernel_applies("fa4", qkv[0]):
             row["dense_fa4_ms"] = median_ms(fwd_bwd(dense_fa4, qkv, grad))
         k, v = qkv[1].detach(), qkv[2].detach()
-        kept = dispatch.select_kept(k, v, rule)
+        kept = sequence_select.select_kept(k, v, rule)
 
         def varlen_attn(q, k, v, kept=kept):  # the varlen path without the selection
             return lrsa_varlen_attention(q, k, v, rule, scale, kept=kept)
@@ -170,17 +169,17 @@ def main() -> int:
                 continue
             print(f"n={n} {impl}: {row[f'{impl}_ms']:.2f} ms (dense {dense:.2f})", flush=True)
             row[f"{impl}_speedup"] = dense / row[f"{impl}_ms"]
-            row[f"{impl}_tflops"] = flops * visible_pairs(n, cfg) / row[f"{impl}_ms"] / 1e9
+            row[f"{impl}_tflops"] = flops * visible_pairs(n, rule) / row[f"{impl}_ms"] / 1e9
             if row["dense_flash_ms"]:
                 row[f"{impl}_speedup_vs_flash"] = row["dense_flash_ms"] / row[f"{impl}_ms"]
             if row["dense_fa4_ms"]:
                 row[f"{impl}_speedup_vs_fa4"] = row["dense_fa4_ms"] / row[f"{impl}_ms"]
         main = args.impls[0]
         row["lrsa_ms"], row["speedup_vs_best_dense"] = row[f"{main}_ms"], row.get(f"{main}_speedup")
-        row["select_ms"] = median_ms(lambda: dispatch.select_kept(k, v, rule))  # noqa: B023
+        row["select_ms"] = median_ms(lambda: sequence_select.select_kept(k, v, rule))  # noqa: B023
         with torch.no_grad():
-            row["select_eager_ms"] = median_ms(lambda: lagkv.select_all(k, v, cfg))  # noqa: B023
-        row["visible_pair_ratio"] = n * (n + 1) / 2 / visible_pairs(n, cfg)
+            row["select_eager_ms"] = median_ms(lambda: lagkv.select_all(k, v, rule))  # noqa: B023
+        row["visible_pair_ratio"] = n * (n + 1) / 2 / visible_pairs(n, rule)
         result["rows"].append(row)
         save()
         print(json.dumps(row), flush=True)

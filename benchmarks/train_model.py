@@ -39,8 +39,8 @@ from benchmarks.random_models import (
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.training import loop
 from lrsa_serve.training import model as model_mod
-from lrsa_serve.training.attention import dispatch
-from lrsa_serve.training.attention.varlen import Packing
+from lrsa_serve.training.attention import sequence_select
+from lrsa_serve.training.attention.varlen import packing_for
 from lrsa_serve.training.config import LRSA_KERNELS, ModelConfig, OptimConfig
 from lrsa_serve.training.data import IGNORE_INDEX
 
@@ -57,7 +57,7 @@ AttentionInterface.register(FLOOR, no_attention)
 
 def pair_ratio(n: int, cfg: LagKVConfig) -> float:
     """Dense causal query-key pairs over the pairs the mask lets through."""
-    return n * (n + 1) / 2 / Packing.of(n, dispatch.Rule.of(cfg)).visible_pairs()
+    return n * (n + 1) / 2 / packing_for(n, cfg.rule).visible_pairs()
 
 
 def timed_steps(model, optimizer, batch, autocast, warmup: int, steps: int) -> float:
@@ -101,13 +101,13 @@ def selection_ms(
 ) -> float:
     k = torch.randn(1, kv_heads, n, head_dim, device=device, dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    rule = dispatch.Rule.of(cfg)
+    rule = cfg.rule
     for _ in range(3):
-        dispatch.select_kept(k, v, rule)
+        sequence_select.select_kept(k, v, rule)
     sync(device)
     start = time.perf_counter()
     for _ in range(20):
-        dispatch.select_kept(k, v, rule)
+        sequence_select.select_kept(k, v, rule)
     sync(device)
     return (time.perf_counter() - start) / 20 * 1e3
 

@@ -36,6 +36,9 @@ from hosts import HostNotAllowed, check_target
 from locust import HttpUser, between, events, task
 from locust.exception import StopUser
 
+from lrsa_serve import lagkv
+from lrsa_serve.config import LagKVConfig
+
 log = logging.getLogger("lrsa-loadtest")
 
 WORDS = (
@@ -74,8 +77,9 @@ class Server:
         models = requests.get(f"{host}/v1/models", headers=headers, timeout=30)
         models.raise_for_status()
         card = models.json()["data"][0]
-        lagkv = card.get("lagkv") or {"sink": 0, "lag": 256}  # LagKV off: still "long"
-        sink, lag = int(lagkv["sink"]), int(lagkv["lag"])
+        section = card.get("lagkv") or {"sink": 0, "lag": 256}  # LagKV off: still "long"
+        fields = {k: v for k, v in section.items() if k in LagKVConfig.model_fields}
+        rule = LagKVConfig.build(**fields).rule
         max_len = int(card.get("max_model_len") or 8192)
 
         def count(text: str) -> int:
@@ -88,10 +92,11 @@ class Server:
         per_sentence = count(sample) / 200
         return {
             "model": card["id"],
-            "sink": sink,
-            "lag": lag,
             "max_model_len": max_len,
-            "long_min_tokens": sink + 3 * lag,  # a long prompt must cross more than this
+            # A long prompt must cross the start of partition 3 (two partitions compressed) and
+            # is sized to S + 4.5L (three compressed, the fourth half full).
+            "long_min_tokens": lagkv.partition_start(3, rule),
+            "long_tokens": lagkv.partition_start(4, rule) + rule.lag // 2,
             "tokens_per_sentence": per_sentence,
         }
 
@@ -122,7 +127,7 @@ class LagKVUser(HttpUser):
             check_target(self.host, allow_remote)  # also when the host came from the web UI
             self.server = Server.get(self.host, self.headers)
             s = self.server
-            want = s["sink"] + int(4.5 * s["lag"])
+            want = s["long_tokens"]
             room = s["max_model_len"] - self.max_tokens - 64  # chat template and margin
             if min(want, room) <= s["long_min_tokens"]:
                 raise ValueError(

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lrsa_serve.cli import UserError
+from lrsa_serve.errors import UserError
 
 BENCHMARKS = {"memory": "engine_memory", "throughput": "engine_throughput"}
 PACKAGE = "benchmarks"

@@ -12,6 +12,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from lrsa_serve.errors import UserError
+
 SUBCOMMANDS = {
     "serve": ("lrsa_serve.serving.cli", "Start the OpenAI-compatible server with LagKV"),
     "train": ("lrsa_serve.training.cli", "Post-train a checkpoint with the LRSA mask"),
@@ -20,10 +22,6 @@ SUBCOMMANDS = {
     "bench": ("lrsa_serve.bench", "Vanilla vLLM vs LagKV memory and throughput"),
     "prepare-model": ("lrsa_serve.cli", "Convert the default model once; print its folder"),
 }
-
-
-class UserError(Exception):
-    """A failure the user can fix; printed as one line."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if TYPE_CHECKING:
+    from lrsa_serve.lagkv import Rule
 
 CONFIG_KEY = "lagkv"
 
@@ -52,6 +55,13 @@ class LagKVConfig(BaseModel):
     def keep(self) -> int:
         """Tokens kept per partition and KV head: int(r * L)."""
         return keep_for(self.lag, self.ratio)
+
+    @property
+    def rule(self) -> Rule:
+        """The numbers every LagKV function reads (``lagkv.Rule``)."""
+        from lrsa_serve.lagkv import Rule  # here: lagkv imports torch, `lrsa --help` does not
+
+        return Rule(self.sink, self.lag, self.keep, self.score_v_ratio)
 
     @property
     def compresses(self) -> bool:

@@ -6,18 +6,45 @@ reference) once p+1 is complete, keeps ``keep = int(r * L)`` tokens per KV head,
 re-scored. A query at t sees: the sink, the kept tokens of partitions ``<= w(t) - 2``, the
 whole partition ``w(t) - 1`` and its own partition causally.
 
-Tensors are laid out ``[..., tokens, head_dim]`` with any leading dims (batch, KV head).
+Every function that needs the rule's numbers takes them as one :class:`Rule`; the functions on
+one partition (scores, selection) take only what they read, as the paged-cache kernels call them
+too. Tensors are laid out ``[..., tokens, head_dim]`` with any leading dims (batch, KV head).
 """
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-from lrsa_serve.config import LagKVConfig
+import numpy as np
+import torch
 
 # Where a channel of the reference partition is constant (max == min), divide by this instead
 # of zero: the reference code produces NaN/inf there.
 ZERO_SPAN_EPS = 1e-6
+
+# Integer tensors or numpy arrays (the engine's host keeps per-step lengths in numpy).
+Ints = torch.Tensor | np.ndarray
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The numbers the rule reads: sink S, lag L, ``keep`` tokens kept per partition and KV head,
+    and the value score's weight (only the selection reads it).
+
+    ``LagKVConfig`` (``config.py``) is the validated form users give, with the ratio r
+    (``keep = int(r * L)``), and builds this (``LagKVConfig.rule``). Frozen: caches key on it,
+    and torch.compile traces through it without graph breaks.
+    """
+
+    sink: int
+    lag: int
+    keep: int
+    score_v_ratio: float = 1.0  # LagKVConfig's default
+
+    @property
+    def evicted(self) -> int:
+        """Tokens a compressed partition gives back: L - keep."""
+        return self.lag - self.keep
 
 
 # ---- scores and selection --------------------------------------------------------------------
@@ -73,68 +100,78 @@ def select_partition(
 
 
 # ---- partition bookkeeping ---------------------------------------------------------------------
-def partition_of(positions: torch.Tensor, cfg: LagKVConfig) -> torch.Tensor:
+def partition_of(positions: torch.Tensor, rule: Rule) -> torch.Tensor:
     """w(t) = (t - S) // L; negative for sink positions."""
-    return torch.div(positions - cfg.sink, cfg.lag, rounding_mode="floor")
+    return torch.div(positions - rule.sink, rule.lag, rounding_mode="floor")
 
 
-def compressed_partitions(num_tokens: int, cfg: LagKVConfig) -> int:
+def partition_start(partition: int | Ints, rule: Rule) -> int | Ints:
+    """First position of a partition, S + pL (an int, or each of an integer tensor or array)."""
+    return rule.sink + partition * rule.lag
+
+
+def compressed_partitions(num_tokens: int, rule: Rule) -> int:
     """How many partitions are compressed once ``num_tokens`` tokens are in the cache:
     partition p is compressed when p+1 completes, i.e. at ``S + (p+2)L`` tokens."""
-    return max(0, (num_tokens - cfg.sink) // cfg.lag - 1)
+    return max(0, (num_tokens - rule.sink) // rule.lag - 1)
 
 
-def resident_tokens(num_tokens: int, cfg: LagKVConfig) -> int:
+def compressed_partitions_each(num_tokens: Ints, rule: Rule) -> Ints:
+    """:func:`compressed_partitions` of every length in an integer tensor or numpy array."""
+    return ((num_tokens - rule.sink) // rule.lag - 1).clip(0)
+
+
+def resident_tokens(num_tokens: int, rule: Rule) -> int:
     """KV entries held per layer and KV head after ``num_tokens`` tokens (at most S + r·n + 2L)."""
-    return num_tokens - compressed_partitions(num_tokens, cfg) * (cfg.lag - cfg.keep)
+    return num_tokens - compressed_partitions(num_tokens, rule) * rule.evicted
 
 
-def select_all(keys: torch.Tensor, values: torch.Tensor, cfg: LagKVConfig) -> torch.Tensor:
+def select_all(keys: torch.Tensor, values: torch.Tensor, rule: Rule) -> torch.Tensor:
     """Kept absolute positions of every compressed partition of a whole sequence.
 
     keys, values: ``[..., n, D]``. Returns ``[..., P, keep]`` int64, P = compressed_partitions(n),
     partitions in order, positions increasing inside each.
     """
     n = keys.shape[-2]
-    num_parts = compressed_partitions(n, cfg)
+    num_parts = compressed_partitions(n, rule)
     lead = keys.shape[:-2]
     if num_parts == 0:
-        return torch.empty(*lead, 0, cfg.keep, dtype=torch.long, device=keys.device)
-    span = (num_parts + 1) * cfg.lag  # partitions 0..P, P being the last one's reference
-    k = keys[..., cfg.sink : cfg.sink + span, :].unflatten(-2, (num_parts + 1, cfg.lag))
-    v = values[..., cfg.sink : cfg.sink + span, :].unflatten(-2, (num_parts + 1, cfg.lag))
+        return torch.empty(*lead, 0, rule.keep, dtype=torch.long, device=keys.device)
+    end = partition_start(num_parts + 1, rule)  # partitions 0..P, P being the last one's reference
+    k = keys[..., rule.sink : end, :].unflatten(-2, (num_parts + 1, rule.lag))
+    v = values[..., rule.sink : end, :].unflatten(-2, (num_parts + 1, rule.lag))
     kept = select_partition(
         k[..., :-1, :, :],
         v[..., :-1, :, :],
         k[..., 1:, :, :],
         v[..., 1:, :, :],
-        cfg.keep,
-        cfg.score_v_ratio,
+        rule.keep,
+        rule.score_v_ratio,
     )
-    starts = cfg.sink + cfg.lag * torch.arange(num_parts, device=keys.device)
+    starts = partition_start(torch.arange(num_parts, device=keys.device), rule)
     return kept + starts[:, None]
 
 
 # ---- the visibility rule -------------------------------------------------------------------------
-def raw_key_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, cfg: LagKVConfig) -> torch.Tensor:
+def raw_key_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, rule: Rule) -> torch.Tensor:
     """Keys seen whatever was selected: causal, and sink, previous or current partition
     (everything while w(t) <= 1). Broadcasts."""
-    q_part, k_part = partition_of(q_pos, cfg), partition_of(k_pos, cfg)
-    return (k_pos <= q_pos) & ((k_pos < cfg.sink) | (k_part >= q_part - 1) | (q_part <= 1))
+    q_part, k_part = partition_of(q_pos, rule), partition_of(k_pos, rule)
+    return (k_pos <= q_pos) & ((k_pos < rule.sink) | (k_part >= q_part - 1) | (q_part <= 1))
 
 
 def gathered_key_visible(
-    q_pos: torch.Tensor, gathered_idx: torch.Tensor, cfg: LagKVConfig
+    q_pos: torch.Tensor, gathered_idx: torch.Tensor, rule: Rule
 ) -> torch.Tensor:
     """In the static formulation (kept K/V appended after the raw sequence, partitions in order),
     gathered key j belongs to partition j // keep and is seen by queries of partition >= that+2."""
-    return gathered_idx // cfg.keep <= partition_of(q_pos, cfg) - 2
+    return gathered_idx // rule.keep <= partition_of(q_pos, rule) - 2
 
 
 def visibility_mask(
     num_keys: int,
     kept_positions: torch.Tensor,
-    cfg: LagKVConfig,
+    rule: Rule,
     query_start: int = 0,
 ) -> torch.Tensor:
     """Which keys each query sees: bool ``[..., num_keys - query_start, num_keys]``.
@@ -152,16 +189,16 @@ def visibility_mask(
     hits = torch.zeros(*lead, num_keys, dtype=torch.int32, device=device)
     hits.scatter_add_(-1, flat.clamp(max=num_keys - 1), (flat < num_keys).int())
     is_kept = hits > 0
-    old_enough = partition_of(k_pos, cfg) <= partition_of(q_pos, cfg) - 2
-    return raw_key_visible(q_pos, k_pos, cfg) | (is_kept[..., None, :] & old_enough)
+    old_enough = partition_of(k_pos, rule) <= partition_of(q_pos, rule) - 2
+    return raw_key_visible(q_pos, k_pos, rule) | (is_kept[..., None, :] & old_enough)
 
 
 # ---- chunking ----------------------------------------------------------------------------------
-def chunk_end_limit(start: int, cfg: LagKVConfig) -> int:
+def chunk_end_limit(start: int, rule: Rule) -> int:
     """Furthest end (exclusive) of a prefill chunk starting at ``start`` whose tokens all see the
     same compressed history: up to ``S + 2L`` at first, then up to the next partition boundary.
     Such a chunk is plain causal attention over the compacted cache, i.e. exactly the rule."""
-    first = cfg.sink + 2 * cfg.lag
+    first = partition_start(2, rule)
     if start < first:
         return first
-    return cfg.sink + ((start - cfg.sink) // cfg.lag + 1) * cfg.lag
+    return partition_start((start - rule.sink) // rule.lag + 1, rule)

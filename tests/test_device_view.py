@@ -19,7 +19,7 @@ WIDTH = 40  # block-table columns: up to 640 tokens
 
 def live_columns(context: int) -> list[int]:
     """Logical block columns a request reads after ``context`` tokens, written out."""
-    compressed = lagkv.compressed_partitions(context, CFG)
+    compressed = lagkv.compressed_partitions(context, CFG.rule)
     cols = list(range(GEO.sink_blocks))
     for part in range(compressed):
         cols += list(GEO.partition_columns(part))[: GEO.keep_blocks]
@@ -51,12 +51,12 @@ def test_view_and_plan_follow_the_accounting():
 
     for r, (context, query) in enumerate(BATCH[:n]):
         cols = live_columns(context)
-        resident = lagkv.resident_tokens(context, CFG) + query
+        resident = lagkv.resident_tokens(context, CFG.rule) + query
         assert int(lengths[r]) == resident
         used = -(-resident // GEO.block_size)
         assert compact[r, :used].tolist() == table[r, cols[:used]].tolist(), r
-        before = lagkv.compressed_partitions(context, CFG)
-        compresses = lagkv.compressed_partitions(context + query, CFG) > before
+        before = lagkv.compressed_partitions(context, CFG.rule)
+        compresses = lagkv.compressed_partitions(context + query, CFG.rule) > before
         assert bool(plan.active[r]) == compresses, r
         if compresses:
             part = list(GEO.partition_columns(before))

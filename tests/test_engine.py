@@ -84,7 +84,7 @@ def test_blocks_held_follow_the_formula_and_return_to_the_pool(engines, prompts)
             if request_id in previous:
                 # Blocks for every computed token, minus what was freed on the tokens processed
                 # before this step (the manager frees only after compaction has run).
-                freed = lagkv.compressed_partitions(previous[request_id], cfg) * (
+                freed = lagkv.compressed_partitions(previous[request_id], cfg.rule) * (
                     (cfg.lag - cfg.keep) // block
                 )
                 assert manager.held_blocks(request_id) == -(-done // block) - freed

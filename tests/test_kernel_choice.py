@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from lrsa_serve.config import LagKVConfig
-from lrsa_serve.training.attention import dispatch
 from lrsa_serve.training.attention import varlen as lv
 from lrsa_serve.training.attention.op import lrsa_varlen_op
 
@@ -78,4 +77,14 @@ def test_the_op_names_why_it_cannot_take_the_automatic_kernel(monkeypatch):
     monkeypatch.setattr(lv, "default_kernel", lambda query, kernel="auto": "efficient")
     q = torch.randn(1, 2, 40, 8, dtype=torch.float64)
     with pytest.raises(ValueError, match="check op_applies first"):
-        lrsa_varlen_op(q, q, q, dispatch.Rule.of(LagKVConfig(sink=4, lag=16, ratio=0.25)), None)
+        lrsa_varlen_op(q, q, q, LagKVConfig(sink=4, lag=16, ratio=0.25).rule, None)
+
+
+def test_one_function_says_where_each_kernel_applies():
+    """``kernel_applies`` holds every kernel's conditions (CPU queries here: math only); the
+    automatic choice and the op read it."""
+    q = torch.randn(1, 2, 40, 16)
+    assert lv.kernel_applies("math", q)
+    assert not any(lv.kernel_applies(kernel, q) for kernel in ("fa4", "flash", "efficient"))
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        lv.kernel_applies("auto", q)

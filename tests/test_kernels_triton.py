@@ -482,7 +482,7 @@ def test_compacted_view_kernel_equals_torch(sink, lag, keep):
         assert torch.equal(getattr(got, name), getattr(expected, name)), name
     cfg = LagKVConfig(sink=sink, lag=lag, ratio=keep / lag)
     assert got.active[:n].tolist() == [
-        int(lagkv.compressed_partitions(c + q, cfg) > lagkv.compressed_partitions(c, cfg))
+        int(lagkv.compressed_partitions(c + q, cfg.rule) > lagkv.compressed_partitions(c, cfg.rule))
         for c, q in zip(contexts, queries, strict=True)
     ]
     assert got.active[:n].sum() >= 3  # the rows that complete a partition are seen
@@ -504,8 +504,8 @@ def assert_sequence_selection(key, value, cfg) -> int:
     assert_same_selection); returns how many (partition, head) rows differ at all."""
     from lrsa_serve.training.attention import sequence_select
 
-    kept = sequence_select.select_all(key, value, cfg)
-    expected = lagkv.select_all(key.cpu(), value.cpu(), cfg).to(kept.device)
+    kept = sequence_select.select_all(key, value, cfg.rule)
+    expected = lagkv.select_all(key.cpu(), value.cpu(), cfg.rule).to(kept.device)
     assert kept.shape == expected.shape and kept.dtype == torch.int64
     parts = kept.shape[2]
     if parts == 0:
@@ -558,8 +558,8 @@ def packed_case(batch, n, dim, dtype, layout, seed, device=DEVICE):
     cfg = LagKVConfig(sink=16, lag=32, ratio=0.25)
     gen = torch.Generator(device=device).manual_seed(seed)
     key, value = sequence_kv(batch, 2, n, dim, dtype, layout, gen, device=device)
-    kept = lagkv.select_all(key, value, cfg)
-    packing = lv.packing_for(n, cfg.sink, cfg.lag, cfg.keep)
+    kept = lagkv.select_all(key, value, cfg.rule)
+    packing = lv.packing_for(n, cfg.rule)
     template = torch.tensor(packing.template, device=device)
     return key, value, kept, packing, lv.key_index(kept, packing, template)
 
@@ -590,19 +590,21 @@ def test_pack_rows_forward_and_exact_gradient(batch, n, dim, dtype, layout):
     """Forward: the rows ``gather`` copies, bit for bit. Backward: each source row's gradient is
     the sum of the packed rows' gradients that copied it, accumulated in float32 and rounded
     once (checked against float64 sums), and the same bits on a second run."""
+    from lrsa_serve.training.attention import varlen as lv
     from lrsa_serve.training.attention.pack_rows import pack_rows
 
     key, value, kept, packing, index = packed_case(batch, n, dim, dtype, layout, seed=n)
+    refs = lv.rows_refs(packing, kept)
     key.requires_grad_(True)
     value.requires_grad_(True)
-    k, v = pack_rows(key, value, index, kept, packing)
+    k, v = pack_rows(key, value, index, kept, refs)
     want_k, want_v = torch_packed(key.detach(), value.detach(), index)
     assert torch.equal(k, want_k) and torch.equal(v, want_v)
     gen = torch.Generator(device=key.device).manual_seed(1)
     grad_k, grad_v = (torch.randn(k.shape, generator=gen, device=k.device).to(dtype)
                       for _ in range(2))  # fmt: skip
     dk, dv = torch.autograd.grad((k, v), (key, value), (grad_k, grad_v))
-    again = torch.autograd.grad(pack_rows(key, value, index, kept, packing),
+    again = torch.autograd.grad(pack_rows(key, value, index, kept, refs),
                                 (key, value), (grad_k, grad_v))  # fmt: skip
     assert torch.equal(dk, again[0]) and torch.equal(dv, again[1])
     ref_k, ref_v = float64_gather_grads(key, value, index, (grad_k, grad_v))
@@ -639,8 +641,8 @@ def test_lrsa_varlen_packs_with_triton_as_with_gather(monkeypatch):
     k, v = (torch.randn(2, 2, n, 16, generator=gen, device=DEVICE, dtype=torch.float64)
             for _ in range(2))  # fmt: skip
     paths = {
-        "eager": lambda *x: dispatch.lrsa_varlen(*x, cfg, kernel="math"),
-        "op": lambda *x: lrsa_varlen_op(*x, dispatch.Rule.of(cfg), None, kernel="math"),
+        "eager": lambda *x: dispatch.lrsa_varlen(*x, cfg.rule, kernel="math"),
+        "op": lambda *x: lrsa_varlen_op(*x, cfg.rule, None, kernel="math"),
     }
     results = {}
     for packer in ("torch", "triton"):
@@ -725,12 +727,12 @@ def test_gpu_pack_rows_real_size():
     cfg = LagKVConfig(sink=16, lag=1024, ratio=0.25)
     gen = torch.Generator(device="cuda").manual_seed(11)
     key, value = sequence_kv(1, 2, 32768, 64, torch.bfloat16, "tokens", gen, device="cuda")
-    kept = lagkv.select_all(key, value, cfg)
-    packing = lv.packing_for(32768, cfg.sink, cfg.lag, cfg.keep)
+    kept = lagkv.select_all(key, value, cfg.rule)
+    packing = lv.packing_for(32768, cfg.rule)
     index = lv.key_index(kept, packing, torch.tensor(packing.template, device="cuda"))
     key.requires_grad_(True)
     value.requires_grad_(True)
-    k, v = pack_rows(key, value, index, kept, packing)
+    k, v = pack_rows(key, value, index, kept, lv.rows_refs(packing, kept))
     assert torch.equal(k, torch_packed(key.detach(), value.detach(), index)[0])
     grad = torch.randn(k.shape, generator=gen, device="cuda").to(torch.bfloat16)
     (dk,) = torch.autograd.grad(k, key, grad)

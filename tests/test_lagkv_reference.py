@@ -48,14 +48,14 @@ def test_top_keep_ties_go_to_lower_position_and_come_sorted():
 
 def test_resident_tokens_formula():
     cfg = LagKVConfig(sink=32, lag=256, ratio=0.25)
-    assert lagkv.resident_tokens(0, cfg) == 0
-    assert lagkv.resident_tokens(32 + 2 * 256 - 1, cfg) == 32 + 2 * 256 - 1
-    assert lagkv.resident_tokens(32 + 2 * 256, cfg) == 32 + 64 + 256
+    assert lagkv.resident_tokens(0, cfg.rule) == 0
+    assert lagkv.resident_tokens(32 + 2 * 256 - 1, cfg.rule) == 32 + 2 * 256 - 1
+    assert lagkv.resident_tokens(32 + 2 * 256, cfg.rule) == 32 + 64 + 256
     n = 32 * 1024
-    assert lagkv.resident_tokens(n, cfg) <= cfg.sink + cfg.ratio * n + 2 * cfg.lag
+    assert lagkv.resident_tokens(n, cfg.rule) <= cfg.sink + cfg.ratio * n + 2 * cfg.lag
     # docs/lagkv.md's formula S + keep*(w(n)-1) + (n - S - L*(w(n)-1)); at 32K, L=1024, r=0.25 that
     # is 9728 entries, 3.37x fewer (the doc's "about 3.6x" rounds the formula loosely)
-    big = LagKVConfig(sink=16, lag=1024, ratio=0.25)
+    big = LagKVConfig(sink=16, lag=1024, ratio=0.25).rule
     w = (32768 - 16) // 1024
     assert lagkv.resident_tokens(32768, big) == 16 + 256 * (w - 1) + (32768 - 16 - 1024 * (w - 1))
 
@@ -73,14 +73,14 @@ def simulate_cache(keys, values, cfg, chunk_sizes, align_chunks):
     while start < n:
         end = min(n, start + next(sizes, n))
         if align_chunks:
-            end = min(end, lagkv.chunk_end_limit(start, cfg))
+            end = min(end, lagkv.chunk_end_limit(start, cfg.rule))
         for h in range(heads):
             before = list(cache[h])
             for t in range(start, end):
                 visible[h][t] = set(before) | set(range(start, t + 1))
             cache[h].extend(range(start, end))
         start = end
-        while compressed < lagkv.compressed_partitions(start, cfg):
+        while compressed < lagkv.compressed_partitions(start, cfg.rule):
             p0 = cfg.sink + compressed * cfg.lag
             for h in range(heads):
                 part = slice(p0, p0 + cfg.lag)
@@ -118,7 +118,7 @@ def test_recursive_cache_with_aligned_chunks_equals_visibility_rule(
     keys = torch.randn(2, n, 4, generator=gen)
     values = torch.randn(2, n, 4, generator=gen)
     visible = simulate_cache(keys, values, cfg, chunk_sizes, align_chunks=True)
-    mask = lagkv.visibility_mask(n, lagkv.select_all(keys, values, cfg), cfg)
+    mask = lagkv.visibility_mask(n, lagkv.select_all(keys, values, cfg.rule), cfg.rule)
     for h in range(2):
         for t in range(n):
             assert visible[h][t] == set(torch.nonzero(mask[h, t]).flatten().tolist()), (h, t)
@@ -129,29 +129,29 @@ def test_unaligned_chunks_break_the_rule():
     cfg = LagKVConfig(sink=2, lag=4, ratio=0.5)
     keys, values = torch.randn(1, 30, 4), torch.randn(1, 30, 4)
     visible = simulate_cache(keys, values, cfg, [30], align_chunks=False)
-    mask = lagkv.visibility_mask(30, lagkv.select_all(keys, values, cfg), cfg)
+    mask = lagkv.visibility_mask(30, lagkv.select_all(keys, values, cfg.rule), cfg.rule)
     assert visible[0][29] != set(torch.nonzero(mask[0, 29]).flatten().tolist())
 
 
 def test_visibility_rule_by_hand():
     cfg = LagKVConfig(sink=2, lag=4, ratio=0.5)  # partitions: [2,6) [6,10) [10,14) [14,18)
     kept = torch.tensor([[[3, 5], [6, 9]]])  # one head, partitions 0 and 1
-    mask = lagkv.visibility_mask(16, kept, cfg)[0]
+    mask = lagkv.visibility_mask(16, kept, cfg.rule)[0]
     seen = lambda t: torch.nonzero(mask[t]).flatten().tolist()  # noqa: E731
     assert seen(9) == list(range(10))  # q = 1: causal
     assert seen(10) == [0, 1, 3, 5, 6, 7, 8, 9, 10]  # q = 2: sink, kept(0), partition 1, itself
     assert seen(15) == [0, 1, 3, 5, 6, 9, 10, 11, 12, 13, 14, 15]  # q = 3
     # a decode step asks for its last rows only
-    assert torch.equal(lagkv.visibility_mask(16, kept, cfg, query_start=15)[0, 0], mask[15])
+    assert torch.equal(lagkv.visibility_mask(16, kept, cfg.rule, query_start=15)[0, 0], mask[15])
 
 
 def test_select_all_shapes_and_positions():
     cfg = LagKVConfig(sink=3, lag=5, ratio=0.4)
     keys, values = torch.randn(2, 3, 30, 8), torch.randn(2, 3, 30, 8)
-    kept = lagkv.select_all(keys, values, cfg)
-    assert kept.shape == (2, 3, lagkv.compressed_partitions(30, cfg), 2)
+    kept = lagkv.select_all(keys, values, cfg.rule)
+    assert kept.shape == (2, 3, lagkv.compressed_partitions(30, cfg.rule), 2)
     for p in range(kept.shape[2]):
         lo = cfg.sink + p * cfg.lag
         assert ((kept[:, :, p] >= lo) & (kept[:, :, p] < lo + cfg.lag)).all()
     assert (kept[..., 1:] > kept[..., :-1]).all()
-    assert lagkv.select_all(keys[..., :10, :], values[..., :10, :], cfg).shape == (2, 3, 0, 2)
+    assert lagkv.select_all(keys[..., :10, :], values[..., :10, :], cfg.rule).shape == (2, 3, 0, 2)

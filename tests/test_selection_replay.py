@@ -10,7 +10,7 @@ from benchmarks.random_models import random_model, tiny_config
 from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.training import model as model_mod
-from lrsa_serve.training.attention import dispatch, replay
+from lrsa_serve.training.attention import dispatch, replay, sequence_select
 
 CFG = LagKVConfig(sink=4, lag=16, ratio=0.25)
 
@@ -38,9 +38,10 @@ class FlipFlopSelection:
 def selection(monkeypatch):
     flipflop = FlipFlopSelection()
     monkeypatch.setattr(lagkv, "select_all", flipflop)
-    dispatch.selector.cache_clear()  # the eager selector is lagkv.select_all, looked up when built
+    # the eager selector is lagkv.select_all, looked up when it is built
+    sequence_select.selector.cache_clear()
     yield flipflop
-    dispatch.selector.cache_clear()
+    sequence_select.selector.cache_clear()
     dispatch.set_kernel("auto")
 
 
@@ -89,7 +90,7 @@ def test_checkpoint_recompute_replays_the_forward_selection(selection, kernel, c
 
 def test_a_replay_that_does_not_match_the_forward_is_an_error():
     forward, recompute = replay.checkpoint_contexts()
-    rule = dispatch.Rule(sink=4, lag=16, keep=4, score_v_ratio=1.0)
+    rule = lagkv.Rule(sink=4, lag=16, keep=4, score_v_ratio=1.0)
     key = torch.zeros(1, 2, 68, 8)  # 3 compressed partitions of 4 kept tokens
     longer = torch.zeros(1, 2, 84, 8)  # 4
     kept = torch.zeros(1, 2, 3, 4, dtype=torch.long)

@@ -226,7 +226,7 @@ def test_lagkv_metrics_follow_the_formula(server, client, long_prompt):
     wait_idle(server)
     after = server.metrics()
     # The last sampled token is never fed back: n + m - 1 tokens went through the cache.
-    compressed = lagkv.compressed_partitions(len(long_prompt) + new_tokens - 1, SETTINGS)
+    compressed = lagkv.compressed_partitions(len(long_prompt) + new_tokens - 1, SETTINGS.rule)
     assert compressed >= 8
     delta = {k: after[k] - before.get(k, 0.0) for k in after if k.startswith("lagkv_")}
     assert delta["lagkv_compressed_partitions_total"] == compressed
@@ -262,7 +262,7 @@ def test_resident_tokens_during_a_request(server, client, long_prompt):
     thread.join()
     busy = [(r, n) for r, n in seen if n > 0]
     assert busy, "no scrape landed while the request ran"
-    assert all(r == lagkv.resident_tokens(int(n), SETTINGS) for r, n in busy)
+    assert all(r == lagkv.resident_tokens(int(n), SETTINGS.rule) for r, n in busy)
     assert max(n / r for r, n in busy) > 2
 
 

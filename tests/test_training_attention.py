@@ -12,7 +12,8 @@ import torch
 
 from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig
-from lrsa_serve.training.attention import dispatch
+from lrsa_serve.reference_attention import masked_attention
+from lrsa_serve.training.attention import dispatch, sequence_select
 from lrsa_serve.training.attention import varlen as lv
 
 # (sink, lag, ratio, length): lengths off partition boundaries, sinks off block boundaries,
@@ -29,16 +30,12 @@ SHAPES = [
 
 
 def oracle(q, k, v, cfg, scale):
-    """Float64 dense attention under lagkv.visibility_mask: the rule written the obvious way."""
+    """Float64 dense attention under lagkv.visibility_mask: the rule written the obvious way,
+    through the one plain-torch reference attention."""
     with torch.no_grad():
-        kept = lagkv.select_all(k, v, cfg)
-    visible = lagkv.visibility_mask(k.shape[2], kept, cfg)  # [B, Hkv, n, n]
-    groups = q.shape[1] // k.shape[1]
-    visible = visible.repeat_interleave(groups, 1)
-    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * scale
-    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-    return torch.einsum("bhqk,bhkd->bhqd", probs, v.double()).transpose(1, 2)
+        kept = lagkv.select_all(k, v, cfg.rule)
+    visible = lagkv.visibility_mask(k.shape[2], kept, cfg.rule)  # [B, Hkv, n, n]
+    return masked_attention(q.double(), k.double(), v.double(), visible, scale)
 
 
 def qkv(n, dtype, heads=(6, 2), dim=8, batch=2, seed=0, grad=False):
@@ -67,7 +64,7 @@ def test_varlen_matches_oracle_forward_and_gradients(sink, lag, ratio, n, dtype)
     extra shapes end exactly at S + 2L and on a partition boundary."""
     cfg = LagKVConfig(sink=sink, lag=lag, ratio=ratio)
     q, k, v = qkv(n, dtype, heads=(6, 2), seed=n + 7, grad=True)
-    out = dispatch.lrsa_varlen(q, k, v, cfg, 0.3, kernel="math")
+    out = dispatch.lrsa_varlen(q, k, v, cfg.rule, 0.3, kernel="math")
     assert out.shape == (2, n, 6, 8) and out.dtype == dtype
     assert_matches_oracle(out, q, k, v, cfg, dtype)
 
@@ -78,7 +75,7 @@ def test_varlen_attends_in_the_autocast_dtype():
     cfg = LagKVConfig(sink=4, lag=16, ratio=0.25)
     q, k, v = qkv(100, torch.float32, heads=(4, 2), seed=3, grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = dispatch.lrsa_varlen(q, k, v, cfg, 0.3, kernel="math")
+        out = dispatch.lrsa_varlen(q, k, v, cfg.rule, 0.3, kernel="math")
     assert out.dtype == torch.bfloat16
     ref = oracle(q, k, v, cfg, 0.3)
     assert float((out.double() - ref).norm() / ref.norm()) < 2e-2
@@ -91,11 +88,11 @@ def test_varlen_packing_computes_exactly_the_visible_pairs(n):
     """Each item's keys are distinct, the item's queries are its last keys, and the pairs the
     bottom-right causal items compute are the rule's visible pairs (per KV head, any selection)."""
     cfg = LagKVConfig(sink=4, lag=16, ratio=0.25)
-    rule = dispatch.Rule.of(cfg)
-    packing = lv.Packing.of(n, rule)
+    rule = cfg.rule
+    packing = lv.packing_for(n, rule)
     assert sum(packing.q_lens) == n and len(packing.template) == sum(packing.k_lens)
     k = torch.randn(1, 1, n, 8, generator=torch.Generator().manual_seed(n))
-    kept = lagkv.select_all(k, k, cfg)
+    kept = lagkv.select_all(k, k, cfg.rule)
     index = lv.key_index(kept, packing, torch.tensor(packing.template))[0, :, 0]
     visible = torch.zeros(n, n, dtype=torch.bool)
     q0 = k0 = 0
@@ -106,7 +103,7 @@ def test_varlen_packing_computes_exactly_the_visible_pairs(n):
         for i in range(lq):
             visible[q0 + i, keys[: lk - lq + i + 1]] = True
         q0, k0 = q0 + lq, k0 + lk
-    assert torch.equal(visible, lagkv.visibility_mask(n, kept, cfg)[0, 0])
+    assert torch.equal(visible, lagkv.visibility_mask(n, kept, cfg.rule)[0, 0])
     assert packing.visible_pairs() == int(visible.sum())
 
 
@@ -158,19 +155,15 @@ def test_cuda_forward_backward_match_reference(sink, lag, ratio, n, heads, dim, 
     base = [torch.randn(*s, generator=g, device="cuda") for s in shapes]
     fast_in = [t.to(dtype).detach().requires_grad_() for t in base]  # distinct leaves even
     ref_in = [t.detach().clone().requires_grad_() for t in base]  # when dtype is float32
-    out = dispatch.lrsa_varlen(*fast_in, cfg, dim**-0.5)
+    out = dispatch.lrsa_varlen(*fast_in, cfg.rule, dim**-0.5)
     assert torch.isfinite(out).all()
     # the module's own (compiled) selection: float rounding differences between compiled and
     # eager scores could flip a near-tie at the top-K boundary and move one kept token
-    kept = dispatch.select_kept(fast_in[1], fast_in[2], dispatch.Rule.of(cfg))
+    kept = sequence_select.select_kept(fast_in[1], fast_in[2], cfg.rule)
     # float32 reference on the same (rounded) inputs, selection from the same keys
-    q, k, v = ref_in
-    groups = heads[0] // heads[1]
-    visible = lagkv.visibility_mask(n, kept, cfg).repeat_interleave(groups, 1)
-    qr, kr, vr = (t.to(dtype).float() for t in (q, k, v))
-    scores = torch.einsum("bhqd,bhkd->bhqk", qr, kr.repeat_interleave(groups, 1)) * dim**-0.5
-    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-    ref = torch.einsum("bhqk,bhkd->bhqd", probs, vr.repeat_interleave(groups, 1)).transpose(1, 2)
+    visible = lagkv.visibility_mask(n, kept, cfg.rule)
+    qr, kr, vr = (t.to(dtype).float() for t in ref_in)
+    ref = masked_attention(qr, kr, vr, visible, dim**-0.5)
     weights = torch.randn_like(ref)
     (out.float() * weights).sum().backward()
     (ref * weights).sum().backward()
@@ -188,11 +181,11 @@ def test_cuda_forward_backward_match_reference(sink, lag, ratio, n, heads, dim, 
 def assert_cuda_kernels_match_math(attend, batch: int, n: int, dim: int) -> None:
     """``attend(q, k, v, rule, scale, kept, fast)`` with the CUDA kernels (bf16, ``fast``) against
     its plain-torch kernels on the same rounded inputs in float32, forward and backward."""
-    rule = dispatch.Rule.of(LagKVConfig(sink=16, lag=256, ratio=0.25))
+    rule = LagKVConfig(sink=16, lag=256, ratio=0.25).rule
     g = torch.Generator(device="cuda").manual_seed(n)
     shapes = [(batch, 12, n, dim), (batch, 2, n, dim), (batch, 2, n, dim)]
     base = [torch.randn(*s, generator=g, device="cuda").bfloat16() for s in shapes]
-    kept = dispatch.select_kept(base[1], base[2], rule)
+    kept = sequence_select.select_kept(base[1], base[2], rule)
     fast_in = [t.detach().requires_grad_() for t in base]
     ref_in = [t.detach().float().requires_grad_() for t in base]
     out = attend(*fast_in, rule, dim**-0.5, kept, True)
@@ -216,7 +209,7 @@ def assert_cuda_kernels_match_math(attend, batch: int, n: int, dim: int) -> None
 def test_cuda_varlen_kernels_match_math(kernel, batch, n, dim):
     """Each CUDA varlen kernel; batch 2, a short last partition, both head dims the benchmarks
     use."""
-    if kernel == "fa4" and not lv.fa4_applies(torch.empty(1, 1, 1, dim, device="cuda").bfloat16()):
+    if kernel == "fa4" and not lv.kernel_applies("fa4", torch.empty(dim, device="cuda").bfloat16()):
         pytest.skip("flash-attn-4 not installed or not this GPU")
 
     def attend(q, k, v, rule, scale, kept, fast):
@@ -236,7 +229,7 @@ def test_cuda_varlen_op_matches_eager(kernel, n, heads, dim):
     same kernel: the same output, gradients within the kernels' atomic-add rounding."""
     from lrsa_serve.training.attention.op import lrsa_varlen_op
 
-    if kernel == "fa4" and not lv.fa4_applies(torch.empty(1, 1, 1, dim, device="cuda").bfloat16()):
+    if kernel == "fa4" and not lv.kernel_applies("fa4", torch.empty(dim, device="cuda").bfloat16()):
         pytest.skip("flash-attn-4 not installed or not this GPU")
     cfg = LagKVConfig(sink=16, lag=1024, ratio=0.25)
     g = torch.Generator(device="cuda").manual_seed(n)
@@ -245,8 +238,8 @@ def test_cuda_varlen_op_matches_eager(kernel, n, heads, dim):
     grad = torch.randn(1, n, heads[0], dim, generator=g, device="cuda").bfloat16()
     results = []
     for attend in (
-        lambda *x: dispatch.lrsa_varlen(*x, cfg, dim**-0.5, kernel=kernel),
-        lambda *x: lrsa_varlen_op(*x, dispatch.Rule.of(cfg), dim**-0.5, kernel=kernel),
+        lambda *x: dispatch.lrsa_varlen(*x, cfg.rule, dim**-0.5, kernel=kernel),
+        lambda *x: lrsa_varlen_op(*x, cfg.rule, dim**-0.5, kernel=kernel),
     ):
         leaves = [t.detach().clone().requires_grad_() for t in base]
         out = attend(*leaves)
@@ -265,9 +258,9 @@ def test_cuda_varlen_op_matches_eager(kernel, n, heads, dim):
 def test_cpu_selects_and_packs_in_plain_torch_at_any_length():
     """The Triton selection and packing are CUDA paths (from ``TRITON_MIN_LENGTH`` tokens): a CPU
     run takes plain torch even past that length."""
-    for n in (40, lv.TRITON_MIN_LENGTH):
+    for n in (40, sequence_select.TRITON_MIN_LENGTH):
         k = torch.empty(1, 2, n, 16)
-        assert dispatch.selector_for(k) == "eager" and lv.packer_for(k) == "torch"
+        assert sequence_select.selector_for(k) == "eager" and lv.packer_for(k) == "torch"
 
 
 def test_varlen_kernel_choice_is_explicit():
@@ -281,7 +274,7 @@ def test_varlen_kernel_choice_is_explicit():
     assert lv.default_kernel(q) == "math"  # CPU
     assert lv.default_kernel(q, "efficient") == "efficient"  # a named kernel is taken as is
     if lv._fa4() is None:  # FA4 is a GPU-only optional package
-        rule = dispatch.Rule.of(LagKVConfig(sink=4, lag=8, ratio=0.25))
+        rule = LagKVConfig(sink=4, lag=8, ratio=0.25).rule
         k = torch.randn(1, 2, 40, 16)
         with pytest.raises(ValueError, match="flash-attn-4"):
             lv.lrsa_varlen_attention(q, k, k, rule, kernel="fa4")

@@ -152,7 +152,7 @@ def test_config_file_and_flags(tmp_path):
     from pathlib import Path
 
     from benchmarks.random_models import save_tiny_model
-    from lrsa_serve.cli import UserError
+    from lrsa_serve.errors import UserError
     from lrsa_serve.training.cli import add_arguments, build_job
 
     model = save_tiny_model(tmp_path / "m")

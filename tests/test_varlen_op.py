@@ -42,8 +42,8 @@ def test_op_matches_the_eager_path(n, heads):
     grad = torch.randn(2, n, hq, 8, generator=gen, dtype=torch.float64)
     results = []
     for attend in (
-        lambda *x: dispatch.lrsa_varlen(*x, CFG, 0.3, kernel="math"),
-        lambda *x: lrsa_varlen_op(*x, dispatch.Rule.of(CFG), 0.3),
+        lambda *x: dispatch.lrsa_varlen(*x, CFG.rule, 0.3, kernel="math"),
+        lambda *x: lrsa_varlen_op(*x, CFG.rule, 0.3),
     ):
         leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
         out = attend(*leaves)
@@ -105,4 +105,4 @@ def test_training_through_the_op_equals_the_eager_path(compiled, monkeypatch):
 def test_a_kernel_the_op_cannot_run_is_a_clear_error():
     q, k, v = torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
     with pytest.raises(ValueError, match="kernel 'efficient' does not apply"):
-        lrsa_varlen_op(q, k, v, dispatch.Rule.of(CFG), None, kernel="efficient")
+        lrsa_varlen_op(q, k, v, CFG.rule, None, kernel="efficient")

@@ -11,18 +11,11 @@ import logging
 import os
 from typing import Any
 
-from lrsa_serve.config import LagKVConfig, LagKVConfigError
+from lrsa_serve.config import LagKVConfig
 from lrsa_serve.engine.plugin import register
-from lrsa_serve.engine.settings import SCHEDULER, additional_config_for
+from lrsa_serve.engine.settings import SCHEDULER, additional_config_for, check_engine_arguments
 
 logger = logging.getLogger("lrsa_serve.engine")
-
-# Options that would replay, share or move KV blocks behind the compaction's back.
-_REFUSED = {
-    "enable_prefix_caching": "prefix caching",
-    "speculative_config": "speculative decoding",
-    "kv_transfer_config": "KV transfer / offload connectors",
-}
 
 
 def on_cpu() -> bool:
@@ -67,9 +60,7 @@ def lagkv_engine_kwargs(
     if settings is None:
         return kwargs
     settings.check_block_size(kwargs["block_size"])
-    refused = [name for key, name in _REFUSED.items() if kwargs.get(key)]
-    if refused:
-        raise LagKVConfigError("LagKV eviction cannot run with " + ", ".join(refused))
+    check_engine_arguments(kwargs)
     kwargs["enable_prefix_caching"] = False
     kwargs["scheduler_cls"] = SCHEDULER
     kwargs["additional_config"] = {

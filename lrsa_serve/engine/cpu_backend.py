@@ -77,8 +77,9 @@ def compact_cpu_pages(
     """
     blocks, heads, block_size, _ = kv_cache.shape
     halves = kv_cache.view(blocks, heads, 2 * block_size, -1).chunk(2, 2)
-    requests, part_cols = plan.part_blocks.shape
-    lag, keep = part_cols * block_size, plan.settings.keep
+    requests = plan.part_blocks.shape[0]
+    rule = plan.settings.rule
+    lag, keep = rule.lag, rule.keep
     involved = torch.cat([plan.part_blocks, plan.ref_blocks], dim=1).long()
     rows = []
     for half, order in zip(halves, orders, strict=True):
@@ -87,7 +88,7 @@ def compact_cpu_pages(
     keys, values = rows
     kept = lagkv.select_partition(
         keys[:, :, :lag], values[:, :, :lag], keys[:, :, lag:], values[:, :, lag:],
-        keep, plan.settings.score_v_ratio,
+        keep, rule.score_v_ratio,
     )  # fmt: skip
     dst = plan.part_blocks[:, : keep // block_size].long()
     for half, order, x in zip(halves, orders, rows, strict=True):

@@ -16,6 +16,7 @@ from vllm.config import VllmConfig
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.engine import stats
 from lrsa_serve.engine.layout import BlockGeometry
@@ -70,16 +71,14 @@ class LagKVManager(FullAttentionManager):
         super().__init__(kv_cache_spec, **kwargs)
         self.geometry = kv_cache_spec.geometry
         self.settings = kv_cache_spec.settings
+        self.rule = self.geometry.rule
         self.processed_tokens: dict[str, int] = {}  # per request, as of its last scheduling
         self.freed_partitions: dict[str, int] = {}  # per request, partitions whose tails are freed
         self.admitted_peaks: dict[str, int] = {}  # peak blocks of requests still growing to it
         self.resident_total = 0
         self.logical_total = 0
-        # Plain ints for the per-request, per-step path (the settings' properties recompute).
-        self._sink, self._lag = self.settings.sink, self.settings.lag
         self._evicted_blocks = self.geometry.part_blocks - self.geometry.keep_blocks
-        self._evicted_tokens = self.settings.lag - self.settings.keep
-        stats.record_settings(**self.settings.model_dump(), keep=self.settings.keep)
+        stats.record_settings(**self.settings.model_dump(), keep=self.rule.keep)
         stats.record_occupancy(0, 0)
 
     def get_num_blocks_to_allocate(
@@ -127,10 +126,6 @@ class LagKVManager(FullAttentionManager):
         blocks = self.req_to_blocks.get(request_id, ())
         return len(blocks) - self.freed_partitions.get(request_id, 0) * self._evicted_blocks
 
-    def _compressed(self, tokens: int) -> int:
-        """``lagkv.compressed_partitions`` on the manager's ints (called per request per step)."""
-        return max(0, (tokens - self._sink) // self._lag - 1)
-
     def remove_skipped_blocks(
         self,
         request_id: str,
@@ -138,8 +133,8 @@ class LagKVManager(FullAttentionManager):
         num_prompt_tokens: int | None = None,
     ) -> None:
         # Runs for every scheduled request at every step: ints only, nothing published here.
-        compressed = self._compressed(processed_computed_tokens)
-        self._account(request_id, processed_computed_tokens, compressed)
+        compressed = lagkv.compressed_partitions(processed_computed_tokens, self.rule)
+        self._account(request_id, processed_computed_tokens)
         freed = self.freed_partitions.get(request_id, 0)
         if compressed <= freed or not self.req_to_blocks.get(request_id):
             return
@@ -157,21 +152,21 @@ class LagKVManager(FullAttentionManager):
 
     def pop_blocks_for_free(self, request_id: str) -> list:
         # Every way out (finish, abort, preemption) passes here, `free` included.
-        self._account(request_id, None, 0)
+        self._account(request_id, None)
         self.freed_partitions.pop(request_id, None)
         self.admitted_peaks.pop(request_id, None)
         self.publish()
         return super().pop_blocks_for_free(request_id)
 
-    def _account(self, request_id: str, tokens: int | None, compressed: int) -> None:
+    def _account(self, request_id: str, tokens: int | None) -> None:
         old = self.processed_tokens.pop(request_id, None)
         if old is not None:
             self.logical_total -= old
-            self.resident_total -= old - self._compressed(old) * self._evicted_tokens
+            self.resident_total -= lagkv.resident_tokens(old, self.rule)
         if tokens is not None:
             self.processed_tokens[request_id] = tokens
             self.logical_total += tokens
-            self.resident_total += tokens - compressed * self._evicted_tokens
+            self.resident_total += lagkv.resident_tokens(tokens, self.rule)
 
     def publish(self) -> None:
         """Occupancy gauges, once per scheduler step (and when a request leaves)."""

@@ -10,15 +10,13 @@ new tokens at their logical column; attention reads the live columns only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
-import numpy as np
 import torch
 
 from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig
-
-# The host's per-step lengths are numpy (cheaper than torch on 100-element CPU arrays).
-Ints = torch.Tensor | np.ndarray
+from lrsa_serve.lagkv import Ints  # the host's per-step lengths are numpy (cheaper on CPU)
 
 
 class MisalignedChunkError(RuntimeError):
@@ -33,26 +31,29 @@ class BlockGeometry:
     def __post_init__(self) -> None:
         self.settings.check_block_size(self.block_size)
 
+    @cached_property
+    def rule(self) -> lagkv.Rule:
+        return self.settings.rule  # once: the engine reads it every step
+
     @property
     def sink_blocks(self) -> int:
-        return self.settings.sink // self.block_size
+        return self.rule.sink // self.block_size
 
     @property
     def part_blocks(self) -> int:
-        return self.settings.lag // self.block_size
+        return self.rule.lag // self.block_size
 
     @property
     def keep_blocks(self) -> int:
-        return self.settings.keep // self.block_size
+        return self.rule.keep // self.block_size
 
     @property
     def evicted_per_partition(self) -> int:
-        return self.settings.lag - self.settings.keep
+        return self.rule.evicted
 
     def compressed(self, num_tokens: Ints) -> Ints:
-        """Vectorised ``lagkv.compressed_partitions`` (integer torch tensors or numpy arrays)."""
-        cfg = self.settings
-        return ((num_tokens - cfg.sink) // cfg.lag - 1).clip(0)
+        """``lagkv.compressed_partitions`` of each length (torch tensors or numpy arrays)."""
+        return lagkv.compressed_partitions_each(num_tokens, self.rule)
 
     def compressed_before(self, seq_lens: Ints, query_lens: Ints) -> Ints:
         """Partitions compressed before this step's tokens. Raises unless every scheduled chunk
@@ -67,7 +68,7 @@ class BlockGeometry:
         return before
 
     def partition_columns(self, partition: int) -> range:
-        start = self.sink_blocks + partition * self.part_blocks
+        start = lagkv.partition_start(partition, self.rule) // self.block_size
         return range(start, start + self.part_blocks)
 
     def evicted_columns(self, partition: int) -> range:
@@ -88,5 +89,5 @@ class BlockGeometry:
     def peak_blocks(self, max_len: int) -> int:
         """Most blocks one sequence of up to ``max_len`` tokens holds at once: its resident tokens
         plus the partition being compressed (freed one step after compaction)."""
-        resident = lagkv.resident_tokens(max_len, self.settings) + self.settings.lag
+        resident = lagkv.resident_tokens(max_len, self.rule) + self.rule.lag
         return min(-(-max_len // self.block_size), -(-resident // self.block_size) + 1)

@@ -20,9 +20,10 @@ from lrsa_serve.engine.settings import check_engine_config, settings_from_vllm_c
 
 class LagKVSchedulingMixin:
     def _init_lagkv(self) -> None:
-        self.lagkv = settings_from_vllm_config(self.vllm_config)
-        if self.lagkv is not None:
-            check_engine_config(self.lagkv, self.vllm_config)
+        settings = settings_from_vllm_config(self.vllm_config)
+        if settings is not None:
+            check_engine_config(settings, self.vllm_config)
+        self.lagkv = None if settings is None else settings.rule
 
     def _reserve_prefill_lookahead(self, request, num_computed_tokens: int, num_new_tokens: int):
         # The last clip vLLM applies to a chunk (all paths call it); we clip after it.

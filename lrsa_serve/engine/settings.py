@@ -7,6 +7,7 @@ with neither runs stock vLLM.
 
 from __future__ import annotations
 
+from functools import reduce
 from typing import TYPE_CHECKING, Any
 
 from lrsa_serve.config import CONFIG_KEY, LagKVConfig, LagKVConfigError
@@ -40,32 +41,45 @@ def remembered() -> LagKVConfig | None:
     return _process_settings
 
 
-def incompatibilities(vllm_config: VllmConfig) -> list[str]:
-    """Features that cannot work once KV rows are evicted (they replay, share or move blocks)."""
-    problems = []
-    if vllm_config.cache_config.enable_prefix_caching:
-        problems.append(
-            "prefix caching (pass enable_prefix_caching=False / --no-enable-prefix-caching)"
-        )
-    if vllm_config.speculative_config is not None:
-        problems.append("speculative decoding")
-    if vllm_config.kv_transfer_config is not None:
-        problems.append("KV transfer / offload connectors")
-    parallel = vllm_config.parallel_config
-    if (
-        parallel.decode_context_parallel_size > 1
-        or getattr(parallel, "prefill_context_parallel_size", 1) > 1
-    ):
-        problems.append("decode/prefill context parallelism")
-    return problems
+# Features that replay, share or move KV blocks behind the compaction, refused in one line: where
+# vLLM's config holds each (the engine argument is the last name), and what the user is told.
+# Checked on the arguments before any engine process starts, and on the config as the engine builds.
+REFUSED = {
+    "cache_config.enable_prefix_caching": "prefix caching (pass enable_prefix_caching=False / "
+    "--no-enable-prefix-caching)",
+    "speculative_config": "speculative decoding",
+    "kv_transfer_config": "KV transfer / offload connectors",
+    "parallel_config.decode_context_parallel_size": "decode context parallelism",
+    "parallel_config.prefill_context_parallel_size": "prefill context parallelism",
+}
+
+
+def _turns_on(value: Any) -> bool:
+    """Whether a setting turns its feature on: true, a config object, or a size above 1."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value > 1
+    return bool(value)
+
+
+def _refuse(problems: list[str]) -> None:
+    if problems:
+        raise LagKVConfigError("LagKV eviction cannot run with " + ", ".join(problems))
+
+
+def check_engine_arguments(engine_kwargs: dict[str, Any]) -> None:
+    """Raise LagKVConfigError (one line) if these engine arguments ask for a refused feature."""
+    arguments = {path: engine_kwargs.get(path.rsplit(".", 1)[-1]) for path in REFUSED}
+    _refuse([REFUSED[path] for path, value in arguments.items() if _turns_on(value)])
 
 
 def check_engine_config(settings: LagKVConfig, vllm_config: VllmConfig) -> None:
     """Raise LagKVConfigError (one line) unless these settings can run in this engine."""
     settings.check_block_size(vllm_config.cache_config.block_size)
-    problems = incompatibilities(vllm_config)
-    if problems:
-        raise LagKVConfigError("LagKV eviction cannot run with " + ", ".join(problems))
+
+    def value(path: str) -> Any:
+        return reduce(lambda obj, name: getattr(obj, name, None), path.split("."), vllm_config)
+
+    _refuse([what for path, what in REFUSED.items() if _turns_on(value(path))])
 
 
 def additional_config_for(settings: LagKVConfig | None) -> dict[str, Any]:

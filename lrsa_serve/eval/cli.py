@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lrsa_serve.cli import UserError
+from lrsa_serve.errors import UserError
 
 DEFAULT_LENGTHS = (1024, 2048, 4096)
 DEFAULT_DEPTHS = (0.1, 0.5, 0.9)
@@ -248,17 +248,6 @@ def build_targets(args: argparse.Namespace, max_tokens: int) -> list:
     ]
 
 
-def load_tokenizer(path: str) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise UserError(
-            f"cannot load the tokenizer from {path}: {str(e).splitlines()[0]}"
-        ) from None
-
-
 def tokenizer_path(args: argparse.Namespace, targets: list) -> str:
     from lrsa_serve.models import resolve_model
 
@@ -282,6 +271,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from lrsa_serve.eval.runner import run_targets
     from lrsa_serve.eval.tasks import build_items, resolve_tasks
+    from lrsa_serve.models import load_tokenizer
 
     check_arguments(args)
     try:

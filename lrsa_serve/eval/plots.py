@@ -9,8 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from lrsa_serve.eval.report import cells, lookup
-from lrsa_serve.eval.runner import EvalRun
+from lrsa_serve.eval.runner import EvalRun, cells, lookup
 
 
 def pyplot() -> Any | None:

@@ -13,6 +13,7 @@ import asyncio
 import gc
 import os
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -382,6 +383,48 @@ class EvalRun:
         return EvalRun(
             self.config, self.targets + other.targets, self.items, self.results + other.results
         )
+
+
+@dataclass(frozen=True)
+class Cell:
+    target: str
+    task: str
+    length: int | None  # None: every length
+    n: int
+    score: float
+    exact: float
+    failed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _cell(target: str, task: str, length: int | None, rows: Sequence[ItemResult]) -> Cell:
+    n = len(rows)
+    return Cell(
+        target=target,
+        task=task,
+        length=length,
+        n=n,
+        score=sum(r.score for r in rows) / n if n else 0.0,
+        exact=sum(r.exact for r in rows) / n if n else 0.0,
+        failed=sum(r.failed for r in rows),
+    )
+
+
+def cells(run: EvalRun) -> list[Cell]:
+    """Per (target, task, length), then per (target, task) over lengths (length None), then per
+    target over everything (task "mean"), in the run's order (``report`` describes a cell)."""
+    groups: dict[tuple, list[ItemResult]] = defaultdict(list)
+    for result in run.results:
+        groups[(result.target, result.item.task, result.item.length)].append(result)
+        groups[(result.target, result.item.task, None)].append(result)
+        groups[(result.target, "mean", None)].append(result)
+    return [_cell(target, task, length, rows) for (target, task, length), rows in groups.items()]
+
+
+def lookup(all_cells: Sequence[Cell]) -> dict[tuple, Cell]:
+    return {(c.target, c.task, c.length): c for c in all_cells}
 
 
 def run_targets(

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lrsa_serve.cli import UserError
+from lrsa_serve.errors import UserError
 from lrsa_serve.pipeline.config import BaseSection, PipelineConfig, load_config
 from lrsa_serve.pipeline.processes import stop_on_signals
 from lrsa_serve.pipeline.report import report_markdown
@@ -80,10 +80,9 @@ def run(args: argparse.Namespace) -> int:
 
 def run_pipeline(config: PipelineConfig, *, skip_train: bool = False, progress: bool = True) -> int:
     from lrsa_serve.config import LagKVConfig
-    from lrsa_serve.eval.cli import load_tokenizer
     from lrsa_serve.eval.report import to_json, write_outputs
     from lrsa_serve.eval.tasks import build_items, resolve_tasks
-    from lrsa_serve.models import resolve_model
+    from lrsa_serve.models import load_tokenizer, resolve_model
 
     out = Path(config.out)
     base_model = str(resolve_model(config.model))

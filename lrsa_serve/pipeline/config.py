@@ -5,20 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from lrsa_serve.cli import UserError
+from lrsa_serve.config import LagKVConfig
+from lrsa_serve.errors import UserError
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class LagKVSection(_Section):
-    sink: int | None = None
-    lag: int | None = None
-    ratio: float | None = None
-    score_v_ratio: float | None = None
+# LagKVConfig's fields, each optional: what the config names overrides the base model's own.
+LagKVSection = create_model(
+    "LagKVSection",
+    __base__=_Section,
+    **{name: (field.annotation | None, None) for name, field in LagKVConfig.model_fields.items()},
+)
 
 
 class TrainSection(_Section):

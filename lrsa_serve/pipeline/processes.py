@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from lrsa_serve.cli import UserError
+from lrsa_serve.errors import UserError
 
 
 class PipelineError(UserError):

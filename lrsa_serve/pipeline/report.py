@@ -17,7 +17,8 @@ def report_markdown(
     plots: dict[str, Path],
     out: Path,
 ) -> str:
-    from lrsa_serve.eval.report import appendix, cells, lookup, markdown_table, target_lines
+    from lrsa_serve.eval.report import appendix, markdown_table, target_lines
+    from lrsa_serve.eval.runner import cells, lookup
 
     by_key = lookup(cells(run))
     names = [info.name for info in run.targets]

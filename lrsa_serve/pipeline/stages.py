@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lrsa_serve.cli import UserError
+from lrsa_serve.config import LagKVConfig
+from lrsa_serve.errors import UserError
 from lrsa_serve.pipeline.config import PipelineConfig
 from lrsa_serve.pipeline.processes import ManagedServer, PipelineError, last_line, run_logged
 
@@ -35,17 +36,8 @@ def say(message: str) -> None:
     print(f"[pipeline] {message}", flush=True)
 
 
-def lagkv_flags(settings: Any) -> list[str]:
-    return [
-        "--sink",
-        str(settings.sink),
-        "--lag",
-        str(settings.lag),
-        "--ratio",
-        str(settings.ratio),
-        "--score-v-ratio",
-        str(settings.score_v_ratio),
-    ]
+def lagkv_flags(settings: LagKVConfig) -> list[str]:
+    return cli_flags(settings.model_dump())
 
 
 def train_variant(
@@ -56,7 +48,7 @@ def train_variant(
     if target.exists():  # the pipeline's own folder: a new run trains afresh
         shutil.rmtree(target)
     options = {**config.train.args, **config.train.variants[variant]}
-    for reserved in ("out", "sink", "lag", "ratio", "score_v_ratio", "model"):
+    for reserved in ("out", *LagKVConfig.model_fields, "model"):
         if reserved in options:
             raise UserError(f"train.args: {reserved!r} is set by the pipeline (use lagkv/out)")
     command = [

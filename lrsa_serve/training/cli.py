@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from lrsa_serve.cli import UserError
+from lrsa_serve.errors import UserError
 from lrsa_serve.training.config import LRSA_KERNELS
 
 # flag -> (section, field) of JobConfig
@@ -175,6 +175,7 @@ def _saved_job(out_dir: str) -> dict | None:
 
 def run(args: argparse.Namespace) -> int:
     job = build_job(args)
+    from lrsa_serve import lagkv
     from lrsa_serve.config import LagKVConfigError
     from lrsa_serve.training.loop import Trainer
 
@@ -188,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"[lrsa train] warning: the {engine} engine cannot serve this: {e}")
                 break
         # Below S + 2L tokens no query has a compressed partition behind it.
-        reach = job.lagkv.sink + 2 * job.lagkv.lag
+        reach = lagkv.partition_start(2, job.lagkv.rule)
         if job.model.attention == "lrsa" and trainer.train_stats.longest <= reach:
             print(
                 f"[lrsa train] warning: no training example is longer than sink + 2 x lag = "

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from lrsa_serve.cli import UserError
+from lrsa_serve.errors import UserError
 from lrsa_serve.synthetic_tasks import TASKS, Example, split_seed
 
 IGNORE_INDEX = -100  # label of tokens without loss (torch's cross_entropy default)

@@ -3,6 +3,7 @@
 Exact match: every target token that is not a special token (end of turn, EOS) is the argmax
 given the true prefix, which is exactly "greedy decoding starts with the answer", computed in one
 forward pass per batch instead of a decode loop. Scores are also split by synthetic task.
+``target_logits``, the forward at the target positions, is the training loss's too (``loop``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,18 @@ import torch
 import torch.nn.functional as F
 
 from lrsa_serve.training.data import IGNORE_INDEX, TokenizedExample, collate, pad_token_id
+
+
+def target_logits(
+    model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 logits ``[B, K, V]`` at the K positions whose next token is a target somewhere in
+    the batch, and those targets ``[B, K]``. The LM head runs on those positions only: long-context
+    QA has a few target tokens per 8-32K, and full logits would be 32K x vocab floats."""
+    next_labels = labels[:, 1:]
+    positions = (next_labels != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+    out = model(input_ids=input_ids, logits_to_keep=positions, use_cache=False)
+    return out.logits.float(), next_labels[:, positions]
 
 
 def task_of(example: TokenizedExample) -> str:
@@ -63,8 +76,6 @@ def evaluate_examples(
     """This rank's sums over its share of ``examples`` (batches rank, rank+W, ...). Every rank
     runs the same number of forwards (FSDP needs all ranks in each), padding with repeats that
     count for nothing."""
-    from lrsa_serve.training.loop import target_logits
-
     forward = forward or target_logits
     autocast = autocast or nullcontext()
     special = torch.tensor(sorted(tokenizer.all_special_ids), device=device)

@@ -26,13 +26,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from lrsa_serve.cli import UserError
-from lrsa_serve.models import resolve_model
+from lrsa_serve.errors import UserError
+from lrsa_serve.models import load_tokenizer, resolve_model
 from lrsa_serve.training import checkpoint as ckpt
 from lrsa_serve.training import data as data_mod
 from lrsa_serve.training import model as model_mod
 from lrsa_serve.training.config import JobConfig, OptimConfig
 from lrsa_serve.training.data import IGNORE_INDEX, TokenizedExample
+from lrsa_serve.training.evaluate import EvalSums, evaluate_examples, target_logits, task_of
 
 
 class NonFiniteLoss(UserError):
@@ -111,18 +112,6 @@ def autocast_for(device: torch.device, mixed_precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def target_logits(
-    model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 logits ``[B, K, V]`` at the K positions whose next token is a target somewhere in
-    the batch, and those targets ``[B, K]``. The LM head runs on those positions only: long-context
-    QA has a few target tokens per 8-32K, and full logits would be 32K x vocab floats."""
-    next_labels = labels[:, 1:]
-    positions = (next_labels != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
-    out = model(input_ids=input_ids, logits_to_keep=positions, use_cache=False)
-    return out.logits.float(), next_labels[:, positions]
-
-
 def loss_sum(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast
 ) -> tuple[torch.Tensor, int]:
@@ -159,7 +148,7 @@ class Trainer:
         path = job.model.path
         if model is None or tokenizer is None:
             path = path or resolve_model(None)
-        self.tokenizer = tokenizer or model_mod.load_tokenizer(path, job.model.gguf_file)
+        self.tokenizer = tokenizer or load_tokenizer(path, job.model.gguf_file)
         self.train_examples, self.train_stats = self._dataset(train_examples, "train")
         self.eval_examples, _ = self._dataset(eval_examples, "eval")
         self.pad_id = data_mod.pad_token_id(self.tokenizer)
@@ -325,8 +314,6 @@ class Trainer:
     # ---- evaluation ----
     def evaluate(self, examples: list[TokenizedExample] | None = None) -> dict[str, float]:
         """Loss and exact match on held-out examples (``evaluate.py``), summed over ranks."""
-        from lrsa_serve.training.evaluate import EvalSums, evaluate_examples, task_of
-
         examples = self.eval_examples if examples is None else examples
         if not examples:
             return {}

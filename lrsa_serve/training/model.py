@@ -10,21 +10,16 @@ thing.
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from lrsa_serve.cli import UserError
 from lrsa_serve.config import LagKVConfig
+from lrsa_serve.errors import UserError
 from lrsa_serve.training.attention import dispatch, replay
 from lrsa_serve.training.attention.dispatch import lrsa_forward_logits, use_lrsa
 
 # Families whose attention goes through transformers' AttentionInterface with GQA K/V shapes
 # (checked: Llama, Qwen2, Mistral); others may work but are not tested.
 SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
-
-
-def load_tokenizer(path: str, gguf_file: str | None = None):
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    return AutoTokenizer.from_pretrained(path, **kwargs)
 
 
 def load_model(path: str, gguf_file: str | None = None) -> PreTrainedModel:
@@ -122,7 +117,6 @@ __all__ = [
     "check_supported",
     "compile_layers",
     "load_model",
-    "load_tokenizer",
     "dispatch",
     "lrsa_forward_logits",
     "parallelize",

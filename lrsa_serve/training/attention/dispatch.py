@@ -26,90 +26,17 @@ real token see a later pad), so ``attention_mask`` is not consulted. Left paddin
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from functools import lru_cache
-
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 
-from lrsa_serve import lagkv
 from lrsa_serve.config import CONFIG_KEY, LagKVConfig, keep_for
+from lrsa_serve.lagkv import Rule
 from lrsa_serve.reference_attention import lagkv_reference_attention, settings_of
-from lrsa_serve.training.attention import op, replay
-from lrsa_serve.training.attention.varlen import (
-    KERNELS,
-    TRITON_MIN_LENGTH,
-    check_kernel,
-    lrsa_varlen_attention,
-)
+from lrsa_serve.training.attention import op
+from lrsa_serve.training.attention.sequence_select import select_kept
+from lrsa_serve.training.attention.varlen import KERNELS, check_kernel, lrsa_varlen_attention
 
 NAME = "lrsa"
-# Distinct compiled graphs we allow, so that a run never reaches dynamo's default limit.
-RECOMPILE_LIMIT = 256
-
-
-@dataclass(frozen=True)
-class Rule:
-    """The four LagKV numbers the mask and the selection read (``lagkv`` duck-types its ``cfg``).
-
-    A frozen dataclass rather than the pydantic ``LagKVConfig``: torch.compile traces through it
-    without graph breaks.
-    """
-
-    sink: int
-    lag: int
-    keep: int
-    score_v_ratio: float
-
-    @classmethod
-    def of(cls, cfg: LagKVConfig) -> Rule:
-        return cls(cfg.sink, cfg.lag, cfg.keep, cfg.score_v_ratio)
-
-
-def select_kept(key: torch.Tensor, value: torch.Tensor, rule: Rule) -> torch.Tensor:
-    """Kept absolute positions ``[B, Hkv, P, keep]`` (``lagkv.select_all``), without gradient.
-    In a checkpointed layer's recompute, the positions its forward selected
-    (``replay``)."""
-
-    def select() -> torch.Tensor:
-        with torch.no_grad():
-            return selector(selector_for(key))(key, value, rule)
-
-    return replay.remembered(select, key, rule)
-
-
-def selector_for(key: torch.Tensor) -> str:
-    """On CUDA the serving engine's Triton kernel (``sequence_select``: three launches per layer)
-    from ``TRITON_MIN_LENGTH`` tokens and ``compiled`` (``lagkv.select_all`` under
-    ``torch.compile``) below; ``eager`` (plain torch) on CPU."""
-    if not key.is_cuda:
-        return "eager"
-    return "triton" if key.shape[2] >= TRITON_MIN_LENGTH else "compiled"
-
-
-@lru_cache(maxsize=4)
-def selector(name: str) -> Callable:
-    """The selection function ``selector_for`` names: ``(key, value, rule) -> kept``."""
-    if name == "triton":
-        from lrsa_serve.training.attention import sequence_select
-
-        return sequence_select.select_all
-    if name == "compiled":
-        _raise_recompile_limit()
-        return torch.compile(lagkv.select_all, dynamic=True)
-    return lagkv.select_all
-
-
-def _raise_recompile_limit() -> None:
-    import torch._dynamo
-
-    cfg = torch._dynamo.config
-    cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
-    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
-    # Past the limit dynamo would fall back to eager code silently: fail loudly instead.
-    if hasattr(cfg, "fail_on_recompile_limit_hit"):
-        cfg.fail_on_recompile_limit_hit = True
 
 
 # ---- the varlen formulation (default on CUDA) ----------------------------------------------------
@@ -117,7 +44,7 @@ def lrsa_varlen(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    cfg: LagKVConfig | Rule,
+    rule: Rule,
     scaling: float | None = None,
     *,
     kernel: str = "auto",
@@ -125,7 +52,6 @@ def lrsa_varlen(
     """LRSA attention of whole sequences as one varlen attention call (``varlen``) with this
     ``kernel`` (one of ``KERNELS``), with this module's selection (compiled on CUDA):
     ``[B, n, Hq, D]``."""
-    rule = cfg if isinstance(cfg, Rule) else Rule.of(cfg)
     kept = select_kept(key, value, rule)
     return lrsa_varlen_attention(query, key, value, rule, scaling, kernel=kernel, kept=kept)
 
@@ -195,7 +121,7 @@ def _eager_attention(
         raise ValueError("LRSA attention does not implement attention dropout")
     if not uses_varlen(query) or query.shape[2] != key.shape[2]:
         return lagkv_reference_attention(module, query, key, value, None, scaling=scaling)
-    return lrsa_varlen(query, key, value, settings_of(module), scaling, kernel=_kernel), None
+    return lrsa_varlen(query, key, value, settings_of(module).rule, scaling, kernel=_kernel), None
 
 
 AttentionInterface.register(NAME, lrsa_attention)
@@ -238,12 +164,9 @@ def lrsa_forward_logits(
 __all__ = [
     "KERNELS",
     "NAME",
-    "Rule",
     "lrsa_attention",
     "lrsa_forward_logits",
     "lrsa_varlen",
-    "select_kept",
-    "selector",
     "set_kernel",
     "use_lrsa",
 ]

@@ -13,8 +13,8 @@ kernel's log-sum-exp and the kept positions. Backward (``lrsa::varlen_backward``
 packed again from the kept positions (one gather, instead of holding them from forward to
 backward), the kernel's own backward runs on the items, and the packer's backward adds the rows'
 gradients onto the raw keys and values. Kernels: ``fa4`` and ``flash`` (CUDA, fp16/bf16) and
-``math`` (plain torch, any device: the CPU tests). Queries these do not take (float32 on CUDA)
-stay on the eager path.
+``math`` (the plain-torch reference and its autograd, any device: the CPU tests). Queries these
+do not take (float32 on CUDA) stay on the eager path.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ import importlib
 import torch
 
 from lrsa_serve import lagkv
+from lrsa_serve.lagkv import Rule
 from lrsa_serve.training.attention import varlen as lv
+from lrsa_serve.training.attention.sequence_select import select_kept
 
 OP_KERNELS = ("fa4", "flash", "math")
 
@@ -35,7 +37,7 @@ def op_applies(query: torch.Tensor) -> bool:
     tensor attributes only, so dynamo traces the choice."""
     if query.device.type != "cuda":
         return True
-    return lv.flash_applies(lv.attention_dtype(query), query.shape[-1])
+    return lv.kernel_applies("flash", query, lv.attention_dtype(query))
 
 
 def _kernel(query: torch.Tensor, choice: str) -> str:
@@ -60,9 +62,10 @@ def _kernel(query: torch.Tensor, choice: str) -> str:
 
 
 def _layout(query: torch.Tensor, sink: int, lag: int, keep: int):
-    """The items of these queries' length: packing, cu_q/cu_k, template, longest item sizes."""
+    """The items of these queries' length: packing, cu_q/cu_k, template, longest item sizes.
+    The items do not depend on the scores: forward and backward share one cached packing."""
     b, _, n, _ = query.shape
-    packing = lv.packing_for(n, sink, lag, keep)
+    packing = lv.packing_for(n, Rule(sink, lag, keep))
     cu_q, cu_k, template = lv._tensors(packing, b, str(query.device))
     return packing, cu_q, cu_k, template, max(packing.q_lens), max(packing.k_lens)
 
@@ -74,7 +77,8 @@ def _items(query: torch.Tensor) -> torch.Tensor:
 
 # ---- the items' kernels: forward with log-sum-exp, and their own backward ----------------------
 def items_forward(kernel, q, k, v, cu_q, cu_k, max_q, max_k, scale):
-    """Output ``[Tq, Hq, D]`` and log-sum-exp ``[Hq, Tq]`` (float32) of the items."""
+    """Output ``[Tq, Hq, D]`` and log-sum-exp ``[Hq, Tq]`` (float32) of the items. The math
+    kernel's backward differentiates the reference again, so its log-sum-exp is left zero."""
     if kernel == "fa4":
         return lv._fa4().flash_attn_varlen_func(
             q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
@@ -85,16 +89,13 @@ def items_forward(kernel, q, k, v, cu_q, cu_k, max_q, max_k, scale):
             q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale
         )[:2]
         return out, lse
-    outs, lses = [], []
-    for qi, ki, vi, _ in lv.math_items(q, k, v, cu_q, cu_k):
-        scores = lv.math_scores(qi, ki, scale)
-        lses.append(scores.logsumexp(-1))
-        outs.append((scores.softmax(-1) @ vi).transpose(0, 1))
-    return torch.cat(outs), torch.cat(lses, dim=-1).float()
+    out = lv.math_items(q, k, v, cu_q, cu_k, scale)
+    return out, q.new_zeros(q.shape[1], q.shape[0], dtype=torch.float32)
 
 
 def items_backward(kernel, grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
-    """``dq`` ``[Tq, Hq, D]``, ``dk``/``dv`` ``[Tk, Hkv, D]`` of the items."""
+    """``dq`` ``[Tq, Hq, D]``, ``dk``/``dv`` ``[Tk, Hkv, D]`` of the items: the CUDA kernels' own
+    backward; for math, the reference attention's, differentiated by torch."""
     grad = grad.contiguous()
     if kernel == "fa4":
         interface = importlib.import_module("flash_attn.cute.interface")
@@ -108,20 +109,9 @@ def items_backward(kernel, grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, sc
             grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, True, unused, unused,
             scale=scale,
         )  # fmt: skip
-    groups = q.shape[1] // k.shape[1]
-    dq, dk, dv = [], [], []
-    for qi, ki, vi, (q0, q1) in lv.math_items(q, k, v, cu_q, cu_k):
-        probs = lv.math_scores(qi, ki, scale).softmax(-1)  # [Hq, lq, lk]
-        gi = grad[q0:q1].transpose(0, 1).to(probs.dtype)
-        oi = out[q0:q1].transpose(0, 1).to(probs.dtype)
-        dprobs = gi @ vi.transpose(1, 2)
-        dscores = probs * (dprobs - (gi * oi).sum(-1, keepdim=True))
-        dq.append((dscores @ ki * scale).transpose(0, 1))
-        dki = (dscores.transpose(1, 2) @ qi * scale).unflatten(0, (-1, groups)).sum(1)
-        dvi = (probs.transpose(1, 2) @ gi).unflatten(0, (-1, groups)).sum(1)
-        dk.append(dki.transpose(0, 1))
-        dv.append(dvi.transpose(0, 1))
-    return torch.cat(dq).to(q.dtype), torch.cat(dk).to(k.dtype), torch.cat(dv).to(v.dtype)
+    # torch.func, not torch.autograd: an op's implementation runs below the autograd dispatch key
+    _, vjp = torch.func.vjp(lambda *qkv: lv.math_items(*qkv, cu_q, cu_k, scale), q, k, v)
+    return vjp(grad)
 
 
 # ---- the ops -----------------------------------------------------------------------------------
@@ -141,8 +131,6 @@ def varlen(
     ``kernel`` is one of ``varlen.KERNELS`` that resolves to one of ``OP_KERNELS``. Returns the
     output ``[B, n, Hq, D]``, the log-sum-exp ``[Hq, B * n]`` and the kept positions
     ``[B, Hkv, P, keep]``."""
-    from lrsa_serve.training.attention.dispatch import Rule, select_kept
-
     with torch.no_grad():
         kept = select_kept(key, value, Rule(sink, lag, keep, score_v_ratio))
         packing, cu_q, cu_k, template, max_q, max_k = _layout(query, sink, lag, keep)
@@ -161,7 +149,7 @@ def _(query, key, value, sink, lag, keep, score_v_ratio, scale, kernel):
     b, hq, n, d = query.shape
     # lagkv's own count (its max(0, ...) guards a dynamic length on either side of the first
     # compressed partition: one recompile there, none for longer sequences)
-    parts = lagkv.compressed_partitions(n, lv.PartitionSizes(sink, lag, keep))
+    parts = lagkv.compressed_partitions(n, Rule(sink, lag, keep))
     return (
         query.new_empty(b, n, hq, d),
         query.new_empty(hq, b * n, dtype=torch.float32),
@@ -224,7 +212,7 @@ def lrsa_varlen_op(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    rule,
+    rule: Rule,
     scaling: float | None,
     *,
     kernel: str = "auto",

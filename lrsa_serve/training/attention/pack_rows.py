@@ -21,16 +21,12 @@ training step of the 0.5B model ~2% faster than ``gather`` (docs/training.md).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
-
-if TYPE_CHECKING:  # varlen imports this module lazily; no cycle at run time
-    from lrsa_serve.training.attention.varlen import Packing
 
 ROWS_PER_PROGRAM = 64
 # Source rows per backward program. Where it divides keep, a block of kept slots lies in one
@@ -170,13 +166,11 @@ class Refs:
     rows: torch.Tensor  # [key_rows] int32
 
 
-@lru_cache(maxsize=64)
-def refs_for(packing: Packing, slots: int, device: str) -> Refs:
-    """``Refs`` of a ``varlen.Packing`` whose selection has ``slots`` kept slots (the last
-    partitions' may be copied by no row yet). Cached per packing object: hashing its template
-    per call would cost a millisecond of CPU at 32K."""
-    source = torch.tensor(packing.template, dtype=torch.int64)
-    units = packing.length + slots
+def refs_for(template: Sequence[int], units: int, device: str) -> Refs:
+    """``Refs`` of a packing's template (``varlen.Packing``) over ``units`` source units: its raw
+    positions, then its selection's kept slots (the last partitions' may be copied by no row
+    yet)."""
+    source = torch.tensor(template, dtype=torch.int64)
     rows = torch.sort(source, stable=True).indices
     counts = torch.bincount(source, minlength=units)
     ptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
@@ -269,29 +263,25 @@ def _unpack_grads(grad_k, grad_v, key_shape, key_dtype, value_shape, value_dtype
     return dk, dv
 
 
-def _refs(key: torch.Tensor, kept: torch.Tensor, packing: Packing) -> Refs:
-    return refs_for(packing, kept.shape[-2] * kept.shape[-1], str(key.device))
-
-
 def pack_rows(
     key: torch.Tensor,
     value: torch.Tensor,
     index: torch.Tensor,
     kept: torch.Tensor,
-    packing: Packing,
+    refs: Refs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed key and value rows ``[B * Tk, Hkv, D]`` of ``key``/``value`` ``[B, Hkv, n, D]``
     (any strides), ``index`` ``[B, Tk, Hkv]`` their raw positions (``varlen.key_index``),
-    made of ``kept`` ``[B, Hkv, P, keep]`` and ``packing`` (``varlen.Packing``).
-    Differentiable in key and value (the exact gradient, see the module docstring)."""
+    made of ``kept`` ``[B, Hkv, P, keep]`` and a packing whose template ``refs`` inverts
+    (``varlen.rows_refs``). Differentiable in key and value (the exact gradient, see the module
+    docstring)."""
     assert value.shape == key.shape, "keys and values of one shape"
-    assert index.shape[1] == packing.key_rows and key.shape[2] == packing.length
+    assert refs.ptr.numel() == key.shape[2] + kept.shape[-2] * kept.shape[-1] + 1
     if key.stride(-1) != 1:
         key = key.contiguous()
     if value.stride(-1) != 1:
         value = value.contiguous()
-    refs = _refs(key, kept, packing)
-    return PackRows.apply(key, value, index.contiguous(), kept, refs, packing.key_rows)
+    return PackRows.apply(key, value, index.contiguous(), kept, refs, index.shape[1])
 
 
 def pack_rows_backward(
@@ -300,13 +290,12 @@ def pack_rows_backward(
     key: torch.Tensor,
     value: torch.Tensor,
     kept: torch.Tensor,
-    packing: Packing,
+    refs: Refs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``pack_rows``' backward without autograd (for a custom op's own backward): the gradients
-    of ``key``/``value`` from those of the packed rows."""
-    refs = _refs(key, kept, packing)
+    of ``key``/``value`` from those of the packed rows ``[B * Tk, Hkv, D]``."""
     meta = (key.shape, key.dtype, value.shape, value.dtype)
-    return _unpack_grads(grad_k, grad_v, *meta, kept, refs, packing.key_rows)
+    return _unpack_grads(grad_k, grad_v, *meta, kept, refs, grad_k.shape[0] // key.shape[0])
 
 
 __all__ = ["Refs", "pack_rows", "pack_rows_backward", "refs_for", "slot_of"]

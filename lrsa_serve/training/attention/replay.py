@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lrsa_serve import lagkv
+from lrsa_serve.lagkv import Rule
 
 
 @dataclass
@@ -62,9 +63,9 @@ def checkpoint_contexts() -> tuple[_Phase, _Phase]:
     return _Phase(memo, replaying=False), _Phase(memo, replaying=True)
 
 
-def remembered(select: Callable[[], torch.Tensor], key: torch.Tensor, rule) -> torch.Tensor:
+def remembered(select: Callable[[], torch.Tensor], key: torch.Tensor, rule: Rule) -> torch.Tensor:
     """``select()``, the kept positions ``[B, Hkv, P, keep]`` of ``key`` ``[B, Hkv, n, D]`` under
-    ``rule`` (sink/lag/keep), outside checkpointing and in a checkpointed forward (recorded
+    ``rule``, outside checkpointing and in a checkpointed forward (recorded
     there); in the recompute, the recorded result of the same call. A replay whose shape does
     not fit ``key`` means the recompute took another path, which is an error."""
     active = _ACTIVE.get()

@@ -1,4 +1,5 @@
-"""LagKV selection of whole training sequences with the serving engine's Triton select kernel.
+"""LagKV selection of whole training sequences: ``select_kept`` picks how (plain torch, compiled,
+or the serving engine's Triton select kernel) and replays it under gradient checkpointing.
 
 ``lagkv.select_all`` scores every compressed partition of a sequence in plain torch: a dozen
 elementwise and reduction passes, then a sort (at 32K, 2 KV heads of 64: 0.19 ms of H100 time
@@ -16,11 +17,65 @@ takes 0.06 ms per layer there; the trainer uses it from ``TRITON_MIN_LENGTH`` to
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
 
 from lrsa_serve import lagkv
+from lrsa_serve.lagkv import Rule
+from lrsa_serve.training.attention import replay
+
+# From this many tokens the Triton selection and packing (``select_all`` here, ``pack_rows``) are
+# the CUDA defaults: a 32K training step of the 0.5B model ran 1.79x dense with them vs 1.72x
+# without (H100); at 16K the step is partly CPU-bound and their launches cost more Python time
+# than they save on the GPU (1.15x vs 1.27x). docs/training.md.
+TRITON_MIN_LENGTH = 32768
+# Distinct compiled graphs we allow, so that a run never reaches dynamo's default limit.
+RECOMPILE_LIMIT = 256
+
+
+def select_kept(key: torch.Tensor, value: torch.Tensor, rule: Rule) -> torch.Tensor:
+    """Kept absolute positions ``[B, Hkv, P, keep]`` (``lagkv.select_all``), without gradient.
+    In a checkpointed layer's recompute, the positions its forward selected
+    (``replay``)."""
+
+    def select() -> torch.Tensor:
+        with torch.no_grad():
+            return selector(selector_for(key))(key, value, rule)
+
+    return replay.remembered(select, key, rule)
+
+
+def selector_for(key: torch.Tensor) -> str:
+    """On CUDA the serving engine's Triton kernel (``select_all``: three launches per layer)
+    from ``TRITON_MIN_LENGTH`` tokens and ``compiled`` (``lagkv.select_all`` under
+    ``torch.compile``) below; ``eager`` (plain torch) on CPU."""
+    if not key.is_cuda:
+        return "eager"
+    return "triton" if key.shape[2] >= TRITON_MIN_LENGTH else "compiled"
+
+
+@lru_cache(maxsize=4)
+def selector(name: str) -> Callable:
+    """The selection function ``selector_for`` names: ``(key, value, rule) -> kept``."""
+    if name == "triton":
+        return select_all
+    if name == "compiled":
+        _raise_recompile_limit()
+        return torch.compile(lagkv.select_all, dynamic=True)
+    return lagkv.select_all
+
+
+def _raise_recompile_limit() -> None:
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
+    # Past the limit dynamo would fall back to eager code silently: fail loudly instead.
+    if hasattr(cfg, "fail_on_recompile_limit_hit"):
+        cfg.fail_on_recompile_limit_hit = True
 
 
 def token_blocks(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -40,21 +95,21 @@ def token_blocks(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 @lru_cache(maxsize=64)
 def partition_blocks(
-    batch: int, parts: int, step: int, sink: int, lag: int, device: str
+    batch: int, parts: int, step: int, rule: Rule, device: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Block ids of every compressed partition (``[batch * parts, lag]`` int32, sequence-major),
     of its reference, the next partition, and each partition's first position (``[parts]``)."""
-    starts = sink + lag * torch.arange(parts)
+    starts = lagkv.partition_start(torch.arange(parts), rule)
     seq = step * torch.arange(batch)
-    part = (seq[:, None, None] + starts[None, :, None] + torch.arange(lag)).flatten(0, 1)
+    part = (seq[:, None, None] + starts[None, :, None] + torch.arange(rule.lag)).flatten(0, 1)
     part = part.to(torch.int32).to(device)
-    return part, part + lag, starts.to(device)
+    return part, part + rule.lag, starts.to(device)
 
 
-def select_all(key: torch.Tensor, value: torch.Tensor, rule) -> torch.Tensor:
+def select_all(key: torch.Tensor, value: torch.Tensor, rule: Rule) -> torch.Tensor:
     """``lagkv.select_all`` of ``[B, Hkv, n, D]`` keys/values through the Triton kernel:
-    ``[B, Hkv, P, keep]`` absolute positions, increasing within each partition. ``rule`` has
-    sink/lag/keep/score_v_ratio. CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``."""
+    ``[B, Hkv, P, keep]`` absolute positions, increasing within each partition. CUDA tensors, or
+    CPU ones under ``TRITON_INTERPRET=1``."""
     from lrsa_serve.kernels import select
 
     b, h, n, _ = key.shape
@@ -66,10 +121,18 @@ def select_all(key: torch.Tensor, value: torch.Tensor, rule) -> torch.Tensor:
     if value_step != step:  # both views must number their blocks alike
         key_cache, step = token_blocks(key.contiguous())
         value_cache, _ = token_blocks(value.contiguous())
-    part, ref, starts = partition_blocks(b, parts, step, rule.sink, rule.lag, str(key.device))
+    part, ref, starts = partition_blocks(b, parts, step, rule, str(key.device))
     kept = select.select_kept(key_cache, value_cache, part, ref, rule.keep, rule.score_v_ratio)
     kept = kept.view(b, parts, h, rule.keep) + starts[None, :, None, None]
     return kept.transpose(1, 2)
 
 
-__all__ = ["partition_blocks", "select_all", "token_blocks"]
+__all__ = [
+    "TRITON_MIN_LENGTH",
+    "partition_blocks",
+    "select_all",
+    "select_kept",
+    "selector",
+    "selector_for",
+    "token_blocks",
+]

@@ -27,8 +27,9 @@ Kernels (``varlen_attention``):
   a multiple of 8 up to 256; GQA native). Autograd through the op's own backward.
 - ``efficient``: ``aten._efficient_attention_forward`` with ``cu_seqlens`` and the
   bottom-right causal mask type (CUDA, also float32; K/V heads repeated for GQA).
-- ``math``: the same items written out in plain torch (any device/dtype): what the CPU tests
-  check the layout with, and a readable statement of the kernel's contract.
+- ``math``: the same items through the plain-torch reference attention
+  (``reference_attention.masked_attention``, each item under its bottom-right causal mask; any
+  device and dtype): what the CPU tests check the layout with, and the kernels' oracle.
 """
 
 from __future__ import annotations
@@ -36,11 +37,18 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 
 from lrsa_serve import lagkv
+from lrsa_serve.lagkv import Rule
+from lrsa_serve.reference_attention import masked_attention
+from lrsa_serve.training.attention.sequence_select import TRITON_MIN_LENGTH
 from lrsa_serve.training.config import LRSA_KERNELS as KERNELS
+
+if TYPE_CHECKING:
+    from lrsa_serve.training.attention.pack_rows import Refs
 
 # aten's CustomMaskType for the memory-efficient kernel: causal aligned to the bottom right.
 _CAUSAL_FROM_BOTTOM_RIGHT = 2
@@ -60,10 +68,6 @@ class Packing:
     k_lens: tuple[int, ...]
     template: tuple[int, ...]
 
-    @classmethod
-    def of(cls, length: int, rule) -> Packing:
-        return packing_for(length, rule.sink, rule.lag, rule.keep)
-
     @property
     def key_rows(self) -> int:
         return len(self.template)
@@ -77,14 +81,13 @@ class Packing:
 
 
 @lru_cache(maxsize=64)
-def packing_for(length: int, sink: int, lag: int, keep: int) -> Packing:
+def packing_for(length: int, rule: Rule) -> Packing:
     """Items from ``lagkv``'s own rule: an item is a run of queries that see the same
     compressed history (``chunk_end_limit``, as the engine's prefill chunks); its keys are what
     its last query sees: the kept slots (``gathered_key_visible``), placed after the sink, then
     the raw keys (``raw_key_visible``), which end with the item's own queries."""
-    rule = PartitionSizes(sink, lag, keep)
     positions = torch.arange(length)
-    slots = torch.arange(lagkv.compressed_partitions(length, rule) * keep)
+    slots = torch.arange(lagkv.compressed_partitions(length, rule) * rule.keep)
     q_lens, k_lens, template = [], [], []
     start = 0
     while start < length:
@@ -92,21 +95,12 @@ def packing_for(length: int, sink: int, lag: int, keep: int) -> Packing:
         last = torch.tensor(stop - 1)
         raw = positions[lagkv.raw_key_visible(last, positions, rule)].tolist()
         kept = (slots[lagkv.gathered_key_visible(last, slots, rule)] + length).tolist()
-        keys = [p for p in raw if p < sink] + kept + [p for p in raw if p >= sink]
+        keys = [p for p in raw if p < rule.sink] + kept + [p for p in raw if p >= rule.sink]
         q_lens.append(stop - start)
         k_lens.append(len(keys))
         template.extend(keys)
         start = stop
     return Packing(length, tuple(q_lens), tuple(k_lens), tuple(template))
-
-
-@dataclass(frozen=True)
-class PartitionSizes:
-    """The numbers ``lagkv``'s bookkeeping reads (it duck-types its ``cfg``)."""
-
-    sink: int
-    lag: int
-    keep: int
 
 
 @lru_cache(maxsize=64)
@@ -185,32 +179,27 @@ def varlen_attention(
         return out[0]
     if kernel != "math":
         raise ValueError(f"kernel must be one of {KERNELS[1:]}, not {kernel!r}")
-    outs = [
-        (math_scores(qi, ki, scale).softmax(-1) @ vi).transpose(0, 1)
-        for qi, ki, vi, _ in math_items(q, k, v, cu_q, cu_k)
-    ]
-    return torch.cat(outs, dim=0)
+    return math_items(q, k, v, cu_q, cu_k, scale)
 
 
-def math_items(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q, cu_k):
-    """The ``math`` kernel's items, one by one: queries ``[Hq, lq, D]``, keys and values repeated
-    to ``Hq`` heads (``[Hq, lk, D]``) and the item's query rows ``(q0, q1)``."""
-    groups = q.shape[1] // k.shape[1]
+def math_items(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The ``math`` kernel: each item through the reference attention, query i of lq seeing keys
+    ``<= lk - lq + i`` (bottom-right causal). Shapes as ``varlen_attention``'s."""
+    outs = []
     cq, ck = cu_q.tolist(), cu_k.tolist()
     for q0, q1, k0, k1 in zip(cq[:-1], cq[1:], ck[:-1], ck[1:], strict=True):
-        qi = q[q0:q1].transpose(0, 1)
-        ki = k[k0:k1].transpose(0, 1).repeat_interleave(groups, 0)
-        vi = v[k0:k1].transpose(0, 1).repeat_interleave(groups, 0)
-        yield qi, ki, vi, (q0, q1)
-
-
-def math_scores(qi: torch.Tensor, ki: torch.Tensor, scale: float) -> torch.Tensor:
-    """One item's scores, bottom-right causal (query i of lq sees keys ``<= lk - lq + i``)."""
-    lq, lk = qi.shape[1], ki.shape[1]
-    rows = torch.arange(lq, device=qi.device)[:, None]
-    cols = torch.arange(lk, device=qi.device)[None, :]
-    scores = (qi @ ki.transpose(1, 2)) * scale
-    return scores.masked_fill(cols > lk - lq + rows, float("-inf"))
+        lq, lk = q1 - q0, k1 - k0
+        visible = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+        items = (x.transpose(0, 1)[None] for x in (q[q0:q1], k[k0:k1], v[k0:k1]))
+        outs.append(masked_attention(*items, visible.expand(1, k.shape[1], lq, lk), scale)[0])
+    return torch.cat(outs, dim=0)
 
 
 def attention_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -226,11 +215,6 @@ def in_autocast_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tensors
     dtype = attention_dtype(tensors[0])
     return tuple(t.to(dtype) for t in tensors)
-
-
-def flash_applies(dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether FlashAttention-2 (``flash``) takes CUDA queries of this dtype and head dim."""
-    return dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256
 
 
 @lru_cache(maxsize=1)
@@ -258,15 +242,33 @@ def _fa4_broken(err: Exception) -> ImportError:
     )
 
 
-def fa4_applies(query: torch.Tensor) -> bool:
-    """Whether FlashAttention-4 is installed and takes these queries: Hopper or Blackwell
-    (compute capability 9 or 10), fp16/bf16, head dim a multiple of 8 up to 128."""
-    if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
+def kernel_applies(kernel: str, query: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether ``kernel`` takes queries like ``query`` (``[..., D]``) attended in ``dtype`` (their
+    own by default). The one place each kernel's conditions are written:
+
+    - ``math``: any device and dtype; ``efficient``: CUDA, any floating dtype;
+    - ``flash`` (FlashAttention-2): CUDA, fp16/bf16, head dim a multiple of 8 up to 256;
+    - ``fa4``: flash's conditions with head dim up to 128, on Hopper or Blackwell (compute
+      capability 9 or 10), where flash-attn-4 is installed.
+
+    Up to ``flash`` it reads plain tensor attributes, so dynamo traces it (``op.op_applies``)."""
+    if kernel not in KERNELS[1:]:
+        raise ValueError(f"kernel must be one of {KERNELS[1:]}, not {kernel!r}")
+    if kernel == "math":
+        return True
+    if query.device.type != "cuda":
         return False
+    if kernel == "efficient":
+        return True
     d = query.shape[-1]
-    if d % 8 or d > 128 or _fa4() is None:
-        return False
-    return torch.cuda.get_device_capability(query.device)[0] in (9, 10)
+    flash = (dtype or query.dtype) in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256
+    if kernel == "flash" or not flash:
+        return flash
+    return (
+        d <= 128
+        and _fa4() is not None
+        and torch.cuda.get_device_capability(query.device)[0] in (9, 10)
+    )
 
 
 # Below this many tokens FA2's lower per-call cost wins (H100: a 5K-token layer 1.19 ms on FA2
@@ -293,16 +295,9 @@ def default_kernel(query: torch.Tensor, kernel: str = "auto") -> str:
         return kernel
     if not query.is_cuda:
         return "math"
-    if query.shape[2] >= FA4_MIN_LENGTH and fa4_applies(query):
+    if query.shape[2] >= FA4_MIN_LENGTH and kernel_applies("fa4", query):
         return "fa4"
-    return "flash" if flash_applies(query.dtype, query.shape[-1]) else "efficient"
-
-
-# From this many tokens the Triton selection and packing (``sequence_select``, ``pack_rows``) are
-# the CUDA defaults: a 32K training step of the 0.5B model ran 1.79x dense with them vs 1.72x
-# without (H100); at 16K the step is partly CPU-bound and their launches cost more Python time
-# than they save on the GPU (1.15x vs 1.27x). docs/training.md.
-TRITON_MIN_LENGTH = 32768
+    return "flash" if kernel_applies("flash", query) else "efficient"
 
 
 def packer_for(key: torch.Tensor) -> str:
@@ -311,6 +306,20 @@ def packer_for(key: torch.Tensor) -> str:
     otherwise (``gather``, whose backward adds the rows up with atomics in the tensor's dtype).
     ``key`` is ``[B, Hkv, n, D]``."""
     return "triton" if key.is_cuda and key.shape[2] >= TRITON_MIN_LENGTH else "torch"
+
+
+def rows_refs(packing: Packing, kept: torch.Tensor) -> Refs:
+    """``pack_rows``' inverted template of ``packing`` for the kept slots of ``kept``."""
+    return _rows_refs(packing, kept.shape[-2] * kept.shape[-1], str(kept.device))
+
+
+@lru_cache(maxsize=64)
+def _rows_refs(packing: Packing, slots: int, device: str) -> Refs:
+    # Cached per packing object: hashing its template per call would cost a millisecond of CPU
+    # at 32K. pack_rows is imported here only: it needs Triton.
+    from lrsa_serve.training.attention.pack_rows import refs_for
+
+    return refs_for(packing.template, packing.length + slots, device)
 
 
 def pack_items(
@@ -327,7 +336,7 @@ def pack_items(
     if packer_for(key) == "triton":
         from lrsa_serve.training.attention.pack_rows import pack_rows
 
-        return pack_rows(key, value, index, kept, packing)
+        return pack_rows(key, value, index, kept, rows_refs(packing, kept))
     index = index[..., None].expand(-1, -1, -1, d)
     k = key.transpose(1, 2).gather(1, index).reshape(-1, hkv, d)
     v = value.transpose(1, 2).gather(1, index).reshape(-1, hkv, d)
@@ -348,7 +357,7 @@ def pack_items_backward(
     if packer_for(key) == "triton":
         from lrsa_serve.training.attention.pack_rows import pack_rows_backward
 
-        return pack_rows_backward(grad_k, grad_v, key, value, kept, packing)
+        return pack_rows_backward(grad_k, grad_v, key, value, kept, rows_refs(packing, kept))
     b, hkv, n, d = key.shape
     index = index[..., None].expand(-1, -1, -1, d)
 
@@ -364,7 +373,7 @@ def lrsa_varlen_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    rule,
+    rule: Rule,
     scaling: float | None = None,
     *,
     kernel: str = "auto",
@@ -373,7 +382,7 @@ def lrsa_varlen_attention(
     """LRSA attention of whole sequences: ``[B, n, Hq, D]`` (HF's layout).
 
     query ``[B, Hq, n, D]``, key/value ``[B, Hkv, n, D]`` (post-RoPE), Hq a multiple of Hkv.
-    ``rule`` has sink/lag/keep/score_v_ratio; ``kernel`` is one of ``KERNELS``; ``kept``
+    ``kernel`` is one of ``KERNELS``; ``kept``
     (``[B, Hkv, P, keep]``) defaults to ``lagkv.select_all`` of this key/value under no_grad.
     """
     query, key, value = in_autocast_dtype(query, key, value)
@@ -383,7 +392,7 @@ def lrsa_varlen_attention(
     if kept is None:
         with torch.no_grad():
             kept = lagkv.select_all(key, value, rule)
-    packing = Packing.of(n, rule)
+    packing = packing_for(n, rule)
     cu_q, cu_k, template = _tensors(packing, b, str(query.device))
     key, value = key.to(query.dtype), value.to(query.dtype)
     k, v = pack_items(key, value, key_index(kept, packing, template), kept, packing)
@@ -400,15 +409,13 @@ __all__ = [
     "check_kernel",
     "default_kernel",
     "attention_dtype",
-    "fa4_applies",
-    "flash_applies",
+    "kernel_applies",
     "math_items",
-    "math_scores",
     "key_index",
     "pack_items",
     "pack_items_backward",
-    "TRITON_MIN_LENGTH",
     "packer_for",
+    "rows_refs",
     "packing_for",
     "lrsa_varlen_attention",
     "varlen_attention",

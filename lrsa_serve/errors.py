@@ -1,0 +1,10 @@
+"""Failures a user can fix: ``lrsa`` prints them as one line and exits 2 (``cli.main``).
+
+Library modules raise these without importing the command-line entry point.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A failure the user can fix; printed as one line."""
