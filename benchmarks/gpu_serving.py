@@ -418,7 +418,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from lrsa_serve.models import resolve_model
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
-    command = shlex.join([sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)])
+    given = sys.argv[1:] if argv is None else argv
+    command = shlex.join([sys.executable, "-m", "benchmarks.gpu_serving", *given])
     print(f"{command}\n{gpu}; torch {torch.__version__}; vLLM {vllm.__version__}", flush=True)
 
     workloads = [sized(WORKLOADS[name], args.scale, args.sequences) for name in args.workloads]
