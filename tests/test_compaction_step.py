@@ -41,7 +41,7 @@ def test_compaction_step_on_packed_caches(device, requests, heads, dim, lag, dty
     _, part, ref = synthetic(device, requests, heads, dim, block, lag, dtype, seed=lag + heads)
     befores = [kv.clone() for kv in layers]
     group = GroupCompaction([f"layer.{i}" for i in range(len(layers))], head_size=dim)
-    plan = CompactionPlan(part, ref, cfg)
+    plan = CompactionPlan(part, ref, cfg.rule)
     for i, kv in enumerate(layers):
         group.after_layer(f"layer.{i}", kv, plan)
     for kv, before in zip(layers, befores, strict=True):

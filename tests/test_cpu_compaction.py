@@ -61,7 +61,7 @@ def test_compaction_in_the_cpu_layout_equals_the_reference(isa, dim, dtype):
     expected = [x.gather(2, index) for x in (k, v)]
     before = kv_cache.clone()
 
-    compact_cpu_pages(kv_cache, CompactionPlan(part, ref, cfg), orders)
+    compact_cpu_pages(kv_cache, CompactionPlan(part, ref, cfg.rule), orders)
 
     front = read_rows(kv_cache, orders, part[:, : cfg.keep // BLOCK])
     for got, want in zip(front, expected, strict=True):

@@ -95,13 +95,13 @@ def test_compaction_launches_once_per_step_when_needed(monkeypatch):
     settings = LagKVConfig(sink=16, lag=64, ratio=0.25)
 
     def step(launch: bool, layers=("l0", "l1")) -> int:
-        plan = CompactionPlan(rows, rows, settings, launch=launch)
+        plan = CompactionPlan(rows, rows, settings.rule, launch=launch)
         before = len(calls)
         for name in layers:
             group.after_layer(name, caches[name], plan)
         return len(calls) - before
 
-    group.after_layer("l0", torch.zeros(0), CompactionPlan(rows, rows, settings))  # profiling
+    group.after_layer("l0", torch.zeros(0), CompactionPlan(rows, rows, settings.rule))  # profiling
     group.after_layer("l0", caches["l0"], None)
     assert calls == []
     assert step(launch=False, layers=("l0",)) == 0  # waits for the group's other layer

@@ -460,7 +460,7 @@ def test_compacted_view_kernel_equals_torch(sink, lag, keep):
     from lrsa_serve.kernels.compacted_view_triton import compacted_view
 
     block = 16
-    shape = ViewShape(sink, lag, keep, block)
+    shape = ViewShape(lagkv.Rule(sink, lag, keep), block)
     width = 48
     gen = torch.Generator().manual_seed(lag)
     contexts = [0, sink + 2 * lag - 1, sink + 5 * lag - 1, 3 * lag, sink + 2 * lag, 7]

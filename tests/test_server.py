@@ -248,18 +248,24 @@ def test_lagkv_metrics_follow_the_formula(server, client, long_prompt):
 def test_resident_tokens_during_a_request(server, client, long_prompt):
     wait_idle(server)
     seen = []
+    done = threading.Event()
 
     def scrape():
-        for _ in range(400):
+        # Until the request returns, however long its first step takes (a cold compile cache
+        # can make it many seconds).
+        while not done.is_set():
             sample = server.metrics()  # one scrape: both gauges of the same moment
             seen.append((sample["lagkv_resident_kv_tokens"], sample["lagkv_logical_kv_tokens"]))
             time.sleep(0.05)
 
     thread = threading.Thread(target=scrape)
     thread.start()
-    client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=60, temperature=0,
-                              extra_body={"ignore_eos": True})  # fmt: skip
-    thread.join()
+    try:
+        client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=60, temperature=0,
+                                  extra_body={"ignore_eos": True})  # fmt: skip
+    finally:
+        done.set()
+        thread.join()
     busy = [(r, n) for r, n in seen if n > 0]
     assert busy, "no scrape landed while the request ran"
     assert all(r == lagkv.resident_tokens(int(n), SETTINGS.rule) for r, n in busy)

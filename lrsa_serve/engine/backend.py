@@ -136,4 +136,4 @@ class LagKVBuilderMixin:
         part_blocks = table[index, torch.tensor(part_cols, device=table.device)]
         ref_blocks = table[index, torch.tensor(ref_cols, device=table.device)]
         stats.record_compactions(len(req_rows), len(req_rows) * geometry.evicted_per_partition)
-        return CompactionPlan(part_blocks, ref_blocks, geometry.settings)
+        return CompactionPlan(part_blocks, ref_blocks, geometry.rule)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lrsa_serve.config import LagKVConfig
+from lrsa_serve import lagkv
 from lrsa_serve.engine import stats
 from lrsa_serve.kernels import LayerStack, compress_layers
 
@@ -19,7 +19,7 @@ class CompactionPlan:
 
     part_blocks: torch.Tensor  # [rows, lag / block_size] physical blocks of partition p
     ref_blocks: torch.Tensor  # [rows, lag / block_size] physical blocks of partition p+1
-    settings: LagKVConfig
+    rule: lagkv.Rule
     active: torch.Tensor | None = None  # [rows] int32, on the cache's device
     # False when the host knows no row is active (an eager step launches nothing).
     launch: bool = True
@@ -67,14 +67,13 @@ class GroupCompaction:
                 raise RuntimeError("LagKV: the KV caches were reallocated during graph capture")
             self.stack = LayerStack.of(keys, [cache[..., head:] for cache in caches])
         self.compiled = True
-        settings = plan.settings
         timer = stats.DEVICE_TIMER.time() if keys[0].is_cuda else stats.time_compaction()
         with timer:
             compress_layers(
                 self.stack,
                 plan.part_blocks,
                 plan.ref_blocks,
-                settings.keep,
-                settings.score_v_ratio,
+                plan.rule.keep,
+                plan.rule.score_v_ratio,
                 active=plan.active,
             )

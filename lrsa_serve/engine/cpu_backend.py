@@ -78,7 +78,7 @@ def compact_cpu_pages(
     blocks, heads, block_size, _ = kv_cache.shape
     halves = kv_cache.view(blocks, heads, 2 * block_size, -1).chunk(2, 2)
     requests = plan.part_blocks.shape[0]
-    rule = plan.settings.rule
+    rule = plan.rule
     lag, keep = rule.lag, rule.keep
     involved = torch.cat([plan.part_blocks, plan.ref_blocks], dim=1).long()
     rows = []

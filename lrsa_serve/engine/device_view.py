@@ -29,7 +29,7 @@ import torch
 
 from lrsa_serve.engine.compaction import CompactionPlan
 from lrsa_serve.engine.layout import BlockGeometry
-from lrsa_serve.kernels.compacted_view import ViewBuffers, ViewShape, compacted_view_torch
+from lrsa_serve.kernels.compacted_view import ViewBuffers, compacted_view_torch
 
 
 @dataclass
@@ -49,8 +49,7 @@ class DeviceView:
         self.geometry = geometry
         self.device = device
         self.max_reqs = max_reqs
-        cfg = geometry.settings
-        self.shape = ViewShape(cfg.sink, cfg.lag, cfg.keep, geometry.block_size)
+        self.shape = geometry.view_shape
         cols = geometry.part_blocks
         self.seq_lens = torch.zeros(max_reqs, dtype=torch.int32, device=device)
         self.part_blocks = torch.zeros(max_reqs, cols, dtype=torch.int32, device=device)
@@ -99,7 +98,7 @@ class DeviceView:
         return CompactionPlan(
             self.part_blocks[:rows],
             self.ref_blocks[:rows],
-            self.geometry.settings,
+            self.geometry.rule,
             active=self.active[:rows],
             launch=host is None or host.compressing > 0,
         )

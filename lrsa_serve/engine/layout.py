@@ -16,6 +16,7 @@ import torch
 
 from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig
+from lrsa_serve.kernels.compacted_view import ViewShape
 from lrsa_serve.lagkv import Ints  # the host's per-step lengths are numpy (cheaper on CPU)
 
 
@@ -76,15 +77,14 @@ class BlockGeometry:
         cols = self.partition_columns(partition)
         return range(cols.start + self.keep_blocks, cols.stop)
 
+    @property
+    def view_shape(self) -> ViewShape:
+        """The same geometry as the compacted-view kernels take it."""
+        return ViewShape(self.rule, self.block_size)
+
     def live_columns(self, num_columns: int, compressed: torch.Tensor) -> torch.Tensor:
-        """``[R, num_columns]`` logical column read by each physical column, for requests with
-        ``compressed[r]`` partitions compressed. Columns past a request's length are don't-care
-        (clamped), the builder's sequence lengths stop attention before them."""
-        phys = torch.arange(num_columns, device=compressed.device)[None, :]
-        done = ((phys - self.sink_blocks).clamp(min=0) // self.keep_blocks).clamp(
-            max=compressed[:, None]
-        )
-        return (phys + done * (self.part_blocks - self.keep_blocks)).clamp(max=num_columns - 1)
+        """``ViewShape.live_columns``: which logical column each physical column reads."""
+        return self.view_shape.live_columns(num_columns, compressed)
 
     def peak_blocks(self, max_len: int) -> int:
         """Most blocks one sequence of up to ``max_len`` tokens holds at once: its resident tokens

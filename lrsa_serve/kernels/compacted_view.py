@@ -22,27 +22,37 @@ from dataclasses import dataclass
 
 import torch
 
+from lrsa_serve import lagkv
+
 
 @dataclass(frozen=True)
 class ViewShape:
-    """The LagKV geometry the view needs, in tokens and blocks."""
+    """The rule in blocks of the paged cache."""
 
-    sink: int
-    lag: int
-    keep: int
+    rule: lagkv.Rule
     block_size: int
 
     @property
     def sink_blocks(self) -> int:
-        return self.sink // self.block_size
+        return self.rule.sink // self.block_size
 
     @property
     def part_blocks(self) -> int:
-        return self.lag // self.block_size
+        return self.rule.lag // self.block_size
 
     @property
     def keep_blocks(self) -> int:
-        return self.keep // self.block_size
+        return self.rule.keep // self.block_size
+
+    def live_columns(self, num_columns: int, compressed: torch.Tensor) -> torch.Tensor:
+        """``[R, num_columns]`` logical column read by each physical column, for requests with
+        ``compressed[r]`` partitions compressed. Columns past a request's length are don't-care
+        (clamped), the sequence lengths stop attention before them."""
+        phys = torch.arange(num_columns, device=compressed.device)[None, :]
+        done = ((phys - self.sink_blocks).clamp(min=0) // self.keep_blocks).clamp(
+            max=compressed[:, None]
+        )
+        return (phys + done * (self.part_blocks - self.keep_blocks)).clamp(max=num_columns - 1)
 
 
 @dataclass
@@ -54,10 +64,6 @@ class ViewBuffers:
     part_blocks: torch.Tensor  # [rows, lag / block_size] int32
     ref_blocks: torch.Tensor  # [rows, lag / block_size] int32
     active: torch.Tensor  # [rows] int32
-
-
-def _compressed(tokens: torch.Tensor, shape: ViewShape) -> torch.Tensor:
-    return ((tokens - shape.sink) // shape.lag - 1).clamp(min=0)
 
 
 def compacted_view_torch(
@@ -72,17 +78,14 @@ def compacted_view_torch(
     n = num_reqs
     seq = seq_lens[:n].long()
     query = (query_start_loc[1 : n + 1] - query_start_loc[:n]).long()
-    before = _compressed(seq - query, shape)
-    active = _compressed(seq, shape) > before
+    before = lagkv.compressed_partitions_each(seq - query, shape.rule)
+    active = lagkv.compressed_partitions_each(seq, shape.rule) > before
 
     table = block_table[:n]
     width = table.shape[1]
-    phys = torch.arange(width, device=table.device)[None, :]
-    done = ((phys - shape.sink_blocks).clamp(min=0) // shape.keep_blocks).clamp(max=before[:, None])
-    live = (phys + done * (shape.part_blocks - shape.keep_blocks)).clamp(max=width - 1)
-    torch.gather(table, 1, live, out=out.table[:n])
+    torch.gather(table, 1, shape.live_columns(width, before), out=out.table[:n])
     out.seq_lens[: seq_lens.shape[0]].copy_(seq_lens)
-    out.seq_lens[:n] -= (before * (shape.lag - shape.keep)).to(torch.int32)
+    out.seq_lens[:n] -= (before * shape.rule.evicted).to(torch.int32)
 
     offsets = torch.arange(shape.part_blocks, device=table.device)
     part_cols = shape.sink_blocks + before[:, None] * shape.part_blocks + offsets
