@@ -32,7 +32,13 @@ from typing import Any
 # GPU memory in this process for the next one (vLLM's EngineCore.shutdown cleans up for that).
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
-from benchmarks.engine_common import print_table, token_prompts  # noqa: E402
+from benchmarks.engine_common import (  # noqa: E402
+    greedy,
+    print_table,
+    scheduler_of,
+    token_prompts,
+    write_json,
+)
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -183,7 +189,7 @@ class StepCounter:
 
     def __init__(self, llm) -> None:
         self.steps = self.prefill_steps = self.prefill_tokens = 0
-        scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+        scheduler = scheduler_of(llm)
         schedule = scheduler.schedule
 
         def counted(*args, **kwargs):
@@ -218,12 +224,10 @@ def metric_totals(llm) -> dict[str, float]:
 
 
 def generate(llm, prompts: list[list[int]], new: int):
-    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    params = SamplingParams(max_tokens=new, ignore_eos=True, temperature=0)
     inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
-    return llm.generate(inputs, params, use_tqdm=False)
+    return llm.generate(inputs, greedy(new), use_tqdm=False)
 
 
 LAGKV_SAMPLES = {
@@ -469,9 +473,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "summary": [dict(zip(HEADER, r, strict=True)) for r in rows],
         "steps": [dict(zip(STEP_HEADER, r, strict=True)) for r in step_rows(results)],
     }
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    write_json(args.json, report)
     return report
 
 
