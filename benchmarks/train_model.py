@@ -29,13 +29,9 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, AutoConfig
 
-from benchmarks.random_models import (
-    qwen2_half_billion_config,
-    random_model,
-    tiny_config,
-)
+from benchmarks.random_models import random_model, tiny_config
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.training import loop
 from lrsa_serve.training import model as model_mod
@@ -45,6 +41,7 @@ from lrsa_serve.training.config import LRSA_KERNELS, ModelConfig, OptimConfig
 from lrsa_serve.training.data import IGNORE_INDEX
 
 FLOOR = "lrsa_bench_floor"
+QWEN2_HALF_BILLION = Path(__file__).parent / "configs" / "qwen2-0.5b-class"
 
 
 def no_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
@@ -159,7 +156,10 @@ def main() -> int:
     started = time.time()
     cfg = LagKVConfig(sink=args.sink, lag=args.lag, ratio=args.ratio)
     device = torch.device("cpu" if args.smoke else "cuda")
-    config = tiny_config("qwen2", vocab_size=300) if args.smoke else qwen2_half_billion_config()
+    if args.smoke:
+        config = tiny_config("qwen2", vocab_size=300)
+    else:
+        config = AutoConfig.from_pretrained(QWEN2_HALF_BILLION)
     with device:
         model = random_model(config)
     params = sum(p.numel() for p in model.parameters())
