@@ -248,9 +248,13 @@ def lagkv_totals() -> dict[str, float]:
     }
 
 
+def counters(llm, steps: StepCounter) -> dict[str, float]:
+    """Every running total a workload's run is the difference of."""
+    return steps.snapshot() | metric_totals(llm) | lagkv_totals()
+
+
 def timed(llm, steps: StepCounter, w: Workload, prompts: list[list[int]]) -> dict[str, Any]:
-    before, metrics_before = steps.snapshot(), metric_totals(llm)
-    lagkv_before = lagkv_totals()
+    before = counters(llm, steps)
     started = time.perf_counter()
     outputs = generate(llm, prompts, w.new)
     seconds = time.perf_counter() - started
@@ -263,9 +267,7 @@ def timed(llm, steps: StepCounter, w: Workload, prompts: list[list[int]]) -> dic
         tokens_per_s=(prompt_tokens + generated) / seconds,
         requests_per_s=len(prompts) / seconds,
     )
-    run |= {k: v - before[k] for k, v in steps.snapshot().items()}
-    run |= {k: v - metrics_before[k] for k, v in metric_totals(llm).items()}
-    run |= {k: v - lagkv_before[k] for k, v in lagkv_totals().items()}
+    run |= {k: v - before[k] for k, v in counters(llm, steps).items()}
     run["prefill_tokens_per_step"] = run["prefill_tokens"] / max(1, run["prefill_steps"])
     run["ms_per_step"] = 1e3 * seconds / max(1, run["steps"])
     return run

@@ -188,6 +188,7 @@ def main() -> int:
     # (name in the JSON, LRSA variant or None for dense): the first variant is plain "lrsa"
     runs = [("dense", None), ("lrsa", args.lrsa_variants[0])]
     runs += [(f"lrsa_{v}", v) for v in args.lrsa_variants[1:]]
+    others = [name for name, _ in runs[2:]]  # the LRSA variants after the first
     if args.floor:
         runs.append(("floor", FLOOR))
     for checkpointing in args.checkpointing:
@@ -231,28 +232,25 @@ def main() -> int:
                 row[f"{attention}_tokens_per_s"] = n / seconds
                 if device.type == "cuda":
                     row[f"{attention}_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-            lrsa_runs = [name for name, _ in runs[2:] if name != "floor"]
-            for attention in lrsa_runs:  # the other variants' speedups
-                if isinstance(row.get("dense_s"), float) and isinstance(
-                    row.get(f"{attention}_s"), float
-                ):
-                    row[f"{attention}_speedup"] = row["dense_s"] / row[f"{attention}_s"]
-            if isinstance(row.get("dense_s"), float) and isinstance(row.get("lrsa_s"), float):
-                row["speedup"] = row["dense_s"] / row["lrsa_s"]
+            # the configurations that ran (not skipped by the deadline, not out of memory)
+            done = {a: row[f"{a}_s"] for a, _ in runs if isinstance(row[f"{a}_s"], float)}
+            for attention in others:  # the other variants' speedups
+                if "dense" in done and attention in done:
+                    row[f"{attention}_speedup"] = done["dense"] / done[attention]
+            if "dense" in done and "lrsa" in done:
+                row["speedup"] = done["dense"] / done["lrsa"]
                 head_dim = config.hidden_size // config.num_attention_heads
                 _, replays = parse_variant(args.lrsa_variants[0])
                 per_layer = selection_ms(n, config.num_key_value_heads, head_dim, cfg, device)
                 passes = 2 if checkpointing == "on" and not replays else 1
                 select_s = per_layer * config.num_hidden_layers * passes / 1e3
                 row["selection_ms_per_layer"] = per_layer
-                row["selection_share_of_lrsa_step"] = select_s / row["lrsa_s"]
-            if isinstance(row.get("dense_s"), float) and isinstance(row.get("floor_s"), float):
-                attention_s = row["dense_s"] - row["floor_s"]
-                row["pair_ratio"] = pair_ratio(n, cfg)
+                row["selection_share_of_lrsa_step"] = select_s / done["lrsa"]
+            if "dense" in done and "floor" in done:
+                attention_s = done["dense"] - done["floor"]
+                row["pair_ratio"] = ratio = pair_ratio(n, cfg)
                 row["dense_attention_s"] = attention_s
-                row["best_speedup"] = row["dense_s"] / (
-                    row["floor_s"] + attention_s / row["pair_ratio"]
-                )
+                row["best_speedup"] = done["dense"] / (done["floor"] + attention_s / ratio)
             result["rows"].append(row)
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
             print(json.dumps(row), flush=True)
@@ -260,7 +258,6 @@ def main() -> int:
         f"\n{result['device']}, torch {result['torch']}, random Qwen2 {params / 1e6:.0f}M params, "
         f"bf16 autocast, batch 1, loss on last {args.target_tokens} tokens, {cfg.short()}"
     )
-    others = [name for name, _ in runs[2:] if name != "floor"]
     extra = "".join(f" {name + ' tok/s':>18} {'speedup':>8}" for name in others)
     print(
         f"lrsa = kernel {args.lrsa_variants[0]}\n"
