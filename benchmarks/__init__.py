@@ -2,5 +2,5 @@
 root or an installed package: ``python -m benchmarks.engine_memory --json out/engine_memory.json``.
 
 ``engine_memory`` and ``engine_throughput`` are what ``lrsa bench`` runs; the others need a GPU
-or are one-off experiments (each module's docstring gives its command).
+(each module's docstring gives its command). ``random_models`` builds their tiny and random models.
 """

@@ -1,14 +1,17 @@
-"""What both engine benchmarks share: in-process engines (vanilla and LagKV, one after the
-other in the same process) and prompts of exact token lengths."""
+"""What the engine benchmarks share: in-process engines (vanilla and LagKV, one after the
+other in the same process), prompts of exact token lengths, greedy requests, the results JSON."""
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 # In-process engines: the benchmarks read the scheduler's KV manager directly.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -17,9 +20,11 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 from lrsa_serve.config import LagKVConfig  # noqa: E402
 
 
-def add_engine_arguments(parser, eager: bool) -> None:
-    """``eager``: this benchmark's default for --enforce-eager (vLLM's torch.compile costs ~2 min
+def engine_parser(doc: str, eager: bool) -> argparse.ArgumentParser:
+    """The flags both CPU engine benchmarks take, described by the first line of ``doc``.
+    ``eager``: this benchmark's default for --enforce-eager (vLLM's torch.compile costs ~2 min
     per engine on 2 cores; worth it where step speed is measured, as `lrsa serve` compiles)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--model", default=None, help="model folder (default: the default model)")
     parser.add_argument(
         "--dtype",
@@ -37,10 +42,33 @@ def add_engine_arguments(parser, eager: bool) -> None:
     parser.add_argument("--lag", type=int, default=None)
     parser.add_argument("--ratio", type=float, default=None)
     parser.add_argument("--json", default=None, help="write the results here")
+    return parser
 
 
-def settings_from(args) -> LagKVConfig:
+def settings_from(args: argparse.Namespace) -> LagKVConfig:
     return LagKVConfig.build(sink=args.sink, lag=args.lag, ratio=args.ratio)
+
+
+def engine_flags(args: argparse.Namespace, max_model_len: int) -> dict[str, Any]:
+    """The vllm.LLM arguments both engines of a run get."""
+    return dict(dtype=args.dtype, max_model_len=max_model_len, enforce_eager=args.enforce_eager)
+
+
+def new_results(args: argparse.Namespace, settings: LagKVConfig) -> dict[str, Any]:
+    """The results JSON before its runs: what both engines ran with."""
+    return {
+        "settings": settings.model_dump(),
+        "dtype": args.dtype,
+        "enforce_eager": args.enforce_eager,
+        "runs": {},
+    }
+
+
+def write_json(path: str | None, results: dict[str, Any]) -> None:
+    """``--json``: the results, where one was given."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(results, indent=2))
 
 
 def token_prompts(count: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -66,6 +94,23 @@ def engine(model: str | None, settings: LagKVConfig | None, **kwargs) -> Iterato
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
+
+
+def greedy(max_tokens: int) -> Any:
+    """Sampling of exactly ``max_tokens`` greedy tokens (EOS ignored: both engines do the same
+    work)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def add_requests(llm, prompts: dict[str, list[int]], max_tokens: int) -> None:
+    """Queues each prompt under its request id, to be run with ``llm.llm_engine.step()``."""
+    from vllm.inputs import TokensPrompt
+
+    params = greedy(max_tokens)
+    for request_id, prompt in prompts.items():
+        llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt), params)
 
 
 def scheduler_of(llm):

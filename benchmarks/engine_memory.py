@@ -10,36 +10,22 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
 
-from benchmarks.engine_common import (
-    add_engine_arguments,
-    engine,
-    held_blocks,
-    print_table,
-    scheduler_of,
-    settings_from,
-    token_prompts,
-)
+from benchmarks import engine_common as common
 from lrsa_serve import lagkv
 
 
 def blocks_per_length(llm, lengths: list[int], new_tokens: int) -> dict[int, dict]:
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
     engine_ = llm.llm_engine
-    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     results = {}
-    for length, prompt in zip(lengths, token_prompts(len(lengths), max(lengths)), strict=True):
-        engine_.add_request(f"len{length}", TokensPrompt(prompt_token_ids=prompt[:length]), params)
+    prompts = common.token_prompts(len(lengths), max(lengths))
+    for length, prompt in zip(lengths, prompts, strict=True):
+        common.add_requests(llm, {f"len{length}": prompt[:length]}, new_tokens)
         peak = last = 0
         while engine_.has_unfinished_requests():
             engine_.step()
-            held = sum(held_blocks(llm).values())
+            held = sum(common.held_blocks(llm).values())
             if held:
                 peak, last = max(peak, held), held
         results[length] = {"peak_blocks": peak, "final_blocks": last}
@@ -47,14 +33,10 @@ def blocks_per_length(llm, lengths: list[int], new_tokens: int) -> dict[int, dic
 
 
 def concurrency(llm, requests: int, length: int, new_tokens: int) -> dict:
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
     engine_ = llm.llm_engine
-    scheduler = scheduler_of(llm)
-    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    for i, prompt in enumerate(token_prompts(requests, length, seed=1)):
-        engine_.add_request(f"c{i}", TokensPrompt(prompt_token_ids=prompt), params)
+    scheduler = common.scheduler_of(llm)
+    prompts = common.token_prompts(requests, length, seed=1)
+    common.add_requests(llm, {f"c{i}": prompt for i, prompt in enumerate(prompts)}, new_tokens)
     seen, most_running, started = {}, 0, time.perf_counter()
     while engine_.has_unfinished_requests():
         engine_.step()
@@ -68,8 +50,7 @@ def concurrency(llm, requests: int, length: int, new_tokens: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_engine_arguments(parser, eager=True)
+    parser = common.engine_parser(__doc__, eager=True)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8000])
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--pool-blocks", type=int, default=320, help="KV pool for part 2")
@@ -77,21 +58,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--request-length", type=int, default=4096)
     parser.add_argument("--fit-pool", type=int, default=1024, help="pool for the fit columns")
     args = parser.parse_args(argv)
-    settings = settings_from(args)
+    settings = common.settings_from(args)
     max_len = max(args.lengths + [args.request_length]) + args.new_tokens + 64
-    common = dict(dtype=args.dtype, max_model_len=max_len, enforce_eager=args.enforce_eager)
-
-    results: dict = {
-        "settings": settings.model_dump(),
-        "dtype": args.dtype,
-        "enforce_eager": args.enforce_eager,
-        "runs": {},
-    }
+    flags = common.engine_flags(args, max_len)
+    results = common.new_results(args, settings)
     for name, cfg in (("vanilla", None), ("lagkv", settings)):
-        with engine(args.model, cfg, **common) as llm:
+        with common.engine(args.model, cfg, **flags) as llm:
             per_length = blocks_per_length(llm, args.lengths, args.new_tokens)
             block_size = llm.llm_engine.vllm_config.cache_config.block_size
-        with engine(args.model, cfg, num_gpu_blocks_override=args.pool_blocks, **common) as llm:
+        fixed_pool = dict(num_gpu_blocks_override=args.pool_blocks)
+        with common.engine(args.model, cfg, **fixed_pool, **flags) as llm:
             fit = concurrency(llm, args.requests, args.request_length, args.new_tokens)
         results["runs"][name] = {"per_length": per_length, "pool": fit}
     results["block_size"] = block_size
@@ -108,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{compressed['final_blocks'] / vanilla['final_blocks']:.0%}",
                      vanilla["peak_blocks"], compressed["peak_blocks"], *fit,
                      f"{fit[1] / max(1, fit[0]):.2f}x"])  # fmt: skip
-    print_table(
+    common.print_table(
         f"KV blocks per sequence after prompt + {args.new_tokens} tokens (block = {block_size} "
         f"tokens; {settings.short()}); sequences fitting {args.fit_pool} blocks",
         ["prompt", "vanilla", "lagkv", "formula", "lagkv/vanilla", "peak van", "peak lagkv",
@@ -116,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows,
     )  # fmt: skip
     pool = [results["runs"][n]["pool"] for n in ("vanilla", "lagkv")]
-    print_table(
+    common.print_table(
         f"{args.requests} requests of {args.request_length} tokens in a pool of "
         f"{args.pool_blocks} blocks",
         ["engine", "max running", "preemptions", "seconds"],
@@ -125,9 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     ratio = pool[1]["max_running"] / max(1, pool[0]["max_running"])
     print(f"\nsequences running at once: {ratio:.2f}x vanilla")
     results["fit_ratio"] = ratio
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    common.write_json(args.json, results)
     return results
 
 

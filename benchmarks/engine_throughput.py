@@ -11,29 +11,16 @@ Both engines run the same prompts, dtype and engine flags; ratios are LagKV / va
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from pathlib import Path
 
-from benchmarks.engine_common import (
-    add_engine_arguments,
-    engine,
-    print_table,
-    scheduler_of,
-    settings_from,
-    token_prompts,
-)
+from benchmarks import engine_common as common
 
 
 def time_to_first_token(llm, prompt: list[int]) -> float:
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
     engine_ = llm.llm_engine
     started = time.perf_counter()
-    engine_.add_request("ttft", TokensPrompt(prompt_token_ids=prompt),
-                        SamplingParams(temperature=0.0, max_tokens=1))  # fmt: skip
+    common.add_requests(llm, {"ttft": prompt}, 1)
     while engine_.has_unfinished_requests():
         for out in engine_.step():
             if out.outputs and out.outputs[0].token_ids:
@@ -42,14 +29,9 @@ def time_to_first_token(llm, prompt: list[int]) -> float:
 
 
 def batch_throughput(llm, prompts: list[list[int]], new_tokens: int) -> dict:
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
     engine_ = llm.llm_engine
-    scheduler = scheduler_of(llm)
-    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    for i, prompt in enumerate(prompts):
-        engine_.add_request(f"b{i}", TokensPrompt(prompt_token_ids=prompt), params)
+    scheduler = common.scheduler_of(llm)
+    common.add_requests(llm, {f"b{i}": prompt for i, prompt in enumerate(prompts)}, new_tokens)
     started = time.perf_counter()
     prefill_done = None
     decode_seconds, decode_tokens = 0.0, 0
@@ -73,31 +55,20 @@ def batch_throughput(llm, prompts: list[list[int]], new_tokens: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_engine_arguments(parser, eager=False)
+    parser = common.engine_parser(__doc__, eager=False)
     parser.add_argument("--context", type=int, default=6144)
     parser.add_argument("--sequences", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     args = parser.parse_args(argv)
-    settings = settings_from(args)
-    common = dict(
-        dtype=args.dtype,
-        max_model_len=args.context + args.new_tokens + 64,
-        enforce_eager=args.enforce_eager,
-    )
+    settings = common.settings_from(args)
+    flags = common.engine_flags(args, args.context + args.new_tokens + 64)
     if args.max_num_batched_tokens:
-        common["max_num_batched_tokens"] = args.max_num_batched_tokens
-    prompts = token_prompts(args.sequences + 1, args.context, seed=2)
-
-    results: dict = {
-        "settings": settings.model_dump(),
-        "dtype": args.dtype,
-        "enforce_eager": args.enforce_eager,
-        "runs": {},
-    }
+        flags["max_num_batched_tokens"] = args.max_num_batched_tokens
+    prompts = common.token_prompts(args.sequences + 1, args.context, seed=2)
+    results = common.new_results(args, settings)
     for name, cfg in (("vanilla", None), ("lagkv", settings)):
-        with engine(args.model, cfg, **common) as llm:
+        with common.engine(args.model, cfg, **flags) as llm:
             run = {"ttft_s": time_to_first_token(llm, prompts[-1])}
             run |= batch_throughput(llm, prompts[:-1], args.new_tokens)
         results["runs"][name] = run
@@ -110,16 +81,14 @@ def main(argv: list[str] | None = None) -> dict:
                        ("ttft_s", "TTFT s")):  # fmt: skip
         rows.append([label, f"{vanilla[key]:.1f}", f"{lagkv_run[key]:.1f}",
                      f"{lagkv_run[key] / vanilla[key]:.2f}x"])  # fmt: skip
-    print_table(
+    common.print_table(
         f"{args.sequences} x {args.context}-token prompts, {args.new_tokens} new tokens, "
         f"{args.dtype}, {'eager' if args.enforce_eager else 'compiled'}, {settings.short()}",
         ["metric", "vanilla", "lagkv", "lagkv/vanilla"],
         rows,
     )
     results["ratios"] = {row[0]: row[3] for row in rows}
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    common.write_json(args.json, results)
     return results
 
 

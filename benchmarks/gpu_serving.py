@@ -32,7 +32,13 @@ from typing import Any
 # GPU memory in this process for the next one (vLLM's EngineCore.shutdown cleans up for that).
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
-from benchmarks.engine_common import print_table, token_prompts  # noqa: E402
+from benchmarks.engine_common import (  # noqa: E402
+    greedy,
+    print_table,
+    scheduler_of,
+    token_prompts,
+    write_json,
+)
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -183,7 +189,7 @@ class StepCounter:
 
     def __init__(self, llm) -> None:
         self.steps = self.prefill_steps = self.prefill_tokens = 0
-        scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+        scheduler = scheduler_of(llm)
         schedule = scheduler.schedule
 
         def counted(*args, **kwargs):
@@ -218,12 +224,10 @@ def metric_totals(llm) -> dict[str, float]:
 
 
 def generate(llm, prompts: list[list[int]], new: int):
-    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    params = SamplingParams(max_tokens=new, ignore_eos=True, temperature=0)
     inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
-    return llm.generate(inputs, params, use_tqdm=False)
+    return llm.generate(inputs, greedy(new), use_tqdm=False)
 
 
 LAGKV_SAMPLES = {
@@ -244,9 +248,13 @@ def lagkv_totals() -> dict[str, float]:
     }
 
 
+def counters(llm, steps: StepCounter) -> dict[str, float]:
+    """Every running total a workload's run is the difference of."""
+    return steps.snapshot() | metric_totals(llm) | lagkv_totals()
+
+
 def timed(llm, steps: StepCounter, w: Workload, prompts: list[list[int]]) -> dict[str, Any]:
-    before, metrics_before = steps.snapshot(), metric_totals(llm)
-    lagkv_before = lagkv_totals()
+    before = counters(llm, steps)
     started = time.perf_counter()
     outputs = generate(llm, prompts, w.new)
     seconds = time.perf_counter() - started
@@ -259,9 +267,7 @@ def timed(llm, steps: StepCounter, w: Workload, prompts: list[list[int]]) -> dic
         tokens_per_s=(prompt_tokens + generated) / seconds,
         requests_per_s=len(prompts) / seconds,
     )
-    run |= {k: v - before[k] for k, v in steps.snapshot().items()}
-    run |= {k: v - metrics_before[k] for k, v in metric_totals(llm).items()}
-    run |= {k: v - lagkv_before[k] for k, v in lagkv_totals().items()}
+    run |= {k: v - before[k] for k, v in counters(llm, steps).items()}
     run["prefill_tokens_per_step"] = run["prefill_tokens"] / max(1, run["prefill_steps"])
     run["ms_per_step"] = 1e3 * seconds / max(1, run["steps"])
     return run
@@ -469,9 +475,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "summary": [dict(zip(HEADER, r, strict=True)) for r in rows],
         "steps": [dict(zip(STEP_HEADER, r, strict=True)) for r in step_rows(results)],
     }
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    write_json(args.json, report)
     return report
 
 

@@ -93,10 +93,10 @@ def geometry(lag: int) -> BlockGeometry:
 
 class PagedLayer:
     """One layer's paged cache ([blocks, kv heads, block, 2 * head_dim], K|V packed) holding
-    partitions p and p+1 of `requests` requests on shuffled blocks."""
+    partitions p and p+1 of `requests` requests on shuffled blocks; each keeps `keep` rows."""
 
     def __init__(self, requests: int, lag: int, device: torch.device, gen: torch.Generator):
-        per_part = geometry(lag).part_blocks
+        per_part, self.keep = geometry(lag).part_blocks, geometry(lag).rule.keep
         num_blocks = requests * 2 * per_part + 64
         self.kv = torch.randn(
             num_blocks, KV_HEADS, BLOCK_SIZE, 2 * HEAD_DIM, device=device, generator=gen
@@ -107,34 +107,35 @@ class PagedLayer:
         self.part, self.ref = table[:, :per_part], table[:, per_part:]
         self.requests, self.lag = requests, lag
 
-    def must_move_bytes(self, keep: int) -> int:
+    def must_move_bytes(self) -> int:
         """Partitions p and p+1 of K and V read once, kept K and V rows written once."""
-        rows = self.requests * KV_HEADS * (2 * 2 * self.lag + 2 * keep)
+        rows = self.requests * KV_HEADS * (2 * 2 * self.lag + 2 * self.keep)
         return rows * HEAD_DIM * self.kv.element_size()
 
+    def selected(self) -> torch.Tensor:
+        """The rows each request keeps of partition p (this package's select kernel)."""
+        return select.select_kept(self.key, self.value, self.part, self.ref, self.keep)
 
-def compression_times(layer: PagedLayer, keep: int, device: torch.device) -> dict[str, float]:
-    def run_select() -> torch.Tensor:
-        return select.select_kept(layer.key, layer.value, layer.part, layer.ref, keep)
+    def compress(self) -> None:
+        """select + compact, as a step where every request compresses runs them."""
+        compact.compact_kept(self.key, self.value, self.part, self.selected())
 
-    kept = run_select()
-    out = {
-        "select_ms": timed_ms(run_select, device),
+    def compress_in_torch(self) -> None:
+        """The same with the plain-torch path (``naive.py``)."""
+        kept = naive.select_kept(self.key, self.value, self.part, self.ref, self.keep)
+        naive.compact_kept(self.key, self.value, self.part, kept)
+
+
+def compression_times(layer: PagedLayer, device: torch.device) -> dict[str, float]:
+    kept = layer.selected()
+    return {
+        "select_ms": timed_ms(layer.selected, device),
         "compact_ms": timed_ms(
             lambda: compact.compact_kept(layer.key, layer.value, layer.part, kept), device
         ),
+        "total_ms": timed_ms(layer.compress, device),
+        "torch_ms": timed_ms(layer.compress_in_torch, device),
     }
-
-    def both() -> None:
-        compact.compact_kept(layer.key, layer.value, layer.part, run_select())
-
-    def torch_both() -> None:
-        got = naive.select_kept(layer.key, layer.value, layer.part, layer.ref, keep)
-        naive.compact_kept(layer.key, layer.value, layer.part, got)
-
-    out["total_ms"] = timed_ms(both, device)
-    out["torch_ms"] = timed_ms(torch_both, device)
-    return out
 
 
 SWEEP = [
@@ -147,28 +148,25 @@ SWEEP = [
 ]
 
 
-def sweep_select_configs(layer: PagedLayer, keep: int, device: torch.device) -> list[dict]:
+def sweep_select_configs(layer: PagedLayer, device: torch.device) -> list[dict]:
     """select time under other tile sizes / warp counts (module knobs of select.py), and with
     the float32 approximate spread (EXACT_SPREAD=False) to price the exact arithmetic. "same":
     the selection equals the default configuration's."""
 
-    def run() -> torch.Tensor:
-        return select.select_kept(layer.key, layer.value, layer.part, layer.ref, keep)
-
-    reference = run()
+    reference = layer.selected()
     rows = []
     for knobs in SWEEP:
         saved = {name: getattr(select, name) for name in knobs}
         try:
             for name, value in knobs.items():
                 setattr(select, name, value)
-            same = bool(torch.equal(run(), reference))
+            same = bool(torch.equal(layer.selected(), reference))
             rows.append(
                 {
                     "requests": layer.requests,
                     **knobs,
                     "same": same,
-                    "select_ms": timed_ms(run, device),
+                    "select_ms": timed_ms(layer.selected, device),
                 }
             )
         finally:
@@ -177,21 +175,16 @@ def sweep_select_configs(layer: PagedLayer, keep: int, device: torch.device) -> 
     return rows
 
 
-def kernel_breakdown(layer: PagedLayer, keep: int, device: torch.device) -> dict:
+def kernel_breakdown(layer: PagedLayer, device: torch.device) -> dict:
     """Where select + compact spend their time: GPU time per kernel (torch profiler, mean of 20
     calls), the whole of it replayed from a CUDA graph (no launch overhead), and the host time
     per call (Python + Triton launches, no synchronisation)."""
-
-    def both() -> None:
-        kept = select.select_kept(layer.key, layer.value, layer.part, layer.ref, keep)
-        compact.compact_kept(layer.key, layer.value, layer.part, kept)
-
     out: dict = {"requests": layer.requests, "lag": layer.lag}
-    both()
+    layer.compress()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(50):
-        both()
+        layer.compress()
     out["host_us_per_call"] = (time.perf_counter() - start) / 50 * 1e6
     torch.cuda.synchronize()
     try:
@@ -199,7 +192,7 @@ def kernel_breakdown(layer: PagedLayer, keep: int, device: torch.device) -> dict
 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(20):
-                both()
+                layer.compress()
             torch.cuda.synchronize()
         for event in prof.key_averages():
             total = getattr(event, "device_time_total", None) or getattr(
@@ -213,12 +206,12 @@ def kernel_breakdown(layer: PagedLayer, keep: int, device: torch.device) -> dict
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            both()
-            both()
+            layer.compress()
+            layer.compress()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            both()
+            layer.compress()
         out["graph_ms"] = timed_ms(graph.replay, device)
     except Exception as err:
         out["graph_error"] = repr(err)
@@ -255,11 +248,10 @@ def main() -> None:
 
     compression: dict[tuple[int, int], dict] = {}
     for lag in lags:
-        keep = geometry(lag).rule.keep
         for batch in batches:
             layer = PagedLayer(batch, lag, device, gen)
-            times = compression_times(layer, keep, device)
-            moved = layer.must_move_bytes(keep)
+            times = compression_times(layer, device)
+            moved = layer.must_move_bytes()
             times["bytes"] = moved
             times["GBps"] = moved / (times["total_ms"] * 1e-3) / 1e9
             times["copy_fraction"] = times["GBps"] * 1e9 / copy_bw
@@ -273,10 +265,9 @@ def main() -> None:
     report["sweep"], report["breakdown"] = [], []
     for batch in batches:
         layer = PagedLayer(batch, lags[0], device, gen)
-        keep = geometry(lags[0]).rule.keep
-        report["sweep"] += sweep_select_configs(layer, keep, device)
+        report["sweep"] += sweep_select_configs(layer, device)
         if device.type == "cuda":
-            report["breakdown"].append(kernel_breakdown(layer, keep, device))
+            report["breakdown"].append(kernel_breakdown(layer, device))
         del layer
     for row in report["sweep"] + report["breakdown"]:
         print(f"{row}", flush=True)

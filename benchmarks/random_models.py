@@ -2,8 +2,8 @@
 in memory (with a ChatML template) and randomly initialised Llama/Qwen2 models of any size.
 Nothing is downloaded.
 
-Here rather than in lrsa_serve, which never uses it: the speed benchmarks build their model shapes
-from it (``train_model``), their ``--smoke`` runs and the tests their tiny models, and
+Here rather than in lrsa_serve, which never uses it: ``train_model`` builds its random model with
+it (of a shape from configs/), its ``--smoke`` run and the tests their tiny models, and
 docs/training.md saves a tiny model with ``save_tiny_model`` for the two-GPU comparison."""
 
 from __future__ import annotations
@@ -78,21 +78,6 @@ def tiny_config(kind: str = "llama", vocab_size: int = 400, **overrides: Any) ->
     if kind == "qwen2":
         return Qwen2Config(use_sliding_window=False, **fields)
     raise ValueError(f"unknown tiny model kind {kind!r}")
-
-
-def qwen2_half_billion_config(vocab_size: int = 151936) -> PretrainedConfig:
-    """Qwen2.5-0.5B's shape (24 layers, 896 hidden, 14 q / 2 kv heads of 64): speed benchmarks."""
-    return tiny_config(
-        "qwen2",
-        vocab_size=vocab_size,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        max_position_embeddings=32768 + 1024,
-        rope_theta=1_000_000.0,
-    )
 
 
 def random_model(config: PretrainedConfig, seed: int = 0) -> torch.nn.Module:

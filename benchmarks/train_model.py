@@ -29,13 +29,9 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, AutoConfig
 
-from benchmarks.random_models import (
-    qwen2_half_billion_config,
-    random_model,
-    tiny_config,
-)
+from benchmarks.random_models import random_model, tiny_config
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.training import loop
 from lrsa_serve.training import model as model_mod
@@ -45,6 +41,7 @@ from lrsa_serve.training.config import LRSA_KERNELS, ModelConfig, OptimConfig
 from lrsa_serve.training.data import IGNORE_INDEX
 
 FLOOR = "lrsa_bench_floor"
+QWEN2_HALF_BILLION = Path(__file__).parent / "configs" / "qwen2-0.5b-class"
 
 
 def no_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
@@ -159,7 +156,10 @@ def main() -> int:
     started = time.time()
     cfg = LagKVConfig(sink=args.sink, lag=args.lag, ratio=args.ratio)
     device = torch.device("cpu" if args.smoke else "cuda")
-    config = tiny_config("qwen2", vocab_size=300) if args.smoke else qwen2_half_billion_config()
+    if args.smoke:
+        config = tiny_config("qwen2", vocab_size=300)
+    else:
+        config = AutoConfig.from_pretrained(QWEN2_HALF_BILLION)
     with device:
         model = random_model(config)
     params = sum(p.numel() for p in model.parameters())
@@ -188,6 +188,7 @@ def main() -> int:
     # (name in the JSON, LRSA variant or None for dense): the first variant is plain "lrsa"
     runs = [("dense", None), ("lrsa", args.lrsa_variants[0])]
     runs += [(f"lrsa_{v}", v) for v in args.lrsa_variants[1:]]
+    others = [name for name, _ in runs[2:]]  # the LRSA variants after the first
     if args.floor:
         runs.append(("floor", FLOOR))
     for checkpointing in args.checkpointing:
@@ -231,28 +232,25 @@ def main() -> int:
                 row[f"{attention}_tokens_per_s"] = n / seconds
                 if device.type == "cuda":
                     row[f"{attention}_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-            lrsa_runs = [name for name, _ in runs[2:] if name != "floor"]
-            for attention in lrsa_runs:  # the other variants' speedups
-                if isinstance(row.get("dense_s"), float) and isinstance(
-                    row.get(f"{attention}_s"), float
-                ):
-                    row[f"{attention}_speedup"] = row["dense_s"] / row[f"{attention}_s"]
-            if isinstance(row.get("dense_s"), float) and isinstance(row.get("lrsa_s"), float):
-                row["speedup"] = row["dense_s"] / row["lrsa_s"]
+            # the configurations that ran (not skipped by the deadline, not out of memory)
+            done = {a: row[f"{a}_s"] for a, _ in runs if isinstance(row[f"{a}_s"], float)}
+            for attention in others:  # the other variants' speedups
+                if "dense" in done and attention in done:
+                    row[f"{attention}_speedup"] = done["dense"] / done[attention]
+            if "dense" in done and "lrsa" in done:
+                row["speedup"] = done["dense"] / done["lrsa"]
                 head_dim = config.hidden_size // config.num_attention_heads
                 _, replays = parse_variant(args.lrsa_variants[0])
                 per_layer = selection_ms(n, config.num_key_value_heads, head_dim, cfg, device)
                 passes = 2 if checkpointing == "on" and not replays else 1
                 select_s = per_layer * config.num_hidden_layers * passes / 1e3
                 row["selection_ms_per_layer"] = per_layer
-                row["selection_share_of_lrsa_step"] = select_s / row["lrsa_s"]
-            if isinstance(row.get("dense_s"), float) and isinstance(row.get("floor_s"), float):
-                attention_s = row["dense_s"] - row["floor_s"]
-                row["pair_ratio"] = pair_ratio(n, cfg)
+                row["selection_share_of_lrsa_step"] = select_s / done["lrsa"]
+            if "dense" in done and "floor" in done:
+                attention_s = done["dense"] - done["floor"]
+                row["pair_ratio"] = ratio = pair_ratio(n, cfg)
                 row["dense_attention_s"] = attention_s
-                row["best_speedup"] = row["dense_s"] / (
-                    row["floor_s"] + attention_s / row["pair_ratio"]
-                )
+                row["best_speedup"] = done["dense"] / (done["floor"] + attention_s / ratio)
             result["rows"].append(row)
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
             print(json.dumps(row), flush=True)
@@ -260,7 +258,6 @@ def main() -> int:
         f"\n{result['device']}, torch {result['torch']}, random Qwen2 {params / 1e6:.0f}M params, "
         f"bf16 autocast, batch 1, loss on last {args.target_tokens} tokens, {cfg.short()}"
     )
-    others = [name for name, _ in runs[2:] if name != "floor"]
     extra = "".join(f" {name + ' tok/s':>18} {'speedup':>8}" for name in others)
     print(
         f"lrsa = kernel {args.lrsa_variants[0]}\n"

@@ -31,6 +31,8 @@ from lrsa_serve.errors import UserError
 
 BENCHMARKS = {"memory": "engine_memory", "throughput": "engine_throughput"}
 PACKAGE = "benchmarks"
+ENGINES = ("vanilla", "lagkv")  # the runs each benchmark's JSON holds
+COLORS = {"vanilla": "tab:gray", "lagkv": "tab:green"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -136,73 +138,68 @@ def load_results(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     runs = data.get("runs") if isinstance(data, dict) else None
-    if not isinstance(runs, dict) or not {"vanilla", "lagkv"} <= set(runs):
+    if not isinstance(runs, dict) or not set(ENGINES) <= set(runs):
         raise UserError(f"{path}: expected a benchmark result with runs.vanilla and runs.lagkv")
     return data
 
 
-def _title(data: dict[str, Any]) -> str:
-    s = data.get("settings") or {}
-    return (
-        f"LagKV S{s.get('sink')} L{s.get('lag')} r{s.get('ratio')} vs vanilla vLLM, "
-        f"{data.get('dtype', '?')}"
-    )
-
-
-def plot_memory(data: dict[str, Any], path: Path) -> Path | None:
-    """Left: KV blocks one sequence holds vs its prompt length (after prompt + new tokens, and at
-    the peak), both engines. Right: requests running at once, and preemptions, in a fixed pool."""
-    from lrsa_serve.eval.plots import pyplot
-
-    plt = pyplot()
-    if plt is None:
-        return None
-    runs = data["runs"]
-    try:
-        lengths = sorted(int(n) for n in runs["vanilla"]["per_length"])
-        series = {
-            (engine, kind): [runs[engine]["per_length"][str(n)][kind] for n in lengths]
-            for engine in ("vanilla", "lagkv")
-            for kind in ("final_blocks", "peak_blocks")
-        }
-        pools = [runs[engine]["pool"] for engine in ("vanilla", "lagkv")]
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"engine_memory JSON lacks {e}: not engine_memory.py's format") from None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), width_ratios=[1.6, 1])
-    colors = {"vanilla": "tab:gray", "lagkv": "tab:green"}
-    for (engine, kind), values in series.items():
-        style = "-" if kind == "final_blocks" else "--"
-        label = f"{engine} ({'after prompt' if kind == 'final_blocks' else 'peak'})"
-        left.plot(lengths, values, style, marker="o", color=colors[engine], label=label)
-    left.set_xlabel("prompt length (tokens)")
-    left.set_ylabel(f"KV blocks per sequence (block = {data.get('block_size', '?')} tokens)")
-    left.legend(fontsize=8)
-    left.grid(alpha=0.3)
-    names = ["vanilla", "lagkv"]
-    bars = right.bar(names, [p["max_running"] for p in pools], color=[colors[n] for n in names])
-    for bar, pool in zip(bars, pools, strict=True):
-        right.annotate(
-            f"{pool['preemptions']} preemptions",
+def _label_bars(ax: Any, bars: Any, labels: list[str]) -> None:
+    for bar, label in zip(bars, labels, strict=True):
+        ax.annotate(
+            label,
             (bar.get_x() + bar.get_width() / 2, bar.get_height()),
             ha="center",
             va="bottom",
             fontsize=8,
         )
-    right.set_ylabel("requests running at once (fixed KV pool)")
-    fig.suptitle(_title(data), fontsize=10)
+
+
+def _save(plt: Any, fig: Any, data: dict[str, Any], path: Path) -> Path:
+    """Titles the figure with the run's settings and writes it to ``path``."""
+    s = data.get("settings") or {}
+    fig.suptitle(
+        f"LagKV S{s.get('sink')} L{s.get('lag')} r{s.get('ratio')} vs vanilla vLLM, "
+        f"{data.get('dtype', '?')}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def plot_throughput(data: dict[str, Any], path: Path) -> Path | None:
-    """Decode tokens/s, prefill tokens/s and time to first token, vanilla vs LagKV."""
-    from lrsa_serve.eval.plots import pyplot
+def plot_memory(plt: Any, data: dict[str, Any], path: Path) -> Path:
+    """Left: KV blocks one sequence holds vs its prompt length (after prompt + new tokens, and at
+    the peak), both engines. Right: requests running at once, and preemptions, in a fixed pool."""
+    runs = data["runs"]
+    try:
+        lengths = sorted(int(n) for n in runs["vanilla"]["per_length"])
+        series = {
+            (engine, kind): [runs[engine]["per_length"][str(n)][kind] for n in lengths]
+            for engine in ENGINES
+            for kind in ("final_blocks", "peak_blocks")
+        }
+        pools = [runs[engine]["pool"] for engine in ENGINES]
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"engine_memory JSON lacks {e}: not engine_memory.py's format") from None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), width_ratios=[1.6, 1])
+    for (engine, kind), values in series.items():
+        style = "-" if kind == "final_blocks" else "--"
+        label = f"{engine} ({'after prompt' if kind == 'final_blocks' else 'peak'})"
+        left.plot(lengths, values, style, marker="o", color=COLORS[engine], label=label)
+    left.set_xlabel("prompt length (tokens)")
+    left.set_ylabel(f"KV blocks per sequence (block = {data.get('block_size', '?')} tokens)")
+    left.legend(fontsize=8)
+    left.grid(alpha=0.3)
+    colors = [COLORS[engine] for engine in ENGINES]
+    bars = right.bar(ENGINES, [p["max_running"] for p in pools], color=colors)
+    _label_bars(right, bars, [f"{p['preemptions']} preemptions" for p in pools])
+    right.set_ylabel("requests running at once (fixed KV pool)")
+    return _save(plt, fig, data, path)
 
-    plt = pyplot()
-    if plt is None:
-        return None
+
+def plot_throughput(plt: Any, data: dict[str, Any], path: Path) -> Path:
+    """Decode tokens/s, prefill tokens/s and time to first token, vanilla vs LagKV."""
     metrics = [
         ("decode_tokens_per_s", "decode tokens/s"),
         ("prefill_tokens_per_s", "prefill tokens/s"),
@@ -210,28 +207,17 @@ def plot_throughput(data: dict[str, Any], path: Path) -> Path | None:
     ]
     runs = data["runs"]
     try:
-        values = {key: [float(runs[e][key]) for e in ("vanilla", "lagkv")] for key, _ in metrics}
+        values = {key: [float(runs[e][key]) for e in ENGINES] for key, _ in metrics}
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(
             f"engine_throughput JSON lacks {e}: not engine_throughput.py's format"
         ) from None
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.8))
     for ax, (key, label) in zip(axes, metrics, strict=True):
-        bars = ax.bar(["vanilla", "lagkv"], values[key], color=["tab:gray", "tab:green"])
-        for bar, value in zip(bars, values[key], strict=True):
-            ax.annotate(
-                f"{value:.3g}",
-                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                ha="center",
-                va="bottom",
-                fontsize=8,
-            )
+        bars = ax.bar(ENGINES, values[key], color=[COLORS[engine] for engine in ENGINES])
+        _label_bars(ax, bars, [f"{value:.3g}" for value in values[key]])
         ax.set_title(label, fontsize=10)
-    fig.suptitle(_title(data), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, data, path)
 
 
 PLOTTERS = {"memory": plot_memory, "throughput": plot_throughput}
@@ -249,7 +235,8 @@ def run(args: argparse.Namespace) -> int:
         results = {name: Path(args.from_json) / f"{BENCHMARKS[name]}.json" for name in names}
     else:
         results = {name: run_benchmark(args, name, out) for name in names}
-    if pyplot() is None:
+    plt = pyplot()
+    if plt is None:
         print(
             "lrsa bench: matplotlib is not installed; plots skipped (pip install "
             "'lrsa-serve[eval]')",
@@ -257,6 +244,6 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     for name, json_path in results.items():
-        png = PLOTTERS[name](load_results(json_path), out / f"{BENCHMARKS[name]}.png")
+        png = PLOTTERS[name](plt, load_results(json_path), out / f"{BENCHMARKS[name]}.png")
         print(f"[bench] {name}: {json_path} -> {png}")
     return 0

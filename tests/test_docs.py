@@ -17,9 +17,10 @@ OUTSIDE = re.compile(rb"\.\./shared")
 # [text](target) and ![alt](target); the target ends at whitespace or the closing parenthesis.
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 # A path into the repository as the docs write it (`benchmarks/kernels.py`, tests/test_*.py), not
-# preceded by a path character, so URLs and paths under other folders are left alone.
+# preceded by a path character, so URLs and paths under other folders are left alone, nor by a
+# colon: `COMMIT:benchmarks/x.py` names a file of git history (`git show`), gone from the tree.
 TOP_FOLDERS = "benchmarks|deploy|docs|examples|loadtests|lrsa_serve|notes|tests"
-REPO_PATH = re.compile(rf"(?<![\w./~$-])((?:{TOP_FOLDERS})/[\w.*/-]*)")
+REPO_PATH = re.compile(rf"(?<![\w./~$:-])((?:{TOP_FOLDERS})/[\w.*/-]*)")
 # A module of the repository run with `-m` (`python -m benchmarks.kernels`); upper-case
 # placeholders (`benchmarks.NAME`) are not module names.
 REPO_MODULE = re.compile(rf"(?<![\w-])-m\s+((?:{TOP_FOLDERS})(?:\.[a-z_][a-z0-9_]*)+)(?![\w.])")
@@ -160,6 +161,7 @@ def test_the_checks_catch_what_they_look_for(tmp_path):
         "Run `tests/test_one.py` and tests/test_*.py, not tests/test_gone.py or `docs/b.md`.\n"
         "Paths elsewhere are not ours: https://example.org/tests/x.py, out/docs/y.md.\n"
         "`python -m tests.test_one`, not `python -m tests.test_gone`; `python -m tests.NAME`.\n"
+        "Removed, in history only: `git show 4b64585:tests/test_gone.py`.\n"
     )
     assert outside_references([page], tmp_path) == ["README.md:1"]
     broken = broken_links(page, tmp_path)

@@ -1,5 +1,6 @@
-"""The CPU-checkable parts of ``benchmarks/gpu_serving.py``: arguments, workload sizes, the
-shipped 8B-class config, and the summary table with its goals (fabricated numbers, no engine)."""
+"""The CPU-checkable parts of ``benchmarks/gpu_serving.py``: arguments, workload sizes, and the
+summary table with its goals (fabricated numbers, no engine). Its 8B-class config:
+test_bench_configs.py."""
 
 from __future__ import annotations
 
@@ -53,20 +54,6 @@ def test_workloads_and_engine_arguments(bench):
     assert kw["kv_cache_memory_bytes"] == 6 * 2**30 and "load_format" not in kw
     assert bench.group_of(w["small-membound"]) != bench.group_of(w["small-e2e"])
     assert bench.group_of(w["small-decode"]) == bench.group_of(w["small-e2e"])
-
-
-def test_the_8b_config_is_llama_3_1_8b_shaped(bench):
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(bench.CONFIGS / "llama-8b-class")
-    assert config.model_type == "llama" and config.architectures == ["LlamaForCausalLM"]
-    shape = (config.num_hidden_layers, config.hidden_size, config.intermediate_size,
-             config.num_attention_heads, config.num_key_value_heads, config.head_dim,
-             config.vocab_size, config.max_position_embeddings)  # fmt: skip
-    assert shape == (32, 4096, 14336, 32, 8, 128, 128256, 131072)
-    rope = getattr(config, "rope_parameters", None) or {"rope_theta": config.rope_theta}
-    assert rope["rope_theta"] == 500000
-    assert str(config.dtype) == "torch.bfloat16"
 
 
 def run(seconds: float, prompt: int, generated: int) -> dict:
