@@ -251,8 +251,7 @@ def test_resident_tokens_during_a_request(server, client, long_prompt):
     done = threading.Event()
 
     def scrape():
-        # Until the request returns, however long its first step takes (a cold compile cache
-        # can make it many seconds).
+        # Until the request returns, however long it waits for its first step.
         while not done.is_set():
             sample = server.metrics()  # one scrape: both gauges of the same moment
             seen.append((sample["lagkv_resident_kv_tokens"], sample["lagkv_logical_kv_tokens"]))
