@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lrsa_serve.config import LagKVConfig, add_lagkv_arguments, lagkv_overrides
 from lrsa_serve.errors import UserError
 
 DEFAULT_LENGTHS = (1024, 2048, 4096)
@@ -65,10 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     engine = parser.add_argument_group("in-process engine")
     engine.add_argument("--model", help="model folder (default when no --base-url: the default)")
-    engine.add_argument("--sink", type=int, help="LagKV sink S")
-    engine.add_argument("--lag", type=int, help="LagKV partition size L")
-    engine.add_argument("--ratio", type=float, help="LagKV kept fraction r")
-    engine.add_argument("--score-v-ratio", type=float, help="LagKV value-score weight")
+    add_lagkv_arguments(engine)
     engine.add_argument("--no-lagkv", action="store_true", help="stock vLLM, no compression")
     engine.add_argument(
         "--sweep",
@@ -209,17 +207,12 @@ def build_targets(args: argparse.Namespace, max_tokens: int) -> list:
             )
             for name, url in map(parse_target, args.base_url)
         ]
-    from lrsa_serve.config import LagKVConfig
-    from lrsa_serve.engine.api import resolve_settings
     from lrsa_serve.models import resolve_model
 
     model = resolve_model(args.model)
-    overrides = dict(
-        sink=args.sink, lag=args.lag, ratio=args.ratio, score_v_ratio=args.score_v_ratio
-    )
+    overrides = lagkv_overrides(args)
     if args.sweep is not None:
-        base = resolve_settings(model, None, **(overrides | {"ratio": None}))
-        base = base or LagKVConfig()
+        base = LagKVConfig.for_model(model, **(overrides | {"ratio": None}))
         ratios = args.sweep or list(DEFAULT_SWEEP)
         settings = [None] + [
             LagKVConfig.build(**(base.model_dump() | {"ratio": r})) for r in ratios
@@ -227,7 +220,7 @@ def build_targets(args: argparse.Namespace, max_tokens: int) -> list:
     elif args.no_lagkv:
         settings = [None]
     else:
-        settings = [resolve_settings(model, None, **overrides) or LagKVConfig.build(**overrides)]
+        settings = [LagKVConfig.for_model(model, **overrides)]
     engine_kwargs: dict[str, Any] = dict(
         dtype=args.dtype,
         seed=0,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 
+from lrsa_serve.config import LagKVConfig, add_lagkv_arguments, lagkv_overrides
 from lrsa_serve.errors import UserError
 from lrsa_serve.training.config import LRSA_KERNELS
 
@@ -48,7 +49,6 @@ FLAG_FIELDS = {
     "log_every": ("train", "log_every"),
     "export_dtype": ("train", "export_dtype"),
 }
-LAGKV_FLAGS = ("sink", "lag", "ratio", "score_v_ratio")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,10 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--data", help="JSONL file (messages or prompt/completion) or 'synthetic'")
     p("--eval-data", help="held-out JSONL (synthetic data brings its own eval split)")
     p("--out", help="output folder: checkpoints/, metrics.jsonl and the exported model")
-    p("--sink", type=int, help="LagKV sink S")
-    p("--lag", type=int, help="LagKV partition size L")
-    p("--ratio", type=float, help="LagKV kept fraction r")
-    p("--score-v-ratio", type=float, help="LagKV value-score weight")
+    add_lagkv_arguments(parser)
     p("--max-len", type=int, help="longest example in tokens (default 8192)")
     p("--overlong", choices=("skip", "truncate"), help="over-long examples (default skip)")
     p("--steps", type=int, help="optimizer steps (default 100)")
@@ -117,7 +114,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_job(args: argparse.Namespace):
     """JobConfig from defaults < --config < flags, validated."""
-    from lrsa_serve.config import LagKVConfig
     from lrsa_serve.models import resolve_model
     from lrsa_serve.training.config import JobConfig
 
@@ -141,13 +137,9 @@ def build_job(args: argparse.Namespace):
         job.train.progress = False
     job.model.path = resolve_model(args.model or job.model.path)
     # Settings: flags > --config's lagkv section > the model's config.json > defaults.
-    overrides = {name: getattr(args, name) for name in LAGKV_FLAGS}
+    flags = {name: value for name, value in lagkv_overrides(args).items() if value is not None}
     from_config = job.lagkv.model_dump() if args.config else {}
-    base = LagKVConfig.resolve(job.model.path, **from_config)
-    merged = (base.model_dump() if base else {}) | {
-        k: v for k, v in overrides.items() if v is not None
-    }
-    job.lagkv = LagKVConfig.build(**merged)
+    job.lagkv = LagKVConfig.for_model(job.model.path, **(from_config | flags))
     if job.train.resume and job.data.synthetic_examples is None:
         # The derived count follows --steps; a run resumed with more steps keeps the examples
         # (hence the data order) it started with.
