@@ -19,6 +19,16 @@ from lrsa_serve.errors import one_line
 
 # Without a cap a request that sets no max_tokens generates up to the context limit.
 MAX_TOKENS_CAP = 1024
+# The vLLM flags that lagkv_engine_kwargs checks or completes.
+ENGINE_FLAGS = (
+    "block_size",
+    "dtype",
+    "attention_backend",
+    "enable_prefix_caching",
+    "speculative_config",
+    "kv_transfer_config",
+    "additional_config",
+)
 
 
 def _multiprocess_metrics() -> None:
@@ -104,20 +114,11 @@ def prepare(args: argparse.Namespace, argv: Sequence[str]):
     dtype_reason = "--dtype"
     if args.dtype == "auto":
         args.dtype, dtype_reason = default_dtype()
-    engine_kwargs = lagkv_engine_kwargs(
-        model,
-        settings,
-        block_size=args.block_size,
-        dtype=args.dtype,
-        attention_backend=args.attention_backend,
-        enable_prefix_caching=args.enable_prefix_caching,
-        speculative_config=args.speculative_config,
-        kv_transfer_config=args.kv_transfer_config,
-        additional_config=args.additional_config,
-    )
-    for key in ("enable_prefix_caching", "scheduler_cls", "additional_config", "attention_backend"):
-        if key in engine_kwargs:
-            setattr(args, key, engine_kwargs[key])
+    given = {name: getattr(args, name) for name in ENGINE_FLAGS}
+    # Checked (a refused feature is an error here) and completed: prefix caching off, LagKV's
+    # scheduler, attention backend and additional_config; all of it goes back to vLLM's args.
+    for name, value in lagkv_engine_kwargs(model, settings, **given).items():
+        setattr(args, name, value)
     if args.kv_cache_gib is not None:
         if on_cpu():
             if args.kv_cache_gib != int(args.kv_cache_gib) or args.kv_cache_gib < 1:
