@@ -98,18 +98,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"default: {' '.join(DEFAULT_TASKS)}",
     )
     tasks.add_argument(
-        "--lengths",
-        type=int,
-        nargs="+",
-        default=list(DEFAULT_LENGTHS),
-        help="prompt lengths in tokens",
+        "--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS, help="prompt lengths in tokens"
     )
     tasks.add_argument(
-        "--depths",
-        type=float,
-        nargs="+",
-        default=list(DEFAULT_DEPTHS),
-        help="needle depths in [0, 1]",
+        "--depths", type=float, nargs="+", default=DEFAULT_DEPTHS, help="needle depths in [0, 1]"
     )
     tasks.add_argument("--samples", type=int, default=2, help="items per task x length x depth")
     tasks.add_argument("--seed", type=int, default=0, help="picks the items (eval seed split)")
@@ -157,30 +149,24 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.samples < 1 or args.concurrency < 1:
         raise UserError("--samples and --concurrency must be at least 1")
     if args.base_url:
-        engine_flags = [
-            flag
-            for flag, value in (
-                ("--model", args.model),
-                ("--sweep", args.sweep),
-                ("--sink", args.sink),
-                ("--lag", args.lag),
-                ("--ratio", args.ratio),
-                ("--no-lagkv", args.no_lagkv or None),
-            )
-            if value is not None
-        ]
-        if "--sweep" in engine_flags:
+        if args.sweep is not None:
             raise UserError(
                 "--sweep builds in-process engines; a server's LagKV settings are "
                 "fixed at start, so sweep servers with one --base-url NAME=URL each"
             )
-        if engine_flags:
+        engine_flags = {
+            "--model": args.model,
+            "--sink": args.sink,
+            "--lag": args.lag,
+            "--ratio": args.ratio,
+            "--no-lagkv": args.no_lagkv or None,
+        }
+        if given := [flag for flag, value in engine_flags.items() if value is not None]:
             raise UserError(
-                f"{', '.join(engine_flags)} set an in-process engine, not a server "
+                f"{', '.join(given)} set an in-process engine, not a server "
                 "(use --tokenizer to choose the tokenizer of a --base-url run)"
             )
-        names = [parse_target(text)[0] for text in args.base_url]
-        named = [n for n in names if n]
+        named = [name for name, _ in map(parse_target, args.base_url) if name]
         if len(set(named)) != len(named):
             raise UserError("--base-url names must be distinct")
     if args.sweep is not None and args.no_lagkv:

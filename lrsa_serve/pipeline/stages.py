@@ -135,21 +135,11 @@ def evaluate_models(
         "api": section.api,
     }
     longest = max(section.lengths) + max(item.max_tokens for item in items) + 512
+    options = dict(api=section.api, concurrency=section.concurrency, timeout=section.timeout)
     run = None
     for name, model, model_settings in models:
-
-        def target_for(url: str, api_key: str | None, name: str = name) -> HTTPTarget:
-            return HTTPTarget(
-                url,
-                name=name,
-                api_key=api_key,
-                api=section.api,
-                concurrency=section.concurrency,
-                timeout=section.timeout,
-            )
-
         if name == "base" and config.base.url:
-            target = target_for(config.base.url, config.base.api_key)
+            target = HTTPTarget(config.base.url, name=name, api_key=config.base.api_key, **options)
             target.prepare()
             check_base_server(target, settings)
             say(f"eval {name}: {config.base.url} (already running)")
@@ -168,7 +158,7 @@ def evaluate_models(
                 model, [*flags, *config.serve.args], log, ready_timeout=config.serve.ready_timeout
             ) as server:
                 say(f"serve {name}: ready on {server.url} in {time.monotonic() - started:.0f}s")
-                target = target_for(server.url, server.api_key)
+                target = HTTPTarget(server.url, name=name, api_key=server.api_key, **options)
                 part = run_targets([target], items, eval_config, progress=progress)
         run = part if run is None else run.merged(part)
     return run
