@@ -22,7 +22,6 @@ from lrsa_serve.config import LagKVConfig
 from lrsa_serve.eval.scoring import score_response
 from lrsa_serve.eval.tasks import EvalItem
 
-APIS = ("completions", "chat")
 Progress = Callable[[int, int], None]  # (requests done, of which failed) since the last call
 
 
@@ -291,7 +290,6 @@ class EngineTarget:
         model: str,
         settings: LagKVConfig | None,
         *,
-        name: str | None = None,
         api: str = "completions",
         batch: int = 16,
         llm: Any = None,
@@ -301,7 +299,7 @@ class EngineTarget:
         self.batch, self.engine_kwargs = max(1, batch), engine_kwargs
         lagkv = settings.model_dump() if settings else None
         self.info = TargetInfo(
-            name or setting_label(lagkv),
+            setting_label(lagkv),
             "engine",
             model,
             lagkv,

@@ -105,14 +105,12 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     lagkv: LagKVConfig = field(default_factory=LagKVConfig)
 
-    def fill_derived(self, world_size: int | None = None) -> JobConfig:
+    def fill_derived(self) -> JobConfig:
         """Give the synthetic settings left at None their values for this run, in place, so the
-        job a checkpoint records holds the numbers used. ``world_size`` defaults to torchrun's
-        WORLD_SIZE (1 for a plain run)."""
+        job a checkpoint records holds the numbers used (GPUs: torchrun's WORLD_SIZE)."""
         d = self.data
         if d.synthetic_examples is None:
-            if world_size is None:
-                world_size = int(os.environ.get("WORLD_SIZE", "1"))
+            world_size = int(os.environ.get("WORLD_SIZE", "1"))
             # Each optimizer step takes grad_accum x world_size micro-batches of batch_size;
             # more examples would never be seen, fewer would repeat within the run.
             d.synthetic_examples = (
