@@ -42,7 +42,7 @@ def accuracy_vs_ratio(run: EvalRun, path: Path) -> Path | None:
     models: dict[str, list] = defaultdict(list)
     for info in known:
         models[info.model or info.name].append(info)
-    tasks = list(dict.fromkeys(item.task for item in run.items))
+    tasks = run.tasks
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
     for ax, (model, infos) in zip(axes[0], models.items(), strict=True):
         infos = sorted(infos, key=lambda info: info.kept_ratio)
@@ -116,7 +116,7 @@ def accuracy_by_task(run: EvalRun, path: Path) -> Path | None:
     if plt is None or not run.targets:
         return None
     by_key = lookup(cells(run))
-    tasks = [*dict.fromkeys(item.task for item in run.items), "mean"]
+    tasks = [*run.tasks, "mean"]
     width = 0.8 / len(run.targets)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(tasks) * max(1, len(run.targets) / 2)), 4))
     for k, info in enumerate(run.targets):

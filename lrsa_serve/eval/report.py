@@ -21,38 +21,37 @@ from lrsa_serve.eval.runner import Cell, EvalRun, cells, lookup
 JSON_VERSION = 1
 
 
-def _tasks_and_lengths(run: EvalRun) -> tuple[list[str], list[int]]:
-    tasks = list(dict.fromkeys(item.task for item in run.items))
-    lengths = sorted({item.length for item in run.items})
-    return tasks, lengths
-
-
-def _format(cell: Cell | None) -> str:
+def format_cell(cell: Cell | None, of_n: bool = True) -> str:
+    """``75%``, with the failed requests after it (``(2/8 failed)``, or ``(2 failed)``)."""
     if cell is None:
         return "-"
     text = f"{cell.score:.0%}"
     if cell.failed:
-        text += f" ({cell.failed}/{cell.n} failed)"
+        text += f" ({cell.failed}/{cell.n} failed)" if of_n else f" ({cell.failed} failed)"
     return text
+
+
+def row_keys(run: EvalRun) -> list[tuple[str, int | None]]:
+    """The (task, length) of each table row: a task's lengths, then with several of them the
+    task over all lengths (None); last the mean over everything."""
+    per_task = [*run.lengths, None] if len(run.lengths) > 1 else run.lengths
+    return [(task, length) for task in run.tasks for length in per_task] + [("mean", None)]
+
+
+def length_label(length: int | None) -> str:
+    return "all" if length is None else str(length)
 
 
 def table_rows(run: EvalRun) -> tuple[list[str], list[list[str]]]:
     """Header and rows: one row per task x length, one column per target, plus per-task and
     overall means."""
     by_key = lookup(cells(run))
-    tasks, lengths = _tasks_and_lengths(run)
     names = [t.name for t in run.targets]
-    header = ["task", "length", *names]
-    rows = []
-    for task in tasks:
-        for length in lengths:
-            rows.append(
-                [task, str(length), *(_format(by_key.get((n, task, length))) for n in names)]
-            )
-        if len(lengths) > 1:
-            rows.append([task, "all", *(_format(by_key.get((n, task, None))) for n in names)])
-    rows.append(["mean", "all", *(_format(by_key.get((n, "mean", None))) for n in names)])
-    return header, rows
+    rows = [
+        [task, length_label(length), *(format_cell(by_key.get((n, task, length))) for n in names)]
+        for task, length in row_keys(run)
+    ]
+    return ["task", "length", *names], rows
 
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

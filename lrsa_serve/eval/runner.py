@@ -376,6 +376,15 @@ class EvalRun:
     items: list[EvalItem]
     results: list[ItemResult]
 
+    @property
+    def tasks(self) -> list[str]:
+        """The tasks asked, in the run's order."""
+        return list(dict.fromkeys(item.task for item in self.items))
+
+    @property
+    def lengths(self) -> list[int]:
+        return sorted({item.length for item in self.items})
+
     def merged(self, other: EvalRun) -> EvalRun:
         """Both runs' targets and results (same items), e.g. base and trained model."""
         return EvalRun(
