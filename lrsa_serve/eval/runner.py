@@ -341,24 +341,23 @@ class EngineTarget:
             )
         return [output.outputs[0].text for output in outputs]
 
+    def _answer(self, chunk: Sequence[EvalItem]) -> list[Answer]:
+        if self.llm is None:
+            return [Answer(None, self.start_error or "no engine", 0.0)] * len(chunk)
+        started = time.perf_counter()
+        try:
+            texts = self._generate(chunk)
+        except Exception as e:  # noqa: BLE001 - a failed batch fails its requests only
+            return [Answer(None, f"generation failed: {_short(e)}", 0.0)] * len(chunk)
+        each = (time.perf_counter() - started) / len(chunk)
+        return [Answer(text, None, each) for text in texts]
+
     def run(self, items: Sequence[EvalItem], progress: Progress) -> list[Answer]:
         answers: list[Answer] = []
         for start in range(0, len(items), self.batch):
-            chunk = items[start : start + self.batch]
-            started = time.perf_counter()
-            if self.llm is None:
-                answers += [Answer(None, self.start_error or "no engine", 0.0) for _ in chunk]
-                progress(len(chunk), len(chunk))
-                continue
-            try:
-                texts = self._generate(chunk)
-            except Exception as e:  # noqa: BLE001 - a failed batch fails its requests only
-                answers += [Answer(None, f"generation failed: {_short(e)}", 0.0) for _ in chunk]
-                progress(len(chunk), len(chunk))
-                continue
-            each = (time.perf_counter() - started) / len(chunk)
-            answers += [Answer(text, None, each) for text in texts]
-            progress(len(chunk), 0)
+            batch = self._answer(items[start : start + self.batch])
+            answers += batch
+            progress(len(batch), sum(answer.error is not None for answer in batch))
         return answers
 
     def close(self) -> None:
