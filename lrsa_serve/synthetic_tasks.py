@@ -48,11 +48,7 @@ def fill_to_length(
     tokenizer: Tokenizer, head: str, needle: str, tail: str, tokens: int, depth: float
 ) -> str:
     """head + filler with the needle at ``depth`` + tail, about ``tokens`` tokens long."""
-    fixed = len(tokenizer.encode(head + needle + tail, add_special_tokens=False))
-    per_filler = len(tokenizer.encode(FILLER * 8, add_special_tokens=False)) / 8
-    repeats = max(0, int((tokens - fixed) / per_filler))
-    before = round(repeats * depth)
-    return head + FILLER * before + needle + FILLER * (repeats - before) + tail
+    return fill_with_needles(tokenizer, head, [(depth, needle)], tail, tokens)
 
 
 def passkey(tokenizer: Tokenizer, tokens: int, depth: float, seed: int) -> Example:

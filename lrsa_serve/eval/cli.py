@@ -193,6 +193,7 @@ def build_targets(args: argparse.Namespace, max_tokens: int) -> list:
             )
             for name, url in map(parse_target, args.base_url)
         ]
+    from lrsa_serve.engine.api import lagkv_engine_kwargs
     from lrsa_serve.models import resolve_model
 
     model = resolve_model(args.model)
@@ -216,11 +217,8 @@ def build_targets(args: argparse.Namespace, max_tokens: int) -> list:
         engine_kwargs["block_size"] = args.block_size
     if args.enforce_eager:
         engine_kwargs["enforce_eager"] = True
-    for cfg in settings:  # settings that cannot work fail here, before any engine starts
-        if cfg is not None:
-            from lrsa_serve.engine.api import lagkv_engine_kwargs
-
-            lagkv_engine_kwargs(model, cfg, **engine_kwargs)
+    for cfg in filter(None, settings):  # settings that cannot work fail here, before any start
+        lagkv_engine_kwargs(model, cfg, **engine_kwargs)
     return [
         EngineTarget(model, cfg, api=args.api, batch=args.concurrency, **engine_kwargs)
         for cfg in settings
