@@ -36,10 +36,6 @@ def say(message: str) -> None:
     print(f"[pipeline] {message}", flush=True)
 
 
-def lagkv_flags(settings: LagKVConfig) -> list[str]:
-    return cli_flags(settings.model_dump())
-
-
 def train_variant(
     config: PipelineConfig, base_model: str, settings: Any, variant: str, out: Path
 ) -> Path:
@@ -59,7 +55,7 @@ def train_variant(
         base_model,
         "--out",
         str(target),
-        *lagkv_flags(settings),
+        *cli_flags(settings.model_dump()),
         *cli_flags(options),
         "--no-progress",
     ]
@@ -126,14 +122,8 @@ def evaluate_models(
     from lrsa_serve.eval.runner import HTTPTarget, run_targets
 
     section = config.eval
-    eval_config = {
-        "tasks": list(dict.fromkeys(item.task for item in items)),
-        "lengths": section.lengths,
-        "depths": section.depths,
-        "samples": section.samples,
-        "seed": section.seed,
-        "api": section.api,
-    }
+    grid = section.model_dump(include={"lengths", "depths", "samples", "seed", "api"})
+    eval_config = {"tasks": list(dict.fromkeys(item.task for item in items)), **grid}
     longest = max(section.lengths) + max(item.max_tokens for item in items) + 512
     options = dict(api=section.api, concurrency=section.concurrency, timeout=section.timeout)
     run = None
@@ -145,7 +135,7 @@ def evaluate_models(
             say(f"eval {name}: {config.base.url} (already running)")
             part = run_targets([target], items, eval_config, progress=progress)
         else:
-            flags = lagkv_flags(model_settings) if model_settings else ["--no-lagkv"]
+            flags = cli_flags(model_settings.model_dump()) if model_settings else ["--no-lagkv"]
             if "--max-model-len" not in config.serve.args:
                 flags += ["--max-model-len", str(longest)]
             log = out / "logs" / f"serve-{name.replace(' ', '-')}.log"
