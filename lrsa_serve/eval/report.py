@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lrsa_serve.eval.plots import draw_all
 from lrsa_serve.eval.runner import Cell, EvalRun, cells, lookup
 
 JSON_VERSION = 1
@@ -150,11 +151,11 @@ def to_json(run: EvalRun) -> dict[str, Any]:
     }
 
 
-def markdown(run: EvalRun, plots: dict[str, Path] | None = None, title: str = "lrsa eval") -> str:
+def markdown(run: EvalRun, plots: dict[str, Path] | None = None) -> str:
     header, rows = table_rows(run)
     config = run.config
     parts = [
-        f"# {title}",
+        "# lrsa eval",
         "",
         f"Tasks {', '.join(config.get('tasks', []))}; lengths {config.get('lengths')} tokens; "
         f"depths {config.get('depths')}; {config.get('samples')} sample(s) per cell; "
@@ -175,14 +176,8 @@ def markdown(run: EvalRun, plots: dict[str, Path] | None = None, title: str = "l
 def write_outputs(run: EvalRun, out_dir: Path, *, draw: bool = True) -> dict[str, Path]:
     """results.json, report.md and the plots into ``out_dir``; returns what was written."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    written: dict[str, Path] = {}
-    plots: dict[str, Path] = {}
-    if draw:
-        from lrsa_serve.eval import plots as plotting
-
-        plots = plotting.draw_all(run, out_dir)
-    written["json"] = out_dir / "results.json"
+    plots = draw_all(run, out_dir) if draw else {}
+    written = {"json": out_dir / "results.json", "markdown": out_dir / "report.md"}
     written["json"].write_text(json.dumps(to_json(run), indent=2) + "\n")
-    written["markdown"] = out_dir / "report.md"
     written["markdown"].write_text(markdown(run, plots))
     return written | plots

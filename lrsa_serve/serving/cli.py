@@ -195,14 +195,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
 
-    from pydantic import ValidationError
-
-    from lrsa_serve.config import LagKVConfigError
     from lrsa_serve.models import ModelError
 
     try:
         settings, api_key, dtype_reason = prepare(args, argv)
-    except (LagKVConfigError, ModelError, ValidationError, ValueError) as e:
+    except (ModelError, ValueError) as e:  # ValueError: LagKVConfigError and pydantic's too
         print(f"lrsa serve: error: {one_line(e)}", file=sys.stderr)
         return 2
     import uvloop
