@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from lrsa_serve.errors import UserError
+from lrsa_serve.errors import UserError, one_line
 
 SUBCOMMANDS = {
     "serve": ("lrsa_serve.serving.cli", "Start the OpenAI-compatible server with LagKV"),
@@ -79,8 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except expected_errors() as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"lrsa {args.command}: error: {message}", file=sys.stderr)
+        print(f"lrsa {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lrsa {args.command}: interrupted", file=sys.stderr)

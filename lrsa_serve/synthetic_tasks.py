@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Protocol
 
 # Seeds of the eval split live in their own range so no train seed ever collides with one.
@@ -17,6 +17,10 @@ EVAL_SEED_OFFSET = 1_000_000_007
 
 FILLER = (
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+)
+NIAH_HEAD = (
+    "Some special magic numbers are hidden inside the following text. Make sure to memorize "
+    "them. I will quiz you about the numbers afterwards.\n"
 )
 
 
@@ -33,9 +37,6 @@ class Example:
     depth: float  # where the needle sits, 0 = start, 1 = end
     seed: int
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def split_seed(seed: int, split: str) -> int:
     if split not in ("train", "eval"):
@@ -47,11 +48,7 @@ def fill_to_length(
     tokenizer: Tokenizer, head: str, needle: str, tail: str, tokens: int, depth: float
 ) -> str:
     """head + filler with the needle at ``depth`` + tail, about ``tokens`` tokens long."""
-    fixed = len(tokenizer.encode(head + needle + tail, add_special_tokens=False))
-    per_filler = len(tokenizer.encode(FILLER * 8, add_special_tokens=False)) / 8
-    repeats = max(0, int((tokens - fixed) / per_filler))
-    before = round(repeats * depth)
-    return head + FILLER * before + needle + FILLER * (repeats - before) + tail
+    return fill_with_needles(tokenizer, head, [(depth, needle)], tail, tokens)
 
 
 def passkey(tokenizer: Tokenizer, tokens: int, depth: float, seed: int) -> Example:
@@ -95,6 +92,22 @@ def _word(rng: random.Random, letters: int = 5) -> str:
     return "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(letters))
 
 
+def magic_number(rng: random.Random) -> str:
+    return str(rng.randint(1_000_000, 9_999_999))
+
+
+def magic_needle(key: str, number: str) -> str:
+    return f"One of the special magic numbers for {key} is: {number}. "
+
+
+def distinct(rng: random.Random, count: int, make: Callable[[random.Random], str]) -> list[str]:
+    """``count`` different values of ``make(rng)``, in the order first drawn."""
+    out: dict[str, None] = {}  # insertion-ordered set: deterministic order, O(1) membership
+    while len(out) < count:
+        out.setdefault(make(rng), None)
+    return list(out)
+
+
 def _hex(rng: random.Random, digits: int) -> str:
     return "".join(rng.choice("0123456789abcdef") for _ in range(digits))
 
@@ -103,25 +116,18 @@ def multikey_needle(tokenizer: Tokenizer, tokens: int, depth: float, seed: int) 
     """RULER's multi-key needle: four keyed magic numbers; the question names one key (its needle
     sits at ``depth``, the three distractors at random depths)."""
     rng = random.Random(seed)
-    keys: list[str] = []
-    while len(keys) < 4:
-        if (key := _word(rng).lower()) not in keys:
-            keys.append(key)
-    numbers = [str(rng.randint(1_000_000, 9_999_999)) for _ in keys]
-    needles = [(depth, f"One of the special magic numbers for {keys[0]} is: {numbers[0]}. ")]
+    keys = distinct(rng, 4, lambda rng: _word(rng).lower())
+    numbers = [magic_number(rng) for _ in keys]
+    needles = [(depth, magic_needle(keys[0], numbers[0]))]
     needles += [
-        (rng.random(), f"One of the special magic numbers for {key} is: {number}. ")
+        (rng.random(), magic_needle(key, number))
         for key, number in zip(keys[1:], numbers[1:], strict=True)
     ]
-    head = (
-        "Some special magic numbers are hidden inside the following text. Make sure to "
-        "memorize them. I will quiz you about the numbers afterwards.\n"
-    )
     tail = (
         f"\nWhat is the special magic number for {keys[0]} mentioned in the provided text? "
         f"The special magic number for {keys[0]} is"
     )
-    prompt = fill_with_needles(tokenizer, head, needles, tail, tokens)
+    prompt = fill_with_needles(tokenizer, NIAH_HEAD, needles, tail, tokens)
     return Example("multikey_needle", prompt, numbers[0], tokens, depth, seed)
 
 
@@ -150,10 +156,7 @@ def variable_tracking(tokenizer: Tokenizer, tokens: int, depth: float, seed: int
     through filler (the first assignment at ``depth``, the rest after it); the answer lists
     every variable of the chain in order."""
     rng = random.Random(seed)
-    names: list[str] = []
-    while len(names) < 4:
-        if (name := _word(rng)) not in names:
-            names.append(name)
+    names = distinct(rng, 4, _word)
     value = str(rng.randint(10000, 99999))
     later = sorted(depth + (1 - depth) * rng.random() for _ in names[1:])
     needles = [(depth, f"VAR {names[0]} = {value}. ")]

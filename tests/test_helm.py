@@ -296,7 +296,7 @@ def test_training_job_script_runs(tmp_path):
         "import sys; from lrsa_serve.cli import build_parser; "
         "a = build_parser().parse_args(sys.argv[1:]); "
         "assert a.command == 'train' and a.resume and a.steps == 200, a; "
-        "open(a.out + '/config.json', 'w').write('{}'); print('lagkv', a.sink, a.lag, a.ratio)"
+        "open(a.out_dir + '/config.json', 'w').write('{}'); print('lagkv', a.sink, a.lag, a.ratio)"
     )
     _stub(bin_dir, "torchrun", f'while [ "$1" != "-m" ]; do shift; done; shift 2\n'
                                f'exec {shlex.quote(sys.executable)} -c "{parse}" "$@"')  # fmt: skip

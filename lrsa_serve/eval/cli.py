@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lrsa_serve.config import LagKVConfig, add_lagkv_arguments, lagkv_overrides
 from lrsa_serve.errors import UserError
 
 DEFAULT_LENGTHS = (1024, 2048, 4096)
@@ -65,10 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     engine = parser.add_argument_group("in-process engine")
     engine.add_argument("--model", help="model folder (default when no --base-url: the default)")
-    engine.add_argument("--sink", type=int, help="LagKV sink S")
-    engine.add_argument("--lag", type=int, help="LagKV partition size L")
-    engine.add_argument("--ratio", type=float, help="LagKV kept fraction r")
-    engine.add_argument("--score-v-ratio", type=float, help="LagKV value-score weight")
+    add_lagkv_arguments(engine)
     engine.add_argument("--no-lagkv", action="store_true", help="stock vLLM, no compression")
     engine.add_argument(
         "--sweep",
@@ -100,18 +98,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"default: {' '.join(DEFAULT_TASKS)}",
     )
     tasks.add_argument(
-        "--lengths",
-        type=int,
-        nargs="+",
-        default=list(DEFAULT_LENGTHS),
-        help="prompt lengths in tokens",
+        "--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS, help="prompt lengths in tokens"
     )
     tasks.add_argument(
-        "--depths",
-        type=float,
-        nargs="+",
-        default=list(DEFAULT_DEPTHS),
-        help="needle depths in [0, 1]",
+        "--depths", type=float, nargs="+", default=DEFAULT_DEPTHS, help="needle depths in [0, 1]"
     )
     tasks.add_argument("--samples", type=int, default=2, help="items per task x length x depth")
     tasks.add_argument("--seed", type=int, default=0, help="picks the items (eval seed split)")
@@ -159,30 +149,24 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.samples < 1 or args.concurrency < 1:
         raise UserError("--samples and --concurrency must be at least 1")
     if args.base_url:
-        engine_flags = [
-            flag
-            for flag, value in (
-                ("--model", args.model),
-                ("--sweep", args.sweep),
-                ("--sink", args.sink),
-                ("--lag", args.lag),
-                ("--ratio", args.ratio),
-                ("--no-lagkv", args.no_lagkv or None),
-            )
-            if value is not None
-        ]
-        if "--sweep" in engine_flags:
+        if args.sweep is not None:
             raise UserError(
                 "--sweep builds in-process engines; a server's LagKV settings are "
                 "fixed at start, so sweep servers with one --base-url NAME=URL each"
             )
-        if engine_flags:
+        engine_flags = {
+            "--model": args.model,
+            "--sink": args.sink,
+            "--lag": args.lag,
+            "--ratio": args.ratio,
+            "--no-lagkv": args.no_lagkv or None,
+        }
+        if given := [flag for flag, value in engine_flags.items() if value is not None]:
             raise UserError(
-                f"{', '.join(engine_flags)} set an in-process engine, not a server "
+                f"{', '.join(given)} set an in-process engine, not a server "
                 "(use --tokenizer to choose the tokenizer of a --base-url run)"
             )
-        names = [parse_target(text)[0] for text in args.base_url]
-        named = [n for n in names if n]
+        named = [name for name, _ in map(parse_target, args.base_url) if name]
         if len(set(named)) != len(named):
             raise UserError("--base-url names must be distinct")
     if args.sweep is not None and args.no_lagkv:
@@ -209,17 +193,13 @@ def build_targets(args: argparse.Namespace, max_tokens: int) -> list:
             )
             for name, url in map(parse_target, args.base_url)
         ]
-    from lrsa_serve.config import LagKVConfig
-    from lrsa_serve.engine.api import resolve_settings
+    from lrsa_serve.engine.api import lagkv_engine_kwargs
     from lrsa_serve.models import resolve_model
 
     model = resolve_model(args.model)
-    overrides = dict(
-        sink=args.sink, lag=args.lag, ratio=args.ratio, score_v_ratio=args.score_v_ratio
-    )
+    overrides = lagkv_overrides(args)
     if args.sweep is not None:
-        base = resolve_settings(model, None, **(overrides | {"ratio": None}))
-        base = base or LagKVConfig()
+        base = LagKVConfig.for_model(model, **(overrides | {"ratio": None}))
         ratios = args.sweep or list(DEFAULT_SWEEP)
         settings = [None] + [
             LagKVConfig.build(**(base.model_dump() | {"ratio": r})) for r in ratios
@@ -227,7 +207,7 @@ def build_targets(args: argparse.Namespace, max_tokens: int) -> list:
     elif args.no_lagkv:
         settings = [None]
     else:
-        settings = [resolve_settings(model, None, **overrides) or LagKVConfig.build(**overrides)]
+        settings = [LagKVConfig.for_model(model, **overrides)]
     engine_kwargs: dict[str, Any] = dict(
         dtype=args.dtype,
         seed=0,
@@ -237,11 +217,8 @@ def build_targets(args: argparse.Namespace, max_tokens: int) -> list:
         engine_kwargs["block_size"] = args.block_size
     if args.enforce_eager:
         engine_kwargs["enforce_eager"] = True
-    for cfg in settings:  # settings that cannot work fail here, before any engine starts
-        if cfg is not None:
-            from lrsa_serve.engine.api import lagkv_engine_kwargs
-
-            lagkv_engine_kwargs(model, cfg, **engine_kwargs)
+    for cfg in filter(None, settings):  # settings that cannot work fail here, before any start
+        lagkv_engine_kwargs(model, cfg, **engine_kwargs)
     return [
         EngineTarget(model, cfg, api=args.api, batch=args.concurrency, **engine_kwargs)
         for cfg in settings

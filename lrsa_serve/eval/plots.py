@@ -31,23 +31,21 @@ def _save(plt: Any, fig: Any, path: Path) -> Path:
     return path
 
 
-def accuracy_vs_ratio(run: EvalRun, path: Path) -> Path | None:
+def accuracy_vs_ratio(plt: Any, run: EvalRun, path: Path) -> Path | None:
     """One panel per model: accuracy (mean over lengths) against the kept ratio, a line per task
     and a thick one for the mean. Targets whose setting is unknown are left out."""
-    plt = pyplot()
     known = [t for t in run.targets if t.kept_ratio is not None]
-    if plt is None or not known:
+    if not known:
         return None
     by_key = lookup(cells(run))
     models: dict[str, list] = defaultdict(list)
     for info in known:
         models[info.model or info.name].append(info)
-    tasks = list(dict.fromkeys(item.task for item in run.items))
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
     for ax, (model, infos) in zip(axes[0], models.items(), strict=True):
         infos = sorted(infos, key=lambda info: info.kept_ratio)
         ratios = [info.kept_ratio for info in infos]
-        for task in [*tasks, "mean"]:
+        for task in [*run.tasks, "mean"]:
             values = [by_key[(info.name, task, None)].score for info in infos]
             style = dict(color="black", linewidth=2.5) if task == "mean" else dict(alpha=0.8)
             ax.plot(ratios, values, marker="o", label=task, **style)
@@ -62,15 +60,17 @@ def accuracy_vs_ratio(run: EvalRun, path: Path) -> Path | None:
     return _save(plt, fig, path)
 
 
-def depth_heatmap(run: EvalRun, path: Path) -> Path | None:
+def depth_heatmap(plt: Any, run: EvalRun, path: Path) -> Path | None:
     """Per target: accuracy of the depth-aware tasks for each needle depth (rows) and context
     length (columns), the cell value written in."""
-    plt = pyplot()
     depth_items = [r for r in run.results if r.item.uses_depth]
-    if plt is None or not depth_items:
+    if not depth_items:
         return None
     depths = sorted({r.item.depth for r in depth_items})
     lengths = sorted({r.item.length for r in depth_items})
+    scores: dict[tuple, list[float]] = defaultdict(list)
+    for r in depth_items:
+        scores[(r.target, r.item.depth, r.item.length)].append(r.score)
     count = len(run.targets)
     fig, axes = plt.subplots(
         1,
@@ -80,23 +80,14 @@ def depth_heatmap(run: EvalRun, path: Path) -> Path | None:
     )
     image = None
     for k, (ax, info) in enumerate(zip(axes[0], run.targets, strict=True)):
-        grid = [[0.0] * len(lengths) for _ in depths]
+        grid = [[float("nan")] * len(lengths) for _ in depths]
         for i, depth in enumerate(depths):
             for j, length in enumerate(lengths):
-                scores = [
-                    r.score
-                    for r in depth_items
-                    if r.target == info.name and r.item.depth == depth and r.item.length == length
-                ]
-                grid[i][j] = sum(scores) / len(scores) if scores else float("nan")
-                ax.text(
-                    j,
-                    i,
-                    f"{grid[i][j]:.0%}" if scores else "-",
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                )
+                cell = scores.get((info.name, depth, length))
+                if cell:
+                    grid[i][j] = sum(cell) / len(cell)
+                text = f"{grid[i][j]:.0%}" if cell else "-"
+                ax.text(j, i, text, ha="center", va="center", fontsize=8)
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
@@ -110,13 +101,12 @@ def depth_heatmap(run: EvalRun, path: Path) -> Path | None:
     return path
 
 
-def accuracy_by_task(run: EvalRun, path: Path) -> Path | None:
+def accuracy_by_task(plt: Any, run: EvalRun, path: Path) -> Path | None:
     """Grouped bars: accuracy per task (mean over lengths), one bar per target."""
-    plt = pyplot()
-    if plt is None or not run.targets:
+    if not run.targets:
         return None
     by_key = lookup(cells(run))
-    tasks = [*dict.fromkeys(item.task for item in run.items), "mean"]
+    tasks = [*run.tasks, "mean"]
     width = 0.8 / len(run.targets)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(tasks) * max(1, len(run.targets) / 2)), 4))
     for k, info in enumerate(run.targets):
@@ -132,7 +122,9 @@ def accuracy_by_task(run: EvalRun, path: Path) -> Path | None:
 
 
 def draw_all(run: EvalRun, out_dir: Path) -> dict[str, Path]:
-    if pyplot() is None:
+    """Every plot that has something to show, as ``out_dir/NAME.png``, by name."""
+    plt = pyplot()
+    if plt is None:
         print(
             "lrsa eval: matplotlib is not installed; plots skipped (pip install "
             "'lrsa-serve[eval]')",
@@ -140,8 +132,7 @@ def draw_all(run: EvalRun, out_dir: Path) -> dict[str, Path]:
         )
         return {}
     drawn = {
-        "accuracy_vs_ratio": accuracy_vs_ratio(run, out_dir / "accuracy_vs_ratio.png"),
-        "depth_heatmap": depth_heatmap(run, out_dir / "depth_heatmap.png"),
-        "accuracy_by_task": accuracy_by_task(run, out_dir / "accuracy_by_task.png"),
+        draw.__name__: draw(plt, run, out_dir / f"{draw.__name__}.png")
+        for draw in (accuracy_vs_ratio, depth_heatmap, accuracy_by_task)
     }
     return {name: path for name, path in drawn.items() if path is not None}

@@ -16,43 +16,43 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lrsa_serve.eval.plots import draw_all
 from lrsa_serve.eval.runner import Cell, EvalRun, cells, lookup
 
 JSON_VERSION = 1
 
 
-def _tasks_and_lengths(run: EvalRun) -> tuple[list[str], list[int]]:
-    tasks = list(dict.fromkeys(item.task for item in run.items))
-    lengths = sorted({item.length for item in run.items})
-    return tasks, lengths
-
-
-def _format(cell: Cell | None) -> str:
+def format_cell(cell: Cell | None, of_n: bool = True) -> str:
+    """``75%``, with the failed requests after it (``(2/8 failed)``, or ``(2 failed)``)."""
     if cell is None:
         return "-"
     text = f"{cell.score:.0%}"
     if cell.failed:
-        text += f" ({cell.failed}/{cell.n} failed)"
+        text += f" ({cell.failed}/{cell.n} failed)" if of_n else f" ({cell.failed} failed)"
     return text
+
+
+def row_keys(run: EvalRun) -> list[tuple[str, int | None]]:
+    """The (task, length) of each table row: a task's lengths, then with several of them the
+    task over all lengths (None); last the mean over everything."""
+    per_task = [*run.lengths, None] if len(run.lengths) > 1 else run.lengths
+    return [(task, length) for task in run.tasks for length in per_task] + [("mean", None)]
+
+
+def length_label(length: int | None) -> str:
+    return "all" if length is None else str(length)
 
 
 def table_rows(run: EvalRun) -> tuple[list[str], list[list[str]]]:
     """Header and rows: one row per task x length, one column per target, plus per-task and
     overall means."""
     by_key = lookup(cells(run))
-    tasks, lengths = _tasks_and_lengths(run)
     names = [t.name for t in run.targets]
-    header = ["task", "length", *names]
-    rows = []
-    for task in tasks:
-        for length in lengths:
-            rows.append(
-                [task, str(length), *(_format(by_key.get((n, task, length))) for n in names)]
-            )
-        if len(lengths) > 1:
-            rows.append([task, "all", *(_format(by_key.get((n, task, None))) for n in names)])
-    rows.append(["mean", "all", *(_format(by_key.get((n, "mean", None))) for n in names)])
-    return header, rows
+    rows = [
+        [task, length_label(length), *(format_cell(by_key.get((n, task, length))) for n in names)]
+        for task, length in row_keys(run)
+    ]
+    return ["task", "length", *names], rows
 
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -151,11 +151,11 @@ def to_json(run: EvalRun) -> dict[str, Any]:
     }
 
 
-def markdown(run: EvalRun, plots: dict[str, Path] | None = None, title: str = "lrsa eval") -> str:
+def markdown(run: EvalRun, plots: dict[str, Path] | None = None) -> str:
     header, rows = table_rows(run)
     config = run.config
     parts = [
-        f"# {title}",
+        "# lrsa eval",
         "",
         f"Tasks {', '.join(config.get('tasks', []))}; lengths {config.get('lengths')} tokens; "
         f"depths {config.get('depths')}; {config.get('samples')} sample(s) per cell; "
@@ -176,14 +176,8 @@ def markdown(run: EvalRun, plots: dict[str, Path] | None = None, title: str = "l
 def write_outputs(run: EvalRun, out_dir: Path, *, draw: bool = True) -> dict[str, Path]:
     """results.json, report.md and the plots into ``out_dir``; returns what was written."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    written: dict[str, Path] = {}
-    plots: dict[str, Path] = {}
-    if draw:
-        from lrsa_serve.eval import plots as plotting
-
-        plots = plotting.draw_all(run, out_dir)
-    written["json"] = out_dir / "results.json"
+    plots = draw_all(run, out_dir) if draw else {}
+    written = {"json": out_dir / "results.json", "markdown": out_dir / "report.md"}
     written["json"].write_text(json.dumps(to_json(run), indent=2) + "\n")
-    written["markdown"] = out_dir / "report.md"
     written["markdown"].write_text(markdown(run, plots))
     return written | plots

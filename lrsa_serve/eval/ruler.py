@@ -1,11 +1,11 @@
 """RULER-style synthetic tasks that the training generator (``lrsa_serve.synthetic_tasks``) does
 not have.
 
-Built from ``synthetic_tasks.py``'s primitives (``Example``, the filler and its fill helpers), with
-the same signature as ``synthetic_tasks.TASKS`` entries, ``(tokenizer, tokens, depth, seed) ->
-Example``, so the eval registry treats both alike. Multi-value answers are the values joined by
-single spaces (as ``variable_tracking`` does); ``lrsa_serve.eval.tasks`` splits them back for
-partial credit.
+Built from ``synthetic_tasks.py``'s primitives (``Example``, the filler, its fill helpers and the
+magic-number needles), with the same signature as ``synthetic_tasks.TASKS`` entries,
+``(tokenizer, tokens, depth, seed) -> Example``, so the eval registry treats both alike.
+Multi-value answers are the values joined by single spaces (as ``variable_tracking`` does);
+``lrsa_serve.eval.tasks`` splits them back for partial credit.
 
 Prompts follow RULER's templates (Hsieh et al. 2024, "RULER: What's the Real Context Size of
 Your Long-Context Language Models?"), with the repeated-sentence haystack of ``tasks.FILLER``.
@@ -14,20 +14,20 @@ Your Long-Context Language Models?"), with the repeated-sentence haystack of ``t
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 
-from lrsa_serve.synthetic_tasks import Example, Tokenizer, fill_to_length, fill_with_needles
-
-NIAH_HEAD = (
-    "Some special magic numbers are hidden inside the following text. Make sure to memorize "
-    "them. I will quiz you about the numbers afterwards.\n"
+from lrsa_serve.synthetic_tasks import (
+    NIAH_HEAD,
+    Example,
+    Tokenizer,
+    distinct,
+    fill_to_length,
+    fill_with_needles,
+    magic_needle,
+    magic_number,
 )
+
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
-
-
-def _magic_number(rng: random.Random) -> str:
-    return str(rng.randint(1_000_000, 9_999_999))
 
 
 def _pseudo_word(rng: random.Random, syllables: int = 3) -> str:
@@ -36,27 +36,39 @@ def _pseudo_word(rng: random.Random, syllables: int = 3) -> str:
     return "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(syllables))
 
 
-def _distinct(rng: random.Random, count: int, make: Callable[[random.Random], str]) -> list[str]:
-    out: dict[str, None] = {}  # insertion-ordered set: deterministic order, O(1) membership
-    while len(out) < count:
-        out.setdefault(make(rng), None)
-    return list(out)
-
-
-def _needle(key: str, value: str) -> str:
-    return f"One of the special magic numbers for {key} is: {value}. "
-
-
 def niah_single(tokenizer: Tokenizer, tokens: int, depth: float, seed: int) -> Example:
     """RULER niah_single: one keyed 7-digit number at ``depth``, no distractors."""
     rng = random.Random(seed)
-    key, value = _pseudo_word(rng), _magic_number(rng)
+    key, value = _pseudo_word(rng), magic_number(rng)
     tail = (
         f"\nWhat is the special magic number for {key} mentioned in the provided text? "
         f"The special magic number for {key} mentioned in the provided text is"
     )
-    prompt = fill_to_length(tokenizer, NIAH_HEAD, _needle(key, value), tail, tokens, depth)
+    prompt = fill_to_length(tokenizer, NIAH_HEAD, magic_needle(key, value), tail, tokens, depth)
     return Example("niah_single", prompt, value, tokens, depth, seed)
+
+
+def _all_numbers(
+    task: str,
+    rng: random.Random,
+    pairs: list[tuple[str, str]],
+    asked: str,
+    tokenizer: Tokenizer,
+    tokens: int,
+    depth: float,
+    seed: int,
+) -> Example:
+    """One needle per (key, number) pair, the first at ``depth`` and the others at random
+    depths; the question asks for every number of ``asked`` and the answer lists them all."""
+    depths = [depth] + [rng.random() for _ in pairs[1:]]
+    needles = [(at, magic_needle(*pair)) for at, pair in zip(depths, pairs, strict=True)]
+    tail = (
+        f"\nWhat are all the special magic numbers for {asked} mentioned in the provided text? "
+        f"The special magic numbers for {asked} mentioned in the provided text are"
+    )
+    prompt = fill_with_needles(tokenizer, NIAH_HEAD, needles, tail, tokens)
+    answer = " ".join(number for _, number in pairs)
+    return Example(task, prompt, answer, tokens, depth, seed)
 
 
 def niah_multivalue(
@@ -66,15 +78,8 @@ def niah_multivalue(
     others at random depths. The answer is all of them."""
     rng = random.Random(seed)
     key = _pseudo_word(rng)
-    numbers = _distinct(rng, values, _magic_number)
-    depths = [depth] + [rng.random() for _ in numbers[1:]]
-    needles = [(at, _needle(key, number)) for at, number in zip(depths, numbers, strict=True)]
-    tail = (
-        f"\nWhat are all the special magic numbers for {key} mentioned in the provided text? "
-        f"The special magic numbers for {key} mentioned in the provided text are"
-    )
-    prompt = fill_with_needles(tokenizer, NIAH_HEAD, needles, tail, tokens)
-    return Example("niah_multivalue", prompt, " ".join(numbers), tokens, depth, seed)
+    pairs = [(key, number) for number in distinct(rng, values, magic_number)]
+    return _all_numbers("niah_multivalue", rng, pairs, key, tokenizer, tokens, depth, seed)
 
 
 def niah_multiquery(
@@ -84,19 +89,10 @@ def niah_multiquery(
     first key's needle sits at ``depth``, the others at random depths. The answer lists the
     numbers in the order the question names their keys."""
     rng = random.Random(seed)
-    keys = _distinct(rng, queries, _pseudo_word)
-    numbers = _distinct(rng, queries, _magic_number)
-    depths = [depth] + [rng.random() for _ in keys[1:]]
-    needles = [
-        (at, _needle(key, number)) for at, key, number in zip(depths, keys, numbers, strict=True)
-    ]
+    keys = distinct(rng, queries, _pseudo_word)
+    pairs = list(zip(keys, distinct(rng, queries, magic_number), strict=True))
     asked = ", ".join(keys[:-1]) + f", and {keys[-1]}"
-    tail = (
-        f"\nWhat are all the special magic numbers for {asked} mentioned in the provided text? "
-        f"The special magic numbers for {asked} mentioned in the provided text are"
-    )
-    prompt = fill_with_needles(tokenizer, NIAH_HEAD, needles, tail, tokens)
-    return Example("niah_multiquery", prompt, " ".join(numbers), tokens, depth, seed)
+    return _all_numbers("niah_multiquery", rng, pairs, asked, tokenizer, tokens, depth, seed)
 
 
 def common_words(
@@ -128,7 +124,7 @@ def common_words(
     def build(entries: int) -> tuple[list[str], list[str]]:
         common_freq, uncommon_freq = min(30, max(6, entries // (2 * top))), 3
         uncommon_count = max(1, (entries - top * common_freq) // uncommon_freq)
-        vocabulary = _distinct(rng, top + uncommon_count, _pseudo_word)
+        vocabulary = distinct(rng, top + uncommon_count, _pseudo_word)
         words = vocabulary[:top] * common_freq + vocabulary[top:] * uncommon_freq
         rng.shuffle(words)
         return words, vocabulary[:top]

@@ -22,7 +22,6 @@ from lrsa_serve.config import LagKVConfig
 from lrsa_serve.eval.scoring import score_response
 from lrsa_serve.eval.tasks import EvalItem
 
-APIS = ("completions", "chat")
 Progress = Callable[[int, int], None]  # (requests done, of which failed) since the last call
 
 
@@ -291,7 +290,6 @@ class EngineTarget:
         model: str,
         settings: LagKVConfig | None,
         *,
-        name: str | None = None,
         api: str = "completions",
         batch: int = 16,
         llm: Any = None,
@@ -301,7 +299,7 @@ class EngineTarget:
         self.batch, self.engine_kwargs = max(1, batch), engine_kwargs
         lagkv = settings.model_dump() if settings else None
         self.info = TargetInfo(
-            name or setting_label(lagkv),
+            setting_label(lagkv),
             "engine",
             model,
             lagkv,
@@ -343,24 +341,23 @@ class EngineTarget:
             )
         return [output.outputs[0].text for output in outputs]
 
+    def _answer(self, chunk: Sequence[EvalItem]) -> list[Answer]:
+        if self.llm is None:
+            return [Answer(None, self.start_error or "no engine", 0.0)] * len(chunk)
+        started = time.perf_counter()
+        try:
+            texts = self._generate(chunk)
+        except Exception as e:  # noqa: BLE001 - a failed batch fails its requests only
+            return [Answer(None, f"generation failed: {_short(e)}", 0.0)] * len(chunk)
+        each = (time.perf_counter() - started) / len(chunk)
+        return [Answer(text, None, each) for text in texts]
+
     def run(self, items: Sequence[EvalItem], progress: Progress) -> list[Answer]:
         answers: list[Answer] = []
         for start in range(0, len(items), self.batch):
-            chunk = items[start : start + self.batch]
-            started = time.perf_counter()
-            if self.llm is None:
-                answers += [Answer(None, self.start_error or "no engine", 0.0) for _ in chunk]
-                progress(len(chunk), len(chunk))
-                continue
-            try:
-                texts = self._generate(chunk)
-            except Exception as e:  # noqa: BLE001 - a failed batch fails its requests only
-                answers += [Answer(None, f"generation failed: {_short(e)}", 0.0) for _ in chunk]
-                progress(len(chunk), len(chunk))
-                continue
-            each = (time.perf_counter() - started) / len(chunk)
-            answers += [Answer(text, None, each) for text in texts]
-            progress(len(chunk), 0)
+            batch = self._answer(items[start : start + self.batch])
+            answers += batch
+            progress(len(batch), sum(answer.error is not None for answer in batch))
         return answers
 
     def close(self) -> None:
@@ -377,6 +374,15 @@ class EvalRun:
     targets: list[TargetInfo]
     items: list[EvalItem]
     results: list[ItemResult]
+
+    @property
+    def tasks(self) -> list[str]:
+        """The tasks asked, in the run's order."""
+        return list(dict.fromkeys(item.task for item in self.items))
+
+    @property
+    def lengths(self) -> list[int]:
+        return sorted({item.length for item in self.items})
 
     def merged(self, other: EvalRun) -> EvalRun:
         """Both runs' targets and results (same items), e.g. base and trained model."""

@@ -9,6 +9,7 @@ says how its answer is scored (one value or several) and how many tokens an answ
 
 from __future__ import annotations
 
+import itertools
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -141,21 +142,18 @@ def build_items(
     """Every task x length x depth x sample. Tasks without a depth still get one item per depth
     (at that nominal depth), so every task has the same number of items per length."""
     items = []
-    for spec in specs:
-        for length in lengths:
-            for depth in depths:
-                for sample in range(samples):
-                    example = spec.generate(
-                        tokenizer, length, depth, item_seed(seed, spec.name, length, depth, sample)
-                    )
-                    items.append(
-                        EvalItem(
-                            id=f"{spec.name}/{length}/{depth:g}/{sample}",
-                            example=example,
-                            expected=expected_values(example.answer, spec.multi_value),
-                            multi_value=spec.multi_value,
-                            uses_depth=spec.uses_depth,
-                            max_tokens=spec.max_tokens,
-                        )
-                    )
+    for spec, length, depth, sample in itertools.product(specs, lengths, depths, range(samples)):
+        example = spec.generate(
+            tokenizer, length, depth, item_seed(seed, spec.name, length, depth, sample)
+        )
+        items.append(
+            EvalItem(
+                id=f"{spec.name}/{length}/{depth:g}/{sample}",
+                example=example,
+                expected=expected_values(example.answer, spec.multi_value),
+                multi_value=spec.multi_value,
+                uses_depth=spec.uses_depth,
+                max_tokens=spec.max_tokens,
+            )
+        )
     return items

@@ -86,8 +86,7 @@ def run_pipeline(config: PipelineConfig, *, skip_train: bool = False, progress: 
 
     out = Path(config.out)
     base_model = str(resolve_model(config.model))
-    given = config.lagkv.model_dump()
-    settings = LagKVConfig.resolve(base_model, **given) or LagKVConfig.build(**given)
+    settings = LagKVConfig.for_model(base_model, **config.lagkv.model_dump())
     try:
         specs = resolve_tasks(config.eval.tasks)
     except ValueError as e:

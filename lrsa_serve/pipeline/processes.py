@@ -50,9 +50,9 @@ def last_line(path: Path) -> str:
     return next((line for line in reversed(lines) if line), "(empty log)")
 
 
-def run_logged(command: Sequence[str], log_path: Path, echo: bool = True) -> int:
-    """Run to completion in its own process group, copying its output to ``log_path`` (and to
-    stdout when ``echo``); killed with its group if we are interrupted."""
+def run_logged(command: Sequence[str], log_path: Path) -> int:
+    """Run to completion in its own process group, copying its output to ``log_path`` and to
+    stdout; killed with its group if we are interrupted."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
         process = subprocess.Popen(
@@ -68,9 +68,8 @@ def run_logged(command: Sequence[str], log_path: Path, echo: bool = True) -> int
             for line in process.stdout:
                 log.write(line)
                 log.flush()
-                if echo:
-                    sys.stdout.write(line)
-                    sys.stdout.flush()
+                sys.stdout.write(line)
+                sys.stdout.flush()
             return process.wait()
         finally:
             stop_group(process, grace=10)
@@ -86,30 +85,25 @@ class ManagedServer:
         log_path: Path,
         *,
         ready_timeout: float = 900.0,
-        command: Sequence[str] | None = None,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = secrets.token_urlsafe(16)  # only the pipeline talks to its servers
         self.log_path = log_path
         self.ready_timeout = ready_timeout
-        self.command = (
-            list(command)
-            if command is not None
-            else [
-                sys.executable,
-                "-m",
-                "lrsa_serve.serving.cli",
-                model,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--api-key",
-                self.api_key,
-                *serve_args,
-            ]
-        )
+        self.command = [
+            sys.executable,
+            "-m",
+            "lrsa_serve.serving.cli",
+            model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--api-key",
+            self.api_key,
+            *serve_args,
+        ]
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> ManagedServer:

@@ -17,20 +17,19 @@ def report_markdown(
     plots: dict[str, Path],
     out: Path,
 ) -> str:
-    from lrsa_serve.eval.report import appendix, markdown_table, target_lines
+    from lrsa_serve.eval.report import (
+        appendix,
+        format_cell,
+        length_label,
+        markdown_table,
+        row_keys,
+        target_lines,
+    )
     from lrsa_serve.eval.runner import cells, lookup
 
     by_key = lookup(cells(run))
     names = [info.name for info in run.targets]
     trained = [name for name in names if name in training]
-    tasks = list(dict.fromkeys(item.task for item in run.items))
-    lengths = sorted({item.length for item in run.items})
-
-    def score(name: str, task: str, length: int | None) -> str:
-        cell = by_key.get((name, task, length))
-        if cell is None:
-            return "-"
-        return f"{cell.score:.0%}" + (f" ({cell.failed} failed)" if cell.failed else "")
 
     def delta(name: str, task: str, length: int | None) -> str:
         new, old = by_key.get((name, task, length)), by_key.get(("base", task, length))
@@ -39,18 +38,15 @@ def report_markdown(
         return f"{100 * (new.score - old.score):+.0f}"
 
     header = ["task", "length", *names, *(f"{n} vs base (points)" for n in trained)]
-    rows = []
-    per_task = [*lengths, None] if len(lengths) > 1 else lengths  # None: over all lengths
-    for task in [*tasks, "mean"]:
-        for length in [None] if task == "mean" else per_task:
-            rows.append(
-                [
-                    task,
-                    "all" if length is None else str(length),
-                    *(score(n, task, length) for n in names),
-                    *(delta(n, task, length) for n in trained),
-                ]
-            )
+    rows = [
+        [
+            task,
+            length_label(length),
+            *(format_cell(by_key.get((n, task, length)), of_n=False) for n in names),
+            *(delta(n, task, length) for n in trained),
+        ]
+        for task, length in row_keys(run)
+    ]
     train_rows = [
         [
             name,

@@ -36,10 +36,6 @@ def say(message: str) -> None:
     print(f"[pipeline] {message}", flush=True)
 
 
-def lagkv_flags(settings: LagKVConfig) -> list[str]:
-    return cli_flags(settings.model_dump())
-
-
 def train_variant(
     config: PipelineConfig, base_model: str, settings: Any, variant: str, out: Path
 ) -> Path:
@@ -59,7 +55,7 @@ def train_variant(
         base_model,
         "--out",
         str(target),
-        *lagkv_flags(settings),
+        *cli_flags(settings.model_dump()),
         *cli_flags(options),
         "--no-progress",
     ]
@@ -126,36 +122,20 @@ def evaluate_models(
     from lrsa_serve.eval.runner import HTTPTarget, run_targets
 
     section = config.eval
-    eval_config = {
-        "tasks": list(dict.fromkeys(item.task for item in items)),
-        "lengths": section.lengths,
-        "depths": section.depths,
-        "samples": section.samples,
-        "seed": section.seed,
-        "api": section.api,
-    }
+    grid = section.model_dump(include={"lengths", "depths", "samples", "seed", "api"})
+    eval_config = {"tasks": list(dict.fromkeys(item.task for item in items)), **grid}
     longest = max(section.lengths) + max(item.max_tokens for item in items) + 512
+    options = dict(api=section.api, concurrency=section.concurrency, timeout=section.timeout)
     run = None
     for name, model, model_settings in models:
-
-        def target_for(url: str, api_key: str | None, name: str = name) -> HTTPTarget:
-            return HTTPTarget(
-                url,
-                name=name,
-                api_key=api_key,
-                api=section.api,
-                concurrency=section.concurrency,
-                timeout=section.timeout,
-            )
-
         if name == "base" and config.base.url:
-            target = target_for(config.base.url, config.base.api_key)
+            target = HTTPTarget(config.base.url, name=name, api_key=config.base.api_key, **options)
             target.prepare()
             check_base_server(target, settings)
             say(f"eval {name}: {config.base.url} (already running)")
             part = run_targets([target], items, eval_config, progress=progress)
         else:
-            flags = lagkv_flags(model_settings) if model_settings else ["--no-lagkv"]
+            flags = cli_flags(model_settings.model_dump()) if model_settings else ["--no-lagkv"]
             if "--max-model-len" not in config.serve.args:
                 flags += ["--max-model-len", str(longest)]
             log = out / "logs" / f"serve-{name.replace(' ', '-')}.log"
@@ -168,7 +148,7 @@ def evaluate_models(
                 model, [*flags, *config.serve.args], log, ready_timeout=config.serve.ready_timeout
             ) as server:
                 say(f"serve {name}: ready on {server.url} in {time.monotonic() - started:.0f}s")
-                target = target_for(server.url, server.api_key)
+                target = HTTPTarget(server.url, name=name, api_key=server.api_key, **options)
                 part = run_targets([target], items, eval_config, progress=progress)
         run = part if run is None else run.merged(part)
     return run

@@ -4,6 +4,7 @@ settings in /v1/models, /ready, /version, OpenAI-shaped auth errors."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,12 +19,17 @@ from lrsa_serve.serving.auth import BearerAuth, openai_error
 from lrsa_serve.serving.validation import ResponsesInputCheck
 
 
-def _drop_route(app: FastAPI, path: str, method: str = "GET") -> None:
-    def keep(route: BaseRoute) -> bool:
-        methods = getattr(route, "methods", None) or set()
-        return not (getattr(route, "path", None) == path and method in methods)
+def _drop_routes(app: FastAPI, drop: Callable[[BaseRoute], bool]) -> None:
+    app.router.routes[:] = [route for route in app.router.routes if not drop(route)]
+    app.openapi_schema = None  # regenerated from the remaining routes
 
-    app.router.routes[:] = [r for r in app.router.routes if keep(r)]
+
+def _drop_route(app: FastAPI, path: str, method: str = "GET") -> None:
+    def matches(route: BaseRoute) -> bool:
+        methods = getattr(route, "methods", None) or set()
+        return getattr(route, "path", None) == path and method in methods
+
+    _drop_routes(app, matches)
 
 
 # Routes that vLLM registers for every model but serves only when the model has a handler for
@@ -31,16 +37,12 @@ def _drop_route(app: FastAPI, path: str, method: str = "GET") -> None:
 OPTIONAL_ROUTES = {"/v1/systemone": ("POST", "serving_structured_decisions")}
 
 
-def drop_unserved_routes(app: FastAPI) -> list[str]:
+def drop_unserved_routes(app: FastAPI) -> None:
     """After vLLM's app state exists, drop the optional routes this model cannot serve, so
-    they 404 like any unknown path and leave the OpenAPI schema. Returns the dropped paths."""
-    dropped = []
+    they 404 like any unknown path and leave the OpenAPI schema."""
     for path, (method, handler) in OPTIONAL_ROUTES.items():
         if getattr(app.state, handler, None) is None:
             _drop_route(app, path, method)
-            dropped.append(path)
-    app.openapi_schema = None  # regenerated from the remaining routes
-    return dropped
 
 
 # vLLM routes that change the running deployment rather than serve it: elastic expert-parallel
@@ -61,14 +63,6 @@ ADMIN_ROUTE_MODULES = (
 def is_admin_route(route: BaseRoute) -> bool:
     module = getattr(getattr(route, "endpoint", None), "__module__", "") or ""
     return any(module == m or module.startswith(m + ".") for m in ADMIN_ROUTE_MODULES)
-
-
-def drop_admin_routes(app: FastAPI) -> list[str]:
-    """Remove the deployment-changing routes; returns their paths."""
-    dropped = [getattr(r, "path", "?") for r in app.router.routes if is_admin_route(r)]
-    app.router.routes[:] = [r for r in app.router.routes if not is_admin_route(r)]
-    app.openapi_schema = None
-    return dropped
 
 
 def build_server_app(
@@ -96,7 +90,7 @@ def install_lagkv(
 ) -> FastAPI:
     """Add LagKV's routes to a vLLM app. Call before the app starts serving."""
     if not admin_routes:
-        drop_admin_routes(app)
+        _drop_routes(app, is_admin_route)
     lagkv_info = settings.model_dump() | {"keep": settings.keep} if settings else None
 
     _drop_route(app, "/v1/models")

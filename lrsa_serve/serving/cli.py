@@ -15,8 +15,20 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
+from lrsa_serve.errors import one_line
+
 # Without a cap a request that sets no max_tokens generates up to the context limit.
 MAX_TOKENS_CAP = 1024
+# The vLLM flags that lagkv_engine_kwargs checks or completes.
+ENGINE_FLAGS = (
+    "block_size",
+    "dtype",
+    "attention_backend",
+    "enable_prefix_caching",
+    "speculative_config",
+    "kv_transfer_config",
+    "additional_config",
+)
 
 
 def _multiprocess_metrics() -> None:
@@ -32,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    from lrsa_serve.config import add_lagkv_arguments
+
     parser = FlexibleArgumentParser(
         prog="lrsa serve",
         description="OpenAI-compatible server (vLLM) whose KV cache is compressed with LagKV. "
@@ -40,12 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = make_arg_parser(parser)
     group = parser.add_argument_group(
         "LagKV", "Compression settings; defaults come from the checkpoint's config.json "
-        '"lagkv" section, else lrsa-serve\'s defaults (sink 32, lag 256, ratio 0.25).',
+        '"lagkv" section, else lrsa-serve\'s defaults (sink 32, lag 256, ratio 0.25). Sink, lag '
+        "and keep = int(ratio * lag) must be multiples of the KV block size.",
     )  # fmt: skip
-    group.add_argument("--sink", type=int, help="first tokens never evicted (multiple of block)")
-    group.add_argument("--lag", type=int, help="lag partition size in tokens (multiple of block)")
-    group.add_argument("--ratio", type=float, help="fraction of each partition kept, in (0, 1]")
-    group.add_argument("--score-v-ratio", type=float, help="weight of the value score (1.0)")
+    add_lagkv_arguments(group)
     group.add_argument(
         "--no-lagkv", action="store_true", help="serve without compression (stock vLLM)"
     )
@@ -79,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 def prepare(args: argparse.Namespace, argv: Sequence[str]):
     """Resolve the model and LagKV settings and fold them into vLLM's arguments.
     Returns (settings or None, api key or None, why the dtype is what it is)."""
-    from lrsa_serve.config import LagKVConfig
+    from lrsa_serve.config import LagKVConfig, lagkv_overrides
     from lrsa_serve.engine.api import (
         default_block_size,
         default_dtype,
@@ -96,28 +108,17 @@ def prepare(args: argparse.Namespace, argv: Sequence[str]):
         args.served_model_name = [os.path.basename(os.path.normpath(model))]
     settings = None
     if not args.no_lagkv:
-        overrides = dict(sink=args.sink, lag=args.lag, ratio=args.ratio,
-                         score_v_ratio=args.score_v_ratio)  # fmt: skip
-        settings = LagKVConfig.resolve(model, **overrides) or LagKVConfig.build(**overrides)
+        settings = LagKVConfig.for_model(model, **lagkv_overrides(args))
     if args.block_size is None:
         args.block_size = default_block_size()
     dtype_reason = "--dtype"
     if args.dtype == "auto":
         args.dtype, dtype_reason = default_dtype()
-    engine_kwargs = lagkv_engine_kwargs(
-        model,
-        settings,
-        block_size=args.block_size,
-        dtype=args.dtype,
-        attention_backend=args.attention_backend,
-        enable_prefix_caching=args.enable_prefix_caching,
-        speculative_config=args.speculative_config,
-        kv_transfer_config=args.kv_transfer_config,
-        additional_config=args.additional_config,
-    )
-    for key in ("enable_prefix_caching", "scheduler_cls", "additional_config", "attention_backend"):
-        if key in engine_kwargs:
-            setattr(args, key, engine_kwargs[key])
+    given = {name: getattr(args, name) for name in ENGINE_FLAGS}
+    # Checked (a refused feature is an error here) and completed: prefix caching off, LagKV's
+    # scheduler, attention backend and additional_config; all of it goes back to vLLM's args.
+    for name, value in lagkv_engine_kwargs(model, settings, **given).items():
+        setattr(args, name, value)
     if args.kv_cache_gib is not None:
         if on_cpu():
             if args.kv_cache_gib != int(args.kv_cache_gib) or args.kv_cache_gib < 1:
@@ -188,26 +189,18 @@ async def serve(args: argparse.Namespace, settings, api_key: str | None, dtype_r
         sock.close()
 
 
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _multiprocess_metrics()
     parser = build_parser()
     args = parser.parse_args(argv)
 
-    from pydantic import ValidationError
-
-    from lrsa_serve.config import LagKVConfigError
     from lrsa_serve.models import ModelError
 
     try:
         settings, api_key, dtype_reason = prepare(args, argv)
-    except (LagKVConfigError, ModelError, ValidationError, ValueError) as e:
-        print(f"lrsa serve: error: {_one_line(e)}", file=sys.stderr)
+    except (ModelError, ValueError) as e:  # ValueError: LagKVConfigError and pydantic's too
+        print(f"lrsa serve: error: {one_line(e)}", file=sys.stderr)
         return 2
     import uvloop
 
@@ -220,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 1
     except Exception as e:
-        print(f"lrsa serve: error: the engine failed to start: {_one_line(e)}", file=sys.stderr)
+        print(f"lrsa serve: error: the engine failed to start: {one_line(e)}", file=sys.stderr)
         return 1
     return 0
 

@@ -41,17 +41,18 @@ def checkpoint_dir(out_dir: Path, step: int) -> Path:
     return out_dir / "checkpoints" / f"step_{step:06d}"
 
 
+def _step_dirs(root: Path) -> list[Path]:
+    """The ``step_N`` folders under ``root``, oldest step first."""
+    if not root.is_dir():
+        return []
+    steps = [(int(m.group(1)), path) for path in root.iterdir() if (m := STEP_DIR.match(path.name))]
+    return [path for _, path in sorted(steps)]
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
     """The newest complete checkpoint (one with its trainer.json), or None."""
-    root = out_dir / "checkpoints"
-    if not root.is_dir():
-        return None
-    done = [
-        (int(match.group(1)), path)
-        for path in root.iterdir()
-        if (match := STEP_DIR.match(path.name)) and (path / TRAINER_STATE).is_file()
-    ]
-    return max(done)[1] if done else None
+    done = [p for p in _step_dirs(out_dir / "checkpoints") if (p / TRAINER_STATE).is_file()]
+    return done[-1] if done else None
 
 
 def save_checkpoint(
@@ -81,12 +82,8 @@ def save_checkpoint(
         (partial / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
-        older = sorted(
-            (int(m.group(1)), p)
-            for p in final.parent.iterdir()
-            if (m := STEP_DIR.match(p.name)) and p != final
-        )
-        for _, path in older[: max(0, len(older) - (keep - 1))]:
+        older = [path for path in _step_dirs(final.parent) if path != final]
+        for path in older[: max(0, len(older) - (keep - 1))]:
             shutil.rmtree(path, ignore_errors=True)
     _barrier()
     return final

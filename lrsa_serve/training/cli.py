@@ -14,56 +14,38 @@ model's config.json ("lagkv") if it has them, else from ``LagKVConfig``'s defaul
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 
+from lrsa_serve.config import LagKVConfig, add_lagkv_arguments, lagkv_overrides
 from lrsa_serve.errors import UserError
 from lrsa_serve.training.config import LRSA_KERNELS
 
-# flag -> (section, field) of JobConfig
-FLAG_FIELDS = {
-    "data": ("data", "source"),
-    "eval_data": ("data", "eval_source"),
-    "max_len": ("data", "max_len"),
-    "overlong": ("data", "overlong"),
-    "batch_size": ("data", "batch_size"),
-    "synthetic_examples": ("data", "synthetic_examples"),
-    "synthetic_eval_examples": ("data", "synthetic_eval_examples"),
-    "synthetic_min_tokens": ("data", "synthetic_min_tokens"),
-    "synthetic_max_tokens": ("data", "synthetic_max_tokens"),
-    "attention": ("model", "attention"),
-    "lrsa_kernel": ("model", "lrsa_kernel"),
-    "gguf_file": ("model", "gguf_file"),
-    "lr": ("optim", "lr"),
-    "min_lr_ratio": ("optim", "min_lr_ratio"),
-    "warmup_steps": ("optim", "warmup_steps"),
-    "weight_decay": ("optim", "weight_decay"),
-    "grad_clip": ("optim", "grad_clip"),
-    "out": ("train", "out_dir"),
-    "steps": ("train", "steps"),
-    "grad_accum": ("train", "grad_accum"),
-    "seed": ("train", "seed"),
-    "dtype": ("train", "mixed_precision"),
-    "eval_every": ("train", "eval_every"),
-    "save_every": ("train", "save_every"),
-    "keep_checkpoints": ("train", "keep_checkpoints"),
-    "log_every": ("train", "log_every"),
-    "export_dtype": ("train", "export_dtype"),
-}
-LAGKV_FLAGS = ("sink", "lag", "ratio", "score_v_ratio")
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    # Defaults are None so that a flag left out does not override --config; JobConfig holds the
-    # real defaults (shown in --help through training/config.py).
+    # A flag's dest is the JobConfig field it sets (build_job copies those given). Defaults are
+    # None so that a flag left out does not override --config; JobConfig holds the real defaults.
     p = parser.add_argument
     p("model", nargs="?", default=None, help="local HF model folder (default: the default model)")
     p("--config", help="YAML job config; flags override it")
-    p("--data", help="JSONL file (messages or prompt/completion) or 'synthetic'")
-    p("--eval-data", help="held-out JSONL (synthetic data brings its own eval split)")
-    p("--out", help="output folder: checkpoints/, metrics.jsonl and the exported model")
-    p("--sink", type=int, help="LagKV sink S")
-    p("--lag", type=int, help="LagKV partition size L")
-    p("--ratio", type=float, help="LagKV kept fraction r")
-    p("--score-v-ratio", type=float, help="LagKV value-score weight")
+    p(
+        "--data",
+        dest="source",
+        metavar="DATA",
+        help="JSONL file (messages or prompt/completion) or 'synthetic'",
+    )
+    p(
+        "--eval-data",
+        dest="eval_source",
+        metavar="EVAL_DATA",
+        help="held-out JSONL (synthetic data brings its own eval split)",
+    )
+    p(
+        "--out",
+        dest="out_dir",
+        metavar="OUT",
+        help="output folder: checkpoints/, metrics.jsonl and the exported model",
+    )
+    add_lagkv_arguments(parser)
     p("--max-len", type=int, help="longest example in tokens (default 8192)")
     p("--overlong", choices=("skip", "truncate"), help="over-long examples (default skip)")
     p("--steps", type=int, help="optimizer steps (default 100)")
@@ -82,15 +64,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "installed, else FlashAttention-2 on CUDA; the exact reference on CPU); naming one pins "
         "it on any device",
     )
-    p("--no-grad-checkpointing", action="store_true", help="keep activations (more memory)")
-    p("--no-compile", action="store_true", help="eager decoder layers (compiled on CUDA)")
-    p("--dtype", choices=("bf16", "fp32"), help="autocast on CUDA (default bf16)")
+    p(
+        "--no-grad-checkpointing",
+        dest="gradient_checkpointing",
+        action="store_false",
+        default=None,
+        help="keep activations (more memory)",
+    )
+    p(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        default=None,
+        help="eager decoder layers (compiled on CUDA)",
+    )
+    p(
+        "--dtype",
+        dest="mixed_precision",
+        choices=("bf16", "fp32"),
+        help="autocast on CUDA (default bf16)",
+    )
     p("--export-dtype", choices=("float32", "bfloat16"), help="exported weights (default float32)")
     p("--eval-every", type=int, help="steps between evaluations (0: at the end only)")
     p("--save-every", type=int, help="steps between checkpoints (0: at the end only)")
     p("--keep-checkpoints", type=int, help="checkpoints kept (default 2)")
     p("--log-every", type=int, help="steps between metrics lines (default 1)")
-    p("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p(
+        "--resume",
+        action="store_true",
+        default=None,
+        help="continue from the last checkpoint in --out",
+    )
     p("--seed", type=int, help="data order seed (default 0)")
     p("--gguf-file", help="load weights from this GGUF file inside MODEL")
     p(
@@ -111,13 +115,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="longest synthetic example, template and answer included "
         "(default 8000 or --max-len if smaller)",
     )
-    p("--synthetic-tasks", help="comma-separated tasks from lrsa_serve.synthetic_tasks.TASKS")
-    p("--no-progress", action="store_true", help="no tqdm bar")
+    p(
+        "--synthetic-tasks",
+        type=_names,
+        help="comma-separated tasks from lrsa_serve.synthetic_tasks.TASKS",
+    )
+    p("--no-progress", dest="progress", action="store_false", default=None, help="no tqdm bar")
+
+
+def _names(text: str) -> tuple[str, ...] | None:
+    return tuple(name.strip() for name in text.split(",")) if text else None
 
 
 def build_job(args: argparse.Namespace):
     """JobConfig from defaults < --config < flags, validated."""
-    from lrsa_serve.config import LagKVConfig
     from lrsa_serve.models import resolve_model
     from lrsa_serve.training.config import JobConfig
 
@@ -125,29 +136,15 @@ def build_job(args: argparse.Namespace):
         job = JobConfig.from_yaml(args.config) if args.config else JobConfig()
     except (OSError, ValueError, TypeError) as e:
         raise UserError(f"--config {args.config}: {e}") from None
-    for flag, (section, name) in FLAG_FIELDS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            setattr(getattr(job, section), name, value)
-    if args.synthetic_tasks:
-        job.data.synthetic_tasks = tuple(t.strip() for t in args.synthetic_tasks.split(","))
-    if args.no_grad_checkpointing:
-        job.model.gradient_checkpointing = False
-    if args.no_compile:
-        job.model.compile = False
-    if args.resume:
-        job.train.resume = True
-    if args.no_progress:
-        job.train.progress = False
+    for section in (job.model, job.data, job.optim, job.train):
+        for field in fields(section):
+            if (value := getattr(args, field.name, None)) is not None:
+                setattr(section, field.name, value)
     job.model.path = resolve_model(args.model or job.model.path)
     # Settings: flags > --config's lagkv section > the model's config.json > defaults.
-    overrides = {name: getattr(args, name) for name in LAGKV_FLAGS}
+    flags = {name: value for name, value in lagkv_overrides(args).items() if value is not None}
     from_config = job.lagkv.model_dump() if args.config else {}
-    base = LagKVConfig.resolve(job.model.path, **from_config)
-    merged = (base.model_dump() if base else {}) | {
-        k: v for k, v in overrides.items() if v is not None
-    }
-    job.lagkv = LagKVConfig.build(**merged)
+    job.lagkv = LagKVConfig.for_model(job.model.path, **(from_config | flags))
     if job.train.resume and job.data.synthetic_examples is None:
         # The derived count follows --steps; a run resumed with more steps keeps the examples
         # (hence the data order) it started with.

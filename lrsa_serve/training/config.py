@@ -97,6 +97,10 @@ class TrainConfig:
     progress: bool = True  # tqdm bar on rank 0
 
 
+# JobConfig's sections besides lagkv (LagKVConfig), by name: the YAML file's and to_dict's keys.
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+
+
 @dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -105,14 +109,12 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     lagkv: LagKVConfig = field(default_factory=LagKVConfig)
 
-    def fill_derived(self, world_size: int | None = None) -> JobConfig:
+    def fill_derived(self) -> JobConfig:
         """Give the synthetic settings left at None their values for this run, in place, so the
-        job a checkpoint records holds the numbers used. ``world_size`` defaults to torchrun's
-        WORLD_SIZE (1 for a plain run)."""
+        job a checkpoint records holds the numbers used (GPUs: torchrun's WORLD_SIZE)."""
         d = self.data
         if d.synthetic_examples is None:
-            if world_size is None:
-                world_size = int(os.environ.get("WORLD_SIZE", "1"))
+            world_size = int(os.environ.get("WORLD_SIZE", "1"))
             # Each optimizer step takes grad_accum x world_size micro-batches of batch_size;
             # more examples would never be seen, fewer would repeat within the run.
             d.synthetic_examples = (
@@ -128,21 +130,18 @@ class JobConfig:
         """Fill the derived settings (``fill_derived``), then raise ValueError with one line for
         settings that cannot work."""
         self.fill_derived()
+        choices = {
+            "attention": (self.model.attention, ATTENTIONS),
+            "lrsa kernel": (self.model.lrsa_kernel, LRSA_KERNELS),
+            "overlong": (self.data.overlong, OVERLONG_POLICIES),
+            "dtype": (self.train.mixed_precision, MIXED_PRECISION),
+            "export dtype": (self.train.export_dtype, EXPORT_DTYPES),
+        }
         checks = [
-            (self.model.attention in ATTENTIONS, f"attention must be one of {ATTENTIONS}"),
-            (
-                self.model.lrsa_kernel in LRSA_KERNELS,
-                f"lrsa kernel must be one of {LRSA_KERNELS}",
-            ),
-            (
-                self.data.overlong in OVERLONG_POLICIES,
-                f"overlong must be one of {OVERLONG_POLICIES}",
-            ),
-            (
-                self.train.mixed_precision in MIXED_PRECISION,
-                f"dtype must be one of {MIXED_PRECISION}",
-            ),
-            (self.train.export_dtype in EXPORT_DTYPES, f"export dtype must be in {EXPORT_DTYPES}"),
+            (value in allowed, f"{what} must be one of {allowed}")
+            for what, (value, allowed) in choices.items()
+        ]
+        checks += [
             (self.data.max_len >= 2, "max-len must be at least 2"),
             (self.data.batch_size >= 1, "batch-size must be at least 1"),
             (self.train.grad_accum >= 1, "grad-accum must be at least 1"),
@@ -160,24 +159,17 @@ class JobConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": asdict(self.model),
-            "data": asdict(self.data),
-            "optim": asdict(self.optim),
-            "train": asdict(self.train),
-            "lagkv": self.lagkv.model_dump(),
-        }
+        sections = {name: asdict(getattr(self, name)) for name in SECTIONS}
+        return sections | {"lagkv": self.lagkv.model_dump()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobConfig:
         """From a (possibly partial) nested dict, e.g. a YAML file; unknown keys are errors."""
-        sections = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig}
-        sections["train"] = TrainConfig
-        unknown = set(data) - set(sections) - {"lagkv"}
+        unknown = set(data) - set(SECTIONS) - {"lagkv"}
         if unknown:
             raise ValueError(f"unknown config sections: {sorted(unknown)}")
         built: dict[str, Any] = {}
-        for name, kind in sections.items():
+        for name, kind in SECTIONS.items():
             given = dict(data.get(name) or {})
             known = {f.name for f in fields(kind)}
             if extra := set(given) - known:

@@ -26,7 +26,7 @@ import hashlib
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -251,7 +251,7 @@ def synthetic_examples(
 def _encode_synthetic(example: Example, tokenizer: Any, split: str) -> TokenizedExample:
     where = f"synthetic:{split}:{example.seed}:{example.task}"
     encoded = encode_record(synthetic_record(example, tokenizer), tokenizer, where)
-    return TokenizedExample(encoded.input_ids, encoded.labels, encoded.source, example.answer)
+    return replace(encoded, answer=example.answer)
 
 
 # ---- length policy, order, batches --------------------------------------------------------------
@@ -352,7 +352,5 @@ def collate(
 
 
 def pad_token_id(tokenizer: Any) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
+    candidates = (tokenizer.pad_token_id, tokenizer.eos_token_id)
+    return int(next((token for token in candidates if token is not None), 0))

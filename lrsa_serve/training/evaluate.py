@@ -9,7 +9,7 @@ forward pass per batch instead of a decode loop. Scores are also split by synthe
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,22 +40,21 @@ def task_of(example: TokenizedExample) -> str:
 
 @dataclass
 class EvalSums:
-    """Additive totals, so ranks (and batches) combine by summing."""
+    """Additive totals, so ranks (and batches) combine by summing: the target tokens' summed
+    loss and count, and per task the examples and how many of them were exact matches."""
 
     loss: float = 0.0
     targets: float = 0.0
-    correct: float = 0.0
-    examples: float = 0.0
-    task_correct: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    task_examples: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    examples: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    correct: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     def scores(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "eval_loss": self.loss / max(self.targets, 1),
-            "eval_exact_match": self.correct / max(self.examples, 1),
+            "eval_exact_match": sum(self.correct.values()) / max(sum(self.examples.values()), 1),
         }
-        for task in sorted(self.task_examples):
-            out[f"eval_exact_match/{task}"] = self.task_correct[task] / self.task_examples[task]
+        for task in sorted(self.examples):
+            out[f"eval_exact_match/{task}"] = self.correct[task] / self.examples[task]
         return out
 
 
@@ -71,12 +70,10 @@ def evaluate_examples(
     pad_multiple: int = 64,
     rank: int = 0,
     world_size: int = 1,
-    forward: Callable | None = None,
 ) -> EvalSums:
     """This rank's sums over its share of ``examples`` (batches rank, rank+W, ...). Every rank
     runs the same number of forwards (FSDP needs all ranks in each), padding with repeats that
     count for nothing."""
-    forward = forward or target_logits
     autocast = autocast or nullcontext()
     special = torch.tensor(sorted(tokenizer.all_special_ids), device=device)
     pad = pad_token_id(tokenizer)
@@ -90,7 +87,7 @@ def evaluate_examples(
         chunk = batches[index if real else 0]
         batch = {k: v.to(device) for k, v in collate(chunk, pad, pad_multiple).items()}
         with autocast:
-            logits, labels = forward(model, batch["input_ids"], batch["labels"])
+            logits, labels = target_logits(model, batch["input_ids"], batch["labels"])
         if not real:
             continue
         mask = labels != IGNORE_INDEX
@@ -99,9 +96,7 @@ def evaluate_examples(
         scored = mask & ~torch.isin(labels, special)
         right = ((logits.argmax(-1) == labels) | ~scored).all(dim=1).tolist()
         for example, ok in zip(chunk, right, strict=True):
-            sums.correct += ok
-            sums.examples += 1
-            sums.task_correct[task_of(example)] += ok
-            sums.task_examples[task_of(example)] += 1
+            sums.examples[task_of(example)] += 1
+            sums.correct[task_of(example)] += ok
     model.train(was_training)
     return sums

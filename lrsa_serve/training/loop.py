@@ -191,10 +191,8 @@ class Trainer:
                 d.synthetic_max_tokens,
                 d.synthetic_tasks,
             )
-        elif split == "train":
-            examples = data_mod.read_jsonl(d.source, self.tokenizer)
-        elif d.eval_source is not None:
-            examples = data_mod.read_jsonl(d.eval_source, self.tokenizer)
+        elif (path := d.source if split == "train" else d.eval_source) is not None:
+            examples = data_mod.read_jsonl(path, self.tokenizer)
         else:
             return [], data_mod.DataStats()
         kept, stats = data_mod.apply_length_policy(examples, d.max_len, d.overlong)
@@ -312,14 +310,13 @@ class Trainer:
             )
 
     # ---- evaluation ----
-    def evaluate(self, examples: list[TokenizedExample] | None = None) -> dict[str, float]:
-        """Loss and exact match on held-out examples (``evaluate.py``), summed over ranks."""
-        examples = self.eval_examples if examples is None else examples
-        if not examples:
+    def evaluate(self) -> dict[str, float]:
+        """Loss and exact match on the held-out examples (``evaluate.py``), summed over ranks."""
+        if not self.eval_examples:
             return {}
         sums = evaluate_examples(
             self.model,
-            examples,
+            self.eval_examples,
             self.tokenizer,
             batch_size=self.job.data.batch_size,
             device=self.runtime.device,
@@ -328,18 +325,12 @@ class Trainer:
             rank=self.runtime.rank,
             world_size=self.runtime.world_size,
         )
-        tasks = sorted({task_of(example) for example in examples})  # the same on every rank
-        totals = _all_sum(
-            [sums.loss, sums.targets, sums.correct, sums.examples]
-            + [sums.task_correct[t] for t in tasks]
-            + [sums.task_examples[t] for t in tasks],
-            self.runtime,
-        )
-        merged = EvalSums(*totals[:4])
-        for i, task in enumerate(tasks):
-            merged.task_correct[task] = totals[4 + i]
-            merged.task_examples[task] = totals[4 + len(tasks) + i]
-        return merged.scores()
+        tasks = sorted({task_of(example) for example in self.eval_examples})  # same on all ranks
+        counts = [sums.examples[t] for t in tasks] + [sums.correct[t] for t in tasks]
+        loss, targets, *counts = _all_sum([sums.loss, sums.targets, *counts], self.runtime)
+        n = len(tasks)
+        per_task = [dict(zip(tasks, part, strict=True)) for part in (counts[:n], counts[n:])]
+        return EvalSums(loss, targets, *per_task).scores()
 
     # ---- the run ----
     def run(self) -> dict[str, Any]:
