@@ -200,8 +200,7 @@ def lrsa_varlen_op(
 ) -> torch.Tensor:
     """``lrsa_varlen_attention`` through the op: ``[B, n, Hq, D]``. Call where ``op_applies``
     to the queries in their autocast dtype."""
-    query, key, value = lv.in_autocast_dtype(query, key, value)
-    key, value = key.to(query.dtype), value.to(query.dtype)
+    query, key, value = lv.in_attention_dtype(query, key, value)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     sizes = (rule.sink, rule.lag, rule.keep, float(rule.score_v_ratio))
     return varlen(query, key, value, *sizes, float(scale), kernel)[0]

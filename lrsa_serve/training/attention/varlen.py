@@ -228,24 +228,25 @@ def math_items(
     for q0, q1, k0, k1 in zip(cq[:-1], cq[1:], ck[:-1], ck[1:], strict=True):
         lq, lk = q1 - q0, k1 - k0
         visible = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
-        items = (x.transpose(0, 1)[None] for x in (q[q0:q1], k[k0:k1], v[k0:k1]))
-        outs.append(masked_attention(*items, visible.expand(1, k.shape[1], lq, lk), scale)[0])
+        qkv = (x.transpose(0, 1)[None] for x in (q[q0:q1], k[k0:k1], v[k0:k1]))
+        outs.append(masked_attention(*qkv, visible.expand(1, k.shape[1], lq, lk), scale)[0])
     return torch.cat(outs, dim=0)
 
 
-def attention_dtype(tensor: torch.Tensor) -> torch.dtype:
-    """The dtype ``in_autocast_dtype`` gives ``tensor``: the autocast dtype where autocast is on."""
-    device = tensor.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
+def attention_dtype(query: torch.Tensor) -> torch.dtype:
+    """The dtype LRSA attends ``query`` in: as SDPA under autocast, the autocast dtype where
+    autocast is on (RoPE makes fp32 q/k in a model whose weights are fp32, which would otherwise
+    take the float32 kernel); else the query's own."""
+    device = query.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
 
 
-def in_autocast_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """As SDPA under autocast: attend in the autocast dtype (RoPE makes fp32 q/k in a model whose
-    weights are fp32, which would otherwise take the float32 kernel)."""
-    if not torch.is_autocast_enabled(tensors[0].device.type):
-        return tensors
-    dtype = attention_dtype(tensors[0])
-    return tuple(t.to(dtype) for t in tensors)
+def in_attention_dtype(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query, key and value in ``attention_dtype(query)``: one dtype for the kernels."""
+    dtype = attention_dtype(query)
+    return query.to(dtype), key.to(dtype), value.to(dtype)
 
 
 @lru_cache(maxsize=1)
@@ -411,12 +412,12 @@ def lrsa_varlen_attention(
     """
     if kept is None:
         kept = select_kept(key, value, rule)
-    query, key, value = in_autocast_dtype(query, key, value)
+    query, key, value = in_attention_dtype(query, key, value)
     b, hq, n, d = query.shape
     scale = d**-0.5 if scaling is None else scaling
     kernel = default_kernel(query, kernel)
     items = items_of(query, kept, rule)
-    k, v = pack_items(key.to(query.dtype), value.to(query.dtype), items)
+    k, v = pack_items(key, value, items)
     return varlen_attention(query_rows(query), k, v, items, scale, kernel).view(b, n, hq, d)
 
 
@@ -427,6 +428,7 @@ __all__ = [
     "check_kernel",
     "default_kernel",
     "attention_dtype",
+    "in_attention_dtype",
     "kernel_applies",
     "math_items",
     "items_of",
