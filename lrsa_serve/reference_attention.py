@@ -103,12 +103,7 @@ def exact_attention(
     path, by blocks of ``QUERY_BLOCK`` queries."""
     rule = settings_of(module).rule
     num_keys, num_queries = key.shape[2], query.shape[2]
-
-    def select() -> torch.Tensor:
-        with torch.no_grad():  # top-K has no gradient; gradients flow through the visible K/V
-            return lagkv.select_all(key, value, rule)
-
-    kept = replay.remembered(select, key, rule)  # a checkpoint recompute replays
+    kept = replay.remembered(lagkv.select_all, key, value, rule)  # a checkpoint recompute replays
     outputs = []
     for lo in range(0, num_queries, QUERY_BLOCK):
         hi = min(num_queries, lo + QUERY_BLOCK)
