@@ -61,12 +61,6 @@ def _kernel(query: torch.Tensor, choice: str) -> str:
     )
 
 
-def _items(query: torch.Tensor, kept: torch.Tensor, sink: int, lag: int, keep: int) -> lv.Items:
-    """The items of these queries under ``kept``. Their layout does not depend on the scores
-    (the rule without ``score_v_ratio``): forward and backward share one cached packing."""
-    return lv.items_of(query, kept, Rule(sink, lag, keep))
-
-
 # ---- the items' kernels: forward with log-sum-exp, and their own backward ----------------------
 def items_forward(kernel, q, k, v, items, scale):
     """Output ``[Tq, Hq, D]`` and log-sum-exp ``[Hq, Tq]`` (float32) of the items. The math
@@ -120,7 +114,9 @@ def varlen(
     ``[B, Hkv, P, keep]``."""
     with torch.no_grad():
         kept = select_kept(key, value, Rule(sink, lag, keep, score_v_ratio))
-        items = _items(query, kept, sink, lag, keep)
+        # The items do not depend on the scores: a rule without score_v_ratio, the backward's,
+        # so that forward and backward share one cached packing.
+        items = lv.items_of(query, kept, Rule(sink, lag, keep))
         k, v = lv.pack_items(key, value, items)
         out, lse = items_forward(_kernel(query, kernel), lv.query_rows(query), k, v, items, scale)
     b, hq, n, d = query.shape
@@ -158,7 +154,7 @@ def varlen_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of query, key and value from the output's."""
     with torch.no_grad():
-        items = _items(query, kept, sink, lag, keep)  # one index: the packing and its backward
+        items = lv.items_of(query, kept, Rule(sink, lag, keep))  # for the packing and its backward
         k, v = lv.pack_items(key, value, items)
         b, hq, n, d = query.shape
         rows = (grad.reshape(b * n, hq, d), lv.query_rows(query), k, v, out.reshape(b * n, hq, d))

@@ -124,22 +124,17 @@ def key_index(kept: torch.Tensor, packing: Packing, template: torch.Tensor) -> t
 @dataclass(frozen=True, eq=False)
 class Items:
     """The items of one call: their ``packing``, their bounds over the batch on the device
-    (``cu_q``/``cu_k``, int32 prefix sums), the selection ``kept`` ``[B, Hkv, P, keep]`` and the
-    raw position of every packed key row, ``index`` ``[B, key_rows, Hkv]`` (``key_index``)."""
+    (``cu_q``/``cu_k``, int32 prefix sums), the longest item's queries and keys, the selection
+    ``kept`` ``[B, Hkv, P, keep]`` and the raw position of every packed key row, ``index``
+    ``[B, key_rows, Hkv]`` (``key_index``)."""
 
     packing: Packing
     cu_q: torch.Tensor
     cu_k: torch.Tensor
+    max_q: int
+    max_k: int
     kept: torch.Tensor
     index: torch.Tensor
-
-    @property
-    def max_q(self) -> int:
-        return max(self.packing.q_lens)
-
-    @property
-    def max_k(self) -> int:
-        return max(self.packing.k_lens)
 
 
 def items_of(query: torch.Tensor, kept: torch.Tensor, rule: Rule) -> Items:
@@ -148,7 +143,8 @@ def items_of(query: torch.Tensor, kept: torch.Tensor, rule: Rule) -> Items:
     b, _, n, _ = query.shape
     packing = packing_for(n, rule)
     cu_q, cu_k, template = _tensors(packing, b, str(query.device))
-    return Items(packing, cu_q, cu_k, kept, key_index(kept, packing, template))
+    index = key_index(kept, packing, template)
+    return Items(packing, cu_q, cu_k, max(packing.q_lens), max(packing.k_lens), kept, index)
 
 
 def query_rows(query: torch.Tensor) -> torch.Tensor:
