@@ -12,6 +12,8 @@ harmless for causal attention); the settings come from ``model.config.lagkv``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 
@@ -24,11 +26,42 @@ NAME = "lagkv_reference"
 QUERY_BLOCK = 1024
 
 
-def settings_of(module: torch.nn.Module) -> LagKVConfig:
+def settings_of(
+    module: torch.nn.Module,
+    missing: str = f"{NAME} attention needs config.{CONFIG_KEY} (see use_lagkv_reference)",
+) -> LagKVConfig:
+    """The LagKV settings in ``module.config`` (a model's or a layer's); ``missing`` is the
+    error where there are none."""
     section = getattr(module.config, CONFIG_KEY, None)
     if section is None:
-        raise ValueError(f"{NAME} attention needs config.{CONFIG_KEY} (see use_lagkv_reference)")
+        raise ValueError(missing)
     return section if isinstance(section, LagKVConfig) else LagKVConfig.build(**section)
+
+
+def register(
+    name: str, attend: Callable[..., torch.Tensor]
+) -> Callable[..., tuple[torch.Tensor, None]]:
+    """Register ``attend(module, query, key, value, scaling, dropout)`` (queries
+    ``[B, Hq, n, D]``, K/V ``[B, Hkv, Tk, D]``; output ``[B, n, Hq, D]``) in transformers'
+    ``AttentionInterface`` as ``name``, behind the interface's signature; the scaling is
+    1/sqrt(D) unless given. The attention mask and other arguments are not read (causal
+    attention; sequences start at position 0, see the module docstring)."""
+
+    def attention(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None = None,
+        dropout: float = 0.0,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        return attend(module, query, key, value, scaling, dropout), None
+
+    AttentionInterface.register(name, attention)
+    return attention
 
 
 def masked_attention(
@@ -58,25 +91,19 @@ def masked_attention(
     return out.unflatten(2, (groups, tq)).flatten(1, 2).transpose(1, 2).to(query.dtype)
 
 
-def lagkv_reference_attention(
+def exact_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
+    scaling: float,
     dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
+) -> torch.Tensor:
+    """The exact LagKV attention of ``module`` (``register``'s ``attend``): the dense masked
+    path, by blocks of ``QUERY_BLOCK`` queries."""
     rule = settings_of(module).rule
     num_keys, num_queries = key.shape[2], query.shape[2]
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-
-    def select() -> torch.Tensor:
-        with torch.no_grad():  # top-K has no gradient; gradients flow through the visible K/V
-            return lagkv.select_all(key, value, rule)
-
-    kept = replay.remembered(select, key, rule)  # a checkpoint recompute replays
+    kept = replay.remembered(lagkv.select_all, key, value, rule)  # a checkpoint recompute replays
     outputs = []
     for lo in range(0, num_queries, QUERY_BLOCK):
         hi = min(num_queries, lo + QUERY_BLOCK)
@@ -94,10 +121,10 @@ def lagkv_reference_attention(
     out = torch.cat(outputs, dim=1)
     if dropout and module.training:
         out = torch.nn.functional.dropout(out, p=dropout)
-    return out, None
+    return out
 
 
-AttentionInterface.register(NAME, lagkv_reference_attention)
+lagkv_reference_attention = register(NAME, exact_attention)
 
 
 def use_lagkv_reference(model: PreTrainedModel, cfg: LagKVConfig) -> PreTrainedModel:

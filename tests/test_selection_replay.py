@@ -95,13 +95,13 @@ def test_a_replay_that_does_not_match_the_forward_is_an_error():
     longer = torch.zeros(1, 2, 84, 8)  # 4
     kept = torch.zeros(1, 2, 3, 4, dtype=torch.long)
     with forward:
-        got = replay.remembered(lambda: kept, key, rule)
+        got = replay.remembered(lambda *_: kept, key, key, rule)
     assert got is kept
     with recompute, pytest.raises(RuntimeError, match=r"expected kept positions of shape"):
-        replay.remembered(lambda: kept, longer, rule)
+        replay.remembered(lambda *_: kept, longer, longer, rule)
     with recompute:
-        assert replay.remembered(lambda: None, key, rule) is kept
+        assert replay.remembered(lambda *_: None, key, key, rule) is kept
         with pytest.raises(RuntimeError, match="forward made only 1"):
-            replay.remembered(lambda: kept, key, rule)
+            replay.remembered(lambda *_: kept, key, key, rule)
     # outside a checkpointed call nothing is remembered
-    assert replay.remembered(lambda: "fresh", key, rule) == "fresh"
+    assert replay.remembered(lambda *_: "fresh", key, key, rule) == "fresh"

@@ -27,34 +27,16 @@ real token see a later pad), so ``attention_mask`` is not consulted. Left paddin
 from __future__ import annotations
 
 import torch
-from transformers import AttentionInterface, PreTrainedModel
+from transformers import PreTrainedModel
 
 from lrsa_serve.config import CONFIG_KEY, LagKVConfig, keep_for
 from lrsa_serve.lagkv import Rule
-from lrsa_serve.reference_attention import lagkv_reference_attention, settings_of
+from lrsa_serve.reference_attention import exact_attention, register, settings_of
 from lrsa_serve.training.attention import op
-from lrsa_serve.training.attention.sequence_select import select_kept
-from lrsa_serve.training.attention.varlen import KERNELS, check_kernel, lrsa_varlen_attention
+from lrsa_serve.training.attention.varlen import KERNELS, check_kernel
+from lrsa_serve.training.attention.varlen import lrsa_varlen_attention as lrsa_varlen
 
 NAME = "lrsa"
-
-
-# ---- the varlen formulation (default on CUDA) ----------------------------------------------------
-def lrsa_varlen(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    rule: Rule,
-    scaling: float | None = None,
-    *,
-    kernel: str = "auto",
-) -> torch.Tensor:
-    """LRSA attention of whole sequences as one varlen attention call (``varlen``) with this
-    ``kernel`` (one of ``KERNELS``), with this module's selection (compiled on CUDA):
-    ``[B, n, Hq, D]``."""
-    kept = select_kept(key, value, rule)
-    return lrsa_varlen_attention(query, key, value, rule, scaling, kernel=kernel, kept=kept)
-
 
 # ---- the transformers attention function --------------------------------------------------------
 # The varlen call's kernel for every model (``set_kernel``; the trainer passes its job's
@@ -86,24 +68,24 @@ def _traceable_rule(module: torch.nn.Module) -> Rule | None:
     return Rule(section["sink"], lag, keep_for(lag, ratio), section.get("score_v_ratio", 1.0))
 
 
-def lrsa_attention(
+def _lrsa(
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
+    scaling: float,
+    dropout: float,
+) -> torch.Tensor:
     """The registered attention. The varlen call runs as the custom op ``lrsa::varlen`` where it
     applies, which a compiled decoder layer traces as one node; every other path runs eagerly,
     behind a graph break (``_eager_attention``)."""
-    if not (dropout and module.training) and uses_varlen(query):
+    if dropout and module.training:
+        raise ValueError("LRSA attention does not implement attention dropout")
+    if uses_varlen(query):
         rule = _traceable_rule(module)
         if rule is not None and query.shape[2] == key.shape[2] and op.op_applies(query):
-            return op.lrsa_varlen_op(query, key, value, rule, scaling, kernel=_kernel), None
-    return _eager_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+            return op.lrsa_varlen_op(query, key, value, rule, scaling, kernel=_kernel)
+    return _eager_attention(module, query, key, value, scaling)
 
 
 @torch.compiler.disable  # dynamo cannot trace these paths: a compiled layer breaks its graph here
@@ -112,19 +94,14 @@ def _eager_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    if dropout and module.training:
-        raise ValueError("LRSA attention does not implement attention dropout")
+    scaling: float,
+) -> torch.Tensor:
     if not uses_varlen(query) or query.shape[2] != key.shape[2]:
-        return lagkv_reference_attention(module, query, key, value, None, scaling=scaling)
-    return lrsa_varlen(query, key, value, settings_of(module).rule, scaling, kernel=_kernel), None
+        return exact_attention(module, query, key, value, scaling)
+    return lrsa_varlen(query, key, value, settings_of(module).rule, scaling, kernel=_kernel)
 
 
-AttentionInterface.register(NAME, lrsa_attention)
+lrsa_attention = register(NAME, _lrsa)
 
 
 def use_lrsa(model: PreTrainedModel, cfg: LagKVConfig) -> PreTrainedModel:
@@ -142,10 +119,9 @@ def lrsa_forward_logits(
     with the serving engine's prefill. ``cfg`` defaults to the checkpoint's ``config.lagkv``.
     The model's attention implementation and settings are restored afterwards."""
     if cfg is None:
-        section = getattr(model.config, "lagkv", None)
-        if section is None:
-            raise ValueError("no LagKV settings: pass cfg or use a checkpoint with config.lagkv")
-        cfg = section if isinstance(section, LagKVConfig) else LagKVConfig.build(**section)
+        cfg = settings_of(
+            model, "no LagKV settings: pass cfg or use a checkpoint with config.lagkv"
+        )
     previous_impl = model.config._attn_implementation
     previous_cfg = getattr(model.config, "lagkv", None)
     use_lrsa(model, cfg)

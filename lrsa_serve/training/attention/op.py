@@ -61,42 +61,23 @@ def _kernel(query: torch.Tensor, choice: str) -> str:
     )
 
 
-def _layout(query: torch.Tensor, sink: int, lag: int, keep: int):
-    """The items of these queries' length: packing, cu_q/cu_k, template, longest item sizes.
-    The items do not depend on the scores: forward and backward share one cached packing."""
-    b, _, n, _ = query.shape
-    packing = lv.packing_for(n, Rule(sink, lag, keep))
-    cu_q, cu_k, template = lv._tensors(packing, b, str(query.device))
-    return packing, cu_q, cu_k, template, max(packing.q_lens), max(packing.k_lens)
-
-
-def _items(query: torch.Tensor) -> torch.Tensor:
-    b, hq, n, d = query.shape
-    return query.transpose(1, 2).reshape(b * n, hq, d)
-
-
 # ---- the items' kernels: forward with log-sum-exp, and their own backward ----------------------
-def items_forward(kernel, q, k, v, cu_q, cu_k, max_q, max_k, scale):
+def items_forward(kernel, q, k, v, items, scale):
     """Output ``[Tq, Hq, D]`` and log-sum-exp ``[Hq, Tq]`` (float32) of the items. The math
     kernel's backward differentiates the reference again, so its log-sum-exp is left zero."""
     if kernel == "fa4":
-        return lv._fa4().flash_attn_varlen_func(
-            q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
-            max_seqlen_k=max_k, softmax_scale=scale, causal=True, return_lse=True,
-        )[:2]  # fmt: skip
+        return lv.fa4_items(q, k, v, items, scale, return_lse=True)[:2]
     if kernel == "flash":
-        out, lse = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale
-        )[:2]
-        return out, lse
-    out = lv.math_items(q, k, v, cu_q, cu_k, scale)
+        return lv.flash_items(q, k, v, items, scale)[:2]
+    out = lv.math_items(q, k, v, items, scale)
     return out, q.new_zeros(q.shape[1], q.shape[0], dtype=torch.float32)
 
 
-def items_backward(kernel, grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
+def items_backward(kernel, grad, q, k, v, out, lse, items, scale):
     """``dq`` ``[Tq, Hq, D]``, ``dk``/``dv`` ``[Tk, Hkv, D]`` of the items: the CUDA kernels' own
     backward; for math, the reference attention's, differentiated by torch."""
     grad = grad.contiguous()
+    cu_q, cu_k, max_q, max_k = items.cu_q, items.cu_k, items.max_q, items.max_k
     if kernel == "fa4":
         interface = importlib.import_module("flash_attn.cute.interface")
         return interface._flash_attn_bwd(
@@ -110,7 +91,7 @@ def items_backward(kernel, grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, sc
             scale=scale,
         )  # fmt: skip
     # torch.func, not torch.autograd: an op's implementation runs below the autograd dispatch key
-    _, vjp = torch.func.vjp(lambda *qkv: lv.math_items(*qkv, cu_q, cu_k, scale), q, k, v)
+    _, vjp = torch.func.vjp(lambda *qkv: lv.math_items(*qkv, items, scale), q, k, v)
     return vjp(grad)
 
 
@@ -133,12 +114,11 @@ def varlen(
     ``[B, Hkv, P, keep]``."""
     with torch.no_grad():
         kept = select_kept(key, value, Rule(sink, lag, keep, score_v_ratio))
-        packing, cu_q, cu_k, template, max_q, max_k = _layout(query, sink, lag, keep)
-        index = lv.key_index(kept, packing, template)
-        k, v = lv.pack_items(key, value, index, kept, packing)
-        out, lse = items_forward(
-            _kernel(query, kernel), _items(query), k, v, cu_q, cu_k, max_q, max_k, scale
-        )
+        # The items do not depend on the scores: a rule without score_v_ratio, the backward's,
+        # so that forward and backward share one cached packing.
+        items = lv.items_of(query, kept, Rule(sink, lag, keep))
+        k, v = lv.pack_items(key, value, items)
+        out, lse = items_forward(_kernel(query, kernel), lv.query_rows(query), k, v, items, scale)
     b, hq, n, d = query.shape
     # contiguous outputs, as the fake ones: a compiled graph plans with the fake strides
     return out.reshape(b, n, hq, d).contiguous(), lse.contiguous(), kept.contiguous()
@@ -174,15 +154,12 @@ def varlen_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of query, key and value from the output's."""
     with torch.no_grad():
-        packing, cu_q, cu_k, template, max_q, max_k = _layout(query, sink, lag, keep)
-        index = lv.key_index(kept, packing, template)  # once, for the packing and its backward
-        k, v = lv.pack_items(key, value, index, kept, packing)
+        items = lv.items_of(query, kept, Rule(sink, lag, keep))  # for the packing and its backward
+        k, v = lv.pack_items(key, value, items)
         b, hq, n, d = query.shape
-        dq, dk, dv = items_backward(
-            _kernel(query, kernel), grad.reshape(b * n, hq, d), _items(query), k, v,
-            out.reshape(b * n, hq, d), lse, cu_q, cu_k, max_q, max_k, scale,
-        )  # fmt: skip
-        dkey, dvalue = lv.pack_items_backward(dk, dv, key, value, index, kept, packing)
+        rows = (grad.reshape(b * n, hq, d), lv.query_rows(query), k, v, out.reshape(b * n, hq, d))
+        dq, dk, dv = items_backward(_kernel(query, kernel), *rows, lse, items, scale)
+        dkey, dvalue = lv.pack_items_backward(dk, dv, key, value, items)
     dquery = dq.reshape(b, n, hq, d).transpose(1, 2)
     return dquery.contiguous(), dkey.contiguous(), dvalue.contiguous()
 
@@ -219,8 +196,7 @@ def lrsa_varlen_op(
 ) -> torch.Tensor:
     """``lrsa_varlen_attention`` through the op: ``[B, n, Hq, D]``. Call where ``op_applies``
     to the queries in their autocast dtype."""
-    query, key, value = lv.in_autocast_dtype(query, key, value)
-    key, value = key.to(query.dtype), value.to(query.dtype)
+    query, key, value = lv.in_attention_dtype(query, key, value)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     sizes = (rule.sink, rule.lag, rule.keep, float(rule.score_v_ratio))
     return varlen(query, key, value, *sizes, float(scale), kernel)[0]

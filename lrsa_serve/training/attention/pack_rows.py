@@ -210,9 +210,10 @@ def _pack(key, value, index):
     return out_k, out_v
 
 
-def _unpack_grad(grad: torch.Tensor, shape, dtype, refs: Refs, kept, slot_of_pos, key_rows: int):
+def _unpack_grad(grad: torch.Tensor, shape, dtype, refs: Refs, kept, slot_of_pos):
     b, h, n, d = shape
     grad = grad.contiguous()
+    key_rows = grad.shape[0] // b  # packed rows per sequence
     slots = kept.shape[-2] * kept.shape[-1]
     f64 = grad.dtype == torch.float64
     consts = dict(D=d, BLOCK_T=SOURCES_PER_PROGRAM, BLOCK_D=triton.next_power_of_2(d), ACC_F64=f64)
@@ -242,24 +243,23 @@ def _unpack_grad(grad: torch.Tensor, shape, dtype, refs: Refs, kept, slot_of_pos
 
 class PackRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, key, value, index, kept, refs, key_rows):
+    def forward(ctx, key, value, index, kept, refs):
         ctx.save_for_backward(kept)
-        ctx.refs, ctx.key_rows = refs, key_rows
-        ctx.shapes = (key.shape, key.dtype, value.shape, value.dtype)
+        ctx.refs, ctx.meta = refs, (key.shape, key.dtype, value.dtype)
         return _pack(key, value, index)
 
     @staticmethod
     def backward(ctx, grad_k, grad_v):
         (kept,) = ctx.saved_tensors
-        dk, dv = _unpack_grads(grad_k, grad_v, *ctx.shapes, kept, ctx.refs, ctx.key_rows)
-        return dk, dv, None, None, None, None
+        dk, dv = _unpack_grads(grad_k, grad_v, kept, ctx.refs, *ctx.meta)
+        return dk, dv, None, None, None
 
 
-def _unpack_grads(grad_k, grad_v, key_shape, key_dtype, value_shape, value_dtype, kept, refs,
-                  key_rows):  # fmt: skip
-    slots = slot_of(kept, key_shape[2])
-    dk = _unpack_grad(grad_k, key_shape, key_dtype, refs, kept, slots, key_rows)
-    dv = _unpack_grad(grad_v, value_shape, value_dtype, refs, kept, slots, key_rows)
+def _unpack_grads(grad_k, grad_v, kept, refs, shape, key_dtype, value_dtype):
+    """Key and value gradients (keys and values of one ``shape``) from their rows'."""
+    slots = slot_of(kept, shape[2])
+    dk = _unpack_grad(grad_k, shape, key_dtype, refs, kept, slots)
+    dv = _unpack_grad(grad_v, shape, value_dtype, refs, kept, slots)
     return dk, dv
 
 
@@ -281,7 +281,7 @@ def pack_rows(
         key = key.contiguous()
     if value.stride(-1) != 1:
         value = value.contiguous()
-    return PackRows.apply(key, value, index.contiguous(), kept, refs, index.shape[1])
+    return PackRows.apply(key, value, index.contiguous(), kept, refs)
 
 
 def pack_rows_backward(
@@ -293,9 +293,8 @@ def pack_rows_backward(
     refs: Refs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``pack_rows``' backward without autograd (for a custom op's own backward): the gradients
-    of ``key``/``value`` from those of the packed rows ``[B * Tk, Hkv, D]``."""
-    meta = (key.shape, key.dtype, value.shape, value.dtype)
-    return _unpack_grads(grad_k, grad_v, *meta, kept, refs, grad_k.shape[0] // key.shape[0])
+    of ``key``/``value`` (of one shape) from those of the packed rows ``[B * Tk, Hkv, D]``."""
+    return _unpack_grads(grad_k, grad_v, kept, refs, key.shape, key.dtype, value.dtype)
 
 
 __all__ = ["Refs", "pack_rows", "pack_rows_backward", "refs_for", "slot_of"]

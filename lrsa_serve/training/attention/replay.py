@@ -63,19 +63,25 @@ def checkpoint_contexts() -> tuple[_Phase, _Phase]:
     return _Phase(memo, replaying=False), _Phase(memo, replaying=True)
 
 
-def remembered(select: Callable[[], torch.Tensor], key: torch.Tensor, rule: Rule) -> torch.Tensor:
-    """``select()``, the kept positions ``[B, Hkv, P, keep]`` of ``key`` ``[B, Hkv, n, D]`` under
-    ``rule``, outside checkpointing and in a checkpointed forward (recorded
-    there); in the recompute, the recorded result of the same call. A replay whose shape does
-    not fit ``key`` means the recompute took another path, which is an error."""
+def remembered(
+    select: Callable[[torch.Tensor, torch.Tensor, Rule], torch.Tensor],
+    key: torch.Tensor,
+    value: torch.Tensor,
+    rule: Rule,
+) -> torch.Tensor:
+    """``select(key, value, rule)`` under no_grad (top-K has no gradient; gradients flow through
+    the visible K/V): the kept positions ``[B, Hkv, P, keep]`` of ``key``/``value``
+    ``[B, Hkv, n, D]``, outside checkpointing and in a checkpointed forward (recorded there); in
+    the recompute, the recorded result of the same call. A replay whose shape does not fit
+    ``key`` means the recompute took another path, which is an error."""
     active = _ACTIVE.get()
-    if active is None:
-        return select()
-    memo, replaying = active
-    if not replaying:
-        kept = select()
-        memo.kept.append(kept)
+    if active is None or not active[1]:
+        with torch.no_grad():
+            kept = select(key, value, rule)
+        if active is not None:
+            active[0].kept.append(kept)
         return kept
+    memo = active[0]
     if memo.replayed >= len(memo.kept):
         raise RuntimeError(
             f"checkpoint recompute asked for selection {memo.replayed + 1} but the forward made "

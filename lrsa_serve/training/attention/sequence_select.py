@@ -39,12 +39,7 @@ def select_kept(key: torch.Tensor, value: torch.Tensor, rule: Rule) -> torch.Ten
     """Kept absolute positions ``[B, Hkv, P, keep]`` (``lagkv.select_all``), without gradient.
     In a checkpointed layer's recompute, the positions its forward selected
     (``replay``)."""
-
-    def select() -> torch.Tensor:
-        with torch.no_grad():
-            return selector(selector_for(key))(key, value, rule)
-
-    return replay.remembered(select, key, rule)
+    return replay.remembered(selector(selector_for(key)), key, value, rule)
 
 
 def selector_for(key: torch.Tensor) -> str:

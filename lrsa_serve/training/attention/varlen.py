@@ -44,7 +44,7 @@ import torch
 from lrsa_serve import lagkv
 from lrsa_serve.lagkv import Rule
 from lrsa_serve.reference_attention import masked_attention
-from lrsa_serve.training.attention.sequence_select import TRITON_MIN_LENGTH
+from lrsa_serve.training.attention.sequence_select import TRITON_MIN_LENGTH, select_kept
 from lrsa_serve.training.config import LRSA_KERNELS as KERNELS
 
 if TYPE_CHECKING:
@@ -67,10 +67,6 @@ class Packing:
     q_lens: tuple[int, ...]
     k_lens: tuple[int, ...]
     template: tuple[int, ...]
-
-    @property
-    def key_rows(self) -> int:
-        return len(self.template)
 
     def visible_pairs(self) -> int:
         """Query-key pairs the items compute (bottom-right causal): the rule's count exactly."""
@@ -125,96 +121,128 @@ def key_index(kept: torch.Tensor, packing: Packing, template: torch.Tensor) -> t
     return source[..., template].transpose(1, 2)
 
 
+@dataclass(frozen=True, eq=False)
+class Items:
+    """The items of one call: their ``packing``, their bounds over the batch on the device
+    (``cu_q``/``cu_k``, int32 prefix sums), the longest item's queries and keys, the selection
+    ``kept`` ``[B, Hkv, P, keep]`` and the raw position of every packed key row, ``index``
+    ``[B, key_rows, Hkv]`` (``key_index``)."""
+
+    packing: Packing
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+    kept: torch.Tensor
+    index: torch.Tensor
+
+
+def items_of(query: torch.Tensor, kept: torch.Tensor, rule: Rule) -> Items:
+    """The items of queries ``[B, Hq, n, D]`` under the selection ``kept``. Their layout does
+    not depend on the scores: one cached packing per length and rule."""
+    b, _, n, _ = query.shape
+    packing = packing_for(n, rule)
+    cu_q, cu_k, template = _tensors(packing, b, str(query.device))
+    index = key_index(kept, packing, template)
+    return Items(packing, cu_q, cu_k, max(packing.q_lens), max(packing.k_lens), kept, index)
+
+
+def query_rows(query: torch.Tensor) -> torch.Tensor:
+    """The items' query rows ``[B * n, Hq, D]`` of queries ``[B, Hq, n, D]``."""
+    b, hq, n, d = query.shape
+    return query.transpose(1, 2).reshape(b * n, hq, d)
+
+
+def fa4_items(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, items: Items, scale: float, **options
+) -> tuple[torch.Tensor, ...]:
+    """FlashAttention-4's varlen call over the items, bottom-right causal; ``options`` go to it
+    as they are (``return_lse``). Returns its (output, log-sum-exp)."""
+    return _fa4().flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_seqlens_q=items.cu_q,
+        cu_seqlens_k=items.cu_k,
+        max_seqlen_q=items.max_q,
+        max_seqlen_k=items.max_k,
+        softmax_scale=scale,
+        causal=True,
+        **options,
+    )
+
+
+def flash_items(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, items: Items, scale: float
+) -> tuple[torch.Tensor, ...]:
+    """FlashAttention-2's varlen forward (aten's) over the items, bottom-right causal, no dropout:
+    its output, log-sum-exp and the rest of aten's tuple."""
+    return torch.ops.aten._flash_attention_forward(
+        q, k, v, items.cu_q, items.cu_k, items.max_q, items.max_k, 0.0, True, False, scale=scale
+    )
+
+
 def varlen_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_q: torch.Tensor,
-    cu_k: torch.Tensor,
-    max_q: int,
-    max_k: int,
-    scale: float,
-    kernel: str,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, items: Items, scale: float, kernel: str
 ) -> torch.Tensor:
-    """Bottom-right causal attention of each item: q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, D]``,
-    items delimited by ``cu_q``/``cu_k`` (int32 prefix sums). Returns ``[Tq, Hq, D]``."""
+    """Bottom-right causal attention of each item with ``kernel`` (one of ``KERNELS`` but
+    ``auto``, as ``default_kernel`` answers): q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, D]``. Returns
+    ``[Tq, Hq, D]``."""
     if kernel == "fa4":
-        fa4 = _fa4()
-        if fa4 is None:
-            raise ValueError("kernel 'fa4' needs the flash-attn-4 package (flash_attn.cute)")
-        return fa4.flash_attn_varlen_func(
-            q,
-            k,
-            v,
-            cu_seqlens_q=cu_q,
-            cu_seqlens_k=cu_k,
-            max_seqlen_q=max_q,
-            max_seqlen_k=max_k,
-            softmax_scale=scale,
-            causal=True,
-        )[0]
+        return fa4_items(q, k, v, items, scale)[0]
     if kernel == "flash":
-        out = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale
-        )[0]
-        return out
+        return flash_items(q, k, v, items, scale)[0]
+    if kernel == "math":
+        return math_items(q, k, v, items, scale)
     groups = q.shape[1] // k.shape[1]
-    if kernel == "efficient":
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-        out = torch.ops.aten._efficient_attention_forward(
-            q[None],
-            k[None],
-            v[None],
-            None,
-            cu_q,
-            cu_k,
-            max_q,
-            max_k,
-            0.0,
-            _CAUSAL_FROM_BOTTOM_RIGHT,
-            torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
-            scale=scale,
-        )[0]
-        return out[0]
-    if kernel != "math":
-        raise ValueError(f"kernel must be one of {KERNELS[1:]}, not {kernel!r}")
-    return math_items(q, k, v, cu_q, cu_k, scale)
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    out = torch.ops.aten._efficient_attention_forward(
+        q[None],
+        k[None],
+        v[None],
+        None,
+        items.cu_q,
+        items.cu_k,
+        items.max_q,
+        items.max_k,
+        0.0,
+        _CAUSAL_FROM_BOTTOM_RIGHT,
+        torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
+        scale=scale,
+    )[0]
+    return out[0]
 
 
 def math_items(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_q: torch.Tensor,
-    cu_k: torch.Tensor,
-    scale: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, items: Items, scale: float
 ) -> torch.Tensor:
     """The ``math`` kernel: each item through the reference attention, query i of lq seeing keys
     ``<= lk - lq + i`` (bottom-right causal). Shapes as ``varlen_attention``'s."""
     outs = []
-    cq, ck = cu_q.tolist(), cu_k.tolist()
+    cq, ck = items.cu_q.tolist(), items.cu_k.tolist()
     for q0, q1, k0, k1 in zip(cq[:-1], cq[1:], ck[:-1], ck[1:], strict=True):
         lq, lk = q1 - q0, k1 - k0
         visible = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
-        items = (x.transpose(0, 1)[None] for x in (q[q0:q1], k[k0:k1], v[k0:k1]))
-        outs.append(masked_attention(*items, visible.expand(1, k.shape[1], lq, lk), scale)[0])
+        qkv = (x.transpose(0, 1)[None] for x in (q[q0:q1], k[k0:k1], v[k0:k1]))
+        outs.append(masked_attention(*qkv, visible.expand(1, k.shape[1], lq, lk), scale)[0])
     return torch.cat(outs, dim=0)
 
 
-def attention_dtype(tensor: torch.Tensor) -> torch.dtype:
-    """The dtype ``in_autocast_dtype`` gives ``tensor``: the autocast dtype where autocast is on."""
-    device = tensor.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
+def attention_dtype(query: torch.Tensor) -> torch.dtype:
+    """The dtype LRSA attends ``query`` in: as SDPA under autocast, the autocast dtype where
+    autocast is on (RoPE makes fp32 q/k in a model whose weights are fp32, which would otherwise
+    take the float32 kernel); else the query's own."""
+    device = query.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
 
 
-def in_autocast_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """As SDPA under autocast: attend in the autocast dtype (RoPE makes fp32 q/k in a model whose
-    weights are fp32, which would otherwise take the float32 kernel)."""
-    if not torch.is_autocast_enabled(tensors[0].device.type):
-        return tensors
-    dtype = attention_dtype(tensors[0])
-    return tuple(t.to(dtype) for t in tensors)
+def in_attention_dtype(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query, key and value in ``attention_dtype(query)``: one dtype for the kernels."""
+    dtype = attention_dtype(query)
+    return query.to(dtype), key.to(dtype), value.to(dtype)
 
 
 @lru_cache(maxsize=1)
@@ -323,43 +351,35 @@ def _rows_refs(packing: Packing, slots: int, device: str) -> Refs:
 
 
 def pack_items(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    index: torch.Tensor,
-    kept: torch.Tensor,
-    packing: Packing,
+    key: torch.Tensor, value: torch.Tensor, items: Items
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The items' key and value rows ``[B * Tk, Hkv, D]`` of key/value ``[B, Hkv, n, D]``;
-    ``index`` is their raw positions (``key_index`` of ``kept`` and ``packing``). ``packer_for``
-    picks ``pack_rows`` or ``gather``; differentiable in key and value."""
+    """The items' key and value rows ``[B * Tk, Hkv, D]`` of key/value ``[B, Hkv, n, D]``, from
+    the raw positions ``items.index``. ``packer_for`` picks ``pack_rows`` or ``gather``;
+    differentiable in key and value."""
     hkv, d = key.shape[1], key.shape[-1]
     if packer_for(key) == "triton":
         from lrsa_serve.training.attention.pack_rows import pack_rows
 
-        return pack_rows(key, value, index, kept, rows_refs(packing, kept))
-    index = index[..., None].expand(-1, -1, -1, d)
+        refs = rows_refs(items.packing, items.kept)
+        return pack_rows(key, value, items.index, items.kept, refs)
+    index = items.index[..., None].expand(-1, -1, -1, d)
     k = key.transpose(1, 2).gather(1, index).reshape(-1, hkv, d)
     v = value.transpose(1, 2).gather(1, index).reshape(-1, hkv, d)
     return k, v
 
 
 def pack_items_backward(
-    grad_k: torch.Tensor,
-    grad_v: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    index: torch.Tensor,
-    kept: torch.Tensor,
-    packing: Packing,
+    grad_k: torch.Tensor, grad_v: torch.Tensor, key: torch.Tensor, value: torch.Tensor, items: Items
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``pack_items``' backward without autograd: key/value gradients ``[B, Hkv, n, D]`` from
     the rows' ``[B * Tk, Hkv, D]``, summed as the chosen packer's own backward sums them."""
     if packer_for(key) == "triton":
         from lrsa_serve.training.attention.pack_rows import pack_rows_backward
 
-        return pack_rows_backward(grad_k, grad_v, key, value, kept, rows_refs(packing, kept))
+        refs = rows_refs(items.packing, items.kept)
+        return pack_rows_backward(grad_k, grad_v, key, value, items.kept, refs)
     b, hkv, n, d = key.shape
-    index = index[..., None].expand(-1, -1, -1, d)
+    index = items.index[..., None].expand(-1, -1, -1, d)
 
     def scatter(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(b, n, hkv, d, dtype=like.dtype, device=like.device)
@@ -382,41 +402,39 @@ def lrsa_varlen_attention(
     """LRSA attention of whole sequences: ``[B, n, Hq, D]`` (HF's layout).
 
     query ``[B, Hq, n, D]``, key/value ``[B, Hkv, n, D]`` (post-RoPE), Hq a multiple of Hkv.
-    ``kernel`` is one of ``KERNELS``; ``kept``
-    (``[B, Hkv, P, keep]``) defaults to ``lagkv.select_all`` of this key/value under no_grad.
+    ``kernel`` is one of ``KERNELS``; ``kept`` (``[B, Hkv, P, keep]``) defaults to the
+    training selection of this key/value (``sequence_select.select_kept``: no gradient, replayed
+    under checkpointing).
     """
-    query, key, value = in_autocast_dtype(query, key, value)
+    if kept is None:
+        kept = select_kept(key, value, rule)
+    query, key, value = in_attention_dtype(query, key, value)
     b, hq, n, d = query.shape
     scale = d**-0.5 if scaling is None else scaling
     kernel = default_kernel(query, kernel)
-    if kept is None:
-        with torch.no_grad():
-            kept = lagkv.select_all(key, value, rule)
-    packing = packing_for(n, rule)
-    cu_q, cu_k, template = _tensors(packing, b, str(query.device))
-    key, value = key.to(query.dtype), value.to(query.dtype)
-    k, v = pack_items(key, value, key_index(kept, packing, template), kept, packing)
-    q = query.transpose(1, 2).reshape(b * n, hq, d)
-    out = varlen_attention(
-        q, k, v, cu_q, cu_k, max(packing.q_lens), max(packing.k_lens), scale, kernel
-    )
-    return out.view(b, n, hq, d)
+    items = items_of(query, kept, rule)
+    k, v = pack_items(key, value, items)
+    return varlen_attention(query_rows(query), k, v, items, scale, kernel).view(b, n, hq, d)
 
 
 __all__ = [
     "KERNELS",
+    "Items",
     "Packing",
     "check_kernel",
     "default_kernel",
     "attention_dtype",
+    "in_attention_dtype",
     "kernel_applies",
     "math_items",
+    "items_of",
     "key_index",
     "pack_items",
     "pack_items_backward",
     "packer_for",
     "rows_refs",
     "packing_for",
+    "query_rows",
     "lrsa_varlen_attention",
     "varlen_attention",
 ]
