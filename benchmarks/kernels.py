@@ -88,7 +88,7 @@ def decode_attention_ms(batch: int, tokens: int, device: torch.device) -> float:
 
 def geometry(lag: int) -> BlockGeometry:
     """The benchmark's LagKV settings at this lag, on blocks of ``BLOCK_SIZE``."""
-    return BlockGeometry(LagKVConfig(sink=SINK, lag=lag, ratio=RATIO), BLOCK_SIZE)
+    return BlockGeometry.of(LagKVConfig(sink=SINK, lag=lag, ratio=RATIO), BLOCK_SIZE)
 
 
 class PagedLayer:

@@ -13,7 +13,7 @@ from lrsa_serve.engine.device_view import DeviceView, host_view
 from lrsa_serve.engine.layout import BlockGeometry, MisalignedChunkError
 
 CFG = LagKVConfig(sink=16, lag=64, ratio=0.25)
-GEO = BlockGeometry(CFG, 16)
+GEO = BlockGeometry.of(CFG, 16)
 WIDTH = 40  # block-table columns: up to 640 tokens
 
 

@@ -337,10 +337,17 @@ def triton_next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def compress_one(key_cache, value_cache, part, ref, rule, **kwargs) -> torch.Tensor:
+    """``compress_layers`` of one layer's caches."""
+    stack = kernels.LayerStack.of([key_cache], [value_cache])
+    return kernels.compress_layers(stack, part, ref, rule, **kwargs)[0]
+
+
 @kernel_test
-def test_dispatch_compress_partitions():
+def test_dispatch_compress_layers():
     gen = torch.Generator().manual_seed(3)
     requests, heads, block_size, lag, keep, dim = 2, 2, 16, 32, 16, 64
+    rule = lagkv.Rule(sink=0, lag=lag, keep=keep)  # the sink plays no part here
     num_blocks = requests * 2 * lag // block_size + 1
     storage, key_cache, value_cache = paged_cache(
         "packed", num_blocks, heads, block_size, dim, torch.float32, gen
@@ -348,8 +355,8 @@ def test_dispatch_compress_partitions():
     part, ref = block_tables(requests, lag // block_size, num_blocks, gen)
     twin = storage.clone()
     twin_k, twin_v = _views_like(twin, storage, key_cache, value_cache)
-    expected = kernels.compress_partitions(twin_k, twin_v, part, ref, keep, use_triton=False)
-    kept = kernels.compress_partitions(key_cache, value_cache, part, ref, keep, use_triton=True)
+    expected = compress_one(twin_k, twin_v, part, ref, rule, use_triton=False)
+    kept = compress_one(key_cache, value_cache, part, ref, rule, use_triton=True)
     assert torch.equal(kept, expected)
     assert torch.equal(storage, twin)
 
@@ -360,6 +367,7 @@ def test_active_rows_only_compress():
     rows leave the cache untouched, the others compress as without a mask."""
     gen = torch.Generator().manual_seed(5)
     requests, heads, block_size, lag, keep, dim = 3, 2, 16, 32, 16, 64
+    rule = lagkv.Rule(sink=0, lag=lag, keep=keep)  # the sink plays no part here
     num_blocks = requests * 2 * lag // block_size + 1
     storage, key_cache, value_cache = paged_cache(
         "packed", num_blocks, heads, block_size, dim, torch.float32, gen
@@ -370,18 +378,14 @@ def test_active_rows_only_compress():
     twin = storage.clone()
     twin_k, twin_v = _views_like(twin, storage, key_cache, value_cache)
     rows = torch.tensor([0, 2], device=storage.device)
-    expected = kernels.compress_partitions(
-        twin_k, twin_v, part[rows], ref[rows], keep, use_triton=True
-    )
-    kept = kernels.compress_partitions(
-        key_cache, value_cache, part, ref, keep, use_triton=True, active=active
-    )
+    expected = compress_one(twin_k, twin_v, part[rows], ref[rows], rule, use_triton=True)
+    kept = compress_one(key_cache, value_cache, part, ref, rule, use_triton=True, active=active)
     assert torch.equal(kept[rows], expected)
     assert torch.equal(storage, twin)  # row 1's blocks were not touched
     # The torch path honours the mask the same way.
     fresh = original.clone()
     fresh_k, fresh_v = _views_like(fresh, storage, key_cache, value_cache)
-    kernels.compress_partitions(fresh_k, fresh_v, part, ref, keep, use_triton=False, active=active)
+    compress_one(fresh_k, fresh_v, part, ref, rule, use_triton=False, active=active)
     assert torch.equal(fresh, twin)
 
 
@@ -395,6 +399,7 @@ def test_all_layers_in_one_launch_equal_layer_by_layer(layout, scratch, monkeypa
         monkeypatch.setattr(kernels, "LAYERS_SCRATCH_BYTES", scratch)
     gen = torch.Generator().manual_seed(11)
     layers, requests, heads, block_size, lag, keep, dim = 3, 3, 2, 16, 32, 16, 64
+    rule = lagkv.Rule(sink=0, lag=lag, keep=keep)  # the sink plays no part here
     num_blocks = requests * 2 * lag // block_size + 2
     made = [
         paged_cache(layout, num_blocks, heads, block_size, dim, torch.float32, gen)
@@ -408,13 +413,13 @@ def test_all_layers_in_one_launch_equal_layer_by_layer(layout, scratch, monkeypa
     for twin, (storage, k, v) in zip(twins, made, strict=True):
         twin_k, twin_v = _views_like(twin, storage, k, v)
         expected.append(
-            kernels.compress_partitions(
-                twin_k, twin_v, part, ref, keep, use_triton=True, active=active
+            compress_one(
+                twin_k, twin_v, part, ref, rule, use_triton=True, active=active
             )  # fmt: skip
         )
     stack = kernels.LayerStack.of([k for _, k, _ in made], [v for _, _, v in made])
     assert stack.offsets.tolist()[0] == 0 and len(set(stack.offsets.tolist())) == layers
-    kept = kernels.compress_layers(stack, part, ref, keep, use_triton=True, active=active)
+    kept = kernels.compress_layers(stack, part, ref, rule, use_triton=True, active=active)
     assert kept.shape == (layers, requests, heads, keep)
     rows = [0, 2]
     for layer in range(layers):
@@ -424,7 +429,7 @@ def test_all_layers_in_one_launch_equal_layer_by_layer(layout, scratch, monkeypa
     fresh = [original.clone() for original in originals]
     views = [_views_like(f, storage, k, v) for f, (storage, k, v) in zip(fresh, made, strict=True)]
     torch_stack = kernels.LayerStack.of([k for k, _ in views], [v for _, v in views])
-    kernels.compress_layers(torch_stack, part, ref, keep, use_triton=False, active=active)
+    kernels.compress_layers(torch_stack, part, ref, rule, use_triton=False, active=active)
     for f, twin in zip(fresh, twins, strict=True):
         assert torch.equal(f, twin)
 

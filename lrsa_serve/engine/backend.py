@@ -12,6 +12,9 @@ see partition p whole and the next step sees only its kept rows.
 
 from __future__ import annotations
 
+from dataclasses import fields
+from typing import Any
+
 import torch
 from vllm.config import get_current_vllm_config_or_none
 from vllm.v1.attention.backend import CommonAttentionMetadata
@@ -21,6 +24,7 @@ from lrsa_serve.config import LagKVConfigError
 from lrsa_serve.engine import settings as engine_settings
 from lrsa_serve.engine import stats
 from lrsa_serve.engine.compaction import CompactionPlan
+from lrsa_serve.engine.device_view import DeviceView, host_view
 from lrsa_serve.engine.kv_spec import LagKVAttentionSpec
 from lrsa_serve.engine.layout import BlockGeometry
 from lrsa_serve.engine.settings import SCHEDULER
@@ -66,74 +70,90 @@ def remember_current_settings() -> None:
 
 
 class LagKVBuilderMixin:
-    """Rewrites the common metadata into the compacted view and plans compaction."""
+    """Hands the stock builder the step's compacted view (``DeviceView``: persistent buffers, one
+    Triton launch on CUDA, its torch reference on the CPU) and returns the stock metadata as
+    ``metadata_cls``, carrying the step's compaction plan (``metadata_fields``)."""
 
     geometry: BlockGeometry | None = None
+    view: DeviceView | None = None
+    metadata_cls: type
+    # vLLM may reuse another group's metadata with only the block table swapped; the compacted
+    # view is per group, so every group builds its own.
+    supports_update_block_table = False
 
-    def init_lagkv(self, kv_cache_spec: AttentionSpec, vllm_config) -> None:
-        self.geometry = (
-            kv_cache_spec.geometry if isinstance(kv_cache_spec, LagKVAttentionSpec) else None
-        )
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        if not isinstance(kv_cache_spec, LagKVAttentionSpec):
+            return
         scheduler = vllm_config.scheduler_config.scheduler_cls
-        if self.geometry is not None and scheduler != SCHEDULER:
+        if scheduler != SCHEDULER:
             # Without aligned chunks a long prompt would fail mid-request; refuse at start-up.
             raise LagKVConfigError(
                 "this model has LagKV settings, which need lrsa-serve's scheduler: start it with "
                 f"`lrsa serve` / make_llm, or pass --scheduler-cls {SCHEDULER}"
             )
+        self.geometry = kv_cache_spec.geometry
+        self.view = DeviceView(self.geometry, vllm_config.scheduler_config.max_num_seqs, device)
 
-    def compacted_view(
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        view, plan = self.lagkv_view(common_attn_metadata)
+        meta = super().build(common_prefix_len, view, fast_build)
+        if plan is None:
+            return meta
+        return with_fields(meta, self.metadata_cls, self.metadata_fields(plan))
+
+    def metadata_fields(self, plan: CompactionPlan) -> dict[str, Any]:
+        return {"compaction": plan}
+
+    def lagkv_view(
         self, cm: CommonAttentionMetadata
     ) -> tuple[CommonAttentionMetadata, CompactionPlan | None]:
-        geometry = self.geometry
-        if geometry is None:
+        if self.view is None:
             return cm, None
-        n = cm.num_reqs
-        starts = cm.query_start_loc_cpu[: n + 1].long()
-        query_lens = starts[1:] - starts[:-1]
-        seq_cpu = cm.seq_lens_cpu_upper_bound
-        seq_lens = (seq_cpu if seq_cpu is not None else cm.seq_lens.cpu())[:n].long()
-        before = geometry.compressed_before(seq_lens, query_lens)
-        after = geometry.compressed(seq_lens)
-        plan = self.plan(cm, before, after)
-        if not bool(before.any()):
-            return cm, plan
-        evicted = before * geometry.evicted_per_partition
-        table = cm.block_table_tensor
-        live = geometry.live_columns(table.shape[1], before.to(table.device))
-        compact_table = table.clone()
-        compact_table[:n] = table[:n].gather(1, live.to(table.dtype))
-        compact_seq = cm.seq_lens.clone()
-        compact_seq[:n] -= evicted.to(compact_seq.device, compact_seq.dtype)
-        physical = seq_lens - evicted
-        replaced = {
-            "block_table_tensor": compact_table,
-            "seq_lens": compact_seq,
-            "max_seq_len": int(physical.max()) if n else 0,
-        }
-        if seq_cpu is not None:
-            upper = seq_cpu.clone()
-            upper[:n] -= evicted.to(upper.dtype)
-            replaced["seq_lens_cpu_upper_bound"] = upper
-        return cm.replace(**replaced), plan
+        assert self.geometry is not None
+        host = host_view(
+            self.geometry, cm.seq_lens_cpu_upper_bound, cm.query_start_loc_cpu, cm.num_reqs,
+            cm.max_seq_len,
+        )  # fmt: skip
+        table, seq_lens = self.view.update(
+            cm.block_table_tensor, cm.seq_lens, cm.query_start_loc, cm.num_reqs
+        )
+        replaced = {"block_table_tensor": table, "seq_lens": seq_lens}
+        if host is not None:
+            replaced |= {"max_seq_len": host.max_seq_len,
+                         "seq_lens_cpu_upper_bound": host.upper_bound}  # fmt: skip
+            if host.compressing:
+                stats.record_compactions(
+                    host.compressing, host.compressing * self.geometry.rule.evicted
+                )
+        return cm.replace(**replaced), self.view.plan(table.shape[0], host)
 
-    def plan(
-        self, cm: CommonAttentionMetadata, before: torch.Tensor, after: torch.Tensor
-    ) -> CompactionPlan | None:
-        geometry = self.geometry
-        assert geometry is not None
-        rows = torch.nonzero(after > before).flatten().tolist()
-        if not rows:
-            return None
-        table = cm.block_table_tensor
-        part_cols, ref_cols, req_rows = [], [], []
-        for r in rows:
-            for part in range(int(before[r]), int(after[r])):
-                part_cols.append(list(geometry.partition_columns(part)))
-                ref_cols.append(list(geometry.partition_columns(part + 1)))
-                req_rows.append(r)
-        index = torch.tensor(req_rows, device=table.device)[:, None]
-        part_blocks = table[index, torch.tensor(part_cols, device=table.device)]
-        ref_blocks = table[index, torch.tensor(ref_cols, device=table.device)]
-        stats.record_compactions(len(req_rows), len(req_rows) * geometry.evicted_per_partition)
-        return CompactionPlan(part_blocks, ref_blocks, geometry.rule)
+
+def with_fields(meta, lagkv_cls: type, extra: dict[str, Any]):
+    """The stock metadata as its LagKV subclass with ``extra`` fields set (attributes the stock
+    build sets outside its dataclass fields come along)."""
+    values = {f.name: getattr(meta, f.name) for f in fields(meta) if f.init}
+    lagkv = lagkv_cls(**values, **extra)
+    vars(lagkv).update({k: v for k, v in vars(meta).items() if k not in values})
+    return lagkv
+
+
+class LagKVImplMixin:
+    """The stock impl's forward, then this layer's part of the step's planned compaction (after
+    attention: this step's tokens still see the partition whole)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        remember_current_settings()
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        result = super().forward(
+            layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs
+        )
+        plan = getattr(attn_metadata, "compaction", None)
+        if plan is not None:
+            self.compact(layer, kv_cache, attn_metadata, plan)
+        return result
+
+    def compact(self, layer, kv_cache: torch.Tensor, attn_metadata, plan: CompactionPlan) -> None:
+        raise NotImplementedError

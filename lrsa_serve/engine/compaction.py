@@ -24,6 +24,15 @@ class CompactionPlan:
     # False when the host knows no row is active (an eager step launches nothing).
     launch: bool = True
 
+    def active_rows(self) -> CompactionPlan:
+        """The plan without its inactive rows (reads ``active`` on the host)."""
+        if self.active is None:
+            return self
+        rows = torch.nonzero(self.active.cpu()).flatten().to(self.part_blocks.device)
+        return CompactionPlan(
+            self.part_blocks[rows], self.ref_blocks[rows], self.rule, launch=self.launch
+        )
+
 
 class GroupCompaction:
     """Compacts every layer of a KV-cache group in one set of launches, once the step's
@@ -70,10 +79,5 @@ class GroupCompaction:
         timer = stats.DEVICE_TIMER.time() if keys[0].is_cuda else stats.time_compaction()
         with timer:
             compress_layers(
-                self.stack,
-                plan.part_blocks,
-                plan.ref_blocks,
-                plan.rule.keep,
-                plan.rule.score_v_ratio,
-                active=plan.active,
+                self.stack, plan.part_blocks, plan.ref_blocks, plan.rule, active=plan.active
             )

@@ -3,7 +3,7 @@ that registry entry with this subclass; models without LagKV settings behave as 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from vllm.v1.attention.backends.cpu_attn import (
@@ -15,11 +15,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from lrsa_serve import lagkv
 from lrsa_serve.engine import stats
-from lrsa_serve.engine.backend import (
-    LagKVBuilderMixin,
-    lagkv_backend,
-    remember_current_settings,
-)
+from lrsa_serve.engine.backend import LagKVBuilderMixin, LagKVImplMixin, lagkv_backend
 from lrsa_serve.engine.compaction import CompactionPlan
 from lrsa_serve.engine.cpu_layout import PageOrder, page_orders
 
@@ -30,39 +26,19 @@ class LagKVCPUMetadata(CPUAttentionMetadata):
 
 
 class LagKVCPUBuilder(LagKVBuilderMixin, CPUAttentionMetadataBuilder):
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
-        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.init_lagkv(kv_cache_spec, vllm_config)
-
-    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
-        view, plan = self.compacted_view(common_attn_metadata)
-        meta = super().build(common_prefix_len, view, fast_build)
-        if self.geometry is None:
-            return meta
-        return LagKVCPUMetadata(
-            **{f.name: getattr(meta, f.name) for f in fields(CPUAttentionMetadata)},
-            compaction=plan,
-        )
+    metadata_cls = LagKVCPUMetadata
 
 
-class LagKVCPUImpl(CPUAttentionBackendImpl):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        remember_current_settings()
+class LagKVCPUImpl(LagKVImplMixin, CPUAttentionBackendImpl):
+    """Compacts each layer as its attention finishes, timed per layer."""
 
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
-        result = super().forward(
-            layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs
-        )
-        plan = getattr(attn_metadata, "compaction", None)
-        if plan is not None:
-            with stats.time_compaction():
-                self._compact(layer, kv_cache, plan)
-        return result
-
-    def _compact(self, layer, kv_cache: torch.Tensor, plan: CompactionPlan) -> None:
-        orders = page_orders(layer.isa, kv_cache.dtype, kv_cache.shape[2], self.head_size)
-        compact_cpu_pages(kv_cache, plan, orders)
+    def compact(self, layer, kv_cache: torch.Tensor, attn_metadata, plan: CompactionPlan) -> None:
+        plan = plan.active_rows()
+        if not plan.launch or plan.part_blocks.shape[0] == 0:
+            return
+        with stats.time_compaction():
+            orders = page_orders(layer.isa, kv_cache.dtype, kv_cache.shape[2], self.head_size)
+            compact_cpu_pages(kv_cache, plan, orders)
 
 
 def compact_cpu_pages(

@@ -49,7 +49,6 @@ class DeviceView:
         self.geometry = geometry
         self.device = device
         self.max_reqs = max_reqs
-        self.shape = geometry.view_shape
         cols = geometry.part_blocks
         self.seq_lens = torch.zeros(max_reqs, dtype=torch.int32, device=device)
         self.part_blocks = torch.zeros(max_reqs, cols, dtype=torch.int32, device=device)
@@ -89,7 +88,7 @@ class DeviceView:
         buffers = ViewBuffers(
             self.table, self.seq_lens, self.part_blocks, self.ref_blocks, self.active
         )
-        self.write(block_table, seq_lens, query_start_loc, num_reqs, self.shape, buffers)
+        self.write(block_table, seq_lens, query_start_loc, num_reqs, self.geometry, buffers)
         return self.table[:rows], self.seq_lens[: seq_lens.shape[0]]
 
     def plan(self, rows: int, host: HostView | None) -> CompactionPlan:
@@ -119,7 +118,7 @@ def host_view(
     seq = seq_lens_upper[:n].numpy().astype(np.int64)
     starts = query_start_loc_cpu[: n + 1].numpy().astype(np.int64)
     before = geometry.compressed_before(seq, starts[1:] - starts[:-1])
-    physical = seq - before * geometry.evicted_per_partition
+    physical = seq - before * geometry.rule.evicted
     upper = seq_lens_upper.clone()
     upper.numpy()[:n] = physical
     return HostView(

@@ -39,7 +39,7 @@ class LagKVAttentionSpec(FullAttentionSpec):
 
     @property
     def geometry(self) -> BlockGeometry:
-        return BlockGeometry(self.settings, self.block_size)
+        return BlockGeometry.of(self.settings, self.block_size)
 
     @property
     def prefix_cacheable(self) -> bool:

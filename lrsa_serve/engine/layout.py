@@ -10,9 +10,6 @@ new tokens at their logical column; attention reads the live columns only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
-
-import torch
 
 from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig
@@ -25,32 +22,14 @@ class MisalignedChunkError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class BlockGeometry:
-    settings: LagKVConfig
-    block_size: int
+class BlockGeometry(ViewShape):
+    """The rule in blocks (``ViewShape``, what the compacted-view kernels take) plus what the KV
+    manager and the metadata builders ask of it."""
 
-    def __post_init__(self) -> None:
-        self.settings.check_block_size(self.block_size)
-
-    @cached_property
-    def rule(self) -> lagkv.Rule:
-        return self.settings.rule  # once: the engine reads it every step
-
-    @property
-    def sink_blocks(self) -> int:
-        return self.rule.sink // self.block_size
-
-    @property
-    def part_blocks(self) -> int:
-        return self.rule.lag // self.block_size
-
-    @property
-    def keep_blocks(self) -> int:
-        return self.rule.keep // self.block_size
-
-    @property
-    def evicted_per_partition(self) -> int:
-        return self.rule.evicted
+    @classmethod
+    def of(cls, settings: LagKVConfig, block_size: int) -> BlockGeometry:
+        settings.check_block_size(block_size)
+        return cls(settings.rule, block_size)
 
     def compressed(self, num_tokens: Ints) -> Ints:
         """``lagkv.compressed_partitions`` of each length (torch tensors or numpy arrays)."""
@@ -76,15 +55,6 @@ class BlockGeometry:
         """Columns freed once ``partition`` is compressed (its tail past the kept blocks)."""
         cols = self.partition_columns(partition)
         return range(cols.start + self.keep_blocks, cols.stop)
-
-    @property
-    def view_shape(self) -> ViewShape:
-        """The same geometry as the compacted-view kernels take it."""
-        return ViewShape(self.rule, self.block_size)
-
-    def live_columns(self, num_columns: int, compressed: torch.Tensor) -> torch.Tensor:
-        """``ViewShape.live_columns``: which logical column each physical column reads."""
-        return self.view_shape.live_columns(num_columns, compressed)
 
     def peak_blocks(self, max_len: int) -> int:
         """Most blocks one sequence of up to ``max_len`` tokens holds at once: its resident tokens

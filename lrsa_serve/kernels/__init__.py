@@ -1,8 +1,7 @@
 """LagKV select and compact on the paged KV cache: Triton on CUDA, plain torch on the CPU.
 
-``select_kept`` / ``compact_kept`` / ``compress_partitions`` take the tensors of one layer
-(layout and meaning in ``naive.py``), ``compress_layers`` those of every layer of a step
-(``LayerStack``: one set of launches for all of them on CUDA), and run:
+``compress_layers`` takes the caches of every layer of a step (``LayerStack``; layout and meaning
+in ``naive.py``) and runs:
 
 - the Triton kernels (``select.py``, ``compact.py``) when the caches are on CUDA;
 - the same kernels on CPU tensors when the caller passes ``use_triton=True`` and Triton runs its
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lrsa_serve import lagkv
 from lrsa_serve.kernels import naive
 
 
@@ -46,33 +46,22 @@ def _use_triton(cache: torch.Tensor, use_triton: bool | None) -> bool:
     return True
 
 
-def select_kept(
+def _compress_torch(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     part_blocks: torch.Tensor,
     ref_blocks: torch.Tensor,
-    keep: int,
-    score_v_ratio: float = 1.0,
-    *,
-    use_triton: bool | None = None,
-    active: torch.Tensor | None = None,
+    rule: lagkv.Rule,
+    active: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Top-``keep`` tokens of each partition per KV head, scored against its successor:
-    ``[R, num_kv_heads, keep]`` int64, increasing. With ``active`` (``[R]`` int32), rows whose
-    entry is 0 are skipped and their output rows are undefined."""
-    if _use_triton(key_cache, use_triton):
-        from lrsa_serve.kernels import select
-
-        return select.select_kept(
-            key_cache, value_cache, part_blocks, ref_blocks, keep, score_v_ratio, active=active
-        )
     rows = _active_rows(active, part_blocks.shape[0]).to(part_blocks.device)
+    part, ref = part_blocks[rows], ref_blocks[rows]
     kept = torch.zeros(
-        part_blocks.shape[0], key_cache.shape[1], keep, dtype=torch.long, device=key_cache.device
-    )
-    kept[rows] = naive.select_kept(
-        key_cache, value_cache, part_blocks[rows], ref_blocks[rows], keep, score_v_ratio
-    )
+        part_blocks.shape[0], key_cache.shape[1], rule.keep, dtype=torch.long,
+        device=key_cache.device,
+    )  # fmt: skip
+    kept[rows] = naive.select_kept(key_cache, value_cache, part, ref, rule.keep, rule.score_v_ratio)
+    naive.compact_kept(key_cache, value_cache, part, kept[rows])
     return kept
 
 
@@ -80,55 +69,6 @@ def _active_rows(active: torch.Tensor | None, rows: int) -> torch.Tensor:
     if active is None:
         return torch.arange(rows)
     return torch.nonzero(active.cpu()).flatten()
-
-
-def compact_kept(
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    part_blocks: torch.Tensor,
-    kept: torch.Tensor,
-    *,
-    use_triton: bool | None = None,
-    active: torch.Tensor | None = None,
-) -> None:
-    """Move each partition's kept rows, in order, to the front of its first
-    ``keep / block_size`` blocks, in place (only rows with ``active[r] != 0`` when given)."""
-    if _use_triton(key_cache, use_triton):
-        from lrsa_serve.kernels import compact
-
-        compact.compact_kept(key_cache, value_cache, part_blocks, kept, active)
-        return
-    rows = _active_rows(active, part_blocks.shape[0]).to(part_blocks.device)
-    naive.compact_kept(key_cache, value_cache, part_blocks[rows], kept[rows])
-
-
-def compress_partitions(
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    part_blocks: torch.Tensor,
-    ref_blocks: torch.Tensor,
-    keep: int,
-    score_v_ratio: float = 1.0,
-    *,
-    use_triton: bool | None = None,
-    active: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Select then compact partition p of every request of this layer (of the rows with
-    ``active[r] != 0`` when given); returns ``kept``. After it, the first ``keep / block_size``
-    blocks of ``part_blocks[r]`` hold the kept tokens and the partition's other blocks can be
-    freed."""
-    kept = select_kept(
-        key_cache,
-        value_cache,
-        part_blocks,
-        ref_blocks,
-        keep,
-        score_v_ratio,
-        use_triton=use_triton,
-        active=active,
-    )
-    compact_kept(key_cache, value_cache, part_blocks, kept, use_triton=use_triton, active=active)
-    return kept
 
 
 @dataclass(frozen=True)
@@ -168,23 +108,29 @@ def compress_layers(
     stack: LayerStack,
     part_blocks: torch.Tensor,
     ref_blocks: torch.Tensor,
-    keep: int,
-    score_v_ratio: float = 1.0,
+    rule: lagkv.Rule,
     *,
     use_triton: bool | None = None,
     active: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``compress_partitions`` for every layer of the stack (same blocks in each layer): on
-    Triton, one select and one compact for all layers; returns ``[layers, R, H, keep]``."""
+    """Select the top ``rule.keep`` tokens of partition p of every request per KV head, scored
+    against p+1, then move them, in order, to the front of the partition's first
+    ``keep / block_size`` blocks, in place, in every layer of the stack (same blocks in each);
+    the partition's other blocks can then be freed. Returns ``kept``: ``[layers, R, kv_heads,
+    keep]`` int64, increasing. With ``active`` (``[R]`` int32), rows whose entry is 0 are left
+    alone and their ``kept`` rows are undefined. On Triton: one select and one compact launch
+    for all layers (grouped under ``LAYERS_SCRATCH_BYTES``)."""
     key, value = stack.keys[0], stack.values[0]
     if not _use_triton(key, use_triton):
-        return torch.stack([
-            compress_partitions(k, v, part_blocks, ref_blocks, keep, score_v_ratio,
-                                use_triton=False, active=active)
-            for k, v in zip(stack.keys, stack.values, strict=True)
-        ])  # fmt: skip
+        return torch.stack(
+            [
+                _compress_torch(k, v, part_blocks, ref_blocks, rule, active)
+                for k, v in zip(stack.keys, stack.values, strict=True)
+            ]
+        )
     from lrsa_serve.kernels import compact, select
 
+    keep = rule.keep
     layers = len(stack.keys)
     rows, blocks = part_blocks.shape
     per_layer = _scratch_bytes_per_layer(key, value, rows, blocks, keep)
@@ -193,7 +139,7 @@ def compress_layers(
     for first in range(0, layers, group):
         offsets = stack.offsets[first : first + group]
         select.select_kept(
-            key, value, part_blocks, ref_blocks, keep, score_v_ratio,
+            key, value, part_blocks, ref_blocks, keep, rule.score_v_ratio,
             out=kept[first : first + group], active=active, layer_offsets=offsets,
         )  # fmt: skip
         compact.compact_kept(
@@ -218,8 +164,6 @@ __all__ = [
     "LayerStack",
     "compact_kept",
     "compress_layers",
-    "compress_partitions",
     "naive",
-    "select_kept",
     "triton_interpreted",
 ]
