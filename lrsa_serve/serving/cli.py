@@ -81,6 +81,7 @@ def prepare(args: argparse.Namespace, argv: Sequence[str]):
     Returns (settings or None, api key or None, why the dtype is what it is)."""
     from lrsa_serve.config import LagKVConfig
     from lrsa_serve.engine.api import (
+        bind_cpu_workers,
         default_block_size,
         default_dtype,
         lagkv_engine_kwargs,
@@ -127,6 +128,11 @@ def prepare(args: argparse.Namespace, argv: Sequence[str]):
             args.kv_cache_memory_bytes = int(args.kv_cache_gib * 2**30)
     elif on_cpu():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    bound = bind_cpu_workers(
+        args.tensor_parallel_size, args.pipeline_parallel_size, args.enforce_eager, args.nnodes
+    )
+    if bound:
+        print(f"lrsa serve: {bound}", file=sys.stderr, flush=True)
     if args.cors_origins:
         args.allowed_origins = args.cors_origins
     if args.max_tokens_cap < 0:
@@ -189,6 +195,10 @@ async def serve(args: argparse.Namespace, settings, api_key: str | None, dtype_r
 
 
 def _one_line(error: BaseException) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError):  # its first line only names the model: say why
+        return "; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors())
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
@@ -202,11 +212,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from lrsa_serve.config import LagKVConfigError
+    from lrsa_serve.errors import UserError
     from lrsa_serve.models import ModelError
 
     try:
         settings, api_key, dtype_reason = prepare(args, argv)
-    except (LagKVConfigError, ModelError, ValidationError, ValueError) as e:
+    except (LagKVConfigError, ModelError, UserError, ValidationError, ValueError) as e:
         print(f"lrsa serve: error: {_one_line(e)}", file=sys.stderr)
         return 2
     import uvloop
