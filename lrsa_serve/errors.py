@@ -11,6 +11,11 @@ class UserError(Exception):
 
 
 def one_line(error: BaseException) -> str:
-    """The first line of an error's message, or its type's name when it has none."""
+    """The first line of an error's message, or its type's name when it has none; for pydantic's
+    validation errors, whose first line only names the model, what failed."""
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError):
+        return "; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors())
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__

@@ -68,7 +68,7 @@ def env_of(container: dict) -> dict[str, str]:
 
 def test_examples_exist():
     names = {p.stem for p in EXAMPLES}
-    assert {"cpu", "gpu", "autoscaling-keda", "training-pipeline"} <= names
+    assert {"cpu", "gpu", "gpu-tensor-parallel", "autoscaling-keda", "training-pipeline"} <= names
 
 
 @pytest.mark.parametrize("values_file", [None, *EXAMPLES], ids=lambda p: p.stem if p else "default")
@@ -162,6 +162,12 @@ def test_gpu_toggle():
     two = server(render({"gpu": {"count": 2}}))
     assert two["resources"]["limits"]["nvidia.com/gpu"] == 2
     assert "--tensor-parallel-size=2" in two["args"]
+    docs = render(example("gpu-tensor-parallel"))
+    four = server(docs)
+    assert four["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert "--tensor-parallel-size=4" in four["args"]
+    volumes = one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    assert {"medium": "Memory", "sizeLimit": "32Gi"} in [v.get("emptyDir") for v in volumes]
 
 
 def test_lagkv_configmap_feeds_the_flags():

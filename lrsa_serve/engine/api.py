@@ -95,7 +95,33 @@ def make_llm(
     if engine_kwargs.get("dtype", "auto") == "auto":
         engine_kwargs["dtype"] = default_dtype()[0]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-    return LLM(**lagkv_engine_kwargs(model, settings, **engine_kwargs))
+    tp, pp = (engine_kwargs.get(f"{k}_parallel_size", 1) for k in ("tensor", "pipeline"))
+    bound = bind_cpu_workers(tp, pp, bool(engine_kwargs.get("enforce_eager")))
+    try:
+        if bound:
+            logger.info(bound)
+        return LLM(**lagkv_engine_kwargs(model, settings, **engine_kwargs))
+    finally:
+        if bound:  # the workers have started; the next engine of this process decides anew
+            from lrsa_serve.engine.cpu_workers import BIND_VARIABLE
+
+            os.environ.pop(BIND_VARIABLE, None)
+
+
+def bind_cpu_workers(
+    tensor_parallel_size: int, pipeline_parallel_size: int, enforce_eager: bool, nnodes: int = 1
+) -> str | None:
+    """On a CPU host: refuse what vLLM's CPU runner cannot run, then one core group per local
+    worker where vLLM's NUMA binding cannot give each a node of its own (``cpu_workers``). Call
+    before the engine starts its workers. Returns the start-up line saying which cores each rank
+    got, if it bound them."""
+    if not on_cpu():
+        return None
+    from lrsa_serve.engine.cpu_workers import bind_local_ranks, check_pipeline_stages, describe
+
+    check_pipeline_stages(pipeline_parallel_size, enforce_eager)
+    groups = bind_local_ranks(tensor_parallel_size * pipeline_parallel_size // max(nnodes, 1))
+    return describe(groups) if groups else None
 
 
 def engine_args(model: str, settings: LagKVConfig | None, **engine_kwargs: Any):

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from lrsa_serve.errors import one_line
+from lrsa_serve.errors import UserError, one_line
 
 # Without a cap a request that sets no max_tokens generates up to the context limit.
 MAX_TOKENS_CAP = 1024
@@ -93,6 +93,7 @@ def prepare(args: argparse.Namespace, argv: Sequence[str]):
     Returns (settings or None, api key or None, why the dtype is what it is)."""
     from lrsa_serve.config import LagKVConfig, lagkv_overrides
     from lrsa_serve.engine.api import (
+        bind_cpu_workers,
         default_block_size,
         default_dtype,
         lagkv_engine_kwargs,
@@ -128,6 +129,11 @@ def prepare(args: argparse.Namespace, argv: Sequence[str]):
             args.kv_cache_memory_bytes = int(args.kv_cache_gib * 2**30)
     elif on_cpu():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    bound = bind_cpu_workers(
+        args.tensor_parallel_size, args.pipeline_parallel_size, args.enforce_eager, args.nnodes
+    )
+    if bound:
+        print(f"lrsa serve: {bound}", file=sys.stderr, flush=True)
     if args.cors_origins:
         args.allowed_origins = args.cors_origins
     if args.max_tokens_cap < 0:
@@ -152,7 +158,10 @@ async def serve(args: argparse.Namespace, settings, api_key: str | None, dtype_r
 
     from lrsa_serve.serving.app import build_server_app, drop_unserved_routes
 
-    listen_address, sock = setup_server(args, reuse_port=False)
+    try:
+        listen_address, sock = setup_server(args, reuse_port=False)
+    except OSError as e:  # e.g. the port is taken; later OSErrors are the engine's, not this
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
     async with build_async_engine_client(args) as engine_client:
         tasks = await engine_client.get_supported_tasks()
         app = build_server_app(args, tasks, engine_client.model_config, engine_client,
@@ -199,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         settings, api_key, dtype_reason = prepare(args, argv)
-    except (ModelError, ValueError) as e:  # ValueError: LagKVConfigError and pydantic's too
+    except (ModelError, UserError, ValueError) as e:  # ValueError: LagKVConfigError, pydantic's
         print(f"lrsa serve: error: {one_line(e)}", file=sys.stderr)
         return 2
     import uvloop
@@ -208,9 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         uvloop.run(serve(args, settings, api_key, dtype_reason))
     except KeyboardInterrupt:
         return 0
-    except OSError as e:  # e.g. the port is taken
-        print(f"lrsa serve: error: cannot listen on {args.host}:{args.port}: {e.strerror or e}",
-              file=sys.stderr)  # fmt: skip
+    except UserError as e:
+        print(f"lrsa serve: error: {one_line(e)}", file=sys.stderr)
         return 1
     except Exception as e:
         print(f"lrsa serve: error: the engine failed to start: {one_line(e)}", file=sys.stderr)
