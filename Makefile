@@ -7,7 +7,7 @@ STAMP := $(VENV)/.lrsa-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install model serve test lint bench clean
+.PHONY: install model serve test lint bench image-test image-test-cuda clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,15 @@ test: model
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# Build the CPU image with buildah (no Docker daemon, no registry), run it and smoke-test it
+# (docs/deploy.md). Needs: apt install buildah mmdebstrap. ~20 min on 2 cores.
+image-test:
+	$(PYTHON) deploy/image_test.py
+
+# The CUDA image, built the same way; without a GPU it only proves its packages import.
+image-test-cuda:
+	$(PYTHON) deploy/image_test.py --cuda
 
 bench: model
 	$(PY) -m benchmarks.engine_memory --json out/engine_memory.json

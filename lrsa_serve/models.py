@@ -112,8 +112,20 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     }
     manifest = {"source": GGUF_FILE, "source_sha256": GGUF_SHA256, "files": files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    with_umask_modes(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)  # atomic: a killed conversion never leaves a half folder behind
+
+
+def with_umask_modes(folder: Path) -> None:
+    """Give the folder's files the modes the umask allows. safetensors writes its file 0600, so
+    a model converted by one user (an image build runs as root) was unreadable to the user that
+    serves it (the image runs as uid 10001)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def prepare_default_model(force: bool = False) -> Path:
