@@ -67,10 +67,6 @@ class LagKVConfig(BaseModel):
 
         return Rule(self.sink, self.lag, self.keep, self.score_v_ratio)
 
-    @property
-    def compresses(self) -> bool:
-        return self.keep < self.lag
-
     def check_block_size(self, block_size: int) -> None:
         """Raise LagKVConfigError unless S, L and keep are multiples of the KV block size.
 
