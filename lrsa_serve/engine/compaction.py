@@ -4,6 +4,7 @@ tests can drive it directly on synthetic paged caches."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -24,8 +25,10 @@ class CompactionPlan:
     # False when the host knows no row is active (an eager step launches nothing).
     launch: bool = True
 
+    @cached_property
     def active_rows(self) -> CompactionPlan:
-        """The plan without its inactive rows (reads ``active`` on the host)."""
+        """The plan without its inactive rows (reads ``active`` on the host; once per step, as
+        every layer of the step shares the plan)."""
         if self.active is None:
             return self
         rows = torch.nonzero(self.active.cpu()).flatten().to(self.part_blocks.device)

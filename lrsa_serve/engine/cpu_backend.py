@@ -33,8 +33,10 @@ class LagKVCPUImpl(LagKVImplMixin, CPUAttentionBackendImpl):
     """Compacts each layer as its attention finishes, timed per layer."""
 
     def compact(self, layer, kv_cache: torch.Tensor, attn_metadata, plan: CompactionPlan) -> None:
-        plan = plan.active_rows()
-        if not plan.launch or plan.part_blocks.shape[0] == 0:
+        if not plan.launch:  # the host saw no request complete a partition this step
+            return
+        plan = plan.active_rows
+        if plan.part_blocks.shape[0] == 0:
             return
         with stats.time_compaction():
             orders = page_orders(layer.isa, kv_cache.dtype, kv_cache.shape[2], self.head_size)
