@@ -88,7 +88,8 @@ class ManagedServer:
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.api_key = secrets.token_urlsafe(16)  # only the pipeline talks to its servers
+        # Hex: a urlsafe token starts with "-" one time in 64, which argparse reads as a flag.
+        self.api_key = secrets.token_hex(16)  # only the pipeline talks to its servers
         self.log_path = log_path
         self.ready_timeout = ready_timeout
         self.command = [
