@@ -26,7 +26,10 @@ def test_prepare_model_is_a_noop_the_second_time(default_model):
     [
         (["--ratio", "0"], "ratio"),
         (["--lag", "100"], "multiples of the KV block size 32"),
-        (["--enable-prefix-caching"], "prefix caching"),
+        (
+            ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}'],
+            "speculative decoding",
+        ),  # fmt: skip
         (["--kv-cache-gib", "1.5"], "whole number of GiB"),
         (["/nonexistent/model"], "not a local HF model folder"),
         (["--max-tokens-cap", "-1"], "--max-tokens-cap must be >= 0"),

@@ -70,7 +70,7 @@ def test_the_engine_refuses_the_same_features_from_arguments_and_config():
         setattr(node, name, value)
         return root
 
-    check_engine_arguments({"enable_prefix_caching": False, "decode_context_parallel_size": 1})
+    check_engine_arguments({"enable_prefix_caching": True, "decode_context_parallel_size": 1})
     check_engine_config(LagKVConfig(), config("speculative_config", None))
     for path, what in REFUSED.items():
         argument = path.rsplit(".", 1)[-1]  # the engine argument is the config's last name

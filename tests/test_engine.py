@@ -185,7 +185,7 @@ def test_default_model_answers_a_chat_prompt(engines):
         (dict(lagkv=dict(ratio=0)), "ratio"),
         (dict(lagkv=dict(sink=32, lag=128, ratio=0.375)), "keep=48"),
         (dict(lagkv=dict(sink=16, lag=128, ratio=0.25)), "sink=16"),
-        (dict(lagkv=dict(ratio=0.25), enable_prefix_caching=True), "prefix caching"),
+        (dict(lagkv=dict(ratio=0.25), speculative_config={"method": "ngram"}), "speculative"),
     ],
 )
 def test_bad_settings_fail_before_start_in_one_line(default_model, kwargs, fragment):

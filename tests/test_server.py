@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import httpx
@@ -221,7 +222,8 @@ def test_lagkv_metrics_follow_the_formula(server, client, long_prompt):
     before = server.metrics()
     new_tokens = 40
     client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=new_tokens,
-                              temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+                              temperature=0, extra_body={"ignore_eos": True, "cache_salt":
+                              "formula"})  # fmt: skip
     wait_idle(server)
     after = server.metrics()
     # The last sampled token is never fed back: n + m - 1 tokens went through the cache.
@@ -249,7 +251,7 @@ def test_resident_tokens_during_a_request(server, long_prompt):
     # Scrape between streamed tokens of a request that cannot finish meanwhile (2,000 tokens
     # asked): every scrape lands while it runs, however fast this machine decodes.
     body = {"model": MODEL, "prompt": long_prompt, "max_tokens": 2000, "stream": True,
-            "temperature": 0, "ignore_eos": True}  # fmt: skip
+            "temperature": 0, "ignore_eos": True, "cache_salt": "resident"}  # fmt: skip
     seen = []
     with httpx.Client(timeout=120) as http:
         with http.stream("POST", f"{server.url}/v1/completions", json=body,
@@ -266,10 +268,45 @@ def test_resident_tokens_during_a_request(server, long_prompt):
     assert max(n / r for r, n in seen) > 2, seen
 
 
+def test_a_conversation_prefills_only_its_new_turn(server, client, tokenizer, long_prompt):
+    """Each turn re-sends the history; the cache holds all of the previous turn (its prompt and
+    its answer but the last token, which is never fed back), so the next turn's usage reports
+    those tokens cached, to a block, and vLLM's prefix-cache counters agree."""
+    document = tokenizer.decode(long_prompt[:1400])
+    messages = [{"role": "user", "content": f"{document}\n\nWhat is the passkey?"}]
+    previous: list[int] = []
+    before = server.metrics()
+    reported = 0
+    for question in ("Say it again.", "Spell it out.", "Thanks."):
+        body = {"model": MODEL, "messages": messages, "max_tokens": 16, "temperature": 0,
+                "cache_salt": "conversation"}  # fmt: skip
+        response = post(server, "/v1/chat/completions", body)
+        assert response.status_code == 200, response.text
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        prompt = list(prompt["input_ids"] if "input_ids" in prompt else prompt)
+        usage = response.json()["usage"]
+        shared = len(os.path.commonprefix([previous, prompt]))
+        expected = min(shared, len(prompt) - 1) // 32 * 32
+        assert usage["prompt_tokens"] == len(prompt)
+        assert usage["prompt_tokens_details"]["cached_tokens"] == expected
+        reported += expected
+        answer = response.json()["choices"][0]["message"]["content"]
+        generated = tokenizer.encode(answer, add_special_tokens=False)
+        previous = prompt + generated[: usage["completion_tokens"] - 1]
+        messages += [
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": question},
+        ]
+    assert reported > 2 * 1400
+    after = server.metrics()
+    hits = after["vllm:prefix_cache_hits_total"] - before.get("vllm:prefix_cache_hits_total", 0)
+    assert hits == reported
+
+
 def test_disconnect_mid_stream_frees_blocks(server, long_prompt):
     wait_idle(server)
     body = {"model": MODEL, "prompt": long_prompt, "max_tokens": 2000, "stream": True,
-            "extra_body": None, "ignore_eos": True}  # fmt: skip
+            "extra_body": None, "ignore_eos": True, "cache_salt": "disconnect"}  # fmt: skip
     body.pop("extra_body")
     with httpx.Client(timeout=120) as http:
         with http.stream("POST", f"{server.url}/v1/completions", json=body,

@@ -61,7 +61,6 @@ def lagkv_engine_kwargs(
         return kwargs
     settings.check_block_size(kwargs["block_size"])
     check_engine_arguments(kwargs)
-    kwargs["enable_prefix_caching"] = False
     kwargs["scheduler_cls"] = SCHEDULER
     kwargs["additional_config"] = {
         **(kwargs.get("additional_config") or {}),

@@ -41,12 +41,11 @@ def remembered() -> LagKVConfig | None:
     return _process_settings
 
 
-# Features that replay, share or move KV blocks behind the compaction, refused in one line: where
-# vLLM's config holds each (the engine argument is the last name), and what the user is told.
+# Features that replay or move KV blocks behind the compaction, refused in one line: where vLLM's
+# config holds each (the engine argument is the last name), and what the user is told. (Prefix
+# caching shares blocks through LagKVManager's own lookup: prefix_cache.py.)
 # Checked on the arguments before any engine process starts, and on the config as the engine builds.
 REFUSED = {
-    "cache_config.enable_prefix_caching": "prefix caching (pass enable_prefix_caching=False / "
-    "--no-enable-prefix-caching)",
     "speculative_config": "speculative decoding",
     "kv_transfer_config": "KV transfer / offload connectors",
     "parallel_config.decode_context_parallel_size": "decode context parallelism",

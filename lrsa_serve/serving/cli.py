@@ -24,7 +24,6 @@ ENGINE_FLAGS = (
     "block_size",
     "dtype",
     "attention_backend",
-    "enable_prefix_caching",
     "speculative_config",
     "kv_transfer_config",
     "additional_config",
@@ -85,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
         "sleep/wake, cache resets, profiling, RPC, weight updates, LoRA loading); off by default, "
         "behind --api-key when on",
     )
+    # Prefix caching is on (vLLM's default): say in every response's usage what it saved.
+    parser.set_defaults(enable_prompt_tokens_details=True)
     return parser
 
 
@@ -116,8 +117,8 @@ def prepare(args: argparse.Namespace, argv: Sequence[str]):
     if args.dtype == "auto":
         args.dtype, dtype_reason = default_dtype()
     given = {name: getattr(args, name) for name in ENGINE_FLAGS}
-    # Checked (a refused feature is an error here) and completed: prefix caching off, LagKV's
-    # scheduler, attention backend and additional_config; all of it goes back to vLLM's args.
+    # Checked (a refused feature is an error here) and completed: LagKV's scheduler, attention
+    # backend and additional_config; all of it goes back to vLLM's args.
     for name, value in lagkv_engine_kwargs(model, settings, **given).items():
         setattr(args, name, value)
     if args.kv_cache_gib is not None:
