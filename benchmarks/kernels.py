@@ -144,15 +144,12 @@ SWEEP = [
     dict(TILE_ELEMENTS=4096, SPREAD_WARPS=8),
     dict(TILE_ELEMENTS=8192, SPREAD_WARPS=8),
     dict(TILE_ELEMENTS=4096, SPREAD_WARPS=8, TOPK_WARPS=4),
-    dict(TILE_ELEMENTS=4096, SPREAD_WARPS=8, EXACT_SPREAD=False),
 ]
 
 
 def sweep_select_configs(layer: PagedLayer, device: torch.device) -> list[dict]:
-    """select time under other tile sizes / warp counts (module knobs of select.py), and with
-    the float32 approximate spread (EXACT_SPREAD=False) to price the exact arithmetic. "same":
+    """select time under other tile sizes / warp counts (module knobs of select.py). "same":
     the selection equals the default configuration's."""
-
     reference = layer.selected()
     rows = []
     for knobs in SWEEP:
