@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.errors import UserError
 from lrsa_serve.training.attention import dispatch, replay
-from lrsa_serve.training.attention.dispatch import lrsa_forward_logits, use_lrsa
+from lrsa_serve.training.attention.dispatch import use_lrsa
 
 # Families whose attention goes through transformers' AttentionInterface with GQA K/V shapes
 # (checked: Llama, Qwen2, Mistral); others may work but are not tested.
@@ -111,15 +111,3 @@ def parallelize(model: PreTrainedModel, world_size: int) -> PreTrainedModel:
         fully_shard(layer)
     fully_shard(model)  # embeddings, final norm, (tied) LM head
     return model
-
-
-__all__ = [
-    "check_supported",
-    "compile_layers",
-    "load_model",
-    "dispatch",
-    "lrsa_forward_logits",
-    "parallelize",
-    "prepare_for_training",
-    "set_attention",
-]

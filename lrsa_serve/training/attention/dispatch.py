@@ -33,7 +33,7 @@ from lrsa_serve.config import CONFIG_KEY, LagKVConfig, keep_for
 from lrsa_serve.lagkv import Rule
 from lrsa_serve.reference_attention import exact_attention, register, settings_of
 from lrsa_serve.training.attention import op
-from lrsa_serve.training.attention.varlen import KERNELS, check_kernel
+from lrsa_serve.training.attention.varlen import check_kernel
 from lrsa_serve.training.attention.varlen import lrsa_varlen_attention as lrsa_varlen
 
 NAME = "lrsa"
@@ -135,14 +135,3 @@ def lrsa_forward_logits(
             del model.config.lagkv
         else:
             model.config.lagkv = previous_cfg
-
-
-__all__ = [
-    "KERNELS",
-    "NAME",
-    "lrsa_attention",
-    "lrsa_forward_logits",
-    "lrsa_varlen",
-    "set_kernel",
-    "use_lrsa",
-]
