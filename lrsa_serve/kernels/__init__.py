@@ -158,12 +158,3 @@ def _scratch_bytes_per_layer(key, value, rows: int, part_blocks: int, keep: int)
     length = part_blocks * block_size
     width = 1 << (max(key.shape[-1], value.shape[-1]) - 1).bit_length()
     return rows * heads * (2 * length * 4 + 2 * 2 * width * 4 + keep * 8)
-
-
-__all__ = [
-    "LayerStack",
-    "compact_kept",
-    "compress_layers",
-    "naive",
-    "triton_interpreted",
-]

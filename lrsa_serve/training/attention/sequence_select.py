@@ -120,14 +120,3 @@ def select_all(key: torch.Tensor, value: torch.Tensor, rule: Rule) -> torch.Tens
     kept = select.select_kept(key_cache, value_cache, part, ref, rule.keep, rule.score_v_ratio)
     kept = kept.view(b, parts, h, rule.keep) + starts[None, :, None, None]
     return kept.transpose(1, 2)
-
-
-__all__ = [
-    "TRITON_MIN_LENGTH",
-    "partition_blocks",
-    "select_all",
-    "select_kept",
-    "selector",
-    "selector_for",
-    "token_blocks",
-]

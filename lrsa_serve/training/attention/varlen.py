@@ -415,26 +415,3 @@ def lrsa_varlen_attention(
     items = items_of(query, kept, rule)
     k, v = pack_items(key, value, items)
     return varlen_attention(query_rows(query), k, v, items, scale, kernel).view(b, n, hq, d)
-
-
-__all__ = [
-    "KERNELS",
-    "Items",
-    "Packing",
-    "check_kernel",
-    "default_kernel",
-    "attention_dtype",
-    "in_attention_dtype",
-    "kernel_applies",
-    "math_items",
-    "items_of",
-    "key_index",
-    "pack_items",
-    "pack_items_backward",
-    "packer_for",
-    "rows_refs",
-    "packing_for",
-    "query_rows",
-    "lrsa_varlen_attention",
-    "varlen_attention",
-]
