@@ -48,7 +48,6 @@ _ZERO_SPAN_EPS = tl.constexpr(ZERO_SPAN_EPS)
 # out of local memory while a tile still moves 8 KB (bf16) per load.
 TILE_ELEMENTS = 4096
 SPREAD_WARPS = 8
-TOPK_WARPS: int | None = None  # None: by L
 # Most token slices per (request, head, K/V) when R is small.
 MAX_SPLITS = 16
 
@@ -432,7 +431,7 @@ def select_kept(
         BLOCK_L=triton.next_power_of_2(length),
         WRITE_SCORES=scores_out is not None,
         HAS_ACTIVE=has_active,
-        num_warps=TOPK_WARPS or (8 if length >= 1024 else 4),
+        num_warps=8 if length >= 1024 else 4,
         # torch rounds ratio * s_V, then the sum: no fused multiply-add.
         enable_fp_fusion=False,
     )
