@@ -101,14 +101,7 @@ def _eager_attention(
     return lrsa_varlen(query, key, value, settings_of(module).rule, scaling, kernel=_kernel)
 
 
-lrsa_attention = register(NAME, _lrsa)
-
-
-def use_lrsa(model: PreTrainedModel, cfg: LagKVConfig) -> PreTrainedModel:
-    """Switch a loaded HF model to LRSA attention with these settings."""
-    model.config.lagkv = cfg.model_dump()
-    model.set_attn_implementation(NAME)
-    return model
+use_lrsa = register(NAME, _lrsa)
 
 
 @torch.no_grad()
