@@ -6,19 +6,12 @@ per layer and KV head the kept rows of every compressed partition are selected f
 own post-RoPE K/V under ``no_grad`` (``lagkv.select_all``); gradients reach K/V through the
 gather of the rows each query sees.
 
-Dispatch (explicit, never silent):
-
-- CUDA, or any device once ``set_kernel`` names a kernel: ``varlen``: the rule as ONE
-  variable-length dense attention call (FlashAttention-4 or -2 varlen, bottom-right causal per
-  partition item) over gathered key lists, with the selection below (compiled torch; from 32K
-  tokens the serving engine's Triton kernel). Measured fastest on the H100 (docs/training.md).
-  It runs as the custom op ``lrsa::varlen`` (``op``), which a compiled decoder layer traces as
-  one node; float32 queries on CUDA run it eagerly behind a graph break. ``set_kernel("math")``
-  runs the items in plain torch on any device (tests).
-- CPU with the kernel ``auto``: ``reference_attention``'s exact dense masked path; the tests
-  compare the paths.
-- Queries fewer than keys (decoding with a cache) always take the reference path: the items are
-  defined for a whole sequence at once.
+Dispatch (explicit, never silent): on CUDA, or on any device once ``set_kernel`` names a kernel,
+the rule as ONE variable-length attention call over gathered key lists (``varlen``; measured
+fastest on the H100, docs/training.md), as the custom op ``lrsa::varlen`` (``op``: one node of a
+compiled decoder layer) where it applies, else eagerly behind a graph break; on CPU with ``auto``,
+``reference_attention``'s exact dense masked path. Queries fewer than keys (decoding with a
+cache) always take the reference path: the items are defined for a whole sequence at once.
 
 Batches: sequences start at position 0; right padding is harmless (causal attention never lets a
 real token see a later pad), so ``attention_mask`` is not consulted. Left padding is not supported.
