@@ -82,16 +82,14 @@ def prepare_for_training(
     model.train()
 
 
-def compile_layers(model: PreTrainedModel) -> int:
+def compile_layers(model: PreTrainedModel) -> None:
     """``torch.compile`` every decoder layer in place, so the pointwise glue around the matmuls
     (norms with their fp32 upcast, RoPE, the gated MLP, residuals) fuses instead of making one
     pass over a long activation per op; the LRSA attention is one opaque node of that graph
     (the custom op ``lrsa::varlen``; its other paths run eagerly behind a graph break). Layers
-    share one graph; lengths become dynamic after the first new one. Returns how many layers."""
-    layers = decoder_layers(model)
-    for layer in layers:
+    share one graph; lengths become dynamic after the first new one."""
+    for layer in decoder_layers(model):
         layer.compile()
-    return len(layers)
 
 
 def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
