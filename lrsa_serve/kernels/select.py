@@ -303,7 +303,8 @@ def _top_keep_kernel(
     tl.store(kept_ptr + layer_row * KEEP + slot, toks.to(tl.int64), mask=kept)
 
 
-def _tile_tokens(head_dim: int, length: int) -> int:
+def tile_tokens(head_dim: int, length: int) -> int:
+    """Rows of one [rows, head_dim] tile of at most ``TILE_ELEMENTS``, no more than ``length``."""
     block_d = triton.next_power_of_2(head_dim)
     return max(1, min(TILE_ELEMENTS // block_d, triton.next_power_of_2(length)))
 
@@ -313,13 +314,13 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _default_splits(device: torch.device, programs: int, length: int, tile_tokens: int) -> int:
+def _default_splits(device: torch.device, programs: int, length: int, tile_rows: int) -> int:
     """Token slices per (request, head, K/V): enough programs for two waves over the SMs."""
     if device.type != "cuda":
         return 1
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     want = triton.next_power_of_2(triton.cdiv(2 * sms, programs))
-    return max(1, min(want, MAX_SPLITS, triton.cdiv(length, tile_tokens)))
+    return max(1, min(want, MAX_SPLITS, triton.cdiv(length, tile_rows)))
 
 
 def select_kept(
@@ -373,7 +374,7 @@ def select_kept(
     ref_blocks = ref_blocks.contiguous()
     spread = torch.empty(layers, requests, num_heads, 2, length, dtype=torch.float32, device=device)
 
-    tile_k, tile_v = _tile_tokens(dim_k, length), _tile_tokens(dim_v, length)
+    tile_k, tile_v = tile_tokens(dim_k, length), tile_tokens(dim_v, length)
     programs = requests * num_heads * 2
     # With a mask the launch may sit in a captured graph, compiled before capture: one split,
     # so the kernels' arguments (and Triton's specialisation) do not depend on the row count.
