@@ -114,18 +114,13 @@ def main() -> int:
 
     rule = cfg.rule
 
-    def varlen(q, k, v):
-        return dispatch.lrsa_varlen(q, k, v, rule, scale)
+    def varlen_with(kernel: str):  # the varlen path with this kernel ("varlen:KERNEL")
+        return lambda q, k, v: dispatch.lrsa_varlen(q, k, v, rule, scale, kernel=kernel)
 
-    impls = {"varlen": varlen}
+    impls = {"varlen": varlen_with("auto")}
     for name in args.impls:
-        if name.startswith("varlen:"):  # varlen:KERNEL = the varlen path with this kernel
-            kernel = name.split(":", 1)[1]
-
-            def varlen_with(q, k, v, kernel=kernel):
-                return dispatch.lrsa_varlen(q, k, v, rule, scale, kernel=kernel)
-
-            impls[name] = varlen_with
+        if name.startswith("varlen:"):
+            impls[name] = varlen_with(name.removeprefix("varlen:"))
 
     def save():
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
