@@ -339,9 +339,8 @@ def select_kept(
 ) -> torch.Tensor:
     """Top-``keep`` tokens of each partition per KV head, scored against its successor.
 
-    key_cache, value_cache: ``[num_blocks, num_kv_heads, block_size, head_dim]`` views, any
-    strides. part_blocks, ref_blocks: ``[R, L / block_size]`` integer block ids. Returns
-    ``[R, num_kv_heads, keep]`` int64, increasing. ``num_splits`` overrides how many token slices
+    Caches and block ids as in ``naive.py`` (any strides). Returns ``[R, num_kv_heads, keep]``
+    int64, increasing. ``num_splits`` overrides how many token slices
     each (request, head) is scored in; ``out`` (contiguous int64) receives the result;
     ``scores_out`` (``[R, H, L]`` float32), when given, receives the scores the selection was
     made from (for tests). ``active`` (``[R]`` int32 on the device): only rows with a non-zero
