@@ -1,10 +1,11 @@
 """LRSA training attention: the ``"lrsa"`` attention of transformers and its dispatch.
 
 Registered in transformers' ``AttentionInterface`` as ``"lrsa"`` (no model code copied); the
-settings come from ``model.config.lagkv`` as for ``"lagkv_reference"``. The rule is docs/lagkv.md's:
-per layer and KV head the kept rows of every compressed partition are selected from the layer's
-own post-RoPE K/V under ``no_grad`` (``lagkv.select_all``); gradients reach K/V through the
-gather of the rows each query sees.
+settings and the batches (from position 0, no left padding, no attention mask read) are as for
+``"lagkv_reference"`` (``reference_attention``). The rule is docs/lagkv.md's: per layer and KV
+head the kept rows of every compressed partition are selected from the layer's own post-RoPE K/V
+under ``no_grad`` (``lagkv.select_all``); gradients reach K/V through the gather of the rows each
+query sees.
 
 Dispatch (explicit, never silent): on CUDA, or on any device once ``set_kernel`` names a kernel,
 the rule as ONE variable-length attention call over gathered key lists (``varlen``; measured
@@ -12,9 +13,6 @@ fastest on the H100, docs/training.md), as the custom op ``lrsa::varlen`` (``op`
 compiled decoder layer) where it applies, else eagerly behind a graph break; on CPU with ``auto``,
 ``reference_attention``'s exact dense masked path. Queries fewer than keys (decoding with a
 cache) always take the reference path: the items are defined for a whole sequence at once.
-
-Batches: sequences start at position 0; right padding is harmless (causal attention never lets a
-real token see a later pad), so ``attention_mask`` is not consulted. Left padding is not supported.
 """
 
 from __future__ import annotations
