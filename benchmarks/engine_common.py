@@ -17,7 +17,7 @@ from typing import Any
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 
-from lrsa_serve.config import LagKVConfig  # noqa: E402
+from lrsa_serve.config import LagKVConfig, add_lagkv_arguments, lagkv_overrides  # noqa: E402
 
 
 def engine_parser(doc: str, eager: bool) -> argparse.ArgumentParser:
@@ -38,15 +38,13 @@ def engine_parser(doc: str, eager: bool) -> argparse.ArgumentParser:
         default=eager,
         help=f"skip vLLM's torch.compile (default here: {'on' if eager else 'off'})",
     )
-    parser.add_argument("--sink", type=int, default=None)
-    parser.add_argument("--lag", type=int, default=None)
-    parser.add_argument("--ratio", type=float, default=None)
+    add_lagkv_arguments(parser)
     parser.add_argument("--json", default=None, help="write the results here")
     return parser
 
 
 def settings_from(args: argparse.Namespace) -> LagKVConfig:
-    return LagKVConfig.build(sink=args.sink, lag=args.lag, ratio=args.ratio)
+    return LagKVConfig.build(**lagkv_overrides(args))
 
 
 def engine_flags(args: argparse.Namespace, max_model_len: int) -> dict[str, Any]:

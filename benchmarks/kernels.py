@@ -138,43 +138,6 @@ def compression_times(layer: PagedLayer, device: torch.device) -> dict[str, floa
     }
 
 
-SWEEP = [
-    dict(TILE_ELEMENTS=2048, SPREAD_WARPS=8),
-    dict(TILE_ELEMENTS=4096, SPREAD_WARPS=4),
-    dict(TILE_ELEMENTS=4096, SPREAD_WARPS=8),
-    dict(TILE_ELEMENTS=8192, SPREAD_WARPS=8),
-    dict(TILE_ELEMENTS=4096, SPREAD_WARPS=8, TOPK_WARPS=4),
-    dict(TILE_ELEMENTS=4096, SPREAD_WARPS=8, EXACT_SPREAD=False),
-]
-
-
-def sweep_select_configs(layer: PagedLayer, device: torch.device) -> list[dict]:
-    """select time under other tile sizes / warp counts (module knobs of select.py), and with
-    the float32 approximate spread (EXACT_SPREAD=False) to price the exact arithmetic. "same":
-    the selection equals the default configuration's."""
-
-    reference = layer.selected()
-    rows = []
-    for knobs in SWEEP:
-        saved = {name: getattr(select, name) for name in knobs}
-        try:
-            for name, value in knobs.items():
-                setattr(select, name, value)
-            same = bool(torch.equal(layer.selected(), reference))
-            rows.append(
-                {
-                    "requests": layer.requests,
-                    **knobs,
-                    "same": same,
-                    "select_ms": timed_ms(layer.selected, device),
-                }
-            )
-        finally:
-            for name, value in saved.items():
-                setattr(select, name, value)
-    return rows
-
-
 def kernel_breakdown(layer: PagedLayer, device: torch.device) -> dict:
     """Where select + compact spend their time: GPU time per kernel (torch profiler, mean of 20
     calls), the whole of it replayed from a CUDA graph (no launch overhead), and the host time
@@ -262,15 +225,13 @@ def main() -> None:
         {"lag": lag, "batch": batch, **times} for (lag, batch), times in compression.items()
     ]
 
-    report["sweep"], report["breakdown"] = [], []
-    for batch in batches:
-        layer = PagedLayer(batch, lags[0], device, gen)
-        report["sweep"] += sweep_select_configs(layer, device)
-        if device.type == "cuda":
+    report["breakdown"] = []
+    if device.type == "cuda":
+        for batch in batches:
+            layer = PagedLayer(batch, lags[0], device, gen)
             report["breakdown"].append(kernel_breakdown(layer, device))
-        del layer
-    for row in report["sweep"] + report["breakdown"]:
-        print(f"{row}", flush=True)
+            print(report["breakdown"][-1], flush=True)
+            del layer
 
     rows = []
     for context in contexts:
@@ -306,10 +267,6 @@ def main() -> None:
             json.dump(report, f, indent=1)
 
     print()
-    print(f"select at L={lags[0]} under other knobs of select.py (ms; same = same selection):")
-    for r in report["sweep"]:
-        knobs = {k: v for k, v in r.items() if k.isupper()}
-        print(f"  B={r['requests']:>3} {r['select_ms']:.4f} same={r['same']} {knobs}")
     for r in report["breakdown"]:
         print(f"  breakdown B={r['requests']}: " + ", ".join(
             f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()

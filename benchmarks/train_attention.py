@@ -91,11 +91,6 @@ def dense_repeat(q, k, v):  # HF's path when SDPA's GQA flag cannot be used
     return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
 
 
-def visible_pairs(n: int, rule: lagkv.Rule) -> int:
-    """Query-key pairs the LagKV rule lets attend, summed over queries (causal: n(n+1)/2)."""
-    return packing_for(n, rule).visible_pairs()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768])
@@ -119,18 +114,13 @@ def main() -> int:
 
     rule = cfg.rule
 
-    def varlen(q, k, v):
-        return dispatch.lrsa_varlen(q, k, v, rule, scale)
+    def varlen_with(kernel: str):  # the varlen path with this kernel ("varlen:KERNEL")
+        return lambda q, k, v: dispatch.lrsa_varlen(q, k, v, rule, scale, kernel=kernel)
 
-    impls = {"varlen": varlen}
+    impls = {"varlen": varlen_with("auto")}
     for name in args.impls:
-        if name.startswith("varlen:"):  # varlen:KERNEL = the varlen path with this kernel
-            kernel = name.split(":", 1)[1]
-
-            def varlen_with(q, k, v, kernel=kernel):
-                return dispatch.lrsa_varlen(q, k, v, rule, scale, kernel=kernel)
-
-            impls[name] = varlen_with
+        if name.startswith("varlen:"):
+            impls[name] = varlen_with(name.removeprefix("varlen:"))
 
     def save():
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -157,8 +147,9 @@ def main() -> int:
 
         impls["varlen_attn"] = varlen_attn
         dense = min(row["dense_sdpa_gqa_ms"], row["dense_sdpa_repeat_ms"])
-        # fwd 4*pairs*d*Hq flops, bwd 2.5x fwd
+        # fwd 4*pairs*d*Hq flops, bwd 2.5x fwd; pairs: those the LagKV rule lets attend
         flops = 3.5 * 4 * args.dim * heads[0]
+        pairs = packing_for(n, rule).visible_pairs()
         row["dense_tflops"] = flops * n * (n + 1) / 2 / (dense * 1e-3) / 1e12
         for impl in args.impls:
             try:
@@ -169,7 +160,7 @@ def main() -> int:
                 continue
             print(f"n={n} {impl}: {row[f'{impl}_ms']:.2f} ms (dense {dense:.2f})", flush=True)
             row[f"{impl}_speedup"] = dense / row[f"{impl}_ms"]
-            row[f"{impl}_tflops"] = flops * visible_pairs(n, rule) / row[f"{impl}_ms"] / 1e9
+            row[f"{impl}_tflops"] = flops * pairs / row[f"{impl}_ms"] / 1e9
             if row["dense_flash_ms"]:
                 row[f"{impl}_speedup_vs_flash"] = row["dense_flash_ms"] / row[f"{impl}_ms"]
             if row["dense_fa4_ms"]:
@@ -179,7 +170,7 @@ def main() -> int:
         row["select_ms"] = median_ms(lambda: sequence_select.select_kept(k, v, rule))  # noqa: B023
         with torch.no_grad():
             row["select_eager_ms"] = median_ms(lambda: lagkv.select_all(k, v, rule))  # noqa: B023
-        row["visible_pair_ratio"] = n * (n + 1) / 2 / visible_pairs(n, rule)
+        row["visible_pair_ratio"] = n * (n + 1) / 2 / pairs
         result["rows"].append(row)
         save()
         print(json.dumps(row), flush=True)

@@ -140,7 +140,6 @@ def main() -> int:
     parser.add_argument(
         "--floor", action="store_true", help="also time the model with attention removed"
     )
-    parser.add_argument("--adamw", choices=["fused", "foreach"], default="fused")
     parser.add_argument(
         "--compile",
         choices=["auto", "on", "off"],
@@ -167,21 +166,14 @@ def main() -> int:
     compiled = ModelConfig(compile=choice).compiles_on(device.type)
     if compiled:
         model_mod.compile_layers(model)
-    if args.adamw == "fused":  # the trainer's optimizer (fused on CUDA)
-        optimizer = loop.build_optimizer(model, OptimConfig(lr=1e-5), device)
-    else:  # torch's default implementation (foreach), as measured before the trainer fused it
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    optimizer = loop.build_optimizer(model, OptimConfig(lr=1e-5), device)  # fused on CUDA
     autocast = loop.autocast_for(device, "bf16")
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "params": params,
         "settings": cfg.model_dump()
-        | {
-            "target_tokens": args.target_tokens,
-            "adamw": args.adamw,
-            "compiled_layers": compiled,
-        },
+        | {"target_tokens": args.target_tokens, "compiled_layers": compiled},
         "lrsa_variants": args.lrsa_variants,
         "rows": [],
     }

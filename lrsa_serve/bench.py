@@ -156,16 +156,15 @@ def _label_bars(ax: Any, bars: Any, labels: list[str]) -> None:
 
 def _save(plt: Any, fig: Any, data: dict[str, Any], path: Path) -> Path:
     """Titles the figure with the run's settings and writes it to ``path``."""
+    from lrsa_serve.eval.plots import save_figure
+
     s = data.get("settings") or {}
     fig.suptitle(
         f"LagKV S{s.get('sink')} L{s.get('lag')} r{s.get('ratio')} vs vanilla vLLM, "
         f"{data.get('dtype', '?')}",
         fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
 
 
 def plot_memory(plt: Any, data: dict[str, Any], path: Path) -> Path:

@@ -40,12 +40,13 @@ def settings_of(
 
 def register(
     name: str, attend: Callable[..., torch.Tensor]
-) -> Callable[..., tuple[torch.Tensor, None]]:
+) -> Callable[[PreTrainedModel, LagKVConfig], PreTrainedModel]:
     """Register ``attend(module, query, key, value, scaling, dropout)`` (queries
     ``[B, Hq, n, D]``, K/V ``[B, Hkv, Tk, D]``; output ``[B, n, Hq, D]``) in transformers'
     ``AttentionInterface`` as ``name``, behind the interface's signature; the scaling is
     1/sqrt(D) unless given. The attention mask and other arguments are not read (causal
-    attention; sequences start at position 0, see the module docstring)."""
+    attention; sequences start at position 0, see the module docstring). Returns the function
+    that switches a loaded HF model to this attention with given settings."""
 
     def attention(
         module: torch.nn.Module,
@@ -61,7 +62,13 @@ def register(
         return attend(module, query, key, value, scaling, dropout), None
 
     AttentionInterface.register(name, attention)
-    return attention
+
+    def use(model: PreTrainedModel, cfg: LagKVConfig) -> PreTrainedModel:
+        model.config.lagkv = cfg.model_dump()
+        model.set_attn_implementation(name)
+        return model
+
+    return use
 
 
 def masked_attention(
@@ -124,11 +131,4 @@ def exact_attention(
     return out
 
 
-lagkv_reference_attention = register(NAME, exact_attention)
-
-
-def use_lagkv_reference(model: PreTrainedModel, cfg: LagKVConfig) -> PreTrainedModel:
-    """Switch a loaded HF model to exact LagKV attention with these settings."""
-    model.config.lagkv = cfg.model_dump()
-    model.set_attn_implementation(NAME)
-    return model
+use_lagkv_reference = register(NAME, exact_attention)

@@ -79,7 +79,7 @@ class GroupCompaction:
                 raise RuntimeError("LagKV: the KV caches were reallocated during graph capture")
             self.stack = LayerStack.of(keys, [cache[..., head:] for cache in caches])
         self.compiled = True
-        timer = stats.DEVICE_TIMER.time() if keys[0].is_cuda else stats.time_compaction()
+        timer = stats.DEVICE_TIMER.time() if keys[0].is_cuda else stats.COMPACTION_SECONDS.time()
         with timer:
             compress_layers(
                 self.stack, plan.part_blocks, plan.ref_blocks, plan.rule, active=plan.active

@@ -38,7 +38,7 @@ class LagKVCPUImpl(LagKVImplMixin, CPUAttentionBackendImpl):
         plan = plan.active_rows
         if plan.part_blocks.shape[0] == 0:
             return
-        with stats.time_compaction():
+        with stats.COMPACTION_SECONDS.time():  # wall time, per layer
             orders = page_orders(layer.isa, kv_cache.dtype, kv_cache.shape[2], self.head_size)
             compact_cpu_pages(kv_cache, plan, orders)
 

@@ -2,14 +2,10 @@
 Hopper, FA2 elsewhere) by default, vLLM's Triton attention (``LAGKV_TRITON``) where
 FlashAttention cannot run (float32, or no FlashAttention in the vLLM build).
 
-Both are the stock backend with two additions:
-- the metadata builder hands the stock one the compacted view (``device_view``): persistent
-  buffers rewritten on the GPU each step, so vLLM's full CUDA graphs capture and replay LagKV
-  decode steps like any other;
-- after the stock forward of the group's last layer, every layer's compaction in one set of
-  Triton select/compact launches (``compaction.GroupCompaction``) over every request row,
-  inactive rows skipped on the device. Captured graphs contain these launches; eager and
-  piecewise steps launch them only when the host sees a request complete a partition.
+Both are the stock backend with ``backend.py``'s builder and impl: the compacted view in
+persistent buffers rewritten on the GPU each step (``device_view``, so full CUDA graphs replay
+LagKV steps), and after the group's last layer every layer's compaction in one set of launches
+(``compaction.GroupCompaction``).
 """
 
 from __future__ import annotations

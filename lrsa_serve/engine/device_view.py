@@ -2,12 +2,8 @@
 buffers, so that full CUDA graphs can replay LagKV steps.
 
 A captured graph holds tensor addresses, so everything attention and compaction read lives in
-buffers allocated once, of fixed capacity (one row per request slot of vLLM's batch):
-
-- ``table``: each request's block table with evicted columns dropped;
-- ``seq_lens``: each request's physical length (logical length minus evicted tokens);
-- ``part_blocks`` / ``ref_blocks`` / ``active``: per request, the blocks of the partition this
-  step compresses and of its successor, and whether it compresses one at all.
+buffers allocated once, of fixed capacity (one row per request slot of vLLM's batch; what each
+holds: ``kernels/compacted_view.py``).
 
 Everything is derived on the device from vLLM's own per-step tensors (block table, sequence
 lengths, query starts), so the step path has no host synchronisation and no Python per request.

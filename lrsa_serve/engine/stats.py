@@ -52,11 +52,6 @@ COMPACTION_SECONDS = Histogram(
 )
 
 
-def time_compaction():
-    """Context manager timing one layer's compaction on the CPU (wall time)."""
-    return COMPACTION_SECONDS.time()
-
-
 class DeviceTimer:
     """Times a step's compaction on a CUDA stream with events and observes it once the GPU
     has finished it, polled at later calls: the step never waits for the GPU. Work inside a

@@ -24,7 +24,7 @@ def pyplot() -> Any | None:
     return plt
 
 
-def _save(plt: Any, fig: Any, path: Path) -> Path:
+def save_figure(plt: Any, fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -57,7 +57,7 @@ def accuracy_vs_ratio(plt: Any, run: EvalRun, path: Path) -> Path | None:
         ax.set_title(Path(model).name, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower right")
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def depth_heatmap(plt: Any, run: EvalRun, path: Path) -> Path | None:
@@ -118,7 +118,7 @@ def accuracy_by_task(plt: Any, run: EvalRun, path: Path) -> Path | None:
     ax.set_ylabel("accuracy")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def draw_all(run: EvalRun, out_dir: Path) -> dict[str, Path]:

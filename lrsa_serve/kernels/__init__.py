@@ -1,17 +1,11 @@
 """LagKV select and compact on the paged KV cache: Triton on CUDA, plain torch on the CPU.
 
 ``compress_layers`` takes the caches of every layer of a step (``LayerStack``; layout and meaning
-in ``naive.py``) and runs:
-
-- the Triton kernels (``select.py``, ``compact.py``) when the caches are on CUDA;
-- the same kernels on CPU tensors when the caller passes ``use_triton=True`` and Triton runs its
-  interpreter (``TRITON_INTERPRET=1`` when ``select.py`` was first imported: Triton decides at
-  decoration time) - the tests do this;
-- the plain-torch path (``naive.py``, the kernels' oracle) otherwise: CPU tensors in tests and
-  benchmarks. (The CPU engine compacts vLLM's CPU block layout with its own torch code,
-  ``engine/cpu_backend.py``.)
-
-``use_triton=False`` forces the torch path on any device. Triton is imported only when used.
+in ``naive.py``) and runs the Triton kernels (``select.py``, ``compact.py``) on CUDA caches, or on
+CPU ones with ``use_triton=True`` under Triton's interpreter (``TRITON_INTERPRET=1`` before
+``select.py`` is first imported: the tests); else the plain-torch path (``naive.py``, the kernels'
+oracle; ``use_triton=False`` forces it). Triton is imported only when used. The CPU engine
+compacts vLLM's CPU block layout with its own torch code (``engine/cpu_backend.py``).
 """
 
 from __future__ import annotations
@@ -24,13 +18,6 @@ from lrsa_serve import lagkv
 from lrsa_serve.kernels import naive
 
 
-def triton_interpreted() -> bool:
-    """Whether the Triton kernels were built for the interpreter (so they accept CPU tensors)."""
-    from lrsa_serve.kernels import select
-
-    return select.INTERPRETED
-
-
 def _use_triton(cache: torch.Tensor, use_triton: bool | None) -> bool:
     if use_triton is False:
         return False
@@ -38,7 +25,9 @@ def _use_triton(cache: torch.Tensor, use_triton: bool | None) -> bool:
         return True
     if use_triton is None:
         return False
-    if not triton_interpreted():
+    from lrsa_serve.kernels import select
+
+    if not select.INTERPRETED:  # the kernels were built for the compiler: no CPU tensors
         raise RuntimeError(
             "Triton kernels on CPU tensors need TRITON_INTERPRET=1 in the environment before "
             "lrsa_serve.kernels.select is imported"
@@ -54,7 +43,8 @@ def _compress_torch(
     rule: lagkv.Rule,
     active: torch.Tensor | None,
 ) -> torch.Tensor:
-    rows = _active_rows(active, part_blocks.shape[0]).to(part_blocks.device)
+    rows = torch.arange(part_blocks.shape[0]) if active is None else active.cpu().nonzero()[:, 0]
+    rows = rows.to(part_blocks.device)
     part, ref = part_blocks[rows], ref_blocks[rows]
     kept = torch.zeros(
         part_blocks.shape[0], key_cache.shape[1], rule.keep, dtype=torch.long,
@@ -63,12 +53,6 @@ def _compress_torch(
     kept[rows] = naive.select_kept(key_cache, value_cache, part, ref, rule.keep, rule.score_v_ratio)
     naive.compact_kept(key_cache, value_cache, part, kept[rows])
     return kept
-
-
-def _active_rows(active: torch.Tensor | None, rows: int) -> torch.Tensor:
-    if active is None:
-        return torch.arange(rows)
-    return torch.nonzero(active.cpu()).flatten()
 
 
 @dataclass(frozen=True)
@@ -158,12 +142,3 @@ def _scratch_bytes_per_layer(key, value, rows: int, part_blocks: int, keep: int)
     length = part_blocks * block_size
     width = 1 << (max(key.shape[-1], value.shape[-1]) - 1).bit_length()
     return rows * heads * (2 * length * 4 + 2 * 2 * width * 4 + keep * 8)
-
-
-__all__ = [
-    "LayerStack",
-    "compact_kept",
-    "compress_layers",
-    "naive",
-    "triton_interpreted",
-]

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lrsa_serve.kernels.select import TILE_ELEMENTS, layer_shift
+from lrsa_serve.kernels.select import layer_shift, tile_tokens
 
 
 @triton.jit
@@ -170,7 +170,6 @@ def compact_kept(
     part_blocks = part_blocks.contiguous()
     kept = kept.contiguous()
     block_dk, block_dv = triton.next_power_of_2(dim_k), triton.next_power_of_2(dim_v)
-    tile = triton.next_power_of_2(keep)
     _compact_kernel[(requests * num_heads, 2 * layers)](
         key_cache,
         *key_cache.stride(),
@@ -189,8 +188,8 @@ def compact_kept(
         DK=dim_k,
         DV=dim_v,
         BLOCK_SIZE=block_size,
-        BLOCK_JK=max(1, min(TILE_ELEMENTS // block_dk, tile)),
-        BLOCK_JV=max(1, min(TILE_ELEMENTS // block_dv, tile)),
+        BLOCK_JK=tile_tokens(dim_k, keep),
+        BLOCK_JV=tile_tokens(dim_v, keep),
         BLOCK_DK=block_dk,
         BLOCK_DV=block_dv,
         HAS_ACTIVE=active is not None,

@@ -46,8 +46,7 @@ class ViewShape:
 
     def live_columns(self, num_columns: int, compressed: torch.Tensor) -> torch.Tensor:
         """``[R, num_columns]`` logical column read by each physical column, for requests with
-        ``compressed[r]`` partitions compressed. Columns past a request's length are don't-care
-        (clamped), the sequence lengths stop attention before them."""
+        ``compressed[r]`` partitions compressed (columns past a request's length: clamped)."""
         phys = torch.arange(num_columns, device=compressed.device)[None, :]
         done = ((phys - self.sink_blocks).clamp(min=0) // self.keep_blocks).clamp(
             max=compressed[:, None]

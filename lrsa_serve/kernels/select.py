@@ -8,9 +8,9 @@ two over grid ``(R * H, 2 [K, V] * layers, splits)``: splitting the L tokens of 
 keeps the GPU busy when R is small (decode batch 1), and with R large there is one split and
 each launch reads its partition once.
 
-1. ``_range_kernel``: per-channel min/max over a slice of partition p+1's tokens (partial ranges;
-   min/max are exact, so combining them in any order is exact).
-2. ``_spread_kernel``: combine the partial ranges, then ``std`` over channels of the min-max
+1. ``_channels_kernel`` with ``RANGES``: per-channel min/max over a slice of partition p+1's
+   tokens (partial ranges; min/max are exact, so combining them in any order is exact).
+2. ``_channels_kernel``: combine the partial ranges, then ``std`` over channels of the min-max
    normalised tokens of a slice of partition p -> ``spread[R, H, 2, L]`` float32.
 3. ``_top_keep_kernel``, grid ``(R * H,)``: softmax of both spreads, ``score = s_K + ratio * s_V``
    in float32, then an exact top-``keep``: the keep-th largest score is found by a radix search
@@ -48,10 +48,6 @@ _ZERO_SPAN_EPS = tl.constexpr(ZERO_SPAN_EPS)
 # out of local memory while a tile still moves 8 KB (bf16) per load.
 TILE_ELEMENTS = 4096
 SPREAD_WARPS = 8
-TOPK_WARPS: int | None = None  # None: by L
-# False prices the exact arithmetic in benchmarks/kernels.py; selections then may differ from
-# the reference in more than near-ties. Always True in serving.
-EXACT_SPREAD = True
 # Most token slices per (request, head, K/V) when R is small.
 MAX_SPLITS = 16
 
@@ -81,62 +77,15 @@ def _load_tile(
 
 
 @triton.jit
-def _channel_range(
+def _channel_pass(
     cache_ptr,
     stride_blk,
     stride_head,
     stride_tok,
     stride_dim,
-    ref_row_ptr,
-    out_ptr,
-    head,
-    tok_begin,
-    tok_end,
-    D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    RANGE_W: tl.constexpr,
-):
-    """Per-channel min and max over tokens [tok_begin, tok_end) of partition p+1: the min at
-    out[:D], the max at out[RANGE_W:RANGE_W + D]."""
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < D
-    head_off = head.to(tl.int64) * stride_head
-    dim_off = dims[None, :] * stride_dim
-    # Elementwise running min/max, reduced across tokens once at the end: a cross-warp reduction
-    # per tile would put a shared-memory round trip and a barrier into every iteration.
-    lo = tl.full([BLOCK_T, BLOCK_D], float("inf"), tl.float32)
-    hi = tl.full([BLOCK_T, BLOCK_D], float("-inf"), tl.float32)
-    x_next = _load_tile(
-        cache_ptr, ref_row_ptr, tok_begin, tok_end, head_off, stride_blk, stride_tok, dim_off,
-        dim_ok, BLOCK_SIZE, BLOCK_T,
-    )  # fmt: skip
-    for start in range(tok_begin, tok_end, BLOCK_T):
-        x = x_next.to(tl.float32)
-        x_next = _load_tile(
-            cache_ptr, ref_row_ptr, start + BLOCK_T, tok_end, head_off, stride_blk, stride_tok,
-            dim_off, dim_ok, BLOCK_SIZE, BLOCK_T,
-        )  # fmt: skip
-        ok = ((start + tl.arange(0, BLOCK_T)) < tok_end)[:, None] & dim_ok[None, :]
-        lo = tl.minimum(lo, tl.where(ok, x, float("inf")))
-        hi = tl.maximum(hi, tl.where(ok, x, float("-inf")))
-    lo = tl.min(lo, axis=0)
-    hi = tl.max(hi, axis=0)
-    tl.store(out_ptr + dims, lo)
-    tl.store(out_ptr + RANGE_W + dims, hi)
-
-
-@triton.jit
-def _channel_spread(
-    cache_ptr,
-    stride_blk,
-    stride_head,
-    stride_tok,
-    stride_dim,
-    part_row_ptr,
+    row_ptr,
     range_ptr,
-    out_ptr,
+    spread_ptr,
     head,
     splits,
     tok_begin,
@@ -146,42 +95,53 @@ def _channel_spread(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     RANGE_W: tl.constexpr,
-    EXACT: tl.constexpr,
+    RANGES: tl.constexpr,
 ):
-    """std over channels of (x - min) / span for tokens [tok_begin, tok_end) of partition p,
-    the range being the min/max of the per-split partial ranges at range_ptr."""
+    """Tokens [tok_begin, tok_end) of the partition whose block ids are at row_ptr. RANGES: their
+    per-channel min and max (partition p+1), the min at range_ptr[:D], the max at
+    range_ptr[RANGE_W:RANGE_W + D]. Else: std over channels of (x - min) / span (partition p) into
+    spread_ptr, the range being the min/max of the ``splits`` partial ranges at range_ptr."""
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
     head_off = head.to(tl.int64) * stride_head
     dim_off = dims[None, :] * stride_dim
-
-    # min/max are exact, so combining the splits' partial ranges in any order is exact.
-    lo = tl.full([BLOCK_D], float("inf"), tl.float32)
-    hi = tl.full([BLOCK_D], float("-inf"), tl.float32)
-    for split in range(splits):
-        lo = tl.minimum(lo, tl.load(range_ptr + split * 2 * RANGE_W + dims))
-        hi = tl.maximum(hi, tl.load(range_ptr + split * 2 * RANGE_W + RANGE_W + dims))
-    span = hi - lo
-    span = tl.where(span == 0, _ZERO_SPAN_EPS, span)
-    span = tl.where(dim_ok, span, 1.0)  # padded channels: keep them finite, they are masked below
-    lo = tl.where(dim_ok, lo, 0.0)
+    if RANGES:
+        # Elementwise running min/max, reduced across tokens once at the end: a cross-warp
+        # reduction per tile would put a shared-memory round trip and a barrier into every
+        # iteration.
+        lo = tl.full([BLOCK_T, BLOCK_D], float("inf"), tl.float32)
+        hi = tl.full([BLOCK_T, BLOCK_D], float("-inf"), tl.float32)
+    else:
+        # min/max are exact, so combining the splits' partial ranges in any order is exact.
+        lo = tl.full([BLOCK_D], float("inf"), tl.float32)
+        hi = tl.full([BLOCK_D], float("-inf"), tl.float32)
+        for split in range(splits):
+            lo = tl.minimum(lo, tl.load(range_ptr + split * 2 * RANGE_W + dims))
+            hi = tl.maximum(hi, tl.load(range_ptr + split * 2 * RANGE_W + RANGE_W + dims))
+        span = hi - lo
+        span = tl.where(span == 0, _ZERO_SPAN_EPS, span)
+        span = tl.where(dim_ok, span, 1.0)  # padded channels: keep them finite, masked below
+        lo = tl.where(dim_ok, lo, 0.0)
 
     x_next = _load_tile(
-        cache_ptr, part_row_ptr, tok_begin, tok_end, head_off, stride_blk, stride_tok, dim_off,
-        dim_ok, BLOCK_SIZE, BLOCK_T,
+        cache_ptr, row_ptr, tok_begin, tok_end, head_off, stride_blk, stride_tok, dim_off, dim_ok,
+        BLOCK_SIZE, BLOCK_T,
     )  # fmt: skip
     for start in range(tok_begin, tok_end, BLOCK_T):
         x = x_next.to(tl.float32)
         # The next tile's loads are issued before this tile's arithmetic (the spread is nearly
         # compute-bound): two tiles in flight per program instead of one.
         x_next = _load_tile(
-            cache_ptr, part_row_ptr, start + BLOCK_T, tok_end, head_off, stride_blk, stride_tok,
+            cache_ptr, row_ptr, start + BLOCK_T, tok_end, head_off, stride_blk, stride_tok,
             dim_off, dim_ok, BLOCK_SIZE, BLOCK_T,
         )  # fmt: skip
         toks = start + tl.arange(0, BLOCK_T)
         tok_ok = toks < tok_end
         ok = tok_ok[:, None] & dim_ok[None, :]
-        if EXACT:
+        if RANGES:
+            lo = tl.minimum(lo, tl.where(ok, x, float("inf")))
+            hi = tl.maximum(hi, tl.where(ok, x, float("-inf")))
+        else:
             # Same float32 ops as torch: (x - lo) then an IEEE division.
             z = tl.div_rn(x - lo[None, :], span[None, :])
             z = tl.where(ok, z.to(tl.float64), 0.0)
@@ -190,14 +150,10 @@ def _channel_spread(
             mean = tl.sum(z, axis=1) / D
             dev = tl.where(ok, z - mean[:, None], 0.0)
             std = tl.sqrt(tl.sum(dev * dev, axis=1) / (D - 1))
-        else:
-            # Benchmark-only variant: float32 two-pass and approximate division, to price the
-            # exact path. Not bitwise torch's; never used by select_kept's callers.
-            z = tl.where(ok, (x - lo[None, :]) / span[None, :], 0.0)
-            mean = tl.sum(z, axis=1) / D
-            dev = tl.where(ok, z - mean[:, None], 0.0)
-            std = tl.sqrt(tl.sum(dev * dev, axis=1) / (D - 1))
-        tl.store(out_ptr + toks, std.to(tl.float32), mask=tok_ok)
+            tl.store(spread_ptr + toks, std.to(tl.float32), mask=tok_ok)
+    if RANGES:
+        tl.store(range_ptr + dims, tl.min(lo, axis=0))
+        tl.store(range_ptr + RANGE_W + dims, tl.max(hi, axis=0))
 
 
 @triton.jit
@@ -210,7 +166,7 @@ def layer_shift(layer_ptr, layer, LAYERED: tl.constexpr):
 
 
 @triton.jit
-def _range_kernel(
+def _channels_kernel(
     k_ptr,
     k_stride_blk,
     k_stride_head,
@@ -221,93 +177,8 @@ def _range_kernel(
     v_stride_head,
     v_stride_tok,
     v_stride_dim,
-    ref_ptr,
-    ref_stride_req,
-    range_ptr,
-    active_ptr,
-    layer_ptr,
-    num_heads,
-    split_tokens,
-    L: tl.constexpr,
-    DK: tl.constexpr,
-    DV: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    BLOCK_TK: tl.constexpr,
-    BLOCK_TV: tl.constexpr,
-    BLOCK_DK: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    RANGE_W: tl.constexpr,
-    HAS_ACTIVE: tl.constexpr,
-    LAYERED: tl.constexpr,
-):
-    req_head = tl.program_id(0)
-    which = tl.program_id(1) % 2  # 0: keys, 1: values
-    layer = tl.program_id(1) // 2
-    split = tl.program_id(2)
-    req = req_head // num_heads
-    if HAS_ACTIVE:  # rows without a partition to compress this step do nothing
-        if tl.load(active_ptr + req) == 0:
-            return
-    head = req_head % num_heads
-    shift = layer_shift(layer_ptr, layer, LAYERED)
-    tok_begin = split * split_tokens
-    tok_end = tl.minimum(tok_begin + split_tokens, L)
-    ref_row = ref_ptr + req.to(tl.int64) * ref_stride_req
-    row = layer.to(tl.int64) * tl.num_programs(0) + req_head
-    slot = (row * 2 + which) * tl.num_programs(2) + split
-    out = range_ptr + slot * 2 * RANGE_W
-    if which == 0:
-        _channel_range(
-            k_ptr + shift,
-            k_stride_blk,
-            k_stride_head,
-            k_stride_tok,
-            k_stride_dim,
-            ref_row,
-            out,
-            head,
-            tok_begin,
-            tok_end,
-            DK,
-            BLOCK_SIZE,
-            BLOCK_TK,
-            BLOCK_DK,
-            RANGE_W,
-        )
-    else:
-        _channel_range(
-            v_ptr + shift,
-            v_stride_blk,
-            v_stride_head,
-            v_stride_tok,
-            v_stride_dim,
-            ref_row,
-            out,
-            head,
-            tok_begin,
-            tok_end,
-            DV,
-            BLOCK_SIZE,
-            BLOCK_TV,
-            BLOCK_DV,
-            RANGE_W,
-        )
-
-
-@triton.jit
-def _spread_kernel(
-    k_ptr,
-    k_stride_blk,
-    k_stride_head,
-    k_stride_tok,
-    k_stride_dim,
-    v_ptr,
-    v_stride_blk,
-    v_stride_head,
-    v_stride_tok,
-    v_stride_dim,
-    part_ptr,
-    part_stride_req,
+    blocks_ptr,
+    blocks_stride_req,
     range_ptr,
     spread_ptr,
     active_ptr,
@@ -323,10 +194,12 @@ def _spread_kernel(
     BLOCK_DK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     RANGE_W: tl.constexpr,
-    EXACT: tl.constexpr,
     HAS_ACTIVE: tl.constexpr,
     LAYERED: tl.constexpr,
+    RANGES: tl.constexpr,
 ):
+    """``_channel_pass`` of one (request * head, K/V + 2 * layer, split): RANGES over the
+    reference partition's blocks, else the spread over the scored partition's."""
     req_head = tl.program_id(0)
     which = tl.program_id(1) % 2  # 0: keys, 1: values
     layer = tl.program_id(1) // 2
@@ -340,52 +213,24 @@ def _spread_kernel(
     shift = layer_shift(layer_ptr, layer, LAYERED)
     tok_begin = split * split_tokens
     tok_end = tl.minimum(tok_begin + split_tokens, L)
-    part_row = part_ptr + req.to(tl.int64) * part_stride_req
+    blocks_row = blocks_ptr + req.to(tl.int64) * blocks_stride_req
     row = layer.to(tl.int64) * tl.num_programs(0) + req_head
     ranges = range_ptr + (row * 2 + which) * splits * 2 * RANGE_W
+    if RANGES:  # this split's partial range
+        ranges += split * 2 * RANGE_W
     out = spread_ptr + (row * 2 + which) * L
     if which == 0:
-        _channel_spread(
-            k_ptr + shift,
-            k_stride_blk,
-            k_stride_head,
-            k_stride_tok,
-            k_stride_dim,
-            part_row,
-            ranges,
-            out,
-            head,
-            splits,
-            tok_begin,
-            tok_end,
-            DK,
-            BLOCK_SIZE,
-            BLOCK_TK,
-            BLOCK_DK,
-            RANGE_W,
-            EXACT,
-        )
+        _channel_pass(
+            k_ptr + shift, k_stride_blk, k_stride_head, k_stride_tok, k_stride_dim, blocks_row,
+            ranges, out, head, splits, tok_begin, tok_end, DK, BLOCK_SIZE, BLOCK_TK, BLOCK_DK,
+            RANGE_W, RANGES,
+        )  # fmt: skip
     else:
-        _channel_spread(
-            v_ptr + shift,
-            v_stride_blk,
-            v_stride_head,
-            v_stride_tok,
-            v_stride_dim,
-            part_row,
-            ranges,
-            out,
-            head,
-            splits,
-            tok_begin,
-            tok_end,
-            DV,
-            BLOCK_SIZE,
-            BLOCK_TV,
-            BLOCK_DV,
-            RANGE_W,
-            EXACT,
-        )
+        _channel_pass(
+            v_ptr + shift, v_stride_blk, v_stride_head, v_stride_tok, v_stride_dim, blocks_row,
+            ranges, out, head, splits, tok_begin, tok_end, DV, BLOCK_SIZE, BLOCK_TV, BLOCK_DV,
+            RANGE_W, RANGES,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -458,7 +303,8 @@ def _top_keep_kernel(
     tl.store(kept_ptr + layer_row * KEEP + slot, toks.to(tl.int64), mask=kept)
 
 
-def _tile_tokens(head_dim: int, length: int) -> int:
+def tile_tokens(head_dim: int, length: int) -> int:
+    """Rows of one [rows, head_dim] tile of at most ``TILE_ELEMENTS``, no more than ``length``."""
     block_d = triton.next_power_of_2(head_dim)
     return max(1, min(TILE_ELEMENTS // block_d, triton.next_power_of_2(length)))
 
@@ -468,13 +314,13 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _default_splits(device: torch.device, programs: int, length: int, tile_tokens: int) -> int:
+def _default_splits(device: torch.device, programs: int, length: int, tile_rows: int) -> int:
     """Token slices per (request, head, K/V): enough programs for two waves over the SMs."""
     if device.type != "cuda":
         return 1
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     want = triton.next_power_of_2(triton.cdiv(2 * sms, programs))
-    return max(1, min(want, MAX_SPLITS, triton.cdiv(length, tile_tokens)))
+    return max(1, min(want, MAX_SPLITS, triton.cdiv(length, tile_rows)))
 
 
 def select_kept(
@@ -493,9 +339,8 @@ def select_kept(
 ) -> torch.Tensor:
     """Top-``keep`` tokens of each partition per KV head, scored against its successor.
 
-    key_cache, value_cache: ``[num_blocks, num_kv_heads, block_size, head_dim]`` views, any
-    strides. part_blocks, ref_blocks: ``[R, L / block_size]`` integer block ids. Returns
-    ``[R, num_kv_heads, keep]`` int64, increasing. ``num_splits`` overrides how many token slices
+    Caches and block ids as in ``naive.py`` (any strides). Returns ``[R, num_kv_heads, keep]``
+    int64, increasing. ``num_splits`` overrides how many token slices
     each (request, head) is scored in; ``out`` (contiguous int64) receives the result;
     ``scores_out`` (``[R, H, L]`` float32), when given, receives the scores the selection was
     made from (for tests). ``active`` (``[R]`` int32 on the device): only rows with a non-zero
@@ -528,7 +373,7 @@ def select_kept(
     ref_blocks = ref_blocks.contiguous()
     spread = torch.empty(layers, requests, num_heads, 2, length, dtype=torch.float32, device=device)
 
-    tile_k, tile_v = _tile_tokens(dim_k, length), _tile_tokens(dim_v, length)
+    tile_k, tile_v = tile_tokens(dim_k, length), tile_tokens(dim_v, length)
     programs = requests * num_heads * 2
     # With a mask the launch may sit in a captured graph, compiled before capture: one split,
     # so the kernels' arguments (and Triton's specialisation) do not depend on the row count.
@@ -555,34 +400,22 @@ def select_kept(
     active_arg = active if has_active else part_blocks  # never read without HAS_ACTIVE
     flags = dict(HAS_ACTIVE=has_active, LAYERED=layer_offsets is not None)
     layer_arg = layer_offsets if layer_offsets is not None else part_blocks  # read if LAYERED
-    _range_kernel[grid](
-        *strides,
-        ref_blocks,
-        ref_blocks.stride(0),
-        ranges,
-        active_arg,
-        layer_arg,
-        num_heads,
-        split_tokens,
-        **shapes,
-        **flags,
-        num_warps=SPREAD_WARPS,
-    )
-    _spread_kernel[grid](
-        *strides,
-        part_blocks,
-        part_blocks.stride(0),
-        ranges,
-        spread,
-        active_arg,
-        layer_arg,
-        num_heads,
-        split_tokens,
-        **shapes,
-        EXACT=EXACT_SPREAD,
-        **flags,
-        num_warps=SPREAD_WARPS,
-    )
+    for ranges_pass, blocks in ((True, ref_blocks), (False, part_blocks)):
+        _channels_kernel[grid](
+            *strides,
+            blocks,
+            blocks.stride(0),
+            ranges,
+            spread,
+            active_arg,
+            layer_arg,
+            num_heads,
+            split_tokens,
+            **shapes,
+            **flags,
+            RANGES=ranges_pass,
+            num_warps=SPREAD_WARPS,
+        )
     if scores_out is not None:
         assert scores_out.shape == (*lead, requests, num_heads, length)
         assert scores_out.dtype == torch.float32 and scores_out.is_contiguous()
@@ -598,7 +431,7 @@ def select_kept(
         BLOCK_L=triton.next_power_of_2(length),
         WRITE_SCORES=scores_out is not None,
         HAS_ACTIVE=has_active,
-        num_warps=TOPK_WARPS or (8 if length >= 1024 else 4),
+        num_warps=8 if length >= 1024 else 4,
         # torch rounds ratio * s_V, then the sum: no fused multiply-add.
         enable_fp_fusion=False,
     )

@@ -1,8 +1,5 @@
-"""``lrsa pipeline``: train -> export -> serve -> eval -> report in one command.
-
-``cli`` is the command and its flow; ``config`` the YAML schema; ``processes`` the trainers and
-servers it starts and always stops; ``stages`` what each step does; ``report`` the Markdown report.
-"""
+"""``lrsa pipeline``: train -> export -> serve -> eval -> report in one command (its modules:
+docs/architecture.md)."""
 
 from lrsa_serve.pipeline.cli import run_pipeline
 from lrsa_serve.pipeline.config import PipelineConfig, load_config

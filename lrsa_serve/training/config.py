@@ -31,11 +31,7 @@ class ModelConfig:
     path: str | None = None  # local HF folder; None = the project's default model
     gguf_file: str | None = None  # load weights from this GGUF inside ``path``
     attention: str = "lrsa"  # "lrsa" (the LagKV mask) or "dense" (vanilla SDPA, for comparison)
-    # The LRSA attention's kernel. "auto": on CUDA the varlen call on FlashAttention-4 from 8K
-    # tokens where installed, else FlashAttention-2 (the memory-efficient kernel for float32); on
-    # CPU the exact dense masked reference. Naming one (fa4, flash, efficient, math = plain torch)
-    # pins it on any device, e.g. to train the same way with and without flash-attn-4 installed.
-    lrsa_kernel: str = "auto"
+    lrsa_kernel: str = "auto"  # the LRSA attention's kernel (dispatch.set_kernel, --lrsa-kernel)
     gradient_checkpointing: bool = True
     # torch.compile the decoder layers (model.compile_layers); None = on CUDA only. Measured on
     # the H100 (docs/training.md): +32% LRSA / +22% dense tokens/s on a 0.5B model at 32K.

@@ -136,8 +136,6 @@ class Trainer:
         model: torch.nn.Module | None = None,
         tokenizer: Any = None,
         runtime: Runtime | None = None,
-        train_examples: list[TokenizedExample] | None = None,
-        eval_examples: list[TokenizedExample] | None = None,
     ) -> None:
         self.job = job.validate()
         self.runtime = runtime or init_runtime()
@@ -149,8 +147,8 @@ class Trainer:
         if model is None or tokenizer is None:
             path = path or resolve_model(None)
         self.tokenizer = tokenizer or load_tokenizer(path, job.model.gguf_file)
-        self.train_examples, self.train_stats = self._dataset(train_examples, "train")
-        self.eval_examples, _ = self._dataset(eval_examples, "eval")
+        self.train_examples, self.train_stats = self._dataset("train")
+        self.eval_examples, _ = self._dataset("eval")
         self.pad_id = data_mod.pad_token_id(self.tokenizer)
         self.plan = data_mod.BatchPlan(
             [len(e) for e in self.train_examples], job.data.batch_size, job.train.seed
@@ -175,13 +173,9 @@ class Trainer:
         self.metrics_path = self.out_dir / "metrics.jsonl"
 
     # ---- data ----
-    def _dataset(
-        self, given: list[TokenizedExample] | None, split: str
-    ) -> tuple[list[TokenizedExample], data_mod.DataStats]:
+    def _dataset(self, split: str) -> tuple[list[TokenizedExample], data_mod.DataStats]:
         d = self.job.data
-        if given is not None:
-            examples = given
-        elif d.source == "synthetic" and (split == "train" or d.eval_source is None):
+        if d.source == "synthetic" and (split == "train" or d.eval_source is None):
             count = d.synthetic_examples if split == "train" else d.synthetic_eval_examples
             examples = data_mod.synthetic_examples(
                 self.tokenizer,

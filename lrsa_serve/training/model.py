@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.errors import UserError
 from lrsa_serve.training.attention import dispatch, replay
-from lrsa_serve.training.attention.dispatch import lrsa_forward_logits, use_lrsa
+from lrsa_serve.training.attention.dispatch import use_lrsa
 
 # Families whose attention goes through transformers' AttentionInterface with GQA K/V shapes
 # (checked: Llama, Qwen2, Mistral); others may work but are not tested.
@@ -82,16 +82,14 @@ def prepare_for_training(
     model.train()
 
 
-def compile_layers(model: PreTrainedModel) -> int:
+def compile_layers(model: PreTrainedModel) -> None:
     """``torch.compile`` every decoder layer in place, so the pointwise glue around the matmuls
     (norms with their fp32 upcast, RoPE, the gated MLP, residuals) fuses instead of making one
     pass over a long activation per op; the LRSA attention is one opaque node of that graph
     (the custom op ``lrsa::varlen``; its other paths run eagerly behind a graph break). Layers
-    share one graph; lengths become dynamic after the first new one. Returns how many layers."""
-    layers = decoder_layers(model)
-    for layer in layers:
+    share one graph; lengths become dynamic after the first new one."""
+    for layer in decoder_layers(model):
         layer.compile()
-    return len(layers)
 
 
 def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
@@ -111,15 +109,3 @@ def parallelize(model: PreTrainedModel, world_size: int) -> PreTrainedModel:
         fully_shard(layer)
     fully_shard(model)  # embeddings, final norm, (tied) LM head
     return model
-
-
-__all__ = [
-    "check_supported",
-    "compile_layers",
-    "load_model",
-    "dispatch",
-    "lrsa_forward_logits",
-    "parallelize",
-    "prepare_for_training",
-    "set_attention",
-]

@@ -1,27 +1,18 @@
 """LRSA training attention: the ``"lrsa"`` attention of transformers and its dispatch.
 
 Registered in transformers' ``AttentionInterface`` as ``"lrsa"`` (no model code copied); the
-settings come from ``model.config.lagkv`` as for ``"lagkv_reference"``. The rule is docs/lagkv.md's:
-per layer and KV head the kept rows of every compressed partition are selected from the layer's
-own post-RoPE K/V under ``no_grad`` (``lagkv.select_all``); gradients reach K/V through the
-gather of the rows each query sees.
+settings and the batches (from position 0, no left padding, no attention mask read) are as for
+``"lagkv_reference"`` (``reference_attention``). The rule is docs/lagkv.md's: per layer and KV
+head the kept rows of every compressed partition are selected from the layer's own post-RoPE K/V
+under ``no_grad`` (``lagkv.select_all``); gradients reach K/V through the gather of the rows each
+query sees.
 
-Dispatch (explicit, never silent):
-
-- CUDA, or any device once ``set_kernel`` names a kernel: ``varlen``: the rule as ONE
-  variable-length dense attention call (FlashAttention-4 or -2 varlen, bottom-right causal per
-  partition item) over gathered key lists, with the selection below (compiled torch; from 32K
-  tokens the serving engine's Triton kernel). Measured fastest on the H100 (docs/training.md).
-  It runs as the custom op ``lrsa::varlen`` (``op``), which a compiled decoder layer traces as
-  one node; float32 queries on CUDA run it eagerly behind a graph break. ``set_kernel("math")``
-  runs the items in plain torch on any device (tests).
-- CPU with the kernel ``auto``: ``reference_attention``'s exact dense masked path; the tests
-  compare the paths.
-- Queries fewer than keys (decoding with a cache) always take the reference path: the items are
-  defined for a whole sequence at once.
-
-Batches: sequences start at position 0; right padding is harmless (causal attention never lets a
-real token see a later pad), so ``attention_mask`` is not consulted. Left padding is not supported.
+Dispatch (explicit, never silent): on CUDA, or on any device once ``set_kernel`` names a kernel,
+the rule as ONE variable-length attention call over gathered key lists (``varlen``; measured
+fastest on the H100, docs/training.md), as the custom op ``lrsa::varlen`` (``op``: one node of a
+compiled decoder layer) where it applies, else eagerly behind a graph break; on CPU with ``auto``,
+``reference_attention``'s exact dense masked path. Queries fewer than keys (decoding with a
+cache) always take the reference path: the items are defined for a whole sequence at once.
 """
 
 from __future__ import annotations
@@ -33,7 +24,7 @@ from lrsa_serve.config import CONFIG_KEY, LagKVConfig, keep_for
 from lrsa_serve.lagkv import Rule
 from lrsa_serve.reference_attention import exact_attention, register, settings_of
 from lrsa_serve.training.attention import op
-from lrsa_serve.training.attention.varlen import KERNELS, check_kernel
+from lrsa_serve.training.attention.varlen import check_kernel
 from lrsa_serve.training.attention.varlen import lrsa_varlen_attention as lrsa_varlen
 
 NAME = "lrsa"
@@ -101,14 +92,7 @@ def _eager_attention(
     return lrsa_varlen(query, key, value, settings_of(module).rule, scaling, kernel=_kernel)
 
 
-lrsa_attention = register(NAME, _lrsa)
-
-
-def use_lrsa(model: PreTrainedModel, cfg: LagKVConfig) -> PreTrainedModel:
-    """Switch a loaded HF model to LRSA attention with these settings."""
-    model.config.lagkv = cfg.model_dump()
-    model.set_attn_implementation(NAME)
-    return model
+use_lrsa = register(NAME, _lrsa)
 
 
 @torch.no_grad()
@@ -135,14 +119,3 @@ def lrsa_forward_logits(
             del model.config.lagkv
         else:
             model.config.lagkv = previous_cfg
-
-
-__all__ = [
-    "KERNELS",
-    "NAME",
-    "lrsa_attention",
-    "lrsa_forward_logits",
-    "lrsa_varlen",
-    "set_kernel",
-    "use_lrsa",
-]

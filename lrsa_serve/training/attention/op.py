@@ -200,6 +200,3 @@ def lrsa_varlen_op(
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     sizes = (rule.sink, rule.lag, rule.keep, float(rule.score_v_ratio))
     return varlen(query, key, value, *sizes, float(scale), kernel)[0]
-
-
-__all__ = ["OP_KERNELS", "items_backward", "items_forward", "lrsa_varlen_op", "op_applies"]

@@ -295,6 +295,3 @@ def pack_rows_backward(
     """``pack_rows``' backward without autograd (for a custom op's own backward): the gradients
     of ``key``/``value`` (of one shape) from those of the packed rows ``[B * Tk, Hkv, D]``."""
     return _unpack_grads(grad_k, grad_v, kept, refs, key.shape, key.dtype, value.dtype)
-
-
-__all__ = ["Refs", "pack_rows", "pack_rows_backward", "refs_for", "slot_of"]

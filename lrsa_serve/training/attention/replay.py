@@ -97,6 +97,3 @@ def remembered(
         )
     memo.replayed += 1
     return kept
-
-
-__all__ = ["SelectionMemo", "checkpoint_contexts", "remembered"]

@@ -3,16 +3,13 @@ or the serving engine's Triton select kernel) and replays it under gradient chec
 
 ``lagkv.select_all`` scores every compressed partition of a sequence in plain torch: a dozen
 elementwise and reduction passes, then a sort (at 32K, 2 KV heads of 64: 0.19 ms of H100 time
-per layer compiled, 0.41 eager). The engine's kernel (``kernels/select.py``) does the same
-selection in three launches for any number of partitions, reading tokens through block ids. A
-training K/V tensor ``[B, Hkv, n, D]`` is such a cache once every token is its own block (block
-size 1): block ``b * step + t`` is token t of sequence b, where ``step`` is the batch stride in
-tokens. Each compressed partition p of sequence b is one "request" whose blocks are its L tokens
-and whose reference blocks are partition p+1's.
-
-The kernel is ``select.py``'s, so the trainer selects with exactly the code that serves; its
-indices equal ``lagkv.select_all``'s up to near-ties in the last ulp (see ``select.py``). It
-takes 0.06 ms per layer there; the trainer uses it from ``TRITON_MIN_LENGTH`` tokens.
+per layer compiled, 0.41 eager; the engine's kernel ``kernels/select.py``: 0.06 ms). That
+kernel reads tokens through block ids, and a training K/V tensor ``[B, Hkv, n, D]`` is such a
+cache once every token is its own block (block size 1): block ``b * step + t`` is token t of
+sequence b, where ``step`` is the batch stride in tokens. Each compressed partition p of
+sequence b is one "request" whose blocks are its L tokens and whose reference blocks are
+partition p+1's. So the trainer selects with exactly the code that serves; its indices equal
+``lagkv.select_all``'s up to near-ties in the last ulp (see ``select.py``).
 """
 
 from __future__ import annotations
@@ -120,14 +117,3 @@ def select_all(key: torch.Tensor, value: torch.Tensor, rule: Rule) -> torch.Tens
     kept = select.select_kept(key_cache, value_cache, part, ref, rule.keep, rule.score_v_ratio)
     kept = kept.view(b, parts, h, rule.keep) + starts[None, :, None, None]
     return kept.transpose(1, 2)
-
-
-__all__ = [
-    "TRITON_MIN_LENGTH",
-    "partition_blocks",
-    "select_all",
-    "select_kept",
-    "selector",
-    "selector_for",
-    "token_blocks",
-]

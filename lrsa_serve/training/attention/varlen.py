@@ -16,20 +16,13 @@ gathered from the layer's K/V (``kept`` from ``lagkv.select_all`` under no_grad)
 reach the raw K/V through the gather (``torch.gather``, or from 32K tokens on CUDA ``pack_rows``:
 one Triton launch forward, exact float32 sums backward).
 
-Kernels (``varlen_attention``):
-
-- ``fa4``: FlashAttention-4's CuTe-DSL varlen kernel (``flash_attn.cute``, the optional
-  ``flash-attn-4`` package; Hopper/Blackwell, fp16/bf16, head dim a multiple of 8 up to 128;
-  GQA native). Same bottom-right causal convention; its own autograd. Used by default where it
-  is installed, for sequences of ``FA4_MIN_LENGTH`` tokens or more: on the H100 it ran a 32K
-  layer's items (fwd+bwd) 1.8x faster than FlashAttention-2 (docs/training.md).
-- ``flash``: ``aten._flash_attention_forward`` with ``cum_seq_q/k`` (CUDA, fp16/bf16, head dim
-  a multiple of 8 up to 256; GQA native). Autograd through the op's own backward.
-- ``efficient``: ``aten._efficient_attention_forward`` with ``cu_seqlens`` and the
-  bottom-right causal mask type (CUDA, also float32; K/V heads repeated for GQA).
-- ``math``: the same items through the plain-torch reference attention
-  (``reference_attention.masked_attention``, each item under its bottom-right causal mask; any
-  device and dtype): what the CPU tests check the layout with, and the kernels' oracle.
+Kernels (``varlen_attention``; where each applies: ``kernel_applies``; ``auto``'s choice:
+``default_kernel``): ``fa4``, FlashAttention-4's CuTe-DSL varlen kernel (the optional
+``flash-attn-4`` package; on the H100 a 32K layer's items ran 1.8x faster than on
+FlashAttention-2, docs/training.md); ``flash``, ``aten._flash_attention_forward``; ``efficient``,
+``aten._efficient_attention_forward`` (K/V heads repeated for GQA); ``math``, each item through
+``reference_attention.masked_attention`` under its bottom-right causal mask: what the CPU tests
+check the layout with, and the kernels' oracle.
 """
 
 from __future__ import annotations
@@ -415,26 +408,3 @@ def lrsa_varlen_attention(
     items = items_of(query, kept, rule)
     k, v = pack_items(key, value, items)
     return varlen_attention(query_rows(query), k, v, items, scale, kernel).view(b, n, hq, d)
-
-
-__all__ = [
-    "KERNELS",
-    "Items",
-    "Packing",
-    "check_kernel",
-    "default_kernel",
-    "attention_dtype",
-    "in_attention_dtype",
-    "kernel_applies",
-    "math_items",
-    "items_of",
-    "key_index",
-    "pack_items",
-    "pack_items_backward",
-    "packer_for",
-    "rows_refs",
-    "packing_for",
-    "query_rows",
-    "lrsa_varlen_attention",
-    "varlen_attention",
-]
