@@ -60,9 +60,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sequences", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument(
+        "--prefix-caching",
+        action="store_true",
+        help="both engines with vLLM's prefix caching on: the prompts share nothing, so this "
+        "measures what caching costs (LagKV: the raw copies its compactions make)",
+    )
     args = parser.parse_args(argv)
     settings = common.settings_from(args)
     flags = common.engine_flags(args, args.context + args.new_tokens + 64)
+    flags["enable_prefix_caching"] = args.prefix_caching
     if args.max_num_batched_tokens:
         flags["max_num_batched_tokens"] = args.max_num_batched_tokens
     prompts = common.token_prompts(args.sequences + 1, args.context, seed=2)
@@ -83,7 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{lagkv_run[key] / vanilla[key]:.2f}x"])  # fmt: skip
     common.print_table(
         f"{args.sequences} x {args.context}-token prompts, {args.new_tokens} new tokens, "
-        f"{args.dtype}, {'eager' if args.enforce_eager else 'compiled'}, {settings.short()}",
+        f"{args.dtype}, {'eager' if args.enforce_eager else 'compiled'}, {settings.short()}"
+        f"{', prefix caching' if args.prefix_caching else ''}",
         ["metric", "vanilla", "lagkv", "lagkv/vanilla"],
         rows,
     )

@@ -21,7 +21,6 @@ import time
 from benchmarks import engine_common as common
 from lrsa_serve.engine.api import default_block_size
 
-MAX_MODEL_LEN = 8192
 # A later turn "found its history" when at least this share of its prompt was cached.
 FOUND = 0.5
 
@@ -34,7 +33,8 @@ def run_turn(llm, request_id: str, prompt: list[int], answer_tokens: int) -> dic
     common.add_requests(llm, {request_id: prompt}, answer_tokens)
     ttft, held, final = None, 0, None
     while engine.has_unfinished_requests():
-        held = common.held_blocks(llm).get(request_id, held)
+        # vLLM suffixes request ids; this request runs alone, so what is held is its own.
+        held = sum(common.held_blocks(llm).values()) or held
         for out in engine.step():
             if ttft is None and out.outputs and out.outputs[0].token_ids:
                 ttft = time.perf_counter() - started
@@ -119,7 +119,10 @@ def main(argv: list[str] | None = None) -> dict:
                                                     "answer_tokens", "conversations",
                                                     "pool_conversations", "seed")},
     }  # fmt: skip
-    flags = common.engine_flags(args, MAX_MODEL_LEN)
+    block = default_block_size()
+    longest = args.document_tokens + args.turns * (args.question_tokens + args.answer_tokens)
+    max_model_len = -(-longest // block) * block  # the pool below must hold one
+    flags = common.engine_flags(args, max_model_len)
     engines = {
         "vanilla + caching": (None, True),
         "LagKV": (settings, False),
@@ -132,9 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
             runs[name] = {"conversation": one_conversation(llm, args, name)}
             print(f"{name}: {runs[name]['conversation']}", flush=True)
 
-    # The pool: what vanilla vLLM needs for this many conversations at their longest.
-    longest = args.document_tokens + args.turns * (args.question_tokens + args.answer_tokens)
-    pool_blocks = args.pool_conversations * -(-longest // default_block_size())
+    # The pool: what vanilla vLLM needs for this many conversations at their longest (and
+    # vLLM's null block).
+    pool_blocks = args.pool_conversations * max_model_len // block + 1
     results["pool_blocks"] = pool_blocks
     for name, engine_settings in (("vanilla + caching", None), ("LagKV + caching", settings)):
         with common.engine(args.model, engine_settings, enable_prefix_caching=True,

@@ -31,7 +31,7 @@ from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.engine import stats
 from lrsa_serve.engine.layout import BlockGeometry
-from lrsa_serve.engine.prefix_cache import HitRule, kept_block_hash
+from lrsa_serve.engine.prefix_cache import HitRule, RawHistory, kept_block_hash
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,6 +88,7 @@ class LagKVManager(FullAttentionManager):
         self.renamed_partitions: dict[str, int] = {}
         self.kept_names: dict[str, dict[int, list[BlockHash]]] = {}
         self.raw_copies: list[tuple[KVCacheBlock, KVCacheBlock]] = []  # (source, copy)
+        self.raw_history = RawHistory(self.block_pool)
         self.hits = HitRule(self.geometry)
         self.resident_total = 0
         self.logical_total = 0
@@ -99,12 +100,15 @@ class LagKVManager(FullAttentionManager):
         self,
         request_id: str,
         num_tokens: int,
+        new_computed_blocks: Sequence[KVCacheBlock],
         *args,
         apply_admission_cap: bool = False,
         **kwargs,
     ) -> int:
         if not apply_admission_cap:
-            return super().get_num_blocks_to_allocate(request_id, num_tokens, *args, **kwargs)
+            return super().get_num_blocks_to_allocate(
+                request_id, num_tokens, new_computed_blocks, *args, **kwargs
+            )
         # Admission: a LagKV sequence of num_tokens never holds more than its peak compressed
         # footprint, so that is what it must find free. It also must not take what the requests
         # admitted before it still need: they fill their peaks one chunk (one partition) per
@@ -114,9 +118,8 @@ class LagKVManager(FullAttentionManager):
         # out of the free pool too) and null columns for the freed tails of compacted partitions.
         peak = self.geometry.peak_blocks(num_tokens)
         self.admitted_peaks[request_id] = peak
-        hit = kwargs["new_computed_blocks"] if "new_computed_blocks" in kwargs else args[0]
-        held = self.held_blocks_now(request_id) + sum(not b.is_null for b in hit)
-        own = max(peak - held, 0) + self._get_num_evictable_blocks(hit)
+        held = self.held_blocks_now(request_id) + sum(not b.is_null for b in new_computed_blocks)
+        own = max(peak - held, 0) + self._get_num_evictable_blocks(new_computed_blocks)
         return own + self.outstanding_blocks(excluding=request_id)
 
     def outstanding_blocks(self, excluding: str | None = None) -> int:
@@ -156,7 +159,9 @@ class LagKVManager(FullAttentionManager):
             cols = self.geometry.evicted_columns(part)
             if cols.stop > len(blocks):
                 break
+            tail = [blocks[c] for c in cols if not blocks[c].is_null]
             self._remove_blocks_in_range(request_id, cols.start, cols.stop)
+            self.raw_history.add(tail)
             freed = part + 1
         self.freed_partitions[request_id] = freed
         if freed > already:
@@ -240,6 +245,7 @@ class LagKVManager(FullAttentionManager):
             request_id, new_computed_blocks, num_local_computed_tokens, num_external_computed_tokens
         )
         # A hit arrives with its compacted partitions' tails already null and their blocks named.
+        self.raw_history.discard(new_computed_blocks)
         compressed = self.hits.compressed(len(new_computed_blocks))
         self.freed_partitions[request_id] = compressed
         self.renamed_partitions[request_id] = compressed
@@ -274,13 +280,23 @@ class LagKVManager(FullAttentionManager):
         requests still need."""
         if self.block_pool.get_num_free_blocks() <= self.outstanding_blocks():
             return False
+        self.raw_history.evict_first(1)
         (copy,) = self.block_pool.get_new_blocks(1)
         self.block_pool.move_block_hashes(block, copy)
+        self.raw_history.add([copy])
         # vLLM retains both ends until the copy has run, then frees them once: the copy goes
         # to the evictable cache under the raw names, the original stays with its request.
         block.ref_cnt += 1
         self.raw_copies.append((block, copy))
         return True
+
+    def allocate_new_blocks(
+        self, request_id: str, num_tokens: int, *args, **kwargs
+    ) -> list[KVCacheBlock]:
+        if self.enable_caching:
+            needed = -(-num_tokens // self.block_size) - len(self.req_to_blocks.get(request_id, ()))
+            self.raw_history.evict_first(needed)
+        return super().allocate_new_blocks(request_id, num_tokens, *args, **kwargs)
 
     def take_pending_cow_copies(self) -> list[tuple[KVCacheBlock, KVCacheBlock]]:
         pending, self.raw_copies = super().take_pending_cow_copies() + self.raw_copies, []

@@ -17,10 +17,13 @@ freed tails stay null), and the raw blocks from partition c on, up to M.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import itertools
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from vllm.v1.core.kv_cache_utils import BlockHash
+from vllm.v1.core.block_pool import BlockPool
+from vllm.v1.core.kv_cache_utils import BlockHash, BlockHashWithGroupId, KVCacheBlock
 
 from lrsa_serve import lagkv
 from lrsa_serve.engine.layout import BlockGeometry
@@ -95,3 +98,52 @@ def kept_block_hash(
     tag = f"lagkv:{rule.sink}:{rule.lag}:{rule.keep}:{rule.score_v_ratio!r}:{geometry.block_size}"
     tag += f":{partition}:{index}"
     return BlockHash(hashlib.sha256(bytes(reference) + tag.encode()).digest())
+
+
+class RawHistory:
+    """Raw blocks of partitions their request has compacted (its freed tails, the copies of the
+    blocks compaction rewrote), cached for hits that end earlier than where the request went.
+
+    A conversation's next turn needs only its state (sink, kept blocks, raw window), and those
+    are freed when the request ends, after the history it released on the way: in vLLM's one
+    LRU free queue the history would outlive the state of every earlier conversation. So when
+    the pool must give up cached blocks, the oldest raw history goes first."""
+
+    def __init__(self, pool: BlockPool) -> None:
+        self.pool = pool
+        # block id -> (block, the name it had when it became history), oldest first
+        self.blocks: OrderedDict[int, tuple[KVCacheBlock, BlockHashWithGroupId]] = OrderedDict()
+
+    def add(self, blocks: Iterable[KVCacheBlock]) -> None:
+        for block in blocks:
+            if block.block_hash is not None:
+                self.blocks[block.block_id] = (block, block.block_hash)
+                self.blocks.move_to_end(block.block_id)
+
+    def discard(self, blocks: Iterable[KVCacheBlock]) -> None:
+        """Blocks a hit took: they are that request's state now."""
+        for block in blocks:
+            self.blocks.pop(block.block_id, None)
+
+    def holds(self, block: KVCacheBlock) -> bool:
+        entry = self.blocks.get(block.block_id)
+        return entry is not None and entry[1] == block.block_hash
+
+    def evict_first(self, count: int) -> None:
+        """Before ``count`` blocks leave the free queue: the cached blocks at its front that are
+        not raw history swap places with the oldest raw history still free."""
+        queue = self.pool.free_block_queue
+        front = itertools.islice(queue.iter_blocks_after(None), count)
+        wanted = sum(b.block_hash is not None and not self.holds(b) for b in front)
+        promoted: list[KVCacheBlock] = []
+        for block_id, (block, name) in list(itertools.islice(self.blocks.items(), 4 * wanted)):
+            if len(promoted) == wanted:
+                break
+            if block.block_hash != name:
+                del self.blocks[block_id]  # reused since: no longer history
+            elif block.ref_cnt == 0:
+                del self.blocks[block_id]
+                promoted.append(block)
+        for block in promoted:
+            queue.remove(block)
+        queue.prepend_n(promoted)
