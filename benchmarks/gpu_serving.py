@@ -3,14 +3,11 @@
     python -m benchmarks.gpu_serving --json out/gpu_serving.json         # every workload
     python -m benchmarks.gpu_serving --scale 0.05 --sequences 4          # a smoke run
 
-Each workload times ``llm.generate`` over the same random-token prompts on both engines. The
-engines run one after the other: one engine serves every selected workload of its model and KV
-pool (after a warm-up generate), then is shut down and its GPU memory freed before the next is
-built. Vanilla is stock ``vllm.LLM`` with vLLM's own defaults (attention backend, compilation,
-CUDA graphs, prefix caching); LagKV is ``make_llm`` with the family's sink/lag/ratio (LagKV picks
-its own backend). Throughput counts prompt + generated tokens. The ``8b-*`` workloads run
-Llama-3.1-8B's shape (``configs/llama-8b-class``) with random weights (``load_format="dummy"``:
-speed does not depend on the values) and no tokenizer: prompts and outputs are token ids.
+What is timed and the results: docs/gpu-serving.md. The engines run one after the other: one
+serves every selected workload of its model and KV pool (after a warm-up generate), then is shut
+down and its GPU memory freed before the next is built. The ``8b-*`` workloads run Llama-3.1-8B's
+shape (``configs/llama-8b-class``) with random weights (``load_format="dummy"``: speed does not
+depend on the values) and no tokenizer: prompts and outputs are token ids.
 """
 
 from __future__ import annotations

@@ -1,23 +1,15 @@
 """Whole-model training throughput: LRSA vs dense SDPA on a randomly initialised ~0.5B Qwen2.
 
-The trainer's own step (``loop.loss_sum`` + backward + clip + its AdamW, fused on CUDA; decoder
-layers compiled on CUDA, ``--compile``) on one sequence of 16K and 32K tokens, bf16 autocast over
-float32 master weights, Qwen2.5-0.5B's shape (24 layers, 896 hidden, 14 q / 2 kv heads of 64, vocab
-151936). The loss is on the last ``--target-tokens`` tokens, as in long-context QA post-training
-(the LM head runs on those positions only). Both with gradient checkpointing (the trainer's
-default) and without.
-
-Also: the share of the step spent in LagKV selection (measured alone on one layer's K/V shape,
-times layers, times 2 with checkpointing if the recompute selects again: ``replay=off``), and
-with ``--floor`` the same step with attention replaced by nothing (each layer passes its queries
-through): what the rest of the model costs. From it, the speedup the mask allows at best: dense
-attention time divided by the mask's visible-pair ratio, plus the rest.
-
-LRSA variants: ``KERNEL[@replay=on|off]``, the trainer's ``--lrsa-kernel`` (``auto``, ``fa4``,
-``flash``, ...); ``replay=off``: the checkpoint recompute selects again instead of replaying the
-forward's selection. E.g. ``--lrsa-variants auto flash``: FlashAttention-4 against -2.
-
     python -m benchmarks.train_model --out train_model.json
+
+The trainer's own step (``loop.loss_sum``, backward, clip, its AdamW; decoder layers compiled on
+CUDA) on one sequence with the loss on its last ``--target-tokens``; the setting and the results:
+docs/training.md ("Whole-model training step"). Also: the share of the step spent in LagKV
+selection (one layer's K/V timed alone, times layers, times 2 when a checkpoint recompute selects
+again), and with ``--floor`` the step with attention replaced by nothing, from which the best
+speedup the mask allows. LRSA variants: ``KERNEL[@replay=on|off]``, the trainer's
+``--lrsa-kernel`` (``auto``, ``fa4``, ``flash``, ...); ``replay=off``: the checkpoint recompute
+selects again instead of replaying the forward's selection.
 """
 
 from __future__ import annotations
