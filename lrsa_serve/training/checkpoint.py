@@ -63,7 +63,7 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     keep: int,
     rank: int,
-) -> Path:
+) -> None:
     from torch.distributed.checkpoint import save
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -86,7 +86,6 @@ def save_checkpoint(
         for path in older[: max(0, len(older) - (keep - 1))]:
             shutil.rmtree(path, ignore_errors=True)
     _barrier()
-    return final
 
 
 def load_checkpoint(
@@ -114,7 +113,7 @@ def export_hf(
     lagkv: LagKVConfig | None,
     dtype: torch.dtype,
     rank: int,
-) -> Path | None:
+) -> None:
     """Write an HF checkpoint (safetensors, tokenizer, config.json with "lagkv") into out_dir.
 
     All ranks take part in gathering the full state dict; rank 0 writes. The result loads with
@@ -128,7 +127,7 @@ def export_hf(
     state = get_model_state_dict(model, options=options)
     if rank != 0:
         _barrier()
-        return None
+        return
     state = {name: tensor.detach().to("cpu", dtype) for name, tensor in state.items()}
     if getattr(model.config, "tie_word_embeddings", False):
         # FSDP's full state dict names a tied weight twice; the checkpoint stores it once, as
@@ -161,4 +160,3 @@ def export_hf(
         item.replace(out_dir / item.name)
     partial.rmdir()
     _barrier()
-    return out_dir

@@ -88,8 +88,6 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = False
     export_dtype: str = "float32"  # float32 keeps the trained weights exactly
-    export: bool = True  # write the HF checkpoint into out_dir at the end
-    save_final: bool = True  # resumable checkpoint at the last step (experiments may skip it)
     progress: bool = True  # tqdm bar on rank 0
 
 

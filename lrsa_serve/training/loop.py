@@ -364,7 +364,7 @@ class Trainer:
                 scores = self.evaluate()
                 self.log({"step": self.step, **scores})
                 last.update(scores)
-            if (final and t.save_final) or (t.save_every and self.step % t.save_every == 0):
+            if final or (t.save_every and self.step % t.save_every == 0):
                 ckpt.save_checkpoint(
                     self.out_dir,
                     self.step,
@@ -375,15 +375,8 @@ class Trainer:
                     self.runtime.rank,
                 )
         bar.close()
-        if t.export:
-            self.export()
-        return last
-
-    def export(self) -> Path | None:
         lagkv = self.job.lagkv if self.job.model.attention == "lrsa" else None
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.job.train.export_dtype]
-        out = ckpt.export_hf(
-            self.model, self.tokenizer, self.out_dir, lagkv, dtype, self.runtime.rank
-        )
+        ckpt.export_hf(self.model, self.tokenizer, self.out_dir, lagkv, dtype, self.runtime.rank)
         self.log({"event": "export", "step": self.step, "dir": str(self.out_dir)})
-        return out
+        return last
