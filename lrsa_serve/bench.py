@@ -234,13 +234,8 @@ def run(args: argparse.Namespace) -> int:
         results = {name: Path(args.from_json) / f"{BENCHMARKS[name]}.json" for name in names}
     else:
         results = {name: run_benchmark(args, name, out) for name in names}
-    plt = pyplot()
+    plt = pyplot("lrsa bench")
     if plt is None:
-        print(
-            "lrsa bench: matplotlib is not installed; plots skipped (pip install "
-            "'lrsa-serve[eval]')",
-            file=sys.stderr,
-        )
         return 0
     for name, json_path in results.items():
         png = PLOTTERS[name](plt, load_results(json_path), out / f"{BENCHMARKS[name]}.png")

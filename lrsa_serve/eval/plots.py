@@ -12,11 +12,17 @@ from typing import Any
 from lrsa_serve.eval.runner import EvalRun, cells, lookup
 
 
-def pyplot() -> Any | None:
-    """matplotlib.pyplot on the Agg backend (no display needed), or None if not installed."""
+def pyplot(command: str) -> Any | None:
+    """matplotlib.pyplot on the Agg backend (no display needed); None if it is not installed, said
+    on stderr as ``command``."""
     try:
         import matplotlib
     except ModuleNotFoundError:
+        print(
+            f"{command}: matplotlib is not installed; plots skipped (pip install "
+            "'lrsa-serve[eval]')",
+            file=sys.stderr,
+        )
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -123,13 +129,8 @@ def accuracy_by_task(plt: Any, run: EvalRun, path: Path) -> Path | None:
 
 def draw_all(run: EvalRun, out_dir: Path) -> dict[str, Path]:
     """Every plot that has something to show, as ``out_dir/NAME.png``, by name."""
-    plt = pyplot()
+    plt = pyplot("lrsa eval")
     if plt is None:
-        print(
-            "lrsa eval: matplotlib is not installed; plots skipped (pip install "
-            "'lrsa-serve[eval]')",
-            file=sys.stderr,
-        )
         return {}
     drawn = {
         draw.__name__: draw(plt, run, out_dir / f"{draw.__name__}.png")
