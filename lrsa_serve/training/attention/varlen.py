@@ -1,28 +1,18 @@
 """LRSA training attention as ONE variable-length (varlen) dense attention call.
 
-The rule (``docs/lagkv.md``) per query partition is plain attention over a short key list:
-a query at t in partition ``q = w(t)`` sees
-
-    [sink ; kept(0) ; ... ; kept(q-2) ; raw partition q-1 ; raw partition q up to t]
-
-and the queries of the first ``S + 2L`` positions see the plain causal prefix. So the sequence
-is cut into "items": item 0 = queries ``[0, min(n, S+2L))`` over the same keys, causal; item q
-(q >= 2) = the queries of partition q (the last one may be short) over the key list above. In
-every item the query block is the END of its key list, so the rule inside an item is exactly
-causal attention aligned bottom-right (query i of lq sees keys ``<= lk - lq + i``). That is
-FlashAttention-2's varlen causal mode: one kernel launch over all items, no mask, no LSE merge,
-and only the visible pairs are computed (up to tile rounding). The keys of each item are
-gathered from the layer's K/V (``kept`` from ``lagkv.select_all`` under no_grad); gradients
-reach the raw K/V through the gather (``torch.gather``, or from 32K tokens on CUDA ``pack_rows``:
-one Triton launch forward, exact float32 sums backward).
+The sequence is cut into "items" (docs/lagkv.md, "How the trainer computes it"): the first
+``S + 2L`` queries over the same keys, causal, then the queries of each partition q >= 2 over
+``[sink ; kept(0..q-2) ; raw partition q-1 ; raw partition q up to t]``. The query block is the
+END of its key list, so inside an item the rule is causal attention aligned bottom-right (query i
+of lq sees keys ``<= lk - lq + i``): one varlen causal launch over all items, no mask, only the
+visible pairs computed. Each item's keys are gathered from the layer's K/V (``pack_items``), the
+way gradients reach them.
 
 Kernels (``varlen_attention``; where each applies: ``kernel_applies``; ``auto``'s choice:
-``default_kernel``): ``fa4``, FlashAttention-4's CuTe-DSL varlen kernel (the optional
-``flash-attn-4`` package; on the H100 a 32K layer's items ran 1.8x faster than on
-FlashAttention-2, docs/training.md); ``flash``, ``aten._flash_attention_forward``; ``efficient``,
-``aten._efficient_attention_forward`` (K/V heads repeated for GQA); ``math``, each item through
-``reference_attention.masked_attention`` under its bottom-right causal mask: what the CPU tests
-check the layout with, and the kernels' oracle.
+``default_kernel``): ``fa4`` (FlashAttention-4, the optional ``flash-attn-4`` package), ``flash``
+(aten's FlashAttention-2), ``efficient`` (aten's memory-efficient kernel, K/V heads repeated for
+GQA), ``math`` (each item through ``reference_attention.masked_attention``: the CPU tests' path
+and the kernels' oracle).
 """
 
 from __future__ import annotations
