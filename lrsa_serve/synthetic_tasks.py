@@ -44,13 +44,6 @@ def split_seed(seed: int, split: str) -> int:
     return seed + (EVAL_SEED_OFFSET if split == "eval" else 0)
 
 
-def fill_to_length(
-    tokenizer: Tokenizer, head: str, needle: str, tail: str, tokens: int, depth: float
-) -> str:
-    """head + filler with the needle at ``depth`` + tail, about ``tokens`` tokens long."""
-    return fill_with_needles(tokenizer, head, [(depth, needle)], tail, tokens)
-
-
 def passkey(tokenizer: Tokenizer, tokens: int, depth: float, seed: int) -> Example:
     """The LagKV paper's passkey retrieval: a 5-digit number hidden in repeated filler."""
     rng = random.Random(seed)
@@ -61,7 +54,7 @@ def passkey(tokenizer: Tokenizer, tokens: int, depth: float, seed: int) -> Examp
     )
     needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
     tail = "\nWhat is the pass key? The pass key is"
-    prompt = fill_to_length(tokenizer, head, needle, tail, tokens, depth)
+    prompt = fill_with_needles(tokenizer, head, [(depth, needle)], tail, tokens)
     return Example("passkey", prompt, key, tokens, depth, seed)
 
 
