@@ -28,12 +28,9 @@ class ModelError(RuntimeError):
     """Preparing or finding a model failed; the message is one line for the user."""
 
 
-def lrsa_home() -> Path:
-    return Path(os.environ.get("LRSA_HOME", Path.home() / ".cache" / "lrsa-serve")).expanduser()
-
-
 def default_model_dir() -> Path:
-    return lrsa_home() / "models" / DEFAULT_MODEL_NAME
+    home = Path(os.environ.get("LRSA_HOME", Path.home() / ".cache" / "lrsa-serve")).expanduser()
+    return home / "models" / DEFAULT_MODEL_NAME
 
 
 def _log(msg: str) -> None:

@@ -37,10 +37,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def checkpoint_dir(out_dir: Path, step: int) -> Path:
-    return out_dir / "checkpoints" / f"step_{step:06d}"
-
-
 def _step_dirs(root: Path) -> list[Path]:
     """The ``step_N`` folders under ``root``, oldest step first."""
     if not root.is_dir():
@@ -67,7 +63,7 @@ def save_checkpoint(
     from torch.distributed.checkpoint import save
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    final = checkpoint_dir(out_dir, step)
+    final = out_dir / "checkpoints" / f"step_{step:06d}"
     partial = final.with_name(final.name + ".partial")
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
