@@ -13,6 +13,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +146,7 @@ def to_json(run: EvalRun) -> dict[str, Any]:
         "version": JSON_VERSION,
         "config": run.config,
         "targets": [info.to_dict() for info in run.targets],
-        "summary": [cell.to_dict() for cell in cells(run)],
+        "summary": [asdict(cell) for cell in cells(run)],
         "failures": failures(run),
         "items": [result.to_dict() for result in run.results],
     }

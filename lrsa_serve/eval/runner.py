@@ -401,9 +401,6 @@ class Cell:
     exact: float
     failed: int
 
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
 
 def _cell(target: str, task: str, length: int | None, rows: Sequence[ItemResult]) -> Cell:
     n = len(rows)

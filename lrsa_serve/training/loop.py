@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +51,6 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
 
 def init_runtime() -> Runtime:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain ``python`` run is rank 0 of 1."""
@@ -72,7 +68,7 @@ def init_runtime() -> Runtime:
 
 
 def _all_sum(values: list[float], runtime: Runtime) -> list[float]:
-    if not runtime.distributed:
+    if runtime.world_size == 1:
         return values
     tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)
     dist.all_reduce(tensor)
@@ -197,12 +193,6 @@ class Trainer:
             )
         return kept, stats
 
-    def _batch(self, indices: list[int], examples: list[TokenizedExample]) -> dict:
-        batch = data_mod.collate(
-            [examples[i] for i in indices], self.pad_id, self.job.data.pad_multiple
-        )
-        return {name: tensor.to(self.runtime.device) for name, tensor in batch.items()}
-
     # ---- logging ----
     def log(self, record: dict[str, Any]) -> None:
         if self.runtime.is_main:
@@ -265,7 +255,9 @@ class Trainer:
         mine = micro_batches[self.runtime.rank :: self.runtime.world_size]
         loss_total, tokens = 0.0, 0
         for k, indices in enumerate(mine):
-            batch = self._batch(indices, self.train_examples)
+            examples = [self.train_examples[i] for i in indices]
+            batch = data_mod.collate(examples, self.pad_id, self.job.data.pad_multiple)
+            batch = {name: tensor.to(self.runtime.device) for name, tensor in batch.items()}
             if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: sync on the last only
                 self.model.set_requires_gradient_sync(k == len(mine) - 1)
             summed, _ = loss_sum(self.model, batch, self.autocast)
@@ -333,7 +325,7 @@ class Trainer:
         self.resume_if_asked()
         t = self.job.train
         if self.step == 0:
-            self.log({"event": "data", "step": 0, **self.train_stats.to_dict()})
+            self.log({"event": "data", "step": 0, **asdict(self.train_stats)})
             if self.runtime.is_main and self.train_stats.skipped_overlong:
                 print(
                     f"[lrsa train] skipped {self.train_stats.skipped_overlong} over-long examples "
