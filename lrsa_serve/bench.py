@@ -108,21 +108,15 @@ def benchmark_target(args: argparse.Namespace, name: str) -> tuple[list[str], st
     return ["-P", "-m", f"{PACKAGE}.{module}"], f"{module}.py"
 
 
-def benchmark_command(
-    args: argparse.Namespace, name: str, target: list[str], json_path: Path
-) -> list[str]:
-    command = [sys.executable, *target, "--json", str(json_path)]
-    for flag in ("model", "sink", "lag", "ratio", "dtype"):
-        if getattr(args, flag) is not None:
-            command += [f"--{flag}", str(getattr(args, flag))]
-    return command + extra_flags(args, name)
-
-
 def run_benchmark(args: argparse.Namespace, name: str, out: Path) -> Path:
     target, label = benchmark_target(args, name)
     json_path = out / f"{BENCHMARKS[name]}.json"
     json_path.unlink(missing_ok=True)  # never plot a stale file as this run's result
-    command = benchmark_command(args, name, target, json_path)
+    command = [sys.executable, *target, "--json", str(json_path)]
+    for flag in ("model", "sink", "lag", "ratio", "dtype"):
+        if getattr(args, flag) is not None:
+            command += [f"--{flag}", str(getattr(args, flag))]
+    command += extra_flags(args, name)
     print(f"[bench] {' '.join(command[1:])}", flush=True)
     code = subprocess.run(command).returncode
     if code != 0:
