@@ -90,7 +90,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument(
         "--model",
-        default=None,
         help="model of the small-* workloads (default: the prepared default model)",
     )
     parser.add_argument("--dtype", default="bfloat16")
@@ -107,12 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="shrink prompt counts and lengths (lengths no further than "
         "sink + 4 lag, so LagKV still compresses), e.g. 0.05 for a smoke run",
     )
-    parser.add_argument("--sequences", type=int, default=None, help="prompts per workload")
-    parser.add_argument("--max-num-seqs", type=int, default=None, help="default: vLLM's")
-    parser.add_argument(
-        "--gpu-memory-utilization", type=float, default=None, help="default: vLLM's"
-    )
-    parser.add_argument("--json", default=None, help="write every result here")
+    parser.add_argument("--sequences", type=int, help="prompts per workload")
+    parser.add_argument("--max-num-seqs", type=int, help="default: vLLM's")
+    parser.add_argument("--gpu-memory-utilization", type=float, help="default: vLLM's")
+    parser.add_argument("--json", help="write every result here")
     return parser.parse_args(argv)
 
 

@@ -70,7 +70,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--benchmarks-dir",
         type=Path,
-        default=None,
         help="run DIR/engine_memory.py and DIR/engine_throughput.py as scripts instead of the "
         "benchmarks package's modules",
     )
