@@ -155,14 +155,13 @@ def resolve_model(model: str | None) -> str:
     return str(path)
 
 
-def load_tokenizer(path: str, gguf_file: str | None = None) -> Any:
-    """The tokenizer of a local model folder (from ``gguf_file`` in it, if given); one that
-    cannot be loaded is a ModelError in one line."""
+def load_tokenizer(path: str) -> Any:
+    """The tokenizer of a local model folder; one that cannot be loaded is a ModelError in one
+    line."""
     from transformers import AutoTokenizer  # here: transformers imports slowly
 
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        return AutoTokenizer.from_pretrained(path, **kwargs)
+        return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ModelError(
             f"cannot load the tokenizer from {path}: {str(e).splitlines()[0]}"

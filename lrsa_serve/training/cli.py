@@ -74,7 +74,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--log-every", type=int, help="steps between metrics lines (default 1)")
     switch("--resume", "resume", "continue from the last checkpoint in --out")
     p("--seed", type=int, help="data order seed (default 0)")
-    p("--gguf-file", help="load weights from this GGUF file inside MODEL")
     p(
         "--synthetic-examples",
         type=int,

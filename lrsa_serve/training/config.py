@@ -30,7 +30,6 @@ SYNTHETIC_MAX_TOKENS = 8000
 @dataclass
 class ModelConfig:
     path: str | None = None  # local HF folder; None = the project's default model
-    gguf_file: str | None = None  # load weights from this GGUF inside ``path``
     attention: str = "lrsa"  # "lrsa" (the LagKV mask) or "dense" (vanilla SDPA, for comparison)
     lrsa_kernel: str = "auto"  # the LRSA attention's kernel (dispatch.set_kernel, --lrsa-kernel)
     gradient_checkpointing: bool = True

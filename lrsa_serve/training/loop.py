@@ -142,7 +142,7 @@ class Trainer:
         path = job.model.path
         if model is None or tokenizer is None:
             path = path or resolve_model(None)
-        self.tokenizer = tokenizer or load_tokenizer(path, job.model.gguf_file)
+        self.tokenizer = tokenizer or load_tokenizer(path)
         self.train_examples, self.train_stats = self._dataset("train")
         self.eval_examples, _ = self._dataset("eval")
         self.pad_id = data_mod.pad_token_id(self.tokenizer)
@@ -151,7 +151,7 @@ class Trainer:
         )
         self.per_step = job.train.grad_accum * self.runtime.world_size
 
-        model = model or model_mod.load_model(path, job.model.gguf_file)
+        model = model or model_mod.load_model(path)
         model_mod.check_supported(model)
         model_mod.set_attention(model, job.model.attention, job.lagkv, job.model.lrsa_kernel)
         model_mod.prepare_for_training(model, job.model.gradient_checkpointing)
