@@ -115,16 +115,10 @@ def exact_attention(
     for lo in range(0, num_queries, QUERY_BLOCK):
         hi = min(num_queries, lo + QUERY_BLOCK)
         first = num_keys - num_queries + lo
-        visible = lagkv.visibility_mask(first + (hi - lo), kept, rule, query_start=first)
-        outputs.append(
-            masked_attention(
-                query[:, :, lo:hi],
-                key[:, :, : first + hi - lo],
-                value[:, :, : first + hi - lo],
-                visible,
-                scaling,
-            )
-        )
+        end = first + (hi - lo)  # the keys this block's last query sees
+        visible = lagkv.visibility_mask(end, kept, rule, query_start=first)
+        k, v = key[:, :, :end], value[:, :, :end]
+        outputs.append(masked_attention(query[:, :, lo:hi], k, v, visible, scaling))
     out = torch.cat(outputs, dim=1)
     if dropout and module.training:
         out = torch.nn.functional.dropout(out, p=dropout)
