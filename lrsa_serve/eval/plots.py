@@ -78,12 +78,8 @@ def depth_heatmap(plt: Any, run: EvalRun, path: Path) -> Path | None:
     for r in depth_items:
         scores[(r.target, r.item.depth, r.item.length)].append(r.score)
     count = len(run.targets)
-    fig, axes = plt.subplots(
-        1,
-        count,
-        figsize=(1.2 + 1.1 * len(lengths) * count + 0.8 * count, 0.6 * len(depths) + 2),
-        squeeze=False,
-    )
+    width = 1.2 + 1.1 * len(lengths) * count + 0.8 * count
+    fig, axes = plt.subplots(1, count, figsize=(width, 0.6 * len(depths) + 2), squeeze=False)
     image = None
     for k, (ax, info) in enumerate(zip(axes[0], run.targets, strict=True)):
         grid = [[float("nan")] * len(lengths) for _ in depths]
