@@ -175,16 +175,9 @@ def build_targets(args: argparse.Namespace, max_tokens: int) -> list:
 
     if args.base_url:
         api_key = args.api_key or os.environ.get("LRSA_API_KEY")
+        options = dict(api=args.api, model=args.served_model, timeout=args.timeout)
         return [
-            HTTPTarget(
-                url,
-                name=name,
-                api_key=api_key,
-                api=args.api,
-                model=args.served_model,
-                concurrency=args.concurrency,
-                timeout=args.timeout,
-            )
+            HTTPTarget(url, name=name, api_key=api_key, concurrency=args.concurrency, **options)
             for name, url in map(parse_target, args.base_url)
         ]
     from lrsa_serve.engine.api import lagkv_engine_kwargs
