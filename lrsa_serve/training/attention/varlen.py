@@ -236,21 +236,15 @@ def _fa4():
     answering None there would quietly run FlashAttention-2 where FA4 was asked for."""
     try:
         return importlib.import_module("flash_attn.cute")
-    except ModuleNotFoundError as err:
+    except Exception as err:
         # Only the package itself missing means "not installed" (FlashAttention-2 alone is
         # ``flash_attn`` without ``cute``); any other missing module is a broken install.
-        if err.name in ("flash_attn", "flash_attn.cute"):
+        if isinstance(err, ModuleNotFoundError) and err.name in ("flash_attn", "flash_attn.cute"):
             return None
-        raise _fa4_broken(err) from err
-    except Exception as err:
-        raise _fa4_broken(err) from err
-
-
-def _fa4_broken(err: Exception) -> ImportError:
-    return ImportError(
-        "flash-attn-4 (flash_attn.cute) is installed but does not import: "
-        f"{type(err).__name__}: {err}; repair or uninstall the package"
-    )
+        raise ImportError(
+            "flash-attn-4 (flash_attn.cute) is installed but does not import: "
+            f"{type(err).__name__}: {err}; repair or uninstall the package"
+        ) from err
 
 
 def kernel_applies(kernel: str, query: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
