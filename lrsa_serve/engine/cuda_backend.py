@@ -71,7 +71,6 @@ class LagKVCudaImplMixin(LagKVImplMixin):
         attn_metadata.compaction_group.after_layer(layer.layer_name, kv_cache, plan)
 
 
-# ---- FlashAttention --------------------------------------------------------------------------
 @dataclass
 class LagKVFlashMetadata(FlashAttentionMetadata):
     compaction: CompactionPlan | None = None
@@ -91,7 +90,6 @@ LagKVFlashBackend = lagkv_backend(
 )
 
 
-# ---- Triton ----------------------------------------------------------------------------------
 @dataclass
 class LagKVTritonMetadata(TritonAttentionMetadata):
     compaction: CompactionPlan | None = None

@@ -168,7 +168,6 @@ class Trainer:
         self.step = 0
         self.metrics_path = self.out_dir / "metrics.jsonl"
 
-    # ---- data ----
     def _dataset(self, split: str) -> tuple[list[TokenizedExample], data_mod.DataStats]:
         d = self.job.data
         if d.source == "synthetic" and (split == "train" or d.eval_source is None):
@@ -193,7 +192,6 @@ class Trainer:
             )
         return kept, stats
 
-    # ---- logging ----
     def log(self, record: dict[str, Any]) -> None:
         if self.runtime.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -208,7 +206,6 @@ class Trainer:
         keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
         self.metrics_path.write_text("".join(line + "\n" for line in keep))
 
-    # ---- checkpoints ----
     def _trainer_state(self) -> dict[str, Any]:
         return {
             "step": self.step,
@@ -246,7 +243,6 @@ class Trainer:
         self._trim_metrics(self.step)
         self.log({"event": "resume", "step": self.step, "checkpoint": str(latest)})
 
-    # ---- one optimizer step ----
     def train_step(self) -> dict[str, float]:
         micro_batches = self.plan.step_micro_batches(self.step, self.per_step)
         step_targets = sum(
@@ -295,7 +291,6 @@ class Trainer:
                 f"{ckpt.latest_checkpoint(self.out_dir) or 'none'})"
             )
 
-    # ---- evaluation ----
     def evaluate(self) -> dict[str, float]:
         """Loss and exact match on the held-out examples (``evaluate.py``), summed over ranks."""
         if not self.eval_examples:
@@ -318,7 +313,6 @@ class Trainer:
         per_task = [dict(zip(tasks, part, strict=True)) for part in (counts[:n], counts[n:])]
         return EvalSums(loss, targets, *per_task).scores()
 
-    # ---- the run ----
     def run(self) -> dict[str, Any]:
         from tqdm import tqdm
 
