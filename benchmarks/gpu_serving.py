@@ -29,13 +29,7 @@ from typing import Any
 # GPU memory in this process for the next one (vLLM's EngineCore.shutdown cleans up for that).
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
-from benchmarks.engine_common import (  # noqa: E402
-    greedy,
-    print_table,
-    scheduler_of,
-    token_prompts,
-    write_json,
-)
+from benchmarks import engine_common as common  # noqa: E402
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -183,7 +177,7 @@ class StepCounter:
 
     def __init__(self, llm) -> None:
         self.steps = self.prefill_steps = self.prefill_tokens = 0
-        scheduler = scheduler_of(llm)
+        scheduler = common.scheduler_of(llm)
         schedule = scheduler.schedule
 
         def counted(*args, **kwargs):
@@ -221,7 +215,7 @@ def generate(llm, prompts: list[list[int]], new: int):
     from vllm.inputs import TokensPrompt
 
     inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
-    return llm.generate(inputs, greedy(new), use_tqdm=False)
+    return llm.generate(inputs, common.greedy(new), use_tqdm=False)
 
 
 LAGKV_SAMPLES = {
@@ -296,7 +290,7 @@ def run_engine(
         # Long enough to compress partitions: LagKV's Triton kernels compile at their first
         # launch, which must not land in the timed run; the same prompts warm vanilla up.
         warm = min(family.sink + 3 * family.lag, kwargs["max_model_len"] - 16)
-        generate(llm, token_prompts(4, warm, seed=99), 16)
+        generate(llm, common.token_prompts(4, warm, seed=99), 16)
         steps = StepCounter(llm)
         for w in workloads:
             runs[w.name] = timed(llm, steps, w, prompts[w.name])
@@ -433,7 +427,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         family = FAMILIES[members[0].family]
         model = family.model or resolve_model(args.model)
         kwargs = engine_kwargs(args, family, members[0])
-        prompts = {w.name: token_prompts(w.sequences, w.prompt, seeds[w.name]) for w in members}
+        prompts = {
+            w.name: common.token_prompts(w.sequences, w.prompt, seeds[w.name]) for w in members
+        }
         print(f"\n[{group}] {model} {json.dumps(kwargs)}", flush=True)
         for w in members:
             results[w.name] = {"group": group, "goal": w.goal, "spec": asdict(w)}
@@ -447,7 +443,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results[name] = row | {"group": results[DERIVED[name][0]]["group"]}
 
     rows = summary_rows(results, engines)
-    print_table(
+    common.print_table(
         f"{gpu}, {args.dtype}, {'eager' if args.enforce_eager else 'compiled'}, "
         f"throughput = (prompt + generated tokens) / s",
         HEADER,
@@ -456,8 +452,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, (whole, part, _) in DERIVED.items():
         if name in results:
             print(f"{name}: generated tokens / ({whole} time - {part} time)")
-    print_table("steps (compaction inside replayed decode graphs is in ms/step)", STEP_HEADER,
-                step_rows(results))  # fmt: skip
+    steps_title = "steps (compaction inside replayed decode graphs is in ms/step)"
+    common.print_table(steps_title, STEP_HEADER, step_rows(results))
     report = {
         "command": command,
         "gpu": gpu,
@@ -469,7 +465,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "summary": [dict(zip(HEADER, r, strict=True)) for r in rows],
         "steps": [dict(zip(STEP_HEADER, r, strict=True)) for r in step_rows(results)],
     }
-    write_json(args.json, report)
+    common.write_json(args.json, report)
     return report
 
 
