@@ -298,13 +298,8 @@ class EngineTarget:
         self.model, self.settings, self.api = model, settings, api
         self.batch, self.engine_kwargs = max(1, batch), engine_kwargs
         lagkv = settings.model_dump() if settings else None
-        self.info = TargetInfo(
-            setting_label(lagkv),
-            "engine",
-            model,
-            lagkv,
-            max_model_len=engine_kwargs.get("max_model_len"),
-        )
+        limit = engine_kwargs.get("max_model_len")
+        self.info = TargetInfo(setting_label(lagkv), "engine", model, lagkv, max_model_len=limit)
         self.llm: Any = llm
         self.owns_engine = llm is None
         self.start_error: str | None = None
