@@ -136,17 +136,6 @@ def load_results(path: Path) -> dict[str, Any]:
     return data
 
 
-def _label_bars(ax: Any, bars: Any, labels: list[str]) -> None:
-    for bar, label in zip(bars, labels, strict=True):
-        ax.annotate(
-            label,
-            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
-
-
 def _save(plt: Any, fig: Any, data: dict[str, Any], path: Path) -> Path:
     """Titles the figure with the run's settings and writes it to ``path``."""
     from lrsa_serve.eval.plots import save_figure
@@ -185,7 +174,7 @@ def plot_memory(plt: Any, data: dict[str, Any], path: Path) -> Path:
     left.grid(alpha=0.3)
     colors = [COLORS[engine] for engine in ENGINES]
     bars = right.bar(ENGINES, [p["max_running"] for p in pools], color=colors)
-    _label_bars(right, bars, [f"{p['preemptions']} preemptions" for p in pools])
+    right.bar_label(bars, [f"{p['preemptions']} preemptions" for p in pools], fontsize=8)
     right.set_ylabel("requests running at once (fixed KV pool)")
     return _save(plt, fig, data, path)
 
@@ -207,7 +196,7 @@ def plot_throughput(plt: Any, data: dict[str, Any], path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.8))
     for ax, (key, label) in zip(axes, metrics, strict=True):
         bars = ax.bar(ENGINES, values[key], color=[COLORS[engine] for engine in ENGINES])
-        _label_bars(ax, bars, [f"{value:.3g}" for value in values[key]])
+        ax.bar_label(bars, [f"{value:.3g}" for value in values[key]], fontsize=8)
         ax.set_title(label, fontsize=10)
     return _save(plt, fig, data, path)
 
