@@ -37,12 +37,9 @@ def _log(msg: str) -> None:
     print(f"[prepare-model] {msg}", file=sys.stderr, flush=True)
 
 
-def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
+def sha256_of(path: Path) -> str:
     with path.open("rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def find_gguf() -> Path:
