@@ -17,6 +17,7 @@ import json
 import os
 import statistics
 import time
+import timeit
 from collections.abc import Callable
 
 import torch
@@ -37,12 +38,7 @@ def timed_ms(fn: Callable[[], object], device: torch.device) -> float:
 
         return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
     fn()
-    samples = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+    return statistics.median(timeit.repeat(fn, number=1, repeat=3)) * 1e3
 
 
 def copy_bandwidth(device: torch.device, nbytes: int) -> float:
