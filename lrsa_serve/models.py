@@ -28,11 +28,6 @@ class ModelError(RuntimeError):
     """Preparing or finding a model failed; the message is one line for the user."""
 
 
-def default_model_dir() -> Path:
-    home = Path(os.environ.get("LRSA_HOME", Path.home() / ".cache" / "lrsa-serve")).expanduser()
-    return home / "models" / DEFAULT_MODEL_NAME
-
-
 def _log(msg: str) -> None:
     print(f"[prepare-model] {msg}", file=sys.stderr, flush=True)
 
@@ -124,7 +119,8 @@ def with_umask_modes(folder: Path) -> None:
 
 def prepare_default_model(force: bool = False) -> Path:
     """Convert the default model once; later calls return the folder at once."""
-    out_dir = default_model_dir()
+    home = Path(os.environ.get("LRSA_HOME", Path.home() / ".cache" / "lrsa-serve")).expanduser()
+    out_dir = home / "models" / DEFAULT_MODEL_NAME
     if not force and _manifest_ok(out_dir):
         _log(f"already prepared: {out_dir}")
         return out_dir
