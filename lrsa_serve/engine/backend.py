@@ -59,13 +59,6 @@ def lagkv_backend(
     return backend
 
 
-def remember_current_settings() -> None:
-    """Called while vLLM builds the model's attention layers, when its config is current."""
-    config = get_current_vllm_config_or_none()
-    if config is not None:
-        engine_settings.remember(engine_settings.settings_from_vllm_config(config))
-
-
 class LagKVBuilderMixin:
     """Hands the stock builder the step's compacted view (``DeviceView``: persistent buffers, one
     Triton launch on CUDA, its torch reference on the CPU) and returns the stock metadata as
@@ -141,7 +134,9 @@ class LagKVImplMixin:
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        remember_current_settings()
+        config = get_current_vllm_config_or_none()  # current while vLLM builds the layers
+        if config is not None:
+            engine_settings.remember(engine_settings.settings_from_vllm_config(config))
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         result = super().forward(
