@@ -401,20 +401,9 @@ def select_kept(
     layer_arg = layer_offsets if layer_offsets is not None else part_blocks  # read if LAYERED
     for ranges_pass, blocks in ((True, ref_blocks), (False, part_blocks)):
         _channels_kernel[grid](
-            *strides,
-            blocks,
-            blocks.stride(0),
-            ranges,
-            spread,
-            active_arg,
-            layer_arg,
-            num_heads,
-            split_tokens,
-            **shapes,
-            **flags,
-            RANGES=ranges_pass,
-            num_warps=SPREAD_WARPS,
-        )
+            *strides, blocks, blocks.stride(0), ranges, spread, active_arg, layer_arg, num_heads,
+            split_tokens, **shapes, **flags, RANGES=ranges_pass, num_warps=SPREAD_WARPS,
+        )  # fmt: skip
     if scores_out is not None:
         assert scores_out.shape == (*lead, requests, num_heads, length)
         assert scores_out.dtype == torch.float32 and scores_out.is_contiguous()

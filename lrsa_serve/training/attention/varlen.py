@@ -180,20 +180,11 @@ def varlen_attention(
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     out = torch.ops.aten._efficient_attention_forward(
-        q[None],
-        k[None],
-        v[None],
-        None,
-        items.cu_q,
-        items.cu_k,
-        items.max_q,
-        items.max_k,
-        0.0,
-        _CAUSAL_FROM_BOTTOM_RIGHT,
-        torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
-        scale=scale,
-    )[0]
+        q[None], k[None], v[None], None, items.cu_q, items.cu_k, items.max_q, items.max_k, 0.0,
+        _CAUSAL_FROM_BOTTOM_RIGHT, needs_grad, scale=scale,
+    )[0]  # fmt: skip
     return out[0]
 
 
