@@ -168,9 +168,6 @@ def variable_tracking(tokenizer: Tokenizer, tokens: int, depth: float, seed: int
 
 
 TaskFn = Callable[[Tokenizer, int, float, int], Example]
-TASKS: dict[str, TaskFn] = {
-    "passkey": passkey,
-    "multikey_needle": multikey_needle,
-    "kv_lookup": kv_lookup,
-    "variable_tracking": variable_tracking,
+TASKS: dict[str, TaskFn] = {  # by function name
+    task.__name__: task for task in (passkey, multikey_needle, kv_lookup, variable_tracking)
 }

@@ -135,9 +135,6 @@ def common_words(tokenizer: Tokenizer, tokens: int, depth: float, seed: int) -> 
     return Example("common_words", render(words), " ".join(common), tokens, depth, seed)
 
 
-RULER_TASKS = {
-    "niah_single": niah_single,
-    "niah_multivalue": niah_multivalue,
-    "niah_multiquery": niah_multiquery,
-    "common_words": common_words,
+RULER_TASKS = {  # by function name
+    task.__name__: task for task in (niah_single, niah_multivalue, niah_multiquery, common_words)
 }
