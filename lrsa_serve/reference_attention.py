@@ -26,15 +26,11 @@ NAME = "lagkv_reference"
 QUERY_BLOCK = 1024
 
 
-def settings_of(
-    module: torch.nn.Module,
-    missing: str = f"{NAME} attention needs config.{CONFIG_KEY} (see use_lagkv_reference)",
-) -> LagKVConfig:
-    """The LagKV settings in ``module.config`` (a model's or a layer's); ``missing`` is the
-    error where there are none."""
+def settings_of(module: torch.nn.Module) -> LagKVConfig:
+    """The LagKV settings in ``module.config`` (a model's or a layer's)."""
     section = getattr(module.config, CONFIG_KEY, None)
     if section is None:
-        raise ValueError(missing)
+        raise ValueError(f"{NAME} attention needs config.{CONFIG_KEY} (see use_lagkv_reference)")
     return section if isinstance(section, LagKVConfig) else LagKVConfig.build(**section)
 
 
