@@ -192,6 +192,12 @@ class Trainer:
             )
         return kept, stats
 
+    def _batch(self, indices: list[int], examples: list[TokenizedExample]) -> dict:
+        batch = data_mod.collate(
+            [examples[i] for i in indices], self.pad_id, self.job.data.pad_multiple
+        )
+        return {name: tensor.to(self.runtime.device) for name, tensor in batch.items()}
+
     def log(self, record: dict[str, Any]) -> None:
         if self.runtime.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -251,9 +257,7 @@ class Trainer:
         mine = micro_batches[self.runtime.rank :: self.runtime.world_size]
         loss_total, tokens = 0.0, 0
         for k, indices in enumerate(mine):
-            examples = [self.train_examples[i] for i in indices]
-            batch = data_mod.collate(examples, self.pad_id, self.job.data.pad_multiple)
-            batch = {name: tensor.to(self.runtime.device) for name, tensor in batch.items()}
+            batch = self._batch(indices, self.train_examples)
             if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: sync on the last only
                 self.model.set_requires_gradient_sync(k == len(mine) - 1)
             summed, _ = loss_sum(self.model, batch, self.autocast)
