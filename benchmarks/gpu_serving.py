@@ -3,14 +3,11 @@
     python -m benchmarks.gpu_serving --json out/gpu_serving.json         # every workload
     python -m benchmarks.gpu_serving --scale 0.05 --sequences 4          # a smoke run
 
-Each workload times ``llm.generate`` over the same random-token prompts on both engines. The
-engines run one after the other: one engine serves every selected workload of its model and KV
-pool (after a warm-up generate), then is shut down and its GPU memory freed before the next is
-built. Vanilla is stock ``vllm.LLM`` with vLLM's own defaults (attention backend, compilation,
-CUDA graphs, prefix caching); LagKV is ``make_llm`` with the family's sink/lag/ratio (LagKV picks
-its own backend). Throughput counts prompt + generated tokens. The ``8b-*`` workloads run
-Llama-3.1-8B's shape (``configs/llama-8b-class``) with random weights (``load_format="dummy"``:
-speed does not depend on the values) and no tokenizer: prompts and outputs are token ids.
+What is timed and the results: docs/gpu-serving.md. The engines run one after the other: one
+serves every selected workload of its model and KV pool (after a warm-up generate), then is shut
+down and its GPU memory freed before the next is built. The ``8b-*`` workloads run Llama-3.1-8B's
+shape (``configs/llama-8b-class``) with random weights (``load_format="dummy"``: speed does not
+depend on the values) and no tokenizer: prompts and outputs are token ids.
 """
 
 from __future__ import annotations
@@ -32,13 +29,7 @@ from typing import Any
 # GPU memory in this process for the next one (vLLM's EngineCore.shutdown cleans up for that).
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
-from benchmarks.engine_common import (  # noqa: E402
-    greedy,
-    print_table,
-    scheduler_of,
-    token_prompts,
-    write_json,
-)
+from benchmarks import engine_common as common  # noqa: E402
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -93,7 +84,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument(
         "--model",
-        default=None,
         help="model of the small-* workloads (default: the prepared default model)",
     )
     parser.add_argument("--dtype", default="bfloat16")
@@ -110,12 +100,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="shrink prompt counts and lengths (lengths no further than "
         "sink + 4 lag, so LagKV still compresses), e.g. 0.05 for a smoke run",
     )
-    parser.add_argument("--sequences", type=int, default=None, help="prompts per workload")
-    parser.add_argument("--max-num-seqs", type=int, default=None, help="default: vLLM's")
-    parser.add_argument(
-        "--gpu-memory-utilization", type=float, default=None, help="default: vLLM's"
-    )
-    parser.add_argument("--json", default=None, help="write every result here")
+    parser.add_argument("--sequences", type=int, help="prompts per workload")
+    parser.add_argument("--max-num-seqs", type=int, help="default: vLLM's")
+    parser.add_argument("--gpu-memory-utilization", type=float, help="default: vLLM's")
+    parser.add_argument("--json", help="write every result here")
     return parser.parse_args(argv)
 
 
@@ -189,7 +177,7 @@ class StepCounter:
 
     def __init__(self, llm) -> None:
         self.steps = self.prefill_steps = self.prefill_tokens = 0
-        scheduler = scheduler_of(llm)
+        scheduler = common.scheduler_of(llm)
         schedule = scheduler.schedule
 
         def counted(*args, **kwargs):
@@ -227,7 +215,7 @@ def generate(llm, prompts: list[list[int]], new: int):
     from vllm.inputs import TokensPrompt
 
     inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
-    return llm.generate(inputs, greedy(new), use_tqdm=False)
+    return llm.generate(inputs, common.greedy(new), use_tqdm=False)
 
 
 LAGKV_SAMPLES = {
@@ -302,7 +290,7 @@ def run_engine(
         # Long enough to compress partitions: LagKV's Triton kernels compile at their first
         # launch, which must not land in the timed run; the same prompts warm vanilla up.
         warm = min(family.sink + 3 * family.lag, kwargs["max_model_len"] - 16)
-        generate(llm, token_prompts(4, warm, seed=99), 16)
+        generate(llm, common.token_prompts(4, warm, seed=99), 16)
         steps = StepCounter(llm)
         for w in workloads:
             runs[w.name] = timed(llm, steps, w, prompts[w.name])
@@ -439,7 +427,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         family = FAMILIES[members[0].family]
         model = family.model or resolve_model(args.model)
         kwargs = engine_kwargs(args, family, members[0])
-        prompts = {w.name: token_prompts(w.sequences, w.prompt, seeds[w.name]) for w in members}
+        prompts = {
+            w.name: common.token_prompts(w.sequences, w.prompt, seeds[w.name]) for w in members
+        }
         print(f"\n[{group}] {model} {json.dumps(kwargs)}", flush=True)
         for w in members:
             results[w.name] = {"group": group, "goal": w.goal, "spec": asdict(w)}
@@ -453,7 +443,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results[name] = row | {"group": results[DERIVED[name][0]]["group"]}
 
     rows = summary_rows(results, engines)
-    print_table(
+    common.print_table(
         f"{gpu}, {args.dtype}, {'eager' if args.enforce_eager else 'compiled'}, "
         f"throughput = (prompt + generated tokens) / s",
         HEADER,
@@ -462,8 +452,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, (whole, part, _) in DERIVED.items():
         if name in results:
             print(f"{name}: generated tokens / ({whole} time - {part} time)")
-    print_table("steps (compaction inside replayed decode graphs is in ms/step)", STEP_HEADER,
-                step_rows(results))  # fmt: skip
+    steps_title = "steps (compaction inside replayed decode graphs is in ms/step)"
+    common.print_table(steps_title, STEP_HEADER, step_rows(results))
     report = {
         "command": command,
         "gpu": gpu,
@@ -475,7 +465,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "summary": [dict(zip(HEADER, r, strict=True)) for r in rows],
         "steps": [dict(zip(STEP_HEADER, r, strict=True)) for r in step_rows(results)],
     }
-    write_json(args.json, report)
+    common.write_json(args.json, report)
     return report
 
 

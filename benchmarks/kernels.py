@@ -1,29 +1,13 @@
 """LagKV select + compact on the GPU against a decode step's attention, per layer.
 
-Command (a CUDA GPU, from the repo root; results in docs/benchmarks.md):
-    python -m benchmarks.kernels --json out/kernels.json
-Smoke test of this script without a GPU (tiny shapes, Triton interpreter, CPU timers):
-    TRITON_INTERPRET=1 python -m benchmarks.kernels --smoke
+    python -m benchmarks.kernels --json out/kernels.json        # a CUDA GPU
+    TRITON_INTERPRET=1 python -m benchmarks.kernels --smoke     # tiny shapes, runs on a CPU
 
-The layer: Llama-3.1-8B's attention shape (32 query heads, 8 KV heads, head_dim 128), bf16,
-vLLM block size 16, LagKV sink 16, ratio 0.25, lag L = 1024 (the paper's accurate setting) and
-256 (this project's default). What is timed (medians of ``triton.testing.do_bench``, which
-flushes L2 between runs, so partitions come from HBM as they would in serving):
-
-- attention: one decode step of one layer, torch SDPA forced to its flash backend, each GQA
-  group's 4 query heads as 4 query rows over its KV head's keys, contiguous K/V (a stand-in for
-  paged decode attention, which reads the same bytes). "full": over all n context tokens, as
-  vanilla vLLM; "lagkv": over the tokens LagKV keeps resident at n (``lagkv.resident_tokens``),
-  which is what a LagKV step attends.
-- select, compact: this package's kernels on a paged cache in vLLM's Triton layout (K|V packed in
-  the last dim), shuffled block tables, B requests each compressing one partition. That is the
-  worst step, every request of the batch crossing a partition boundary at once.
-- amortised: a request compresses once per L decode steps, so with boundaries spread over the
-  batch a step pays on average (B / L) x the one-request time (select + compact at B = 1).
-- bandwidth: bytes that must move (partitions p and p+1 of K and V read once, kept rows of K and
-  V written once) over select + compact time, against a measured device-to-device copy (bytes
-  read + written).
-- torch: the plain-torch path (``naive.py``) on the same data, for the speed-up.
+The layer, what each column times and the results: docs/benchmarks.md ("Paged select and compact
+kernels"). The decode attention is torch SDPA with each GQA group's query heads as rows over its
+KV head's contiguous keys (a stand-in for paged decode attention, which reads the same bytes);
+select and compact run on a paged cache in vLLM's Triton layout with shuffled block tables, B
+requests each compressing one partition.
 """
 
 from __future__ import annotations
@@ -33,6 +17,7 @@ import json
 import os
 import statistics
 import time
+import timeit
 from collections.abc import Callable
 
 import torch
@@ -53,12 +38,7 @@ def timed_ms(fn: Callable[[], object], device: torch.device) -> float:
 
         return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
     fn()
-    samples = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+    return statistics.median(timeit.repeat(fn, number=1, repeat=3)) * 1e3
 
 
 def copy_bandwidth(device: torch.device, nbytes: int) -> float:
@@ -158,11 +138,8 @@ def kernel_breakdown(layer: PagedLayer, device: torch.device) -> dict:
                 layer.compress()
             torch.cuda.synchronize()
         for event in prof.key_averages():
-            total = getattr(event, "device_time_total", None) or getattr(
-                event, "cuda_time_total", 0
-            )
-            if total and event.count:
-                out[f"us {event.key[:40]}"] = total / event.count
+            if event.device_time_total and event.count:
+                out[f"us {event.key[:40]}"] = event.device_time_total / event.count
     except Exception as err:  # the numbers above stand without it
         out["profiler_error"] = repr(err)
     try:

@@ -26,7 +26,7 @@ CHATML = (
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def tiny_tokenizer(vocab_size: int = 400, chat: bool = True) -> Any:
+def tiny_tokenizer() -> Any:
     """A fast byte-level BPE tokenizer (offsets work) trained on the synthetic tasks' vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -41,7 +41,7 @@ def tiny_tokenizer(vocab_size: int = 400, chat: bool = True) -> Any:
         "Question: Find all variables that are assigned the value Answer: user assistant system",
     ]
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=400,
         special_tokens=SPECIALS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -49,12 +49,11 @@ def tiny_tokenizer(vocab_size: int = 400, chat: bool = True) -> Any:
     tokenizer.train_from_iterator(corpus * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        eos_token="<|im_end|>" if chat else "<|endoftext|>",
+        eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         bos_token="<|endoftext|>",
     )
-    if chat:
-        fast.chat_template = CHATML
+    fast.chat_template = CHATML
     return fast
 
 

@@ -1,18 +1,12 @@
 """LRSA attention (the varlen path) vs dense causal SDPA, fwd+bwd, bf16.
 
-One attention layer's forward and backward at 8K/16K/32K tokens (12 query / 2 KV heads, d=128,
-S=16, L=1024, r=0.25 by default), timed with CUDA events (median after warm-up) on fresh random
-inputs. Each LRSA time includes everything the training layer does: LagKV selection (compiled),
-the gathers, the attention kernel forward and backward, the output layout. ``varlen`` is the
-varlen path (``lrsa_varlen``: one varlen attention call; ``--impls`` picks; ``varlen_attn`` is
-the varlen path without the selection; ``varlen:K`` the varlen path with kernel K, e.g. ``fa4``
-or ``flash``). Dense is timed with SDPA's default
-backend (cuDNN on the H100) and, for reference, with FlashAttention-2 forced and, where
-``flash-attn-4`` is installed, with FlashAttention-4's dense causal kernel.
-
-Also reported: the visible-pair ratio (the FLOP ratio the mask allows) and selection alone.
-
     python -m benchmarks.train_attention --out results.json
+
+One attention layer at 8K/16K/32K tokens on fresh random inputs, CUDA-event medians; what each
+row means and the results: docs/training.md ("One attention layer"). ``--impls``: ``varlen``
+(the whole training layer, selection included), ``varlen:K`` (the same on kernel K, e.g. ``fa4``
+or ``flash``), ``varlen_attn`` (without the selection). Also reported: the visible-pair ratio
+(the FLOP ratio the mask allows) and the selection alone.
 """
 
 from __future__ import annotations

@@ -1,23 +1,13 @@
 """Whole-model training throughput: LRSA vs dense SDPA on a randomly initialised ~0.5B Qwen2.
 
-The trainer's own step (``loop.loss_sum`` + backward + clip + its AdamW, fused on CUDA; decoder
-layers compiled on CUDA, ``--compile``) on one sequence of 16K and 32K tokens, bf16 autocast over
-float32 master weights, Qwen2.5-0.5B's shape (24 layers, 896 hidden, 14 q / 2 kv heads of 64, vocab
-151936). The loss is on the last ``--target-tokens`` tokens, as in long-context QA post-training
-(the LM head runs on those positions only). Both with gradient checkpointing (the trainer's
-default) and without.
-
-Also: the share of the step spent in LagKV selection (measured alone on one layer's K/V shape,
-times layers, times 2 with checkpointing if the recompute selects again: ``replay=off``), and
-with ``--floor`` the same step with attention replaced by nothing (each layer passes its queries
-through): what the rest of the model costs. From it, the speedup the mask allows at best: dense
-attention time divided by the mask's visible-pair ratio, plus the rest.
-
-LRSA variants: ``KERNEL[@replay=on|off]``, the trainer's ``--lrsa-kernel`` (``auto``, ``fa4``,
-``flash``, ...); ``replay=off``: the checkpoint recompute selects again instead of replaying the
-forward's selection. E.g. ``--lrsa-variants auto flash``: FlashAttention-4 against -2.
-
     python -m benchmarks.train_model --out train_model.json
+
+The trainer's own step (``loop.loss_sum``, backward, clip, its AdamW; decoder layers compiled on
+CUDA) on one sequence with the loss on its last ``--target-tokens``; the setting and the results:
+docs/training.md ("Whole-model training step"). Also: the share of the step spent in LagKV
+selection (one layer's K/V timed alone, times layers), and with ``--floor`` the step with
+attention replaced by nothing, from which the best speedup the mask allows. ``--lrsa-variants``:
+the trainer's ``--lrsa-kernel`` choices (``auto``, ``fa4``, ``flash``, ...).
 """
 
 from __future__ import annotations
@@ -50,11 +40,6 @@ def no_attention(module, query, key, value, attention_mask, scaling=None, dropou
 
 
 AttentionInterface.register(FLOOR, no_attention)
-
-
-def pair_ratio(n: int, cfg: LagKVConfig) -> float:
-    """Dense causal query-key pairs over the pairs the mask lets through."""
-    return n * (n + 1) / 2 / packing_for(n, cfg.rule).visible_pairs()
 
 
 def timed_steps(model, optimizer, batch, autocast, warmup: int, steps: int) -> float:
@@ -109,17 +94,6 @@ def selection_ms(
     return (time.perf_counter() - start) / 20 * 1e3
 
 
-def parse_variant(variant: str) -> tuple[str, bool]:
-    """The kernel of ``KERNEL[@replay=on|off]`` and whether a checkpoint recompute replays the
-    forward's selection (the trainer's default) or selects again."""
-    kernel, _, options = variant.partition("@")
-    chosen = dict(option.split("=", 1) for option in options.split(",") if option)
-    replay = chosen.pop("replay", "on")
-    if chosen or replay not in ("on", "off") or kernel not in LRSA_KERNELS:
-        raise SystemExit(f"bad LRSA variant {variant!r}: KERNEL[@replay=on|off], {LRSA_KERNELS}")
-    return kernel, replay == "on"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768])
@@ -134,8 +108,8 @@ def main() -> int:
         "--lrsa-variants",
         nargs="+",
         default=["auto"],
-        help=f"LRSA variants to time: KERNEL[@replay=on|off], kernels {LRSA_KERNELS} (e.g. "
-        "flash, auto@replay=off); the first is 'lrsa' in the JSON",
+        choices=LRSA_KERNELS,
+        help="LRSA kernels to time (the trainer's --lrsa-kernel); the first is 'lrsa' in the JSON",
     )
     parser.add_argument(
         "--floor", action="store_true", help="also time the model with attention removed"
@@ -150,8 +124,6 @@ def main() -> int:
     parser.add_argument("--out", default="train_model.json")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script")
     args = parser.parse_args()
-    for variant in args.lrsa_variants:  # a typo stops the run before any model is built
-        parse_variant(variant)
     started = time.time()
     cfg = LagKVConfig(sink=args.sink, lag=args.lag, ratio=args.ratio)
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -191,18 +163,14 @@ def main() -> int:
                 if time.time() - started > args.deadline:
                     row[f"{attention}_s"] = None
                     continue
-                replay = True
                 if variant == FLOOR:
                     model.set_attn_implementation(FLOOR)
                 elif variant is None:
                     model_mod.set_attention(model, "dense", cfg)
                 else:
-                    kernel, replay = parse_variant(variant)
-                    model_mod.set_attention(model, "lrsa", cfg, kernel)
+                    model_mod.set_attention(model, "lrsa", cfg, variant)
                 # the trainer's own set-up (checkpointing per layer, replaying the selection)
-                model_mod.prepare_for_training(
-                    model, checkpointing == "on", replay_selection=replay
-                )
+                model_mod.prepare_for_training(model, checkpointing == "on")
                 if compiled:
                     # Each configuration compiles afresh. Without this the layers' compiled code,
                     # shared by all configurations, made the order matter: at 16K the second
@@ -232,15 +200,14 @@ def main() -> int:
             if "dense" in done and "lrsa" in done:
                 row["speedup"] = done["dense"] / done["lrsa"]
                 head_dim = config.hidden_size // config.num_attention_heads
-                _, replays = parse_variant(args.lrsa_variants[0])
                 per_layer = selection_ms(n, config.num_key_value_heads, head_dim, cfg, device)
-                passes = 2 if checkpointing == "on" and not replays else 1
-                select_s = per_layer * config.num_hidden_layers * passes / 1e3
+                select_s = per_layer * config.num_hidden_layers / 1e3
                 row["selection_ms_per_layer"] = per_layer
                 row["selection_share_of_lrsa_step"] = select_s / done["lrsa"]
             if "dense" in done and "floor" in done:
                 attention_s = done["dense"] - done["floor"]
-                row["pair_ratio"] = ratio = pair_ratio(n, cfg)
+                pairs = packing_for(n, cfg.rule).visible_pairs()  # the mask lets through
+                row["pair_ratio"] = ratio = n * (n + 1) / 2 / pairs
                 row["dense_attention_s"] = attention_s
                 row["best_speedup"] = done["dense"] / (done["floor"] + attention_s / ratio)
             result["rows"].append(row)

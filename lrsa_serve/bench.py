@@ -70,7 +70,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--benchmarks-dir",
         type=Path,
-        default=None,
         help="run DIR/engine_memory.py and DIR/engine_throughput.py as scripts instead of the "
         "benchmarks package's modules",
     )
@@ -108,21 +107,15 @@ def benchmark_target(args: argparse.Namespace, name: str) -> tuple[list[str], st
     return ["-P", "-m", f"{PACKAGE}.{module}"], f"{module}.py"
 
 
-def benchmark_command(
-    args: argparse.Namespace, name: str, target: list[str], json_path: Path
-) -> list[str]:
-    command = [sys.executable, *target, "--json", str(json_path)]
-    for flag in ("model", "sink", "lag", "ratio", "dtype"):
-        if getattr(args, flag) is not None:
-            command += [f"--{flag}", str(getattr(args, flag))]
-    return command + extra_flags(args, name)
-
-
 def run_benchmark(args: argparse.Namespace, name: str, out: Path) -> Path:
     target, label = benchmark_target(args, name)
     json_path = out / f"{BENCHMARKS[name]}.json"
     json_path.unlink(missing_ok=True)  # never plot a stale file as this run's result
-    command = benchmark_command(args, name, target, json_path)
+    command = [sys.executable, *target, "--json", str(json_path)]
+    for flag in ("model", "sink", "lag", "ratio", "dtype"):
+        if getattr(args, flag) is not None:
+            command += [f"--{flag}", str(getattr(args, flag))]
+    command += extra_flags(args, name)
     print(f"[bench] {' '.join(command[1:])}", flush=True)
     code = subprocess.run(command).returncode
     if code != 0:
@@ -141,17 +134,6 @@ def load_results(path: Path) -> dict[str, Any]:
     if not isinstance(runs, dict) or not set(ENGINES) <= set(runs):
         raise UserError(f"{path}: expected a benchmark result with runs.vanilla and runs.lagkv")
     return data
-
-
-def _label_bars(ax: Any, bars: Any, labels: list[str]) -> None:
-    for bar, label in zip(bars, labels, strict=True):
-        ax.annotate(
-            label,
-            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
 
 
 def _save(plt: Any, fig: Any, data: dict[str, Any], path: Path) -> Path:
@@ -192,7 +174,7 @@ def plot_memory(plt: Any, data: dict[str, Any], path: Path) -> Path:
     left.grid(alpha=0.3)
     colors = [COLORS[engine] for engine in ENGINES]
     bars = right.bar(ENGINES, [p["max_running"] for p in pools], color=colors)
-    _label_bars(right, bars, [f"{p['preemptions']} preemptions" for p in pools])
+    right.bar_label(bars, [f"{p['preemptions']} preemptions" for p in pools], fontsize=8)
     right.set_ylabel("requests running at once (fixed KV pool)")
     return _save(plt, fig, data, path)
 
@@ -214,7 +196,7 @@ def plot_throughput(plt: Any, data: dict[str, Any], path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.8))
     for ax, (key, label) in zip(axes, metrics, strict=True):
         bars = ax.bar(ENGINES, values[key], color=[COLORS[engine] for engine in ENGINES])
-        _label_bars(ax, bars, [f"{value:.3g}" for value in values[key]])
+        ax.bar_label(bars, [f"{value:.3g}" for value in values[key]], fontsize=8)
         ax.set_title(label, fontsize=10)
     return _save(plt, fig, data, path)
 
@@ -234,13 +216,8 @@ def run(args: argparse.Namespace) -> int:
         results = {name: Path(args.from_json) / f"{BENCHMARKS[name]}.json" for name in names}
     else:
         results = {name: run_benchmark(args, name, out) for name in names}
-    plt = pyplot()
+    plt = pyplot("lrsa bench")
     if plt is None:
-        print(
-            "lrsa bench: matplotlib is not installed; plots skipped (pip install "
-            "'lrsa-serve[eval]')",
-            file=sys.stderr,
-        )
         return 0
     for name, json_path in results.items():
         png = PLOTTERS[name](plt, load_results(json_path), out / f"{BENCHMARKS[name]}.png")

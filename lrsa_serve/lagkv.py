@@ -140,14 +140,9 @@ def select_all(keys: torch.Tensor, values: torch.Tensor, rule: Rule) -> torch.Te
     end = partition_start(num_parts + 1, rule)  # partitions 0..P, P being the last one's reference
     k = keys[..., rule.sink : end, :].unflatten(-2, (num_parts + 1, rule.lag))
     v = values[..., rule.sink : end, :].unflatten(-2, (num_parts + 1, rule.lag))
-    kept = select_partition(
-        k[..., :-1, :, :],
-        v[..., :-1, :, :],
-        k[..., 1:, :, :],
-        v[..., 1:, :, :],
-        rule.keep,
-        rule.score_v_ratio,
-    )
+    parts = (k[..., :-1, :, :], v[..., :-1, :, :])  # partitions 0..P-1
+    refs = (k[..., 1:, :, :], v[..., 1:, :, :])  # and their references, 1..P
+    kept = select_partition(*parts, *refs, rule.keep, rule.score_v_ratio)
     starts = partition_start(torch.arange(num_parts, device=keys.device), rule)
     return kept + starts[:, None]
 

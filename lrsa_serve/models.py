@@ -28,24 +28,13 @@ class ModelError(RuntimeError):
     """Preparing or finding a model failed; the message is one line for the user."""
 
 
-def lrsa_home() -> Path:
-    return Path(os.environ.get("LRSA_HOME", Path.home() / ".cache" / "lrsa-serve")).expanduser()
-
-
-def default_model_dir() -> Path:
-    return lrsa_home() / "models" / DEFAULT_MODEL_NAME
-
-
 def _log(msg: str) -> None:
     print(f"[prepare-model] {msg}", file=sys.stderr, flush=True)
 
 
-def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
+def sha256_of(path: Path) -> str:
     with path.open("rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def find_gguf() -> Path:
@@ -130,7 +119,8 @@ def with_umask_modes(folder: Path) -> None:
 
 def prepare_default_model(force: bool = False) -> Path:
     """Convert the default model once; later calls return the folder at once."""
-    out_dir = default_model_dir()
+    home = Path(os.environ.get("LRSA_HOME", Path.home() / ".cache" / "lrsa-serve")).expanduser()
+    out_dir = home / "models" / DEFAULT_MODEL_NAME
     if not force and _manifest_ok(out_dir):
         _log(f"already prepared: {out_dir}")
         return out_dir
@@ -158,14 +148,13 @@ def resolve_model(model: str | None) -> str:
     return str(path)
 
 
-def load_tokenizer(path: str, gguf_file: str | None = None) -> Any:
-    """The tokenizer of a local model folder (from ``gguf_file`` in it, if given); one that
-    cannot be loaded is a ModelError in one line."""
+def load_tokenizer(path: str) -> Any:
+    """The tokenizer of a local model folder; one that cannot be loaded is a ModelError in one
+    line."""
     from transformers import AutoTokenizer  # here: transformers imports slowly
 
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        return AutoTokenizer.from_pretrained(path, **kwargs)
+        return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ModelError(
             f"cannot load the tokenizer from {path}: {str(e).splitlines()[0]}"

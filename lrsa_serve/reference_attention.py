@@ -26,15 +26,11 @@ NAME = "lagkv_reference"
 QUERY_BLOCK = 1024
 
 
-def settings_of(
-    module: torch.nn.Module,
-    missing: str = f"{NAME} attention needs config.{CONFIG_KEY} (see use_lagkv_reference)",
-) -> LagKVConfig:
-    """The LagKV settings in ``module.config`` (a model's or a layer's); ``missing`` is the
-    error where there are none."""
+def settings_of(module: torch.nn.Module) -> LagKVConfig:
+    """The LagKV settings in ``module.config`` (a model's or a layer's)."""
     section = getattr(module.config, CONFIG_KEY, None)
     if section is None:
-        raise ValueError(missing)
+        raise ValueError(f"{NAME} attention needs config.{CONFIG_KEY} (see use_lagkv_reference)")
     return section if isinstance(section, LagKVConfig) else LagKVConfig.build(**section)
 
 
@@ -115,16 +111,10 @@ def exact_attention(
     for lo in range(0, num_queries, QUERY_BLOCK):
         hi = min(num_queries, lo + QUERY_BLOCK)
         first = num_keys - num_queries + lo
-        visible = lagkv.visibility_mask(first + (hi - lo), kept, rule, query_start=first)
-        outputs.append(
-            masked_attention(
-                query[:, :, lo:hi],
-                key[:, :, : first + hi - lo],
-                value[:, :, : first + hi - lo],
-                visible,
-                scaling,
-            )
-        )
+        end = first + (hi - lo)  # the keys this block's last query sees
+        visible = lagkv.visibility_mask(end, kept, rule, query_start=first)
+        k, v = key[:, :, :end], value[:, :, :end]
+        outputs.append(masked_attention(query[:, :, lo:hi], k, v, visible, scaling))
     out = torch.cat(outputs, dim=1)
     if dropout and module.training:
         out = torch.nn.functional.dropout(out, p=dropout)

@@ -44,13 +44,6 @@ def split_seed(seed: int, split: str) -> int:
     return seed + (EVAL_SEED_OFFSET if split == "eval" else 0)
 
 
-def fill_to_length(
-    tokenizer: Tokenizer, head: str, needle: str, tail: str, tokens: int, depth: float
-) -> str:
-    """head + filler with the needle at ``depth`` + tail, about ``tokens`` tokens long."""
-    return fill_with_needles(tokenizer, head, [(depth, needle)], tail, tokens)
-
-
 def passkey(tokenizer: Tokenizer, tokens: int, depth: float, seed: int) -> Example:
     """The LagKV paper's passkey retrieval: a 5-digit number hidden in repeated filler."""
     rng = random.Random(seed)
@@ -61,7 +54,7 @@ def passkey(tokenizer: Tokenizer, tokens: int, depth: float, seed: int) -> Examp
     )
     needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
     tail = "\nWhat is the pass key? The pass key is"
-    prompt = fill_to_length(tokenizer, head, needle, tail, tokens, depth)
+    prompt = fill_with_needles(tokenizer, head, [(depth, needle)], tail, tokens)
     return Example("passkey", prompt, key, tokens, depth, seed)
 
 
@@ -175,9 +168,6 @@ def variable_tracking(tokenizer: Tokenizer, tokens: int, depth: float, seed: int
 
 
 TaskFn = Callable[[Tokenizer, int, float, int], Example]
-TASKS: dict[str, TaskFn] = {
-    "passkey": passkey,
-    "multikey_needle": multikey_needle,
-    "kv_lookup": kv_lookup,
-    "variable_tracking": variable_tracking,
+TASKS: dict[str, TaskFn] = {  # by function name
+    task.__name__: task for task in (passkey, multikey_needle, kv_lookup, variable_tracking)
 }

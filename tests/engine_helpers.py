@@ -70,3 +70,24 @@ def step_through(llm, prompts: list[list[int]], max_tokens: int) -> tuple[list[l
 
 def scheduler_of(llm):
     return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+@torch.no_grad()
+def lrsa_forward_logits(model, input_ids: torch.Tensor, cfg) -> torch.Tensor:
+    """Logits of one forward pass under the LRSA mask (what training optimises), for comparing
+    with the serving engine's prefill. The model's attention and settings are restored after."""
+    from lrsa_serve.training.attention.dispatch import use_lrsa
+
+    previous_impl = model.config._attn_implementation
+    previous_cfg = getattr(model.config, "lagkv", None)
+    use_lrsa(model, cfg)
+    try:
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        return model(input_ids=input_ids.to(model.device), use_cache=False).logits
+    finally:
+        model.set_attn_implementation(previous_impl)
+        if previous_cfg is None:
+            del model.config.lagkv
+        else:
+            model.config.lagkv = previous_cfg

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from lrsa_serve.pipeline import free_port
+from lrsa_serve.pipeline.processes import free_port
 
 
 class LiveServer:

@@ -16,7 +16,7 @@ from fastapi import Request  # module level: the routes' annotations resolve aga
 
 from lrsa_serve.cli import main as lrsa
 from lrsa_serve.eval.tasks import build_items, resolve_tasks
-from lrsa_serve.pipeline import free_port
+from lrsa_serve.pipeline.processes import free_port
 
 LAGKV_CARD = {"sink": 32, "lag": 128, "ratio": 0.25, "score_v_ratio": 1.0, "keep": 32}
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -176,7 +176,7 @@ def test_bad_parallel_sizes_fail_at_start_in_one_line(flags, message, monkeypatc
     import subprocess
     import sys
 
-    from lrsa_serve.pipeline import free_port
+    from lrsa_serve.pipeline.processes import free_port
 
     monkeypatch.delenv(BIND_VARIABLE, raising=False)
     cmd = [sys.executable, "-m", "lrsa_serve.serving.cli", *flags, "--dtype", "float32",

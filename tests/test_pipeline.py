@@ -15,7 +15,9 @@ import httpx
 import pytest
 
 from lrsa_serve.cli import main as lrsa
-from lrsa_serve.pipeline import ManagedServer, PipelineError, cli_flags, load_config
+from lrsa_serve.pipeline.config import load_config
+from lrsa_serve.pipeline.processes import ManagedServer, PipelineError
+from lrsa_serve.pipeline.stages import cli_flags
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_EXAMPLE = REPO / "examples" / "pipeline-cpu.yaml"
@@ -151,7 +153,7 @@ def test_ctrl_c_and_sigterm_stop_the_server(tmp_path, sig):
     holder = textwrap.dedent(f"""
         import time
         from test_pipeline import fake_server
-        from lrsa_serve.pipeline import stop_on_signals
+        from lrsa_serve.pipeline.processes import stop_on_signals
         from pathlib import Path
         with stop_on_signals(), fake_server(Path({str(tmp_path)!r}), "ok"):
             print("serving", flush=True)
@@ -237,7 +239,8 @@ def test_report_compares_every_model_with_the_base(tokenizer, tmp_path):
     from lrsa_serve.config import LagKVConfig
     from lrsa_serve.eval.runner import Answer, EvalRun, TargetInfo, grade
     from lrsa_serve.eval.tasks import build_items, resolve_tasks
-    from lrsa_serve.pipeline import PipelineConfig, report_markdown
+    from lrsa_serve.pipeline.config import PipelineConfig
+    from lrsa_serve.pipeline.report import report_markdown
 
     items = build_items(tokenizer, resolve_tasks(["passkey", "niah_multivalue"]), [300, 600],
                         [0.5], 1)  # fmt: skip

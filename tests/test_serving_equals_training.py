@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_helpers import lrsa_forward_logits
 
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.synthetic_tasks import passkey
@@ -38,7 +39,7 @@ def engine_logprobs(engines, prompt):
 def test_engine_prefill_equals_lrsa_forward(kernel, hf_model, prompt, engine_logprobs):
     dispatch.set_kernel(kernel)
     try:
-        logits = dispatch.lrsa_forward_logits(hf_model, torch.tensor(prompt), CFG)
+        logits = lrsa_forward_logits(hf_model, torch.tensor(prompt), CFG)
     finally:
         dispatch.set_kernel("auto")
     trained = torch.log_softmax(logits[0].double(), dim=-1)

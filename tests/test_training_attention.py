@@ -112,6 +112,8 @@ def test_hf_model_lrsa_varlen_equals_reference(kind):
     """The registered "lrsa" attention inside a real HF model (varlen items in plain torch on
     CPU) gives the reference attention's logits; lrsa_forward_logits restores the model's
     attention."""
+    from engine_helpers import lrsa_forward_logits
+
     from benchmarks.random_models import random_model, tiny_config
     from lrsa_serve.reference_attention import use_lagkv_reference
 
@@ -120,7 +122,7 @@ def test_hf_model_lrsa_varlen_equals_reference(kind):
     ids = torch.randint(0, 300, (2, 117), generator=torch.Generator().manual_seed(0))
     dispatch.set_kernel("math")
     try:
-        fast = dispatch.lrsa_forward_logits(model, ids, cfg)
+        fast = lrsa_forward_logits(model, ids, cfg)
     finally:
         dispatch.set_kernel("auto")
     assert model.config._attn_implementation == "sdpa"

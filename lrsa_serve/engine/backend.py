@@ -30,15 +30,6 @@ from lrsa_serve.engine.layout import BlockGeometry
 from lrsa_serve.engine.settings import SCHEDULER
 
 
-def lagkv_spec(spec: AttentionSpec) -> AttentionSpec:
-    """The spec a LagKV backend reports: full attention becomes LagKV when this process's model
-    has settings; anything else (sliding window, models without settings) stays stock."""
-    settings = engine_settings.remembered()
-    if settings is None or type(spec) is not FullAttentionSpec:
-        return spec
-    return LagKVAttentionSpec.wrap(spec, settings)
-
-
 def lagkv_backend(
     class_name: str, base: type, impl: type, builder: type, name: str | None = None
 ) -> type:
@@ -47,8 +38,14 @@ def lagkv_backend(
     one, as on the CPU, where the platform always picks ``CPU_ATTN``). ``class_name`` is the
     module-level name it is bound to: vLLM's registry imports backends by qualified path."""
 
-    def customize_spec(cls, spec):
-        return lagkv_spec(super(backend, cls).customize_spec(spec))
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        # Full attention becomes LagKV when this process's model has settings; anything else
+        # (sliding window, models without settings) stays stock.
+        spec = super(backend, cls).customize_spec(spec)
+        settings = engine_settings.remembered()
+        if settings is None or type(spec) is not FullAttentionSpec:
+            return spec
+        return LagKVAttentionSpec.wrap(spec, settings)
 
     attrs = {
         "__module__": builder.__module__,  # where it is bound, beside its builder
@@ -60,13 +57,6 @@ def lagkv_backend(
         attrs["get_name"] = staticmethod(lambda: name)
     backend = type(class_name, (base,), attrs)
     return backend
-
-
-def remember_current_settings() -> None:
-    """Called while vLLM builds the model's attention layers, when its config is current."""
-    config = get_current_vllm_config_or_none()
-    if config is not None:
-        engine_settings.remember(engine_settings.settings_from_vllm_config(config))
 
 
 class LagKVBuilderMixin:
@@ -144,7 +134,9 @@ class LagKVImplMixin:
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        remember_current_settings()
+        config = get_current_vllm_config_or_none()  # current while vLLM builds the layers
+        if config is not None:
+            engine_settings.remember(engine_settings.settings_from_vllm_config(config))
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         result = super().forward(

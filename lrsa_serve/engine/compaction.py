@@ -68,19 +68,16 @@ class GroupCompaction:
         self._seen[name] = kv_cache
         if len(self._seen) < len(self.layer_names):
             return
-        self._launch(plan, [self._seen[n] for n in self.layer_names], capturing)
-        self._step, self._seen = None, {}
-
-    def _launch(self, plan: CompactionPlan, caches: list[torch.Tensor], capturing: bool) -> None:
-        head = self.head_size
-        keys = [cache[..., :head] for cache in caches]
+        caches = [self._seen[n] for n in self.layer_names]
+        keys = [cache[..., : self.head_size] for cache in caches]
         if self.stack is None or not self.stack.holds(keys):
             if capturing:
                 raise RuntimeError("LagKV: the KV caches were reallocated during graph capture")
-            self.stack = LayerStack.of(keys, [cache[..., head:] for cache in caches])
+            self.stack = LayerStack.of(keys, [cache[..., self.head_size :] for cache in caches])
         self.compiled = True
         timer = stats.DEVICE_TIMER.time() if keys[0].is_cuda else stats.COMPACTION_SECONDS.time()
         with timer:
             compress_layers(
                 self.stack, plan.part_blocks, plan.ref_blocks, plan.rule, active=plan.active
             )
+        self._step, self._seen = None, {}

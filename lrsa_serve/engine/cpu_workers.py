@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from collections.abc import MutableMapping, Sequence
 
+import numpy as np
+
 from lrsa_serve.errors import UserError
 
 BIND_VARIABLE = "VLLM_CPU_OMP_THREADS_BIND"
@@ -26,14 +28,7 @@ def core_groups(cores: Sequence[int], ranks: int) -> list[list[int]]:
             f"{len(cores)} ({', '.join(map(str, cores))}); lower --tensor-parallel-size / "
             f"--pipeline-parallel-size or set {BIND_VARIABLE} yourself"
         )
-    ordered = sorted(cores)
-    size, larger = divmod(len(ordered), ranks)
-    groups, start = [], 0
-    for rank in range(ranks):
-        end = start + size + (rank < larger)
-        groups.append(ordered[start:end])
-        start = end
-    return groups
+    return [group.tolist() for group in np.array_split(sorted(cores), ranks)]
 
 
 def bind_local_ranks(

@@ -10,7 +10,6 @@ LagKV steps), and after the group's last layer every layer's compaction in one s
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +29,6 @@ from vllm.v1.attention.backends.triton_attn import (
 
 from lrsa_serve.engine.backend import LagKVBuilderMixin, LagKVImplMixin, lagkv_backend
 from lrsa_serve.engine.compaction import CompactionPlan, GroupCompaction
-
-logger = logging.getLogger("lrsa_serve.engine")
 
 FLASH_BACKEND = "LAGKV_FLASH_ATTN"
 TRITON_BACKEND = "LAGKV_TRITON"
@@ -74,7 +71,6 @@ class LagKVCudaImplMixin(LagKVImplMixin):
         attn_metadata.compaction_group.after_layer(layer.layer_name, kv_cache, plan)
 
 
-# ---- FlashAttention --------------------------------------------------------------------------
 @dataclass
 class LagKVFlashMetadata(FlashAttentionMetadata):
     compaction: CompactionPlan | None = None
@@ -94,7 +90,6 @@ LagKVFlashBackend = lagkv_backend(
 )
 
 
-# ---- Triton ----------------------------------------------------------------------------------
 @dataclass
 class LagKVTritonMetadata(TritonAttentionMetadata):
     compaction: CompactionPlan | None = None

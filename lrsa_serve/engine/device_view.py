@@ -56,15 +56,11 @@ class DeviceView:
             from lrsa_serve.kernels.compacted_view_triton import compacted_view
 
             self.write = compacted_view
-            self._compile()
-
-    def _compile(self) -> None:
-        """Compile the kernel now, at start-up: the first step may already be a CUDA graph
-        capture, where compiling cannot happen (one variant serves every batch size)."""
-        one = torch.ones(1, 1, dtype=torch.int32, device=self.device)
-        starts = torch.arange(2, dtype=torch.int32, device=self.device)
-        self.update(one, one[0], starts, 1)
-        self.table = None
+            # Compile the kernel now, at start-up: the first step may already be a CUDA graph
+            # capture, where compiling cannot happen (one variant serves every batch size).
+            one = torch.ones(1, 1, dtype=torch.int32, device=device)
+            self.update(one, one[0], torch.arange(2, dtype=torch.int32, device=device), 1)
+            self.table = None
 
     def update(
         self,

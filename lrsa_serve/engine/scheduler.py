@@ -19,7 +19,8 @@ from lrsa_serve.engine.settings import check_engine_config, settings_from_vllm_c
 
 
 class LagKVSchedulingMixin:
-    def _init_lagkv(self) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         settings = settings_from_vllm_config(self.vllm_config)
         if settings is not None:
             check_engine_config(settings, self.vllm_config)
@@ -47,15 +48,11 @@ class LagKVSchedulingMixin:
 
 
 class LagKVScheduler(LagKVSchedulingMixin, Scheduler):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_lagkv()
+    pass
 
 
 class LagKVAsyncScheduler(LagKVSchedulingMixin, AsyncScheduler):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_lagkv()
+    pass
 
 
 def make_scheduler(*args: Any, **kwargs: Any) -> Scheduler:

@@ -83,19 +83,14 @@ def record_compactions(partitions: int, evicted_tokens: int) -> None:
     """Worker side, once per step: partitions whose compaction this step planned. Every worker
     plans the same ones (tensor-parallel ranks hold other heads, pipeline stages other layers),
     so one worker counts: the first rank of the first stage."""
-    if not _counting_worker():
-        return
-    COMPRESSED_PARTITIONS.inc(partitions)
-    EVICTED_TOKENS.inc(evicted_tokens)
-
-
-def _counting_worker() -> bool:
     from vllm.distributed import parallel_state
 
-    if not parallel_state.model_parallel_is_initialized():
-        return True
-    groups = parallel_state.get_tp_group(), parallel_state.get_pp_group()
-    return all(group.is_first_rank for group in groups)
+    if parallel_state.model_parallel_is_initialized():
+        groups = parallel_state.get_tp_group(), parallel_state.get_pp_group()
+        if not all(group.is_first_rank for group in groups):
+            return
+    COMPRESSED_PARTITIONS.inc(partitions)
+    EVICTED_TOKENS.inc(evicted_tokens)
 
 
 def record_freed_blocks(blocks: int) -> None:

@@ -135,12 +135,6 @@ def parse_engine_args(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def split_names(values: list[str] | None) -> list[str] | None:
-    if not values:
-        return None
-    return [name.strip() for value in values for name in value.split(",") if name.strip()]
-
-
 def check_arguments(args: argparse.Namespace) -> None:
     if any(n < 64 for n in args.lengths):
         raise UserError("--lengths must be at least 64 tokens")
@@ -181,16 +175,9 @@ def build_targets(args: argparse.Namespace, max_tokens: int) -> list:
 
     if args.base_url:
         api_key = args.api_key or os.environ.get("LRSA_API_KEY")
+        options = dict(api=args.api, model=args.served_model, timeout=args.timeout)
         return [
-            HTTPTarget(
-                url,
-                name=name,
-                api_key=api_key,
-                api=args.api,
-                model=args.served_model,
-                concurrency=args.concurrency,
-                timeout=args.timeout,
-            )
+            HTTPTarget(url, name=name, api_key=api_key, concurrency=args.concurrency, **options)
             for name, url in map(parse_target, args.base_url)
         ]
     from lrsa_serve.engine.api import lagkv_engine_kwargs
@@ -251,8 +238,9 @@ def run(args: argparse.Namespace) -> int:
     from lrsa_serve.models import load_tokenizer
 
     check_arguments(args)
+    names = [name.strip() for value in args.tasks or [] for name in value.split(",")]
     try:
-        specs = resolve_tasks(split_names(args.tasks))
+        specs = resolve_tasks([name for name in names if name])
     except ValueError as e:
         raise UserError(str(e)) from None
     targets = build_targets(args, max(spec.max_tokens for spec in specs))

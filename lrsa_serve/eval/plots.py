@@ -12,11 +12,17 @@ from typing import Any
 from lrsa_serve.eval.runner import EvalRun, cells, lookup
 
 
-def pyplot() -> Any | None:
-    """matplotlib.pyplot on the Agg backend (no display needed), or None if not installed."""
+def pyplot(command: str) -> Any | None:
+    """matplotlib.pyplot on the Agg backend (no display needed); None if it is not installed, said
+    on stderr as ``command``."""
     try:
         import matplotlib
     except ModuleNotFoundError:
+        print(
+            f"{command}: matplotlib is not installed; plots skipped (pip install "
+            "'lrsa-serve[eval]')",
+            file=sys.stderr,
+        )
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -72,12 +78,8 @@ def depth_heatmap(plt: Any, run: EvalRun, path: Path) -> Path | None:
     for r in depth_items:
         scores[(r.target, r.item.depth, r.item.length)].append(r.score)
     count = len(run.targets)
-    fig, axes = plt.subplots(
-        1,
-        count,
-        figsize=(1.2 + 1.1 * len(lengths) * count + 0.8 * count, 0.6 * len(depths) + 2),
-        squeeze=False,
-    )
+    width = 1.2 + 1.1 * len(lengths) * count + 0.8 * count
+    fig, axes = plt.subplots(1, count, figsize=(width, 0.6 * len(depths) + 2), squeeze=False)
     image = None
     for k, (ax, info) in enumerate(zip(axes[0], run.targets, strict=True)):
         grid = [[float("nan")] * len(lengths) for _ in depths]
@@ -123,13 +125,8 @@ def accuracy_by_task(plt: Any, run: EvalRun, path: Path) -> Path | None:
 
 def draw_all(run: EvalRun, out_dir: Path) -> dict[str, Path]:
     """Every plot that has something to show, as ``out_dir/NAME.png``, by name."""
-    plt = pyplot()
+    plt = pyplot("lrsa eval")
     if plt is None:
-        print(
-            "lrsa eval: matplotlib is not installed; plots skipped (pip install "
-            "'lrsa-serve[eval]')",
-            file=sys.stderr,
-        )
         return {}
     drawn = {
         draw.__name__: draw(plt, run, out_dir / f"{draw.__name__}.png")

@@ -13,6 +13,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +77,6 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 # ---- failures ---------------------------------------------------------------------------------
-def _shape(message: str) -> str:
-    return re.sub(r"\d+(\.\d+)?", "N", message)
-
-
 def failures(run: EvalRun) -> dict[str, dict[str, Any]]:
     """Per target with failures: how many, per task, and the distinct messages (grouped by shape,
     most frequent first, one real example each)."""
@@ -92,8 +89,9 @@ def failures(run: EvalRun) -> dict[str, dict[str, Any]]:
         example: dict[str, str] = {}
         for result in failed:
             message = result.answer.error or "no answer"
-            shapes[_shape(message)] += 1
-            example.setdefault(_shape(message), message)
+            shape = re.sub(r"\d+(\.\d+)?", "N", message)  # numbers masked
+            shapes[shape] += 1
+            example.setdefault(shape, message)
         out[info.name] = {
             "failed": len(failed),
             "requests": sum(r.target == info.name for r in run.results),
@@ -145,7 +143,7 @@ def to_json(run: EvalRun) -> dict[str, Any]:
         "version": JSON_VERSION,
         "config": run.config,
         "targets": [info.to_dict() for info in run.targets],
-        "summary": [cell.to_dict() for cell in cells(run)],
+        "summary": [asdict(cell) for cell in cells(run)],
         "failures": failures(run),
         "items": [result.to_dict() for result in run.results],
     }

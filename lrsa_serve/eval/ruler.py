@@ -20,7 +20,6 @@ from lrsa_serve.synthetic_tasks import (
     Example,
     Tokenizer,
     distinct,
-    fill_to_length,
     fill_with_needles,
     magic_needle,
     magic_number,
@@ -44,7 +43,8 @@ def niah_single(tokenizer: Tokenizer, tokens: int, depth: float, seed: int) -> E
         f"\nWhat is the special magic number for {key} mentioned in the provided text? "
         f"The special magic number for {key} mentioned in the provided text is"
     )
-    prompt = fill_to_length(tokenizer, NIAH_HEAD, magic_needle(key, value), tail, tokens, depth)
+    needles = [(depth, magic_needle(key, value))]
+    prompt = fill_with_needles(tokenizer, NIAH_HEAD, needles, tail, tokens)
     return Example("niah_single", prompt, value, tokens, depth, seed)
 
 
@@ -71,41 +71,35 @@ def _all_numbers(
     return Example(task, prompt, answer, tokens, depth, seed)
 
 
-def niah_multivalue(
-    tokenizer: Tokenizer, tokens: int, depth: float, seed: int, values: int = 4
-) -> Example:
-    """RULER niah_multivalue: one key with ``values`` numbers; the first at ``depth``, the
+def niah_multivalue(tokenizer: Tokenizer, tokens: int, depth: float, seed: int) -> Example:
+    """RULER niah_multivalue: one key with four numbers; the first at ``depth``, the
     others at random depths. The answer is all of them."""
     rng = random.Random(seed)
     key = _pseudo_word(rng)
-    pairs = [(key, number) for number in distinct(rng, values, magic_number)]
+    pairs = [(key, number) for number in distinct(rng, 4, magic_number)]
     return _all_numbers("niah_multivalue", rng, pairs, key, tokenizer, tokens, depth, seed)
 
 
-def niah_multiquery(
-    tokenizer: Tokenizer, tokens: int, depth: float, seed: int, queries: int = 4
-) -> Example:
-    """RULER niah_multiquery: ``queries`` keys with one number each, all asked at once; the
+def niah_multiquery(tokenizer: Tokenizer, tokens: int, depth: float, seed: int) -> Example:
+    """RULER niah_multiquery: four keys with one number each, all asked at once; the
     first key's needle sits at ``depth``, the others at random depths. The answer lists the
     numbers in the order the question names their keys."""
     rng = random.Random(seed)
-    keys = distinct(rng, queries, _pseudo_word)
-    pairs = list(zip(keys, distinct(rng, queries, magic_number), strict=True))
+    keys = distinct(rng, 4, _pseudo_word)
+    pairs = list(zip(keys, distinct(rng, 4, magic_number), strict=True))
     asked = ", ".join(keys[:-1]) + f", and {keys[-1]}"
     return _all_numbers("niah_multiquery", rng, pairs, asked, tokenizer, tokens, depth, seed)
 
 
-def common_words(
-    tokenizer: Tokenizer, tokens: int, depth: float, seed: int, top: int = 10
-) -> Example:
-    """RULER's common-word extraction (CWE): a numbered list of words in which ``top`` words
-    appear several times more often than the rest; the answer is those ``top`` words.
+def common_words(tokenizer: Tokenizer, tokens: int, depth: float, seed: int) -> Example:
+    """RULER's common-word extraction (CWE): a numbered list of words in which ``top`` (10) words
+    appear several times more often than the rest; the answer is those words.
 
     RULER repeats common words 30x and the others 3x at long lengths; short lists cannot hold
     10 x 30 entries, so the common frequency scales with the list (between 6x and 30x), always
     twice the uncommon words' 3x or more. ``depth`` is recorded but has no meaning here.
     """
-    rng = random.Random(seed)
+    rng, top = random.Random(seed), 10
     head = (
         "Below is a numbered list of words. In these words, some appear more often than others. "
         "Memorize the ones that appear most often.\n"
@@ -141,9 +135,6 @@ def common_words(
     return Example("common_words", render(words), " ".join(common), tokens, depth, seed)
 
 
-RULER_TASKS = {
-    "niah_single": niah_single,
-    "niah_multivalue": niah_multivalue,
-    "niah_multiquery": niah_multiquery,
-    "common_words": common_words,
+RULER_TASKS = {  # by function name
+    task.__name__: task for task in (niah_single, niah_multivalue, niah_multiquery, common_words)
 }

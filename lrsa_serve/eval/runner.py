@@ -298,13 +298,8 @@ class EngineTarget:
         self.model, self.settings, self.api = model, settings, api
         self.batch, self.engine_kwargs = max(1, batch), engine_kwargs
         lagkv = settings.model_dump() if settings else None
-        self.info = TargetInfo(
-            setting_label(lagkv),
-            "engine",
-            model,
-            lagkv,
-            max_model_len=engine_kwargs.get("max_model_len"),
-        )
+        limit = engine_kwargs.get("max_model_len")
+        self.info = TargetInfo(setting_label(lagkv), "engine", model, lagkv, max_model_len=limit)
         self.llm: Any = llm
         self.owns_engine = llm is None
         self.start_error: str | None = None
@@ -400,9 +395,6 @@ class Cell:
     score: float
     exact: float
     failed: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 def _cell(target: str, task: str, length: int | None, rows: Sequence[ItemResult]) -> Cell:

@@ -117,7 +117,10 @@ def compress_layers(
     keep = rule.keep
     layers = len(stack.keys)
     rows, blocks = part_blocks.shape
-    per_layer = _scratch_bytes_per_layer(key, value, rows, blocks, keep)
+    length = blocks * key.shape[2]
+    width = 1 << (max(key.shape[-1], value.shape[-1]) - 1).bit_length()
+    # a layer's scratch: its scores and partial ranges (float32), its kept indices (int64)
+    per_layer = rows * key.shape[1] * (2 * length * 4 + 2 * 2 * width * 4 + keep * 8)
     group = max(1, min(layers, LAYERS_SCRATCH_BYTES // per_layer))
     kept = torch.empty(layers, rows, key.shape[1], keep, dtype=torch.int64, device=key.device)
     for first in range(0, layers, group):
@@ -135,10 +138,3 @@ def compress_layers(
 # Scratch of one set of launches (scores, ranges, kept indices of every layer it covers): layers
 # are grouped to stay under it, so a captured graph of a large batch keeps a bounded pool.
 LAYERS_SCRATCH_BYTES = 256 << 20
-
-
-def _scratch_bytes_per_layer(key, value, rows: int, part_blocks: int, keep: int) -> int:
-    heads, block_size = key.shape[1], key.shape[2]
-    length = part_blocks * block_size
-    width = 1 << (max(key.shape[-1], value.shape[-1]) - 1).bit_length()
-    return rows * heads * (2 * length * 4 + 2 * 2 * width * 4 + keep * 8)

@@ -110,36 +110,14 @@ def _compact_kernel(
     )
     if which == 0:
         _move_rows(
-            k_ptr + shift,
-            k_stride_blk,
-            k_stride_head,
-            k_stride_tok,
-            k_stride_dim,
-            part_row,
-            kept_row,
-            head,
-            KEEP,
-            DK,
-            BLOCK_SIZE,
-            BLOCK_JK,
-            BLOCK_DK,
-        )
+            k_ptr + shift, k_stride_blk, k_stride_head, k_stride_tok, k_stride_dim, part_row,
+            kept_row, head, KEEP, DK, BLOCK_SIZE, BLOCK_JK, BLOCK_DK,
+        )  # fmt: skip
     else:
         _move_rows(
-            v_ptr + shift,
-            v_stride_blk,
-            v_stride_head,
-            v_stride_tok,
-            v_stride_dim,
-            part_row,
-            kept_row,
-            head,
-            KEEP,
-            DV,
-            BLOCK_SIZE,
-            BLOCK_JV,
-            BLOCK_DV,
-        )
+            v_ptr + shift, v_stride_blk, v_stride_head, v_stride_tok, v_stride_dim, part_row,
+            kept_row, head, KEEP, DV, BLOCK_SIZE, BLOCK_JV, BLOCK_DV,
+        )  # fmt: skip
 
 
 def compact_kept(

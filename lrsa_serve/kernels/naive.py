@@ -32,14 +32,9 @@ def select_kept(
     score_v_ratio: float = 1.0,
 ) -> torch.Tensor:
     """Top-``keep`` tokens of each partition per KV head, scored against its successor."""
-    return lagkv.select_partition(
-        gather_rows(key_cache, part_blocks),
-        gather_rows(value_cache, part_blocks),
-        gather_rows(key_cache, ref_blocks),
-        gather_rows(value_cache, ref_blocks),
-        keep,
-        score_v_ratio,
-    )
+    part = [gather_rows(cache, part_blocks) for cache in (key_cache, value_cache)]
+    ref = [gather_rows(cache, ref_blocks) for cache in (key_cache, value_cache)]
+    return lagkv.select_partition(*part, *ref, keep, score_v_ratio)
 
 
 def compact_kept(

@@ -366,9 +366,8 @@ def select_kept(
         out = torch.empty(*lead, requests, num_heads, keep, dtype=torch.int64, device=device)
     assert out.shape == (*lead, requests, num_heads, keep), "out: [(layers,) R, kv heads, keep]"
     assert out.dtype == torch.int64 and out.is_contiguous()
-    kept = out
     if requests == 0 or layers == 0:
-        return kept
+        return out
     part_blocks = part_blocks.contiguous()
     ref_blocks = ref_blocks.contiguous()
     spread = torch.empty(layers, requests, num_heads, 2, length, dtype=torch.float32, device=device)
@@ -402,26 +401,15 @@ def select_kept(
     layer_arg = layer_offsets if layer_offsets is not None else part_blocks  # read if LAYERED
     for ranges_pass, blocks in ((True, ref_blocks), (False, part_blocks)):
         _channels_kernel[grid](
-            *strides,
-            blocks,
-            blocks.stride(0),
-            ranges,
-            spread,
-            active_arg,
-            layer_arg,
-            num_heads,
-            split_tokens,
-            **shapes,
-            **flags,
-            RANGES=ranges_pass,
-            num_warps=SPREAD_WARPS,
-        )
+            *strides, blocks, blocks.stride(0), ranges, spread, active_arg, layer_arg, num_heads,
+            split_tokens, **shapes, **flags, RANGES=ranges_pass, num_warps=SPREAD_WARPS,
+        )  # fmt: skip
     if scores_out is not None:
         assert scores_out.shape == (*lead, requests, num_heads, length)
         assert scores_out.dtype == torch.float32 and scores_out.is_contiguous()
     _top_keep_kernel[(requests * num_heads, layers)](
         spread,
-        kept,
+        out,
         scores_out if scores_out is not None else spread,
         active_arg,
         num_heads,
@@ -435,4 +423,4 @@ def select_kept(
         # torch rounds ratio * s_V, then the sum: no fused multiply-add.
         enable_fp_fusion=False,
     )
-    return kept
+    return out

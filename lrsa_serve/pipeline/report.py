@@ -66,6 +66,8 @@ def report_markdown(
         "seed split (never trained on). Accuracy = mean partial-credit score; failed requests "
         "count as 0."
     )
+    train_header = "variant|steps|final loss|held-out exact match (teacher forcing)|checkpoint"
+    train_table = markdown_table(train_header.split("|"), train_rows) if train_rows else "(none)"
     parts = [
         f"# Pipeline report: {config.name}",
         "",
@@ -73,18 +75,7 @@ def report_markdown(
         "",
         "## Training",
         "",
-        markdown_table(
-            [
-                "variant",
-                "steps",
-                "final loss",
-                "held-out exact match (teacher forcing)",
-                "checkpoint",
-            ],
-            train_rows,
-        )
-        if train_rows
-        else "(none)",
+        train_table,
         "",
         "## Accuracy",
         "",

@@ -37,10 +37,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def checkpoint_dir(out_dir: Path, step: int) -> Path:
-    return out_dir / "checkpoints" / f"step_{step:06d}"
-
-
 def _step_dirs(root: Path) -> list[Path]:
     """The ``step_N`` folders under ``root``, oldest step first."""
     if not root.is_dir():
@@ -63,11 +59,11 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     keep: int,
     rank: int,
-) -> Path:
+) -> None:
     from torch.distributed.checkpoint import save
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    final = checkpoint_dir(out_dir, step)
+    final = out_dir / "checkpoints" / f"step_{step:06d}"
     partial = final.with_name(final.name + ".partial")
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
@@ -86,7 +82,6 @@ def save_checkpoint(
         for path in older[: max(0, len(older) - (keep - 1))]:
             shutil.rmtree(path, ignore_errors=True)
     _barrier()
-    return final
 
 
 def load_checkpoint(
@@ -114,7 +109,7 @@ def export_hf(
     lagkv: LagKVConfig | None,
     dtype: torch.dtype,
     rank: int,
-) -> Path | None:
+) -> None:
     """Write an HF checkpoint (safetensors, tokenizer, config.json with "lagkv") into out_dir.
 
     All ranks take part in gathering the full state dict; rank 0 writes. The result loads with
@@ -128,7 +123,7 @@ def export_hf(
     state = get_model_state_dict(model, options=options)
     if rank != 0:
         _barrier()
-        return None
+        return
     state = {name: tensor.detach().to("cpu", dtype) for name, tensor in state.items()}
     if getattr(model.config, "tie_word_embeddings", False):
         # FSDP's full state dict names a tied weight twice; the checkpoint stores it once, as
@@ -161,4 +156,3 @@ def export_hf(
         item.replace(out_dir / item.name)
     partial.rmdir()
     _barrier()
-    return out_dir

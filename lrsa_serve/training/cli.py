@@ -25,26 +25,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # A flag's dest is the JobConfig field it sets (build_job copies those given). Defaults are
     # None so that a flag left out does not override --config; JobConfig holds the real defaults.
     p = parser.add_argument
+
+    def renamed(flag: str, field: str, text: str) -> None:  # a flag named unlike its field
+        p(flag, dest=field, metavar=flag[2:].upper().replace("-", "_"), help=text)
+
+    def switch(flag: str, field: str, text: str) -> None:  # --no-X turns X off
+        action = "store_false" if flag.startswith("--no-") else "store_true"
+        p(flag, dest=field, action=action, default=None, help=text)
+
     p("model", nargs="?", default=None, help="local HF model folder (default: the default model)")
     p("--config", help="YAML job config; flags override it")
-    p(
-        "--data",
-        dest="source",
-        metavar="DATA",
-        help="JSONL file (messages or prompt/completion) or 'synthetic'",
+    renamed("--data", "source", "JSONL file (messages or prompt/completion) or 'synthetic'")
+    renamed(
+        "--eval-data", "eval_source", "held-out JSONL (synthetic data brings its own eval split)"
     )
-    p(
-        "--eval-data",
-        dest="eval_source",
-        metavar="EVAL_DATA",
-        help="held-out JSONL (synthetic data brings its own eval split)",
-    )
-    p(
-        "--out",
-        dest="out_dir",
-        metavar="OUT",
-        help="output folder: checkpoints/, metrics.jsonl and the exported model",
-    )
+    renamed("--out", "out_dir", "output folder: checkpoints/, metrics.jsonl and the exported model")
     add_lagkv_arguments(parser)
     p("--max-len", type=int, help="longest example in tokens (default 8192)")
     p("--overlong", choices=("skip", "truncate"), help="over-long examples (default skip)")
@@ -64,20 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "installed, else FlashAttention-2 on CUDA; the exact reference on CPU); naming one pins "
         "it on any device",
     )
-    p(
-        "--no-grad-checkpointing",
-        dest="gradient_checkpointing",
-        action="store_false",
-        default=None,
-        help="keep activations (more memory)",
-    )
-    p(
-        "--no-compile",
-        dest="compile",
-        action="store_false",
-        default=None,
-        help="eager decoder layers (compiled on CUDA)",
-    )
+    switch("--no-grad-checkpointing", "gradient_checkpointing", "keep activations (more memory)")
+    switch("--no-compile", "compile", "eager decoder layers (compiled on CUDA)")
     p(
         "--dtype",
         dest="mixed_precision",
@@ -89,14 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--save-every", type=int, help="steps between checkpoints (0: at the end only)")
     p("--keep-checkpoints", type=int, help="checkpoints kept (default 2)")
     p("--log-every", type=int, help="steps between metrics lines (default 1)")
-    p(
-        "--resume",
-        action="store_true",
-        default=None,
-        help="continue from the last checkpoint in --out",
-    )
+    switch("--resume", "resume", "continue from the last checkpoint in --out")
     p("--seed", type=int, help="data order seed (default 0)")
-    p("--gguf-file", help="load weights from this GGUF file inside MODEL")
     p(
         "--synthetic-examples",
         type=int,
@@ -120,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_names,
         help="comma-separated tasks from lrsa_serve.synthetic_tasks.TASKS",
     )
-    p("--no-progress", dest="progress", action="store_false", default=None, help="no tqdm bar")
+    switch("--no-progress", "progress", "no tqdm bar")
 
 
 def _names(text: str) -> tuple[str, ...] | None:

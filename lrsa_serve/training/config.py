@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lrsa_serve.config import LagKVConfig
+from lrsa_serve.synthetic_tasks import TASKS
 
 ATTENTIONS = ("lrsa", "dense")
 # Kernels of the LRSA attention's varlen call (training/attention/varlen.py).
@@ -29,7 +30,6 @@ SYNTHETIC_MAX_TOKENS = 8000
 @dataclass
 class ModelConfig:
     path: str | None = None  # local HF folder; None = the project's default model
-    gguf_file: str | None = None  # load weights from this GGUF inside ``path``
     attention: str = "lrsa"  # "lrsa" (the LagKV mask) or "dense" (vanilla SDPA, for comparison)
     lrsa_kernel: str = "auto"  # the LRSA attention's kernel (dispatch.set_kernel, --lrsa-kernel)
     gradient_checkpointing: bool = True
@@ -50,19 +50,12 @@ class DataConfig:
     batch_size: int = 1  # sequences per micro-batch and rank
     pad_multiple: int = 64  # batches are right-padded to a multiple of this
     # --data synthetic: RULER-style QA from lrsa_serve.synthetic_tasks, seeds disjoint from the
-    # eval split.
-    # None = derived by JobConfig.fill_derived: as many training examples as the run consumes
-    # (steps x grad_accum x batch_size x GPUs), lengths that fit max_len (SYNTHETIC_* above).
+    # eval split. None = derived for the run by JobConfig.fill_derived.
     synthetic_examples: int | None = None
     synthetic_eval_examples: int = 64
     synthetic_min_tokens: int | None = None  # shortest prompt asked for
     synthetic_max_tokens: int | None = None  # longest example (prompt, template and answer)
-    synthetic_tasks: tuple[str, ...] = (
-        "passkey",
-        "multikey_needle",
-        "kv_lookup",
-        "variable_tracking",
-    )
+    synthetic_tasks: tuple[str, ...] = tuple(TASKS)  # all of them
 
 
 @dataclass
@@ -88,8 +81,6 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = False
     export_dtype: str = "float32"  # float32 keeps the trained weights exactly
-    export: bool = True  # write the HF checkpoint into out_dir at the end
-    save_final: bool = True  # resumable checkpoint at the last step (experiments may skip it)
     progress: bool = True  # tqdm bar on rank 0
 
 

@@ -66,9 +66,6 @@ class DataStats:
     target_tokens: int = 0
     longest: int = 0
 
-    def to_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
-
 
 # ---- encoding one record ------------------------------------------------------------------------
 def _text_field(record: dict, name: str, where: str) -> str:

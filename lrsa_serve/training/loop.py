@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +51,6 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
 
 def init_runtime() -> Runtime:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain ``python`` run is rank 0 of 1."""
@@ -72,7 +68,7 @@ def init_runtime() -> Runtime:
 
 
 def _all_sum(values: list[float], runtime: Runtime) -> list[float]:
-    if not runtime.distributed:
+    if runtime.world_size == 1:
         return values
     tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)
     dist.all_reduce(tensor)
@@ -146,7 +142,7 @@ class Trainer:
         path = job.model.path
         if model is None or tokenizer is None:
             path = path or resolve_model(None)
-        self.tokenizer = tokenizer or load_tokenizer(path, job.model.gguf_file)
+        self.tokenizer = tokenizer or load_tokenizer(path)
         self.train_examples, self.train_stats = self._dataset("train")
         self.eval_examples, _ = self._dataset("eval")
         self.pad_id = data_mod.pad_token_id(self.tokenizer)
@@ -155,7 +151,7 @@ class Trainer:
         )
         self.per_step = job.train.grad_accum * self.runtime.world_size
 
-        model = model or model_mod.load_model(path, job.model.gguf_file)
+        model = model or model_mod.load_model(path)
         model_mod.check_supported(model)
         model_mod.set_attention(model, job.model.attention, job.lagkv, job.model.lrsa_kernel)
         model_mod.prepare_for_training(model, job.model.gradient_checkpointing)
@@ -172,7 +168,6 @@ class Trainer:
         self.step = 0
         self.metrics_path = self.out_dir / "metrics.jsonl"
 
-    # ---- data ----
     def _dataset(self, split: str) -> tuple[list[TokenizedExample], data_mod.DataStats]:
         d = self.job.data
         if d.source == "synthetic" and (split == "train" or d.eval_source is None):
@@ -203,7 +198,6 @@ class Trainer:
         )
         return {name: tensor.to(self.runtime.device) for name, tensor in batch.items()}
 
-    # ---- logging ----
     def log(self, record: dict[str, Any]) -> None:
         if self.runtime.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -218,7 +212,6 @@ class Trainer:
         keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
         self.metrics_path.write_text("".join(line + "\n" for line in keep))
 
-    # ---- checkpoints ----
     def _trainer_state(self) -> dict[str, Any]:
         return {
             "step": self.step,
@@ -256,7 +249,6 @@ class Trainer:
         self._trim_metrics(self.step)
         self.log({"event": "resume", "step": self.step, "checkpoint": str(latest)})
 
-    # ---- one optimizer step ----
     def train_step(self) -> dict[str, float]:
         micro_batches = self.plan.step_micro_batches(self.step, self.per_step)
         step_targets = sum(
@@ -303,7 +295,6 @@ class Trainer:
                 f"{ckpt.latest_checkpoint(self.out_dir) or 'none'})"
             )
 
-    # ---- evaluation ----
     def evaluate(self) -> dict[str, float]:
         """Loss and exact match on the held-out examples (``evaluate.py``), summed over ranks."""
         if not self.eval_examples:
@@ -326,14 +317,13 @@ class Trainer:
         per_task = [dict(zip(tasks, part, strict=True)) for part in (counts[:n], counts[n:])]
         return EvalSums(loss, targets, *per_task).scores()
 
-    # ---- the run ----
     def run(self) -> dict[str, Any]:
         from tqdm import tqdm
 
         self.resume_if_asked()
         t = self.job.train
         if self.step == 0:
-            self.log({"event": "data", "step": 0, **self.train_stats.to_dict()})
+            self.log({"event": "data", "step": 0, **asdict(self.train_stats)})
             if self.runtime.is_main and self.train_stats.skipped_overlong:
                 print(
                     f"[lrsa train] skipped {self.train_stats.skipped_overlong} over-long examples "
@@ -364,7 +354,7 @@ class Trainer:
                 scores = self.evaluate()
                 self.log({"step": self.step, **scores})
                 last.update(scores)
-            if (final and t.save_final) or (t.save_every and self.step % t.save_every == 0):
+            if final or (t.save_every and self.step % t.save_every == 0):
                 ckpt.save_checkpoint(
                     self.out_dir,
                     self.step,
@@ -375,15 +365,8 @@ class Trainer:
                     self.runtime.rank,
                 )
         bar.close()
-        if t.export:
-            self.export()
-        return last
-
-    def export(self) -> Path | None:
         lagkv = self.job.lagkv if self.job.model.attention == "lrsa" else None
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.job.train.export_dtype]
-        out = ckpt.export_hf(
-            self.model, self.tokenizer, self.out_dir, lagkv, dtype, self.runtime.rank
-        )
+        ckpt.export_hf(self.model, self.tokenizer, self.out_dir, lagkv, dtype, self.runtime.rank)
         self.log({"event": "export", "step": self.step, "dir": str(self.out_dir)})
-        return out
+        return last

@@ -22,17 +22,11 @@ from lrsa_serve.training.attention.dispatch import use_lrsa
 SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
 
-def load_model(path: str, gguf_file: str | None = None) -> PreTrainedModel:
+def load_model(path: str) -> PreTrainedModel:
     """float32 weights (the optimizer's master copy), SDPA attention until one is chosen."""
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, attn_implementation="sdpa", **kwargs
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="sdpa"
     )
-    if getattr(model.config, "quantization_config", None) is not None and gguf_file:
-        # GGUF weights arrive dequantized; the quantizer tag would block saving them.
-        del model.config.quantization_config
-        model.hf_quantizer = None
-    return model
 
 
 def check_supported(model: PreTrainedModel) -> None:

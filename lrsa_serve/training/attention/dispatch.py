@@ -18,9 +18,8 @@ cache) always take the reference path: the items are defined for a whole sequenc
 from __future__ import annotations
 
 import torch
-from transformers import PreTrainedModel
 
-from lrsa_serve.config import CONFIG_KEY, LagKVConfig, keep_for
+from lrsa_serve.config import CONFIG_KEY, keep_for
 from lrsa_serve.lagkv import Rule
 from lrsa_serve.reference_attention import exact_attention, register, settings_of
 from lrsa_serve.training.attention import op
@@ -93,29 +92,3 @@ def _eager_attention(
 
 
 use_lrsa = register(NAME, _lrsa)
-
-
-@torch.no_grad()
-def lrsa_forward_logits(
-    model: PreTrainedModel, input_ids: torch.Tensor, cfg: LagKVConfig | None = None
-) -> torch.Tensor:
-    """Logits of a full forward pass under the LRSA mask (what training optimises), for comparing
-    with the serving engine's prefill. ``cfg`` defaults to the checkpoint's ``config.lagkv``.
-    The model's attention implementation and settings are restored afterwards."""
-    if cfg is None:
-        cfg = settings_of(
-            model, "no LagKV settings: pass cfg or use a checkpoint with config.lagkv"
-        )
-    previous_impl = model.config._attn_implementation
-    previous_cfg = getattr(model.config, "lagkv", None)
-    use_lrsa(model, cfg)
-    try:
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        return model(input_ids=input_ids.to(model.device), use_cache=False).logits
-    finally:
-        model.set_attn_implementation(previous_impl)
-        if previous_cfg is None:
-            del model.config.lagkv
-        else:
-            model.config.lagkv = previous_cfg

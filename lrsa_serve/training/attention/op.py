@@ -1,20 +1,16 @@
 """LRSA attention (the varlen formulation, ``varlen``) as one custom op, ``lrsa::varlen``.
 
 Why an op: dynamo cannot trace the LRSA attention (Python packing tables, the selection's own
-compile, FlashAttention-4's CuTe launch), so behind ``torch.compiler.disable`` it broke every
-compiled decoder layer into several compiled frames around an eager call. That break alone cost
-the 0.5B model 25-94 ms per training step at 8-32K tokens with checkpointing, 11-39 without
-(docs/training.md). As a custom op the attention is one opaque node of
-the layer's graph, forward and backward.
+compile, FlashAttention-4's CuTe launch); behind ``torch.compiler.disable`` it broke every
+compiled decoder layer into several frames (its cost: docs/training.md). As a custom op it is one
+opaque node of the layer's graph, forward and backward.
 
-Forward: the selection (in a checkpoint recompute, the forward's: ``replay``), the
-items' key/value rows (``varlen.pack_items``), the items' kernel. Returns the output, the
-kernel's log-sum-exp and the kept positions. Backward (``lrsa::varlen_backward``): the rows are
-packed again from the kept positions (one gather, instead of holding them from forward to
-backward), the kernel's own backward runs on the items, and the packer's backward adds the rows'
-gradients onto the raw keys and values. Kernels: ``fa4`` and ``flash`` (CUDA, fp16/bf16) and
-``math`` (the plain-torch reference and its autograd, any device: the CPU tests). Queries these
-do not take (float32 on CUDA) stay on the eager path.
+Forward: the selection (in a checkpoint recompute, the forward's: ``replay``), the items' key/value
+rows (``varlen.pack_items``), the items' kernel; returns the output, the kernel's log-sum-exp and
+the kept positions. Backward (``lrsa::varlen_backward``): the rows are packed again from the kept
+positions (instead of held from forward to backward), the kernel's own backward runs on the
+items, and the packer's backward adds the rows' gradients onto the raw keys and values. Kernels:
+``OP_KERNELS``; queries none of them takes (float32 on CUDA) stay on the eager path.
 """
 
 from __future__ import annotations

@@ -193,20 +193,10 @@ def _pack(key, value, index):
     out_k = key.new_empty(total, h, d)
     out_v = value.new_empty(total, h, d)
     _pack_kernel[(triton.cdiv(total, ROWS_PER_PROGRAM), h)](
-        key,
-        value,
-        index,
-        out_k,
-        out_v,
-        total,
-        index.shape[1],
-        h,
-        *key.stride()[:3],
-        *value.stride()[:3],
-        D=d,
-        BLOCK_R=ROWS_PER_PROGRAM,
-        BLOCK_D=triton.next_power_of_2(d),
-    )
+        key, value, index, out_k, out_v, total, index.shape[1], h,
+        *key.stride()[:3], *value.stride()[:3],
+        D=d, BLOCK_R=ROWS_PER_PROGRAM, BLOCK_D=triton.next_power_of_2(d),
+    )  # fmt: skip
     return out_k, out_v
 
 
@@ -225,19 +215,9 @@ def _unpack_grad(grad: torch.Tensor, shape, dtype, refs: Refs, kept, slot_of_pos
         )
     out = torch.empty(b, h, n, d, dtype=dtype, device=grad.device)
     _unpack_grad_kernel[(triton.cdiv(n, SOURCES_PER_PROGRAM), b * h)](
-        grad,
-        slot_grad,
-        out,
-        refs.ptr,
-        refs.rows,
-        slot_of_pos,
-        n,
-        slots,
-        key_rows,
-        h,
-        *out.stride()[:3],
-        **consts,
-    )
+        grad, slot_grad, out, refs.ptr, refs.rows, slot_of_pos, n, slots, key_rows, h,
+        *out.stride()[:3], **consts,
+    )  # fmt: skip
     return out
 
 

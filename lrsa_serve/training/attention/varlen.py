@@ -1,28 +1,18 @@
 """LRSA training attention as ONE variable-length (varlen) dense attention call.
 
-The rule (``docs/lagkv.md``) per query partition is plain attention over a short key list:
-a query at t in partition ``q = w(t)`` sees
-
-    [sink ; kept(0) ; ... ; kept(q-2) ; raw partition q-1 ; raw partition q up to t]
-
-and the queries of the first ``S + 2L`` positions see the plain causal prefix. So the sequence
-is cut into "items": item 0 = queries ``[0, min(n, S+2L))`` over the same keys, causal; item q
-(q >= 2) = the queries of partition q (the last one may be short) over the key list above. In
-every item the query block is the END of its key list, so the rule inside an item is exactly
-causal attention aligned bottom-right (query i of lq sees keys ``<= lk - lq + i``). That is
-FlashAttention-2's varlen causal mode: one kernel launch over all items, no mask, no LSE merge,
-and only the visible pairs are computed (up to tile rounding). The keys of each item are
-gathered from the layer's K/V (``kept`` from ``lagkv.select_all`` under no_grad); gradients
-reach the raw K/V through the gather (``torch.gather``, or from 32K tokens on CUDA ``pack_rows``:
-one Triton launch forward, exact float32 sums backward).
+The sequence is cut into "items" (docs/lagkv.md, "How the trainer computes it"): the first
+``S + 2L`` queries over the same keys, causal, then the queries of each partition q >= 2 over
+``[sink ; kept(0..q-2) ; raw partition q-1 ; raw partition q up to t]``. The query block is the
+END of its key list, so inside an item the rule is causal attention aligned bottom-right (query i
+of lq sees keys ``<= lk - lq + i``): one varlen causal launch over all items, no mask, only the
+visible pairs computed. Each item's keys are gathered from the layer's K/V (``pack_items``), the
+way gradients reach them.
 
 Kernels (``varlen_attention``; where each applies: ``kernel_applies``; ``auto``'s choice:
-``default_kernel``): ``fa4``, FlashAttention-4's CuTe-DSL varlen kernel (the optional
-``flash-attn-4`` package; on the H100 a 32K layer's items ran 1.8x faster than on
-FlashAttention-2, docs/training.md); ``flash``, ``aten._flash_attention_forward``; ``efficient``,
-``aten._efficient_attention_forward`` (K/V heads repeated for GQA); ``math``, each item through
-``reference_attention.masked_attention`` under its bottom-right causal mask: what the CPU tests
-check the layout with, and the kernels' oracle.
+``default_kernel``): ``fa4`` (FlashAttention-4, the optional ``flash-attn-4`` package), ``flash``
+(aten's FlashAttention-2), ``efficient`` (aten's memory-efficient kernel, K/V heads repeated for
+GQA), ``math`` (each item through ``reference_attention.masked_attention``: the CPU tests' path
+and the kernels' oracle).
 """
 
 from __future__ import annotations
@@ -190,20 +180,11 @@ def varlen_attention(
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     out = torch.ops.aten._efficient_attention_forward(
-        q[None],
-        k[None],
-        v[None],
-        None,
-        items.cu_q,
-        items.cu_k,
-        items.max_q,
-        items.max_k,
-        0.0,
-        _CAUSAL_FROM_BOTTOM_RIGHT,
-        torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
-        scale=scale,
-    )[0]
+        q[None], k[None], v[None], None, items.cu_q, items.cu_k, items.max_q, items.max_k, 0.0,
+        _CAUSAL_FROM_BOTTOM_RIGHT, needs_grad, scale=scale,
+    )[0]  # fmt: skip
     return out[0]
 
 
@@ -246,21 +227,15 @@ def _fa4():
     answering None there would quietly run FlashAttention-2 where FA4 was asked for."""
     try:
         return importlib.import_module("flash_attn.cute")
-    except ModuleNotFoundError as err:
+    except Exception as err:
         # Only the package itself missing means "not installed" (FlashAttention-2 alone is
         # ``flash_attn`` without ``cute``); any other missing module is a broken install.
-        if err.name in ("flash_attn", "flash_attn.cute"):
+        if isinstance(err, ModuleNotFoundError) and err.name in ("flash_attn", "flash_attn.cute"):
             return None
-        raise _fa4_broken(err) from err
-    except Exception as err:
-        raise _fa4_broken(err) from err
-
-
-def _fa4_broken(err: Exception) -> ImportError:
-    return ImportError(
-        "flash-attn-4 (flash_attn.cute) is installed but does not import: "
-        f"{type(err).__name__}: {err}; repair or uninstall the package"
-    )
+        raise ImportError(
+            "flash-attn-4 (flash_attn.cute) is installed but does not import: "
+            f"{type(err).__name__}: {err}; repair or uninstall the package"
+        ) from err
 
 
 def kernel_applies(kernel: str, query: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
