@@ -19,11 +19,21 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import cache
 
 from vllm.v1.core.block_pool import BlockPool
-from vllm.v1.core.kv_cache_utils import BlockHash, BlockHashWithGroupId, KVCacheBlock
+from vllm.v1.core.kv_cache_utils import (
+    BlockHash,
+    BlockHashList,
+    BlockHashWithGroupId,
+    KVCacheBlock,
+    make_block_hash_with_group_id,
+    resolve_block_hashes,
+)
+from vllm.v1.kv_cache_interface import KVCacheSpec
+from vllm.v1.request import Request
 
 from lrsa_serve import lagkv
 from lrsa_serve.engine.layout import BlockGeometry
@@ -147,3 +157,160 @@ class RawHistory:
         for block in promoted:
             queue.remove(block)
         queue.prepend_n(promoted)
+
+
+class PrefixCacheMixin:
+    """The LagKV KV manager's prefix cache (vLLM's ``SingleTypeKVCacheManager`` hooks): finds
+    hits whose state is complete, renames what compaction changes, and evicts raw history
+    first. Reads the manager's ``geometry``, ``rule``, ``freed_partitions`` and
+    ``outstanding_blocks``."""
+
+    def init_prefix_cache(self) -> None:
+        # Per request: partitions whose raw names were moved or dropped (their compaction is
+        # planned), and the names their kept blocks take once it has run (tails freed).
+        self.renamed_partitions: dict[str, int] = {}
+        self.kept_names: dict[str, dict[int, list[BlockHash]]] = {}
+        self.raw_copies: list[tuple[KVCacheBlock, KVCacheBlock]] = []  # (source, copy)
+        self.raw_history = RawHistory(self.block_pool)
+        self.hits = HitRule(self.geometry)
+
+    def forget_request(self, request_id: str) -> None:
+        self.renamed_partitions.pop(request_id, None)
+        self.kept_names.pop(request_id, None)  # compactions that may not have run: stay unnamed
+
+    @classmethod
+    def find_longest_cache_hit(
+        cls,
+        block_hashes: BlockHashList,
+        max_length: int,
+        kv_cache_group_ids: list[int],
+        block_pool: BlockPool,
+        kv_cache_spec: KVCacheSpec,
+        drop_eagle_block: bool,
+        alignment_tokens: int,
+        dcp_world_size: int = 1,
+        pcp_world_size: int = 1,
+    ) -> tuple[tuple[list[KVCacheBlock], ...], int]:
+        # Speculative decoding and context parallelism are refused under LagKV (settings.py).
+        assert not drop_eagle_block
+        hits = HitRule(kv_cache_spec.geometry)
+        block_size = kv_cache_spec.block_size
+        hashes = resolve_block_hashes(block_hashes, block_pool.hash_block_size, block_size)
+        max_blocks = min(max_length // block_size, len(hashes))
+        max_blocks -= max_blocks % max(alignment_tokens // block_size, 1)
+
+        @cache
+        def raw(column: int) -> list[KVCacheBlock] | None:
+            found = block_pool.get_cached_block(hashes[column], kv_cache_group_ids)
+            # A block compaction will rewrite in place is taken only if no request holds it.
+            if found and hits.mutable(column) and any(b.ref_cnt for b in found):
+                return None
+            return found
+
+        @cache
+        def kept(partition: int) -> list[list[KVCacheBlock]] | None:
+            reference = hashes[hits.reference_column(partition)]
+            found = [
+                block_pool.get_cached_block(
+                    kept_block_hash(reference, partition, index, hits.geometry), kv_cache_group_ids
+                )
+                for index in range(hits.geometry.keep_blocks)
+            ]
+            return None if not all(found) else found
+
+        num_blocks = hits.longest(max_blocks, raw, lambda p: kept(p) is not None)
+        compressed = hits.compressed(num_blocks)
+        computed: tuple[list[KVCacheBlock], ...] = tuple([] for _ in kv_cache_group_ids)
+        for column in range(num_blocks):
+            place = hits.kept_place(column, compressed)
+            if place is None:
+                found = raw(column)
+            elif place[1] < hits.geometry.keep_blocks:
+                found = kept(place[0])[place[1]]
+            else:
+                found = [block_pool.null_block] * len(kv_cache_group_ids)
+            for blocks, block in zip(computed, found, strict=True):
+                blocks.append(block)
+        return computed, num_blocks * block_size
+
+    def add_local_computed_blocks(
+        self,
+        request_id: str,
+        new_computed_blocks: Sequence[KVCacheBlock],
+        num_local_computed_tokens: int,
+        num_external_computed_tokens: int,
+    ) -> None:
+        super().add_local_computed_blocks(
+            request_id, new_computed_blocks, num_local_computed_tokens, num_external_computed_tokens
+        )
+        # A hit arrives with its compacted partitions' tails already null and their blocks named.
+        self.raw_history.discard(new_computed_blocks)
+        compressed = self.hits.compressed(len(new_computed_blocks))
+        self.freed_partitions[request_id] = compressed
+        self.renamed_partitions[request_id] = compressed
+
+    def cache_blocks(self, request: Request, num_tokens: int, *args, **kwargs) -> None:
+        # vLLM names the newly full blocks by their tokens. The first blocks of every partition
+        # this step compacts then hand their names to raw copies (vLLM's copy-on-write copies
+        # them before the step's forward, i.e. before compaction rewrites them) or, with no
+        # spare block, drop them; their kept rows are named once the compaction has run.
+        super().cache_blocks(request, num_tokens, *args, **kwargs)
+        request_id = request.request_id
+        renamed = self.renamed_partitions.get(request_id, 0)
+        compressed = lagkv.compressed_partitions(num_tokens, self.rule)
+        if compressed <= renamed:
+            return
+        blocks = self.req_to_blocks[request_id]
+        names = self.kept_names.setdefault(request_id, {})
+        for partition in range(renamed, compressed):
+            kept_columns = self.geometry.partition_columns(partition)[: self.geometry.keep_blocks]
+            for block in (blocks[column] for column in kept_columns):
+                if block.block_hash is not None and not self._copy_raw(block):
+                    self.block_pool.evict_blocks({block.block_id})
+            reference = request.block_hashes[self.hits.reference_column(partition)]
+            names[partition] = [
+                kept_block_hash(reference, partition, index, self.geometry)
+                for index in range(self.geometry.keep_blocks)
+            ]
+        self.renamed_partitions[request_id] = compressed
+
+    def _copy_raw(self, block: KVCacheBlock) -> bool:
+        """Moves ``block``'s names to a copy of it, if a block can be spared from what admitted
+        requests still need."""
+        if self.block_pool.get_num_free_blocks() <= self.outstanding_blocks():
+            return False
+        self.raw_history.evict_first(1)
+        (copy,) = self.block_pool.get_new_blocks(1)
+        self.block_pool.move_block_hashes(block, copy)
+        self.raw_history.add([copy])
+        # vLLM retains both ends until the copy has run, then frees them once: the copy goes
+        # to the evictable cache under the raw names, the original stays with its request.
+        block.ref_cnt += 1
+        self.raw_copies.append((block, copy))
+        return True
+
+    def allocate_new_blocks(
+        self, request_id: str, num_tokens: int, *args, **kwargs
+    ) -> list[KVCacheBlock]:
+        if self.enable_caching:
+            needed = -(-num_tokens // self.block_size) - len(self.req_to_blocks.get(request_id, ()))
+            self.raw_history.evict_first(needed)
+        return super().allocate_new_blocks(request_id, num_tokens, *args, **kwargs)
+
+    def take_pending_cow_copies(self) -> list[tuple[KVCacheBlock, KVCacheBlock]]:
+        pending, self.raw_copies = super().take_pending_cow_copies() + self.raw_copies, []
+        return pending
+
+    def name_kept_blocks(
+        self, request_id: str, blocks: list[KVCacheBlock], partitions: range
+    ) -> None:
+        """Names the kept blocks of partitions whose compaction has run (their tails are freed)."""
+        names = self.kept_names.get(request_id, {})
+        for partition in partitions:
+            kept_columns = self.geometry.partition_columns(partition)[: self.geometry.keep_blocks]
+            for column, name in zip(kept_columns, names.pop(partition, ()), strict=False):
+                block = blocks[column]
+                if block.block_hash is None:
+                    key = make_block_hash_with_group_id(name, self.kv_cache_group_id)
+                    block.set_block_hash(key)
+                    self.block_pool.cached_block_hash_to_block.insert(key, block)
