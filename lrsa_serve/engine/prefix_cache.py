@@ -252,10 +252,13 @@ class PrefixCacheMixin:
     def cache_blocks(self, request: Request, num_tokens: int, *args, **kwargs) -> None:
         # vLLM names the newly full blocks by their tokens. The first blocks of every partition
         # this step compacts then hand their names to raw copies (vLLM's copy-on-write copies
-        # them before the step's forward, i.e. before compaction rewrites them) or, with no
-        # spare block, drop them; their kept rows are named once the compaction has run.
-        super().cache_blocks(request, num_tokens, *args, **kwargs)
+        # them before the step's forward, i.e. before compaction rewrites them) or drop them:
+        # without a spare block, and for blocks this very step writes (partition 0 in a first
+        # chunk, which also compacts it: the copy would run before the write). Their kept rows
+        # are named once the compaction has run.
         request_id = request.request_id
+        written = self.num_cached_block.get(request_id, 0)  # blocks complete before this step
+        super().cache_blocks(request, num_tokens, *args, **kwargs)
         renamed = self.renamed_partitions.get(request_id, 0)
         compressed = lagkv.compressed_partitions(num_tokens, self.rule)
         if compressed <= renamed:
@@ -264,8 +267,11 @@ class PrefixCacheMixin:
         names = self.kept_names.setdefault(request_id, {})
         for partition in range(renamed, compressed):
             kept_columns = self.geometry.partition_columns(partition)[: self.geometry.keep_blocks]
-            for block in (blocks[column] for column in kept_columns):
-                if block.block_hash is not None and not self._copy_raw(block):
+            for column in kept_columns:
+                block = blocks[column]
+                if block.block_hash is None:
+                    continue
+                if column >= written or not self._copy_raw(block):
                     self.block_pool.evict_blocks({block.block_id})
             reference = request.block_hashes[self.hits.reference_column(partition)]
             names[partition] = [
