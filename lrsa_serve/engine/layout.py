@@ -51,6 +51,10 @@ class BlockGeometry(ViewShape):
         start = lagkv.partition_start(partition, self.rule) // self.block_size
         return range(start, start + self.part_blocks)
 
+    def kept_columns(self, partition: int) -> range:
+        """Columns that hold ``partition``'s kept rows once it is compressed (its first ones)."""
+        return self.partition_columns(partition)[: self.keep_blocks]
+
     def evicted_columns(self, partition: int) -> range:
         """Columns freed once ``partition`` is compressed (its tail past the kept blocks)."""
         cols = self.partition_columns(partition)

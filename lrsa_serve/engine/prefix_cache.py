@@ -266,7 +266,7 @@ class PrefixCacheMixin:
         blocks = self.req_to_blocks[request_id]
         names = self.kept_names.setdefault(request_id, {})
         for partition in range(renamed, compressed):
-            kept_columns = self.geometry.partition_columns(partition)[: self.geometry.keep_blocks]
+            kept_columns = self.geometry.kept_columns(partition)
             for column in kept_columns:
                 block = blocks[column]
                 if block.block_hash is None:
@@ -313,7 +313,7 @@ class PrefixCacheMixin:
         """Names the kept blocks of partitions whose compaction has run (their tails are freed)."""
         names = self.kept_names.get(request_id, {})
         for partition in partitions:
-            kept_columns = self.geometry.partition_columns(partition)[: self.geometry.keep_blocks]
+            kept_columns = self.geometry.kept_columns(partition)
             for column, name in zip(kept_columns, names.pop(partition, ()), strict=False):
                 block = blocks[column]
                 if block.block_hash is None:
