@@ -104,6 +104,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-num-seqs", type=int, help="default: vLLM's")
     parser.add_argument("--gpu-memory-utilization", type=float, help="default: vLLM's")
     parser.add_argument("--json", help="write every result here")
+    parser.add_argument(
+        "--profile",
+        nargs="+",
+        choices=list(WORKLOADS),
+        default=[],
+        help="after the timed runs, run these workloads once more under cProfile (host) and "
+        "the torch profiler (GPU kernels) and print where a step's time goes",
+    )
     return parser.parse_args(argv)
 
 
@@ -261,6 +269,56 @@ def timed(llm, steps: StepCounter, w: Workload, prompts: list[list[int]]) -> dic
     return run
 
 
+def profiled(llm, steps: StepCounter, w: Workload, prompts: list[list[int]]) -> dict[str, Any]:
+    """One more run of ``w`` under cProfile (the engine runs in this process, so the scheduler,
+    the KV manager and the model runner's host work are all in it), then one under the torch
+    profiler: the host functions and GPU kernels that cost most, per step."""
+    import cProfile
+    import pstats
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    # The timed run left these prompts in the prefix cache: each profiled run starts without it.
+    llm.reset_prefix_cache()
+    first = steps.steps
+    host = cProfile.Profile()
+    host.runcall(generate, llm, prompts, w.new)
+    n = max(1, steps.steps - first)
+    stats = pstats.Stats(host)
+    rows = sorted(stats.stats.items(), key=lambda item: -item[1][2])[:PROFILE_ROWS]  # tottime
+    top_host = [
+        {"function": f"{Path(f).name}:{line}:{name}", "us_per_step": 1e6 * tt / n, "calls": nc}
+        for (f, line, name), (_, nc, tt, _, _) in rows
+    ]
+    if not torch.cuda.is_available():
+        return {"host": top_host, "gpu": [], "gpu_busy_us_per_step": 0.0}
+    llm.reset_prefix_cache()
+    first = steps.steps
+    with profile(activities=[ProfilerActivity.CUDA]) as gpu:
+        generate(llm, prompts, w.new)
+    n = max(1, steps.steps - first)
+    events = gpu.key_averages()
+    kernels = sorted(events, key=lambda e: -e.device_time_total)[:PROFILE_ROWS]
+    top_gpu = [
+        {"kernel": e.key[:90], "us_per_step": e.device_time_total / n, "calls": e.count}
+        for e in kernels
+    ]
+    busy = sum(e.device_time_total for e in events) / n
+    return {"host": top_host, "gpu": top_gpu, "gpu_busy_us_per_step": busy}
+
+
+PROFILE_ROWS = 25
+
+
+def print_profile(engine: str, name: str, prof: dict[str, Any]) -> None:
+    print(f"\n  {engine} {name}: GPU busy {prof['gpu_busy_us_per_step']:.0f} us/step")
+    for row in prof["gpu"]:
+        print(f"    gpu  {row['us_per_step']:8.1f} us/step {row['calls']:7d}x  {row['kernel']}")
+    for row in prof["host"]:
+        print(f"    host {row['us_per_step']:8.1f} us/step {row['calls']:7d}x  {row['function']}")
+
+
 def run_engine(
     engine: str,
     family: Family,
@@ -268,6 +326,7 @@ def run_engine(
     kwargs: dict[str, Any],
     workloads: list[Workload],
     prompts: dict[str, list[list[int]]],
+    profile: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Builds one engine, warms it up, times each workload, shuts it down. The LLM never leaves
     this function, so once it returns nothing holds the engine's GPU memory. A failure is
@@ -295,6 +354,9 @@ def run_engine(
         for w in workloads:
             runs[w.name] = timed(llm, steps, w, prompts[w.name])
             print(f"  {engine} {w.name}: {json.dumps(runs[w.name])}", flush=True)
+        for w in (w for w in workloads if w.name in profile):
+            runs[w.name]["profile"] = profiled(llm, steps, w, prompts[w.name])
+            print_profile(engine, w.name, runs[w.name]["profile"])
     except Exception as err:
         traceback.print_exc()
         info["error"] = repr(err)
@@ -434,7 +496,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for w in members:
             results[w.name] = {"group": group, "goal": w.goal, "spec": asdict(w)}
         for engine in args.engines:
-            out = run_engine(engine, family, model, kwargs, members, prompts)
+            out = run_engine(engine, family, model, kwargs, members, prompts, args.profile)
             print(f"  {engine} shut down; {free_device_memory()}", flush=True)
             engines.setdefault(group, {})[engine] = out["engine"]
             for name, run in out["runs"].items():
