@@ -124,17 +124,20 @@ def target_lines(run: EvalRun) -> list[str]:
     return lines
 
 
-def appendix(run: EvalRun, plots: dict[str, Path] | None, base: Path | None = None) -> list[str]:
-    """The report's closing sections, failures and plots, ending the document with a newline.
-    Plots are linked relative to ``base``, the report's folder (default: beside the plots)."""
-    parts = []
+def document(
+    sections: list[str], run: EvalRun, plots: dict[str, Path] | None, base: Path | None = None
+) -> str:
+    """A Markdown report: ``sections`` a blank line apart, then the failures and the plots, ending
+    in a newline. Plots are linked relative to ``base``, the report's folder (default: beside the
+    plots)."""
+    sections = list(sections)
     if lines := failure_lines(run):
-        parts += ["", "## Failures", "", "```", *lines, "```"]
+        sections += ["## Failures", "\n".join(["```", *lines, "```"])]
     if plots:
-        parts += ["", "## Plots", ""]
-        parts += [f"![{name}]({os.path.relpath(path, base or path.parent)})"
-                  for name, path in plots.items()]  # fmt: skip
-    return [*parts, ""]
+        links = [f"![{name}]({os.path.relpath(path, base or path.parent)})"
+                 for name, path in plots.items()]  # fmt: skip
+        sections += ["## Plots", "\n".join(links)]
+    return "\n\n".join(sections) + "\n"
 
 
 # ---- files ------------------------------------------------------------------------------------
@@ -152,23 +155,18 @@ def to_json(run: EvalRun) -> dict[str, Any]:
 def markdown(run: EvalRun, plots: dict[str, Path] | None = None) -> str:
     header, rows = table_rows(run)
     config = run.config
-    parts = [
+    sections = [
         "# lrsa eval",
-        "",
         f"Tasks {', '.join(config.get('tasks', []))}; lengths {config.get('lengths')} tokens; "
         f"depths {config.get('depths')}; {config.get('samples')} sample(s) per cell; "
         f"API {config.get('api')}; seed {config.get('seed')}. Accuracy = mean partial-credit "
         "score (fraction of expected values recalled), failed requests count as 0.",
-        "",
         "## Targets",
-        "",
-        *[f"- {line}" for line in target_lines(run)],
-        "",
+        "\n".join(f"- {line}" for line in target_lines(run)),
         "## Accuracy",
-        "",
         markdown_table(header, rows),
     ]
-    return "\n".join(parts + appendix(run, plots))
+    return document(sections, run, plots)
 
 
 def write_outputs(run: EvalRun, out_dir: Path, *, draw: bool = True) -> dict[str, Path]:

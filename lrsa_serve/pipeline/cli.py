@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_pipeline(config: PipelineConfig, *, skip_train: bool = False, progress: bool = True) -> int:
     from lrsa_serve.config import LagKVConfig
-    from lrsa_serve.eval.report import to_json, write_outputs
+    from lrsa_serve.eval.report import table_rows, text_table, to_json, write_outputs
     from lrsa_serve.eval.tasks import build_items, resolve_tasks
     from lrsa_serve.models import load_tokenizer, resolve_model
 
@@ -133,8 +133,6 @@ def run_pipeline(config: PipelineConfig, *, skip_train: bool = False, progress: 
         "seconds": round(time.monotonic() - started, 1),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-
-    from lrsa_serve.eval.report import table_rows, text_table
 
     print(text_table(*table_rows(run)))
     say(f"done in {time.monotonic() - started:.0f}s: {out / 'report.md'}")

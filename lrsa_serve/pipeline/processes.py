@@ -92,19 +92,9 @@ class ManagedServer:
         self.api_key = secrets.token_hex(16)  # only the pipeline talks to its servers
         self.log_path = log_path
         self.ready_timeout = ready_timeout
-        self.command = [
-            sys.executable,
-            "-m",
-            "lrsa_serve.serving.cli",
-            model,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--api-key",
-            self.api_key,
-            *serve_args,
-        ]
+        address = ["--host", "127.0.0.1", "--port", str(self.port)]
+        self.command = [sys.executable, "-m", "lrsa_serve.serving.cli", model, *address]
+        self.command += ["--api-key", self.api_key, *serve_args]
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> ManagedServer:

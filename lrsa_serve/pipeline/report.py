@@ -18,7 +18,7 @@ def report_markdown(
     out: Path,
 ) -> str:
     from lrsa_serve.eval.report import (
-        appendix,
+        document,
         format_cell,
         length_label,
         markdown_table,
@@ -68,21 +68,14 @@ def report_markdown(
     )
     train_header = "variant|steps|final loss|held-out exact match (teacher forcing)|checkpoint"
     train_table = markdown_table(train_header.split("|"), train_rows) if train_rows else "(none)"
-    parts = [
+    sections = [
         f"# Pipeline report: {config.name}",
-        "",
         intro,
-        "",
         "## Training",
-        "",
         train_table,
-        "",
         "## Accuracy",
-        "",
         markdown_table(header, rows),
-        "",
         "## Models",
-        "",
-        *[f"- {line}" for line in target_lines(run)],
+        "\n".join(f"- {line}" for line in target_lines(run)),
     ]
-    return "\n".join(parts + appendix(run, plots, out))
+    return document(sections, run, plots, out)

@@ -47,18 +47,8 @@ def train_variant(
     for reserved in ("out", *LagKVConfig.model_fields, "model"):
         if reserved in options:
             raise UserError(f"train.args: {reserved!r} is set by the pipeline (use lagkv/out)")
-    command = [
-        sys.executable,
-        "-m",
-        "lrsa_serve.cli",
-        "train",
-        base_model,
-        "--out",
-        str(target),
-        *cli_flags(settings.model_dump()),
-        *cli_flags(options),
-        "--no-progress",
-    ]
+    command = [sys.executable, "-m", "lrsa_serve.cli", "train", base_model, "--out", str(target)]
+    command += [*cli_flags(settings.model_dump()), *cli_flags(options), "--no-progress"]
     log = out / "logs" / f"train-{variant}.log"
     say(f"train {variant}: lrsa train {' '.join(command[4:])}  (log: {log})")
     code = run_logged(command, log)
