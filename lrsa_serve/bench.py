@@ -52,16 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lag", type=int, help="LagKV partition size L")
     parser.add_argument("--ratio", type=float, help="LagKV kept fraction r")
     parser.add_argument("--dtype", help="engine dtype (default: the benchmarks' float32)")
-    parser.add_argument(
-        "--memory-args",
-        default="",
-        help="more engine_memory.py flags, in one quoted string (--memory-args='...')",
-    )
-    parser.add_argument(
-        "--throughput-args",
-        default="",
-        help="more engine_throughput.py flags, in one quoted string",
-    )
+    for name, module in BENCHMARKS.items():
+        text = f"more {module}.py flags, in one quoted string (--{name}-args='...')"
+        parser.add_argument(f"--{name}-args", default="", help=text)
     parser.add_argument(
         "--from-json",
         metavar="DIR",
@@ -84,7 +77,7 @@ def selected(which: list[str]) -> list[str]:
 
 def extra_flags(args: argparse.Namespace, name: str) -> list[str]:
     try:
-        return shlex.split(args.memory_args if name == "memory" else args.throughput_args)
+        return shlex.split(getattr(args, f"{name}_args"))
     except ValueError as e:
         raise UserError(f"--{name}-args: {e}") from None
 
