@@ -70,8 +70,17 @@ def _pack_kernel(
 
 
 @triton.jit
-def _sum_refs(acc, grad_ptr, refs_ptr, ptr_ptr, units, unit_ok, row_base, h, heads, dims, D):
-    """acc[i] += the gradient rows (of head h) that copied source unit units[i]."""
+def _sum_refs(
+    grad_ptr, refs_ptr, ptr_ptr, units, unit_ok, key_rows, heads, D, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr, ACC_F64: tl.constexpr,
+):  # fmt: skip
+    """``[BLOCK_T, BLOCK_D]``, unrounded: for each source unit ``units[i]`` the sum of the
+    gradient rows of sequence-head pid1 that copied it."""
+    seq_head = tl.program_id(1)
+    row_base = (seq_head // heads).to(tl.int64) * key_rows + tl.zeros([BLOCK_T], tl.int64)
+    h = seq_head % heads
+    dims = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float64 if ACC_F64 else tl.float32)
     begin = tl.load(ptr_ptr + units, mask=unit_ok, other=0)
     count = tl.load(ptr_ptr + units + 1, mask=unit_ok, other=0) - begin
     for j in range(0, tl.max(count, axis=0)):
@@ -101,17 +110,12 @@ def _slot_grad_kernel(
     """Kept slots [pid0 * BLOCK_T, +BLOCK_T) of sequence-head pid1: the sum of the packed rows
     that copied each (every item after the slot's partition + 1), unrounded. A block of slots
     lies in one partition where BLOCK_T divides keep; then its rows all have the same count."""
-    seq_head = tl.program_id(1)
-    seq = seq_head // heads
-    h = seq_head % heads
     slot = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     slot_ok = slot < slots
+    acc = _sum_refs(grad_ptr, refs_ptr, ptr_ptr, length + slot, slot_ok, key_rows, heads, D,
+                    BLOCK_T, BLOCK_D, ACC_F64)  # fmt: skip
     dims = tl.arange(0, BLOCK_D)
-    row_base = seq.to(tl.int64) * key_rows + tl.zeros([BLOCK_T], tl.int64)
-    acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float64 if ACC_F64 else tl.float32)
-    acc = _sum_refs(acc, grad_ptr, refs_ptr, ptr_ptr, length + slot, slot_ok, row_base, h, heads,
-                    dims, D)  # fmt: skip
-    dst = (seq_head.to(tl.int64) * slots + slot) * D
+    dst = (tl.program_id(1).to(tl.int64) * slots + slot) * D
     ok = slot_ok[:, None] & (dims < D)[None, :]
     tl.store(slot_grad_ptr + dst[:, None] + dims[None, :], acc, mask=ok)
 
@@ -140,15 +144,13 @@ def _unpack_grad_kernel(
     rows that copied each as a raw row (one or two; every item for the sink), plus its kept
     slot's sum if the position is kept, rounded once."""
     seq_head = tl.program_id(1)
-    seq = seq_head // heads
-    h = seq_head % heads
+    seq, h = seq_head // heads, seq_head % heads
     toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tok_ok = toks < length
     dims = tl.arange(0, BLOCK_D)
     ok = tok_ok[:, None] & (dims < D)[None, :]
-    row_base = seq.to(tl.int64) * key_rows + tl.zeros([BLOCK_T], tl.int64)
-    acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float64 if ACC_F64 else tl.float32)
-    acc = _sum_refs(acc, grad_ptr, refs_ptr, ptr_ptr, toks, tok_ok, row_base, h, heads, dims, D)
+    acc = _sum_refs(grad_ptr, refs_ptr, ptr_ptr, toks, tok_ok, key_rows, heads, D, BLOCK_T,
+                    BLOCK_D, ACC_F64)  # fmt: skip
     slot = tl.load(slot_of_ptr + seq_head.to(tl.int64) * length + toks, mask=tok_ok, other=-1)
     kept = slot >= 0
     src = (seq_head.to(tl.int64) * slots + tl.where(kept, slot, 0)) * D
