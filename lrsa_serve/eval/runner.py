@@ -397,19 +397,6 @@ class Cell:
     failed: int
 
 
-def _cell(target: str, task: str, length: int | None, rows: Sequence[ItemResult]) -> Cell:
-    n = len(rows)
-    return Cell(
-        target=target,
-        task=task,
-        length=length,
-        n=n,
-        score=sum(r.score for r in rows) / n if n else 0.0,
-        exact=sum(r.exact for r in rows) / n if n else 0.0,
-        failed=sum(r.failed for r in rows),
-    )
-
-
 def cells(run: EvalRun) -> list[Cell]:
     """Per (target, task, length), then per (target, task) over lengths (length None), then per
     target over everything (task "mean"), in the run's order (``report`` describes a cell)."""
@@ -418,7 +405,12 @@ def cells(run: EvalRun) -> list[Cell]:
         groups[(result.target, result.item.task, result.item.length)].append(result)
         groups[(result.target, result.item.task, None)].append(result)
         groups[(result.target, "mean", None)].append(result)
-    return [_cell(target, task, length, rows) for (target, task, length), rows in groups.items()]
+    out = []
+    for (target, task, length), rows in groups.items():
+        n = len(rows)  # at least 1: a group exists because a result joined it
+        score, exact = sum(r.score for r in rows) / n, sum(r.exact for r in rows) / n
+        out.append(Cell(target, task, length, n, score, exact, sum(r.failed for r in rows)))
+    return out
 
 
 def lookup(all_cells: Sequence[Cell]) -> dict[tuple, Cell]:
