@@ -172,14 +172,8 @@ class Trainer:
         d = self.job.data
         if d.source == "synthetic" and (split == "train" or d.eval_source is None):
             count = d.synthetic_examples if split == "train" else d.synthetic_eval_examples
-            examples = data_mod.synthetic_examples(
-                self.tokenizer,
-                count,
-                split,
-                d.synthetic_min_tokens,
-                d.synthetic_max_tokens,
-                d.synthetic_tasks,
-            )
+            drawn = (d.synthetic_min_tokens, d.synthetic_max_tokens, d.synthetic_tasks)
+            examples = data_mod.synthetic_examples(self.tokenizer, count, split, *drawn)
         elif (path := d.source if split == "train" else d.eval_source) is not None:
             examples = data_mod.read_jsonl(path, self.tokenizer)
         else:
