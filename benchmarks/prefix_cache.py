@@ -61,23 +61,21 @@ class Conversation:
         ]
         self.turn = 0
 
-    def next_prompt(self) -> list[int]:
-        return self.history + self.questions[self.turn]
-
-    def answered(self, prompt: list[int], answer: list[int]) -> None:
-        self.history = prompt + answer
+    def take_turn(self, llm, request_id: str, answer_tokens: int) -> dict:
+        """The next question after the history (``run_turn``); the answer joins the history."""
+        prompt = self.history + self.questions[self.turn]
+        result = run_turn(llm, request_id, prompt, answer_tokens)
+        self.history = prompt + result.pop("answer")
         self.turn += 1
+        return result
 
 
 def one_conversation(llm, args, name: str) -> list[dict]:
     conversation = Conversation(0, args)
-    turns = []
-    for turn in range(args.turns):
-        prompt = conversation.next_prompt()
-        result = run_turn(llm, f"{name}-{turn}", prompt, args.answer_tokens)
-        conversation.answered(prompt, result.pop("answer"))
-        turns.append(result)
-    return turns
+    return [
+        conversation.take_turn(llm, f"{name}-{turn}", args.answer_tokens)
+        for turn in range(args.turns)
+    ]
 
 
 def taking_turns(llm, args, name: str) -> dict:
@@ -88,9 +86,7 @@ def taking_turns(llm, args, name: str) -> dict:
     for step, index in enumerate(order):
         conversation = conversations[index]
         later_turn = conversation.turn > 0
-        prompt = conversation.next_prompt()
-        result = run_turn(llm, f"{name}-{step}", prompt, args.answer_tokens)
-        conversation.answered(prompt, result.pop("answer"))
+        result = conversation.take_turn(llm, f"{name}-{step}", args.answer_tokens)
         results.append(result | {"later_turn": later_turn})
     later = [r for r in results if r["later_turn"]]
     return {
