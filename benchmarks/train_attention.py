@@ -23,11 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.training.attention import dispatch, sequence_select
-from lrsa_serve.training.attention.varlen import (
-    kernel_applies,
-    lrsa_varlen_attention,
-    packing_for,
-)
+from lrsa_serve.training.attention.varlen import kernel_applies, lrsa_varlen_attention, packing_for
 
 
 def median_ms(fn, warmup: int = 3, iters: int = 10) -> float:

@@ -164,10 +164,7 @@ def gathered_key_visible(
 
 
 def visibility_mask(
-    num_keys: int,
-    kept_positions: torch.Tensor,
-    rule: Rule,
-    query_start: int = 0,
+    num_keys: int, kept_positions: torch.Tensor, rule: Rule, query_start: int = 0
 ) -> torch.Tensor:
     """Which keys each query sees: bool ``[..., num_keys - query_start, num_keys]``.
 

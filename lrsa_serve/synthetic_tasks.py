@@ -60,11 +60,7 @@ def passkey(tokenizer: Tokenizer, tokens: int, depth: float, seed: int) -> Examp
 
 # ---- RULER-style retrieval tasks (training and eval) --------------------------------------------
 def fill_with_needles(
-    tokenizer: Tokenizer,
-    head: str,
-    needles: list[tuple[float, str]],
-    tail: str,
-    tokens: int,
+    tokenizer: Tokenizer, head: str, needles: list[tuple[float, str]], tail: str, tokens: int
 ) -> str:
     """head + filler with each ``(depth, text)`` needle at its depth + tail, about ``tokens``
     tokens long. Needles at the same depth keep their given order."""

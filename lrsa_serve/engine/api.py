@@ -47,11 +47,7 @@ def resolve_settings(
     return LagKVConfig.resolve(model, **given)
 
 
-def lagkv_engine_kwargs(
-    model: str,
-    settings: LagKVConfig | None,
-    **kwargs: Any,
-) -> dict[str, Any]:
+def lagkv_engine_kwargs(model: str, settings: LagKVConfig | None, **kwargs: Any) -> dict[str, Any]:
     """Engine keyword arguments for ``model`` under ``settings`` (None: stock vLLM), validated
     once here so a bad combination fails before any engine process starts, in one line."""
     register()  # in case lrsa-serve's entry point is not installed in this environment

@@ -127,10 +127,7 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
         return len(blocks) - self.freed_partitions.get(request_id, 0) * self._evicted_blocks
 
     def remove_skipped_blocks(
-        self,
-        request_id: str,
-        processed_computed_tokens: int,
-        num_prompt_tokens: int | None = None,
+        self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: int | None = None
     ) -> None:
         # Runs for every scheduled request at every step: ints only, nothing published here.
         compressed = lagkv.compressed_partitions(processed_computed_tokens, self.rule)

@@ -79,12 +79,7 @@ class ManagedServer:
     """``lrsa serve`` in its own process group on a free port; ready when ``/ready`` says 200."""
 
     def __init__(
-        self,
-        model: str,
-        serve_args: Sequence[str],
-        log_path: Path,
-        *,
-        ready_timeout: float = 900.0,
+        self, model: str, serve_args: Sequence[str], log_path: Path, *, ready_timeout: float = 900.0
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -67,10 +67,7 @@ class BearerAuth:
     ``open_probes``; websockets need the key too (closed before accept)."""
 
     def __init__(
-        self,
-        app: ASGIApp,
-        api_key: str,
-        open_probes: dict[str, frozenset[str]] = OPEN_PROBES,
+        self, app: ASGIApp, api_key: str, open_probes: dict[str, frozenset[str]] = OPEN_PROBES
     ) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode()

@@ -211,12 +211,7 @@ def synthetic_record(example: Example, tokenizer: Any) -> dict[str, Any]:
 
 
 def synthetic_examples(
-    tokenizer: Any,
-    count: int,
-    split: str,
-    min_tokens: int,
-    max_tokens: int,
-    tasks: Sequence[str],
+    tokenizer: Any, count: int, split: str, min_tokens: int, max_tokens: int, tasks: Sequence[str]
 ) -> list[TokenizedExample]:
     """Examples ``0..count-1`` of a split, tokenized, prompts of ``min_tokens..max_tokens``
     tokens asked for and no example longer than ``max_tokens`` (where the task's own text

@@ -246,11 +246,7 @@ def _unpack_grads(grad_k, grad_v, kept, refs, shape, key_dtype, value_dtype):
 
 
 def pack_rows(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    index: torch.Tensor,
-    kept: torch.Tensor,
-    refs: Refs,
+    key: torch.Tensor, value: torch.Tensor, index: torch.Tensor, kept: torch.Tensor, refs: Refs
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed key and value rows ``[B * Tk, Hkv, D]`` of ``key``/``value`` ``[B, Hkv, n, D]``
     (any strides), ``index`` ``[B, Tk, Hkv]`` their raw positions (``varlen.key_index``),
