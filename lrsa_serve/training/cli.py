@@ -14,7 +14,9 @@ model's config.json ("lagkv") if it has them, else from ``LagKVConfig``'s defaul
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import fields
+from pathlib import Path
 
 from lrsa_serve.config import LagKVConfig, add_lagkv_arguments, lagkv_overrides
 from lrsa_serve.errors import UserError
@@ -124,27 +126,16 @@ def build_job(args: argparse.Namespace):
     job.lagkv = LagKVConfig.for_model(job.model.path, **(from_config | flags))
     if job.train.resume and job.data.synthetic_examples is None:
         # The derived count follows --steps; a run resumed with more steps keeps the examples
-        # (hence the data order) it started with.
-        saved = _saved_job(job.train.out_dir)
-        if saved is not None:
+        # (hence the data order) it started with: the newest checkpoint's job says how many.
+        from lrsa_serve.training import checkpoint as ckpt
+
+        if (latest := ckpt.latest_checkpoint(Path(job.train.out_dir))) is not None:
+            saved = json.loads((latest / ckpt.TRAINER_STATE).read_text())["job"]
             job.data.synthetic_examples = saved["data"]["synthetic_examples"]
     try:
         return job.validate()
     except ValueError as e:
         raise UserError(str(e)) from None
-
-
-def _saved_job(out_dir: str) -> dict | None:
-    """The job recorded by the newest checkpoint in out_dir, if any."""
-    import json
-    from pathlib import Path
-
-    from lrsa_serve.training import checkpoint as ckpt
-
-    latest = ckpt.latest_checkpoint(Path(out_dir))
-    if latest is None:
-        return None
-    return json.loads((latest / ckpt.TRAINER_STATE).read_text())["job"]
 
 
 def run(args: argparse.Namespace) -> int:
