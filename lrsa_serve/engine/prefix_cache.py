@@ -64,10 +64,6 @@ class HitRule:
         g = self.geometry
         return column >= g.sink_blocks and (column - g.sink_blocks) % g.part_blocks < g.keep_blocks
 
-    def reference_column(self, partition: int) -> int:
-        """The last column of partition p+1: its chained hash names p's kept blocks."""
-        return self.geometry.partition_columns(partition + 1).stop - 1
-
     def longest(
         self, max_blocks: int, raw: Callable[[int], bool], kept: Callable[[int], bool]
     ) -> int:
@@ -108,6 +104,15 @@ def kept_block_hash(
     tag = f"lagkv:{rule.sink}:{rule.lag}:{rule.keep}:{rule.score_v_ratio!r}:{geometry.block_size}"
     tag += f":{partition}:{index}"
     return BlockHash(hashlib.sha256(bytes(reference) + tag.encode()).digest())
+
+
+def kept_block_hashes(
+    block_hashes: Sequence[BlockHash], partition: int, geometry: BlockGeometry
+) -> list[BlockHash]:
+    """Names of ``partition``'s kept blocks in a request whose full blocks are named
+    ``block_hashes``: from the name of partition p+1's last block (``kept_block_hash``)."""
+    reference = block_hashes[geometry.partition_columns(partition + 1).stop - 1]
+    return [kept_block_hash(reference, partition, i, geometry) for i in range(geometry.keep_blocks)]
 
 
 class RawHistory:
@@ -209,13 +214,8 @@ class PrefixCacheMixin:
 
         @cache
         def kept(partition: int) -> list[list[KVCacheBlock]] | None:
-            reference = hashes[hits.reference_column(partition)]
-            found = [
-                block_pool.get_cached_block(
-                    kept_block_hash(reference, partition, index, hits.geometry), kv_cache_group_ids
-                )
-                for index in range(hits.geometry.keep_blocks)
-            ]
+            names = kept_block_hashes(hashes, partition, hits.geometry)
+            found = [block_pool.get_cached_block(name, kv_cache_group_ids) for name in names]
             return None if not all(found) else found
 
         num_blocks = hits.longest(max_blocks, raw, lambda p: kept(p) is not None)
@@ -273,11 +273,7 @@ class PrefixCacheMixin:
                     continue
                 if column >= written or not self._copy_raw(block):
                     self.block_pool.evict_blocks({block.block_id})
-            reference = request.block_hashes[self.hits.reference_column(partition)]
-            names[partition] = [
-                kept_block_hash(reference, partition, index, self.geometry)
-                for index in range(self.geometry.keep_blocks)
-            ]
+            names[partition] = kept_block_hashes(request.block_hashes, partition, self.geometry)
         self.renamed_partitions[request_id] = compressed
 
     def _copy_raw(self, block: KVCacheBlock) -> bool:
