@@ -78,7 +78,7 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
         self.resident_total = 0
         self.logical_total = 0
         self._evicted_blocks = self.geometry.part_blocks - self.geometry.keep_blocks
-        stats.record_settings(**self.settings.model_dump(), keep=self.rule.keep)
+        stats.SETTINGS_INFO.labels(**self.settings.model_dump(), keep=self.rule.keep).set(1)
         stats.record_occupancy(0, 0)
 
     def get_num_blocks_to_allocate(
@@ -147,7 +147,7 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
             freed = part + 1
         self.freed_partitions[request_id] = freed
         if freed > already:
-            stats.record_freed_blocks((freed - already) * self._evicted_blocks)
+            stats.FREED_BLOCKS.inc((freed - already) * self._evicted_blocks)
             self.name_kept_blocks(request_id, blocks, range(already, freed))
 
     def pop_blocks_for_free(self, request_id: str) -> list:

@@ -93,15 +93,7 @@ def record_compactions(partitions: int, evicted_tokens: int) -> None:
     EVICTED_TOKENS.inc(evicted_tokens)
 
 
-def record_freed_blocks(blocks: int) -> None:
-    FREED_BLOCKS.inc(blocks)
-
-
 def record_occupancy(resident: int, logical: int) -> None:
     RESIDENT_TOKENS.set(resident)
     LOGICAL_TOKENS.set(logical)
     COMPRESSION_RATIO.set(logical / resident if resident else 1.0)
-
-
-def record_settings(sink: int, lag: int, ratio: float, keep: int, score_v_ratio: float) -> None:
-    SETTINGS_INFO.labels(sink, lag, ratio, keep, score_v_ratio).set(1)
