@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import accumulate
 from typing import TYPE_CHECKING
 
 import torch
@@ -84,12 +85,9 @@ def packing_for(length: int, rule: Rule) -> Packing:
 
 @lru_cache(maxsize=64)
 def _tensors(packing: Packing, batch: int, device: str):
-    """cu_seq_q/k (int32, all sequences of the batch) and the template on the device."""
-    q_lens = torch.tensor(packing.q_lens * batch, dtype=torch.int64)
-    k_lens = torch.tensor(packing.k_lens * batch, dtype=torch.int64)
-    zero = torch.zeros(1, dtype=torch.int64)
-    cu_q = torch.cat([zero, q_lens.cumsum(0)]).to(torch.int32).to(device)
-    cu_k = torch.cat([zero, k_lens.cumsum(0)]).to(torch.int32).to(device)
+    """cu_seq_q/k (int32 prefix sums over the batch's sequences) and the template, on the device."""
+    bounds = ([0, *accumulate(lens * batch)] for lens in (packing.q_lens, packing.k_lens))
+    cu_q, cu_k = (torch.tensor(b, dtype=torch.int32, device=device) for b in bounds)
     template = torch.tensor(packing.template, dtype=torch.int64, device=device)
     return cu_q, cu_k, template
 
