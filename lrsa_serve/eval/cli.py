@@ -226,13 +226,7 @@ def tokenizer_path(args: argparse.Namespace, targets: list) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lrsa_serve.eval.report import (
-        failure_lines,
-        table_rows,
-        target_lines,
-        text_table,
-        write_outputs,
-    )
+    from lrsa_serve.eval import report
     from lrsa_serve.eval.runner import run_targets
     from lrsa_serve.eval.tasks import build_items, resolve_tasks
     from lrsa_serve.models import load_tokenizer
@@ -260,13 +254,12 @@ def run(args: argparse.Namespace) -> int:
         "tokenizer": tokenizer_folder,
     }
     result = run_targets(targets, items, config, progress=not args.no_progress)
-    written = write_outputs(result, Path(args.out), draw=not args.no_plots)
+    written = report.write_outputs(result, Path(args.out), draw=not args.no_plots)
 
-    header, rows = table_rows(result)
-    print("\n".join(target_lines(result)))
+    print("\n".join(report.target_lines(result)))
     print()
-    print(text_table(header, rows))
-    if lines := failure_lines(result):
+    print(report.text_table(*report.table_rows(result)))
+    if lines := report.failure_lines(result):
         print("\nFailures:", *lines, sep="\n")
     print("\nwrote " + ", ".join(str(path) for path in written.values()), file=sys.stderr)
     return 1 if any(r.failed for r in result.results) else 0

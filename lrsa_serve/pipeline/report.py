@@ -17,14 +17,7 @@ def report_markdown(
     plots: dict[str, Path],
     out: Path,
 ) -> str:
-    from lrsa_serve.eval.report import (
-        document,
-        format_cell,
-        length_label,
-        markdown_table,
-        row_keys,
-        target_lines,
-    )
+    from lrsa_serve.eval import report as eval_report
     from lrsa_serve.eval.runner import cells, lookup
 
     by_key = lookup(cells(run))
@@ -41,11 +34,11 @@ def report_markdown(
     rows = [
         [
             task,
-            length_label(length),
-            *(format_cell(by_key.get((n, task, length)), of_n=False) for n in names),
+            eval_report.length_label(length),
+            *(eval_report.format_cell(by_key.get((n, task, length)), of_n=False) for n in names),
             *(delta(n, task, length) for n in trained),
         ]
-        for task, length in row_keys(run)
+        for task, length in eval_report.row_keys(run)
     ]
     train_rows = [
         [
@@ -67,15 +60,17 @@ def report_markdown(
         "count as 0."
     )
     train_header = "variant|steps|final loss|held-out exact match (teacher forcing)|checkpoint"
-    train_table = markdown_table(train_header.split("|"), train_rows) if train_rows else "(none)"
+    train_table = (
+        eval_report.markdown_table(train_header.split("|"), train_rows) if train_rows else "(none)"
+    )
     sections = [
         f"# Pipeline report: {config.name}",
         intro,
         "## Training",
         train_table,
         "## Accuracy",
-        markdown_table(header, rows),
+        eval_report.markdown_table(header, rows),
         "## Models",
-        "\n".join(f"- {line}" for line in target_lines(run)),
+        "\n".join(f"- {line}" for line in eval_report.target_lines(run)),
     ]
-    return document(sections, run, plots, out)
+    return eval_report.document(sections, run, plots, out)

@@ -93,13 +93,7 @@ def prepare(args: argparse.Namespace, argv: Sequence[str]):
     """Resolve the model and LagKV settings and fold them into vLLM's arguments.
     Returns (settings or None, api key or None, why the dtype is what it is)."""
     from lrsa_serve.config import LagKVConfig, lagkv_overrides
-    from lrsa_serve.engine.api import (
-        bind_cpu_workers,
-        default_block_size,
-        default_dtype,
-        lagkv_engine_kwargs,
-        on_cpu,
-    )
+    from lrsa_serve.engine import api
     from lrsa_serve.models import resolve_model
 
     model_given = args.model_tag or (args.model if any(a.startswith("--model") for a in argv)
@@ -112,25 +106,25 @@ def prepare(args: argparse.Namespace, argv: Sequence[str]):
     if not args.no_lagkv:
         settings = LagKVConfig.for_model(model, **lagkv_overrides(args))
     if args.block_size is None:
-        args.block_size = default_block_size()
+        args.block_size = api.default_block_size()
     dtype_reason = "--dtype"
     if args.dtype == "auto":
-        args.dtype, dtype_reason = default_dtype()
+        args.dtype, dtype_reason = api.default_dtype()
     given = {name: getattr(args, name) for name in ENGINE_FLAGS}
     # Checked (a refused feature is an error here) and completed: LagKV's scheduler, attention
     # backend and additional_config; all of it goes back to vLLM's args.
-    for name, value in lagkv_engine_kwargs(model, settings, **given).items():
+    for name, value in api.lagkv_engine_kwargs(model, settings, **given).items():
         setattr(args, name, value)
     if args.kv_cache_gib is not None:
-        if on_cpu():
+        if api.on_cpu():
             if args.kv_cache_gib != int(args.kv_cache_gib) or args.kv_cache_gib < 1:
                 raise ValueError("--kv-cache-gib must be a whole number of GiB (>= 1) on CPU")
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(args.kv_cache_gib))
         else:
             args.kv_cache_memory_bytes = int(args.kv_cache_gib * 2**30)
-    elif on_cpu():
+    elif api.on_cpu():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-    bound = bind_cpu_workers(
+    bound = api.bind_cpu_workers(
         args.tensor_parallel_size, args.pipeline_parallel_size, args.enforce_eager, args.nnodes
     )
     if bound:
