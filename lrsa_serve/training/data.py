@@ -198,18 +198,6 @@ def synthetic_example(
     return TASKS[task](tokenizer, tokens if prompt_tokens is None else prompt_tokens, depth, seed)
 
 
-def synthetic_record(example: Example, tokenizer: Any) -> dict[str, Any]:
-    """Chat models get the task as a user turn and the answer as the assistant turn."""
-    if getattr(tokenizer, "chat_template", None) is not None:
-        return {
-            "messages": [
-                {"role": "user", "content": example.prompt},
-                {"role": "assistant", "content": example.answer},
-            ]
-        }
-    return {"prompt": example.prompt, "completion": " " + example.answer}
-
-
 def synthetic_examples(
     tokenizer: Any, count: int, split: str, min_tokens: int, max_tokens: int, tasks: Sequence[str]
 ) -> list[TokenizedExample]:
@@ -241,9 +229,13 @@ def synthetic_examples(
 
 
 def _encode_synthetic(example: Example, tokenizer: Any, split: str) -> TokenizedExample:
+    """Chat models get the task as a user turn and the answer as the assistant turn."""
+    record = {"prompt": example.prompt, "completion": " " + example.answer}
+    if getattr(tokenizer, "chat_template", None) is not None:
+        turns = [("user", example.prompt), ("assistant", example.answer)]
+        record = {"messages": [{"role": role, "content": text} for role, text in turns]}
     where = f"synthetic:{split}:{example.seed}:{example.task}"
-    encoded = encode_record(synthetic_record(example, tokenizer), tokenizer, where)
-    return replace(encoded, answer=example.answer)
+    return replace(encode_record(record, tokenizer, where), answer=example.answer)
 
 
 # ---- length policy, order, batches --------------------------------------------------------------
