@@ -43,23 +43,13 @@ def engine_parser(doc: str, eager: bool) -> argparse.ArgumentParser:
     return parser
 
 
-def settings_from(args: argparse.Namespace) -> LagKVConfig:
-    return LagKVConfig.build(**lagkv_overrides(args))
-
-
-def engine_flags(args: argparse.Namespace, max_model_len: int) -> dict[str, Any]:
-    """The vllm.LLM arguments both engines of a run get."""
-    return dict(dtype=args.dtype, max_model_len=max_model_len, enforce_eager=args.enforce_eager)
-
-
-def new_results(args: argparse.Namespace, settings: LagKVConfig) -> dict[str, Any]:
-    """The results JSON before its runs: what both engines ran with."""
-    return {
-        "settings": settings.model_dump(),
-        "dtype": args.dtype,
-        "enforce_eager": args.enforce_eager,
-        "runs": {},
-    }
+def setup(args: argparse.Namespace, max_model_len: int) -> tuple[LagKVConfig, dict, dict]:
+    """The run's LagKV settings, the vllm.LLM arguments both engines get, and the results JSON
+    before its runs (what both engines ran with)."""
+    settings = LagKVConfig.build(**lagkv_overrides(args))
+    shared = {"dtype": args.dtype, "enforce_eager": args.enforce_eager}
+    results = {"settings": settings.model_dump(), **shared, "runs": {}}
+    return settings, shared | {"max_model_len": max_model_len}, results
 
 
 def write_json(path: str | None, results: dict[str, Any]) -> None:

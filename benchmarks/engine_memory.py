@@ -58,10 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--request-length", type=int, default=4096)
     parser.add_argument("--fit-pool", type=int, default=1024, help="pool for the fit columns")
     args = parser.parse_args(argv)
-    settings = common.settings_from(args)
     max_len = max(args.lengths + [args.request_length]) + args.new_tokens + 64
-    flags = common.engine_flags(args, max_len)
-    results = common.new_results(args, settings)
+    settings, flags, results = common.setup(args, max_len)
     for name, cfg in (("vanilla", None), ("lagkv", settings)):
         with common.engine(args.model, cfg, **flags) as llm:
             per_length = blocks_per_length(llm, args.lengths, args.new_tokens)

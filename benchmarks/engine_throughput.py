@@ -67,13 +67,11 @@ def main(argv: list[str] | None = None) -> dict:
         "measures what caching costs (LagKV: the raw copies its compactions make)",
     )
     args = parser.parse_args(argv)
-    settings = common.settings_from(args)
-    flags = common.engine_flags(args, args.context + args.new_tokens + 64)
+    settings, flags, results = common.setup(args, args.context + args.new_tokens + 64)
     flags["enable_prefix_caching"] = args.prefix_caching
     if args.max_num_batched_tokens:
         flags["max_num_batched_tokens"] = args.max_num_batched_tokens
     prompts = common.token_prompts(args.sequences + 1, args.context, seed=2)
-    results = common.new_results(args, settings)
     for name, cfg in (("vanilla", None), ("lagkv", settings)):
         with common.engine(args.model, cfg, **flags) as llm:
             run = {"ttft_s": time_to_first_token(llm, prompts[-1])}

@@ -109,16 +109,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pool-conversations", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    settings = common.settings_from(args)
-    results = common.new_results(args, settings) | {
-        "workload": {k: getattr(args, k) for k in ("document_tokens", "turns", "question_tokens",
-                                                    "answer_tokens", "conversations",
-                                                    "pool_conversations", "seed")},
-    }  # fmt: skip
     block = default_block_size()
     longest = args.document_tokens + args.turns * (args.question_tokens + args.answer_tokens)
     max_model_len = -(-longest // block) * block  # the pool below must hold one
-    flags = common.engine_flags(args, max_model_len)
+    settings, flags, results = common.setup(args, max_model_len)
+    results["workload"] = {k: getattr(args, k) for k in ("document_tokens", "turns",
+                           "question_tokens", "answer_tokens", "conversations",
+                           "pool_conversations", "seed")}  # fmt: skip
     engines = {
         "vanilla + caching": (None, True),
         "LagKV": (settings, False),
