@@ -25,8 +25,7 @@ def blocks_per_length(llm, lengths: list[int], new_tokens: int) -> dict[int, dic
         peak = last = 0
         while engine_.has_unfinished_requests():
             engine_.step()
-            held = sum(common.held_blocks(llm).values())
-            if held:
+            if held := sum(common.held_blocks(llm).values()):
                 peak, last = max(peak, held), held
         results[length] = {"peak_blocks": peak, "final_blocks": last}
     return results

@@ -69,8 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def selected(which: list[str]) -> list[str]:
-    unknown = [name for name in which if name not in (*BENCHMARKS, "all")]
-    if unknown:
+    if unknown := [name for name in which if name not in (*BENCHMARKS, "all")]:
         raise UserError(f"unknown benchmark {unknown[0]!r}: choose from memory, throughput, all")
     return list(BENCHMARKS) if "all" in which else list(dict.fromkeys(which))
 

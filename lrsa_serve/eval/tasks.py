@@ -88,8 +88,7 @@ def resolve_tasks(names: Sequence[str] | None) -> list[TaskSpec]:
             wanted += [n for n, s in specs.items() if s.source == "training"]
         else:
             wanted.append(name)
-    unknown = [name for name in wanted if name not in specs]
-    if unknown:
+    if unknown := [name for name in wanted if name not in specs]:
         raise ValueError(
             f"unknown task(s) {', '.join(unknown)}; known: {', '.join(sorted(specs))} "
             "(groups: all, ruler, qa)"

@@ -129,13 +129,11 @@ def evaluate_models(
             if "--max-model-len" not in config.serve.args:
                 flags += ["--max-model-len", str(longest)]
             log = out / "logs" / f"serve-{name.replace(' ', '-')}.log"
-            say(
-                f"serve {name}: lrsa serve {model} {' '.join(flags + config.serve.args)} "
-                f"(log: {log})"
-            )
+            serve_args = [*flags, *config.serve.args]
+            say(f"serve {name}: lrsa serve {model} {' '.join(serve_args)} (log: {log})")
             started = time.monotonic()
             with ManagedServer(
-                model, [*flags, *config.serve.args], log, ready_timeout=config.serve.ready_timeout
+                model, serve_args, log, ready_timeout=config.serve.ready_timeout
             ) as server:
                 say(f"serve {name}: ready on {server.url} in {time.monotonic() - started:.0f}s")
                 target = HTTPTarget(server.url, name=name, api_key=server.api_key, **options)

@@ -152,8 +152,7 @@ class JobConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobConfig:
         """From a (possibly partial) nested dict, e.g. a YAML file; unknown keys are errors."""
-        unknown = set(data) - set(SECTIONS) - {"lagkv"}
-        if unknown:
+        if unknown := set(data) - set(SECTIONS) - {"lagkv"}:
             raise ValueError(f"unknown config sections: {sorted(unknown)}")
         built: dict[str, Any] = {}
         for name, kind in SECTIONS.items():

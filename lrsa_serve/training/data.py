@@ -204,8 +204,7 @@ def synthetic_examples(
     """Examples ``0..count-1`` of a split, tokenized, prompts of ``min_tokens..max_tokens``
     tokens asked for and no example longer than ``max_tokens`` (where the task's own text
     allows)."""
-    unknown = [task for task in tasks if task not in TASKS]
-    if unknown:
+    if unknown := [task for task in tasks if task not in TASKS]:
         raise UserError(f"unknown synthetic tasks {unknown}; known: {sorted(TASKS)}")
     out = []
     for index in range(count):
