@@ -195,11 +195,9 @@ def build_targets(args: argparse.Namespace, max_tokens: int) -> list:
         settings = [None]
     else:
         settings = [LagKVConfig.for_model(model, **overrides)]
-    engine_kwargs: dict[str, Any] = dict(
-        dtype=args.dtype,
-        seed=0,
-        max_model_len=args.max_model_len or max(args.lengths) + max_tokens + 512,
-    ) | parse_engine_args(args.engine_arg)
+    max_model_len = args.max_model_len or max(args.lengths) + max_tokens + 512
+    engine_kwargs: dict[str, Any] = dict(dtype=args.dtype, seed=0, max_model_len=max_model_len)
+    engine_kwargs |= parse_engine_args(args.engine_arg)
     if args.block_size:
         engine_kwargs["block_size"] = args.block_size
     if args.enforce_eager:
