@@ -46,10 +46,9 @@ def _compress_torch(
     rows = torch.arange(part_blocks.shape[0]) if active is None else active.cpu().nonzero()[:, 0]
     rows = rows.to(part_blocks.device)
     part, ref = part_blocks[rows], ref_blocks[rows]
-    kept = torch.zeros(
-        part_blocks.shape[0], key_cache.shape[1], rule.keep, dtype=torch.long,
-        device=key_cache.device,
-    )  # fmt: skip
+    kept = key_cache.new_zeros(
+        part_blocks.shape[0], key_cache.shape[1], rule.keep, dtype=torch.long
+    )
     kept[rows] = naive.select_kept(key_cache, value_cache, part, ref, rule.keep, rule.score_v_ratio)
     naive.compact_kept(key_cache, value_cache, part, kept[rows])
     return kept
