@@ -56,18 +56,14 @@ def compact_cpu_pages(
     blocks, heads, block_size, _ = kv_cache.shape
     halves = kv_cache.view(blocks, heads, 2 * block_size, -1).chunk(2, 2)
     requests = plan.part_blocks.shape[0]
-    rule = plan.rule
-    lag, keep = rule.lag, rule.keep
+    lag, keep = plan.rule.lag, plan.rule.keep
     involved = torch.cat([plan.part_blocks, plan.ref_blocks], dim=1).long()
     rows = []
     for half, order in zip(halves, orders, strict=True):
         pages = order.to_logical(half.flatten(2)[involved])  # [R, 2 * cols, heads, block, dim]
         rows.append(pages.transpose(1, 2).reshape(requests, heads, 2 * lag, -1))
-    keys, values = rows
-    kept = lagkv.select_partition(
-        keys[:, :, :lag], values[:, :, :lag], keys[:, :, lag:], values[:, :, lag:],
-        keep, rule.score_v_ratio,
-    )  # fmt: skip
+    part, ref = [x[:, :, :lag] for x in rows], [x[:, :, lag:] for x in rows]  # K, V of each
+    kept = lagkv.select_partition(*part, *ref, keep, plan.rule.score_v_ratio)
     dst = plan.part_blocks[:, : keep // block_size].long()
     for half, order, x in zip(halves, orders, rows, strict=True):
         moved = x.gather(2, kept[..., None].expand(-1, -1, -1, x.shape[-1]))
