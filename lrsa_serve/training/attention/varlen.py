@@ -140,17 +140,9 @@ def fa4_items(
     """FlashAttention-4's varlen call over the items, bottom-right causal; ``options`` go to it
     as they are (``return_lse``). Returns its (output, log-sum-exp)."""
     return _fa4().flash_attn_varlen_func(
-        q,
-        k,
-        v,
-        cu_seqlens_q=items.cu_q,
-        cu_seqlens_k=items.cu_k,
-        max_seqlen_q=items.max_q,
-        max_seqlen_k=items.max_k,
-        softmax_scale=scale,
-        causal=True,
-        **options,
-    )
+        q, k, v, cu_seqlens_q=items.cu_q, cu_seqlens_k=items.cu_k, max_seqlen_q=items.max_q,
+        max_seqlen_k=items.max_k, softmax_scale=scale, causal=True, **options,
+    )  # fmt: skip
 
 
 def flash_items(
