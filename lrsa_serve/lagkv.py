@@ -46,6 +46,11 @@ class Rule:
         """Tokens a compressed partition gives back: L - keep."""
         return self.lag - self.keep
 
+    def compressed_at(self, partition: int) -> int:
+        """Tokens in the cache once ``partition`` is compressed (p+1 complete): S + (p+2)L. A
+        comparison with it is the scheduler's per-request, per-step check."""
+        return self.sink + (partition + 2) * self.lag
+
 
 # ---- scores and selection --------------------------------------------------------------------
 def channel_spread_score(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -124,6 +129,11 @@ def compressed_partitions_each(num_tokens: Ints, rule: Rule) -> Ints:
 def resident_tokens(num_tokens: int, rule: Rule) -> int:
     """KV entries held per layer and KV head after ``num_tokens`` tokens (at most S + r·n + 2L)."""
     return num_tokens - compressed_partitions(num_tokens, rule) * rule.evicted
+
+
+def resident_tokens_each(num_tokens: Ints, rule: Rule) -> Ints:
+    """:func:`resident_tokens` of every length in an integer tensor or numpy array."""
+    return num_tokens - compressed_partitions_each(num_tokens, rule) * rule.evicted
 
 
 def select_all(keys: torch.Tensor, values: torch.Tensor, rule: Rule) -> torch.Tensor:

@@ -97,7 +97,7 @@ def test_blocks_held_follow_the_formula_and_return_to_the_pool(engines, prompts)
             aborted = 1
     assert checked > 100 and aborted
     assert pool.get_num_free_blocks() == idle
-    assert manager.resident_total == 0 and not manager.processed_tokens
+    assert manager.occupancy() == (0, 0) and not manager.processed_tokens
 
 
 def test_preemption_replays_the_same_outputs(engines, prompts, roomy):

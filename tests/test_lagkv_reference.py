@@ -46,6 +46,14 @@ def test_top_keep_ties_go_to_lower_position_and_come_sorted():
     assert lagkv.top_keep_sorted(torch.zeros(5), 3).tolist() == [0, 1, 2]
 
 
+def test_compressed_at_is_where_the_count_passes_the_partition():
+    rule = LagKVConfig(sink=32, lag=128, ratio=0.25).rule
+    for n in range(0, 32 + 8 * 128):
+        for p in range(6):
+            passed = lagkv.compressed_partitions(n, rule) > p
+            assert passed == (n >= rule.compressed_at(p)), (n, p)
+
+
 def test_resident_tokens_formula():
     cfg = LagKVConfig(sink=32, lag=256, ratio=0.25)
     assert lagkv.resident_tokens(0, cfg.rule) == 0

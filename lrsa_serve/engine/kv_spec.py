@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Self
 
+import numpy as np
 from vllm.config import VllmConfig
 from vllm.v1.core.kv_cache_utils import KVCacheBlock
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
@@ -75,8 +76,6 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
         self.freed_partitions: dict[str, int] = {}  # per request, partitions whose tails are freed
         self.admitted_peaks: dict[str, int] = {}  # peak blocks of requests still growing to it
         self.init_prefix_cache()
-        self.resident_total = 0
-        self.logical_total = 0
         self._evicted_blocks = self.geometry.part_blocks - self.geometry.keep_blocks
         stats.SETTINGS_INFO.labels(**self.settings.model_dump(), keep=self.rule.keep).set(1)
         stats.record_occupancy(0, 0)
@@ -129,11 +128,14 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
     def remove_skipped_blocks(
         self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: int | None = None
     ) -> None:
-        # Runs for every scheduled request at every step: ints only, nothing published here.
-        compressed = lagkv.compressed_partitions(processed_computed_tokens, self.rule)
-        self._account(request_id, processed_computed_tokens)
+        # Runs for every scheduled request at every step, on the scheduler's critical path in
+        # decode: a few int operations unless a partition's tail is due.
+        self.processed_tokens[request_id] = processed_computed_tokens
         freed = self.freed_partitions.get(request_id, 0)
-        if compressed <= freed or not self.req_to_blocks.get(request_id):
+        if processed_computed_tokens < self.rule.compressed_at(freed):
+            return  # partition `freed` is not compressed yet
+        compressed = lagkv.compressed_partitions(processed_computed_tokens, self.rule)
+        if not self.req_to_blocks.get(request_id):
             return
         blocks = self.req_to_blocks[request_id]
         already = freed
@@ -152,26 +154,23 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
 
     def pop_blocks_for_free(self, request_id: str) -> list:
         # Every way out (finish, abort, preemption) passes here, `free` included.
-        self._account(request_id, None)
+        self.processed_tokens.pop(request_id, None)
         self.freed_partitions.pop(request_id, None)
         self.admitted_peaks.pop(request_id, None)
         self.forget_request(request_id)
-        self.publish()
+        if not self.processed_tokens:
+            self.publish()  # the next step would publish, but an idle engine takes none
         return super().pop_blocks_for_free(request_id)
 
-    def _account(self, request_id: str, tokens: int | None) -> None:
-        old = self.processed_tokens.pop(request_id, None)
-        if old is not None:
-            self.logical_total -= old
-            self.resident_total -= lagkv.resident_tokens(old, self.rule)
-        if tokens is not None:
-            self.processed_tokens[request_id] = tokens
-            self.logical_total += tokens
-            self.resident_total += lagkv.resident_tokens(tokens, self.rule)
+    def occupancy(self) -> tuple[int, int]:
+        """(resident, logical) KV tokens of the requests, as of their last scheduling: summed
+        here, once per step, rather than kept up to date by every request at every step."""
+        tokens = np.fromiter(self.processed_tokens.values(), np.int64, len(self.processed_tokens))
+        return int(lagkv.resident_tokens_each(tokens, self.rule).sum()), int(tokens.sum())
 
     def publish(self) -> None:
-        """Occupancy gauges, once per scheduler step (and when a request leaves)."""
-        stats.record_occupancy(self.resident_total, self.logical_total)
+        """Occupancy gauges, once per scheduler step (and when the last request leaves)."""
+        stats.record_occupancy(*self.occupancy())
 
     def held_blocks(self, request_id: str) -> int:
         """Blocks a request holds now (null entries of freed partitions excluded)."""

@@ -260,9 +260,9 @@ class PrefixCacheMixin:
         written = self.num_cached_block.get(request_id, 0)  # blocks complete before this step
         super().cache_blocks(request, num_tokens, *args, **kwargs)
         renamed = self.renamed_partitions.get(request_id, 0)
+        if num_tokens < self.rule.compressed_at(renamed):
+            return  # no new partition compacts (every decode step but one in L)
         compressed = lagkv.compressed_partitions(num_tokens, self.rule)
-        if compressed <= renamed:
-            return
         blocks = self.req_to_blocks[request_id]
         names = self.kept_names.setdefault(request_id, {})
         for partition in range(renamed, compressed):
@@ -296,7 +296,8 @@ class PrefixCacheMixin:
     ) -> list[KVCacheBlock]:
         if self.enable_caching:
             needed = -(-num_tokens // self.block_size) - len(self.req_to_blocks.get(request_id, ()))
-            self.raw_history.evict_first(needed)
+            if needed > 0:  # most decode steps allocate nothing
+                self.raw_history.evict_first(needed)
         return super().allocate_new_blocks(request_id, num_tokens, *args, **kwargs)
 
     def take_pending_cow_copies(self) -> list[tuple[KVCacheBlock, KVCacheBlock]]:

@@ -31,8 +31,8 @@ class LagKVSchedulingMixin:
         num_new_tokens = super()._reserve_prefill_lookahead(
             request, num_computed_tokens, num_new_tokens
         )
-        if self.lagkv is None or num_new_tokens == 0:
-            return num_new_tokens
+        if self.lagkv is None or num_new_tokens <= 1:
+            return num_new_tokens  # one token never crosses a boundary: every decode step
         limit = lagkv.chunk_end_limit(num_computed_tokens, self.lagkv) - num_computed_tokens
         return min(num_new_tokens, limit)
 
