@@ -180,16 +180,20 @@ def engine_info(llm) -> dict[str, Any]:
 
 
 class StepCounter:
-    """Counts the scheduler's steps (wrapping its ``schedule``): the token counts of vLLM's own
-    stats are recorded only in steps that emit tokens, missing the middle prefill chunks."""
+    """Counts the scheduler's steps and times its ``schedule`` (wrapping it): the token counts of
+    vLLM's own stats are recorded only in steps that emit tokens, missing the middle prefill
+    chunks. A small model's decode step is bound by host work, of which scheduling is a part."""
 
     def __init__(self, llm) -> None:
         self.steps = self.prefill_steps = self.prefill_tokens = 0
+        self.schedule_seconds = 0.0
         scheduler = common.scheduler_of(llm)
         schedule = scheduler.schedule
 
         def counted(*args, **kwargs):
+            started = time.perf_counter()
             out = schedule(*args, **kwargs)
+            self.schedule_seconds += time.perf_counter() - started
             if out.total_num_scheduled_tokens:
                 self.steps += 1
                 # A chunk of more than one token is prefill (a decode step schedules one).
@@ -200,9 +204,12 @@ class StepCounter:
 
         scheduler.schedule = counted
 
-    def snapshot(self) -> dict[str, int]:
+    def snapshot(self) -> dict[str, float]:
         return dict(
-            steps=self.steps, prefill_steps=self.prefill_steps, prefill_tokens=self.prefill_tokens
+            steps=self.steps,
+            prefill_steps=self.prefill_steps,
+            prefill_tokens=self.prefill_tokens,
+            schedule_seconds=self.schedule_seconds,
         )
 
 
@@ -266,6 +273,7 @@ def timed(llm, steps: StepCounter, w: Workload, prompts: list[list[int]]) -> dic
     run |= {k: v - before[k] for k, v in counters(llm, steps).items()}
     run["prefill_tokens_per_step"] = run["prefill_tokens"] / max(1, run["prefill_steps"])
     run["ms_per_step"] = 1e3 * seconds / max(1, run["steps"])
+    run["schedule_ms_per_step"] = 1e3 * run["schedule_seconds"] / max(1, run["steps"])
     return run
 
 
@@ -452,6 +460,7 @@ def step_rows(results: dict[str, Any]) -> list[list[str]]:
                     str(run["prefill_steps"]),
                     f"{run['prefill_tokens_per_step']:.0f}",
                     f"{run['ms_per_step']:.2f}",
+                    f"{run.get('schedule_ms_per_step', 0):.2f}",
                     f"{run.get('preemptions', 0):.0f}",
                     f"{run.get('compressed_partitions', 0):.0f}",
                     f"{run.get('compaction_seconds', 0):.3f}",
@@ -461,7 +470,7 @@ def step_rows(results: dict[str, Any]) -> list[list[str]]:
 
 
 STEP_HEADER = (
-    "workload|engine|steps|prefill steps|prefill tokens/step|ms/step|preemptions|"
+    "workload|engine|steps|prefill steps|prefill tokens/step|ms/step|schedule ms/step|preemptions|"
     "partitions compressed|compaction s (eager steps)"
 ).split("|")
 
