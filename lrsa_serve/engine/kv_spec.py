@@ -75,6 +75,7 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
         self.processed_tokens: dict[str, int] = {}  # per request, as of its last scheduling
         self.freed_partitions: dict[str, int] = {}  # per request, partitions whose tails are freed
         self.admitted_peaks: dict[str, int] = {}  # peak blocks of requests still growing to it
+        self.admitted_peak_sum = 0  # of admitted_peaks: a bound on outstanding_blocks, in O(1)
         self.init_prefix_cache()
         self._evicted_blocks = self.geometry.part_blocks - self.geometry.keep_blocks
         stats.SETTINGS_INFO.labels(**self.settings.model_dump(), keep=self.rule.keep).set(1)
@@ -101,9 +102,11 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
         # A prefix hit brings blocks it holds from the start (those no other request holds come
         # out of the free pool too) and null columns for the freed tails of compacted partitions.
         peak = self.geometry.peak_blocks(num_tokens)
-        self.admitted_peaks[request_id] = peak
+        self._retire(request_id)
         held = self.held_blocks_now(request_id) + sum(not b.is_null for b in new_computed_blocks)
         own = max(peak - held, 0) + self._get_num_evictable_blocks(new_computed_blocks)
+        self.admitted_peaks[request_id] = peak
+        self.admitted_peak_sum += peak
         return own + self.outstanding_blocks(excluding=request_id)
 
     def outstanding_blocks(self, excluding: str | None = None) -> int:
@@ -114,10 +117,20 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
                 continue  # itself, or checked but not admitted (it holds nothing yet)
             missing = peak - self.held_blocks_now(request_id)
             if missing <= 0:
-                del self.admitted_peaks[request_id]  # at its peak: it only grows by decoding
+                self._retire(request_id)  # at its peak: it only grows by decoding
             else:
                 outstanding += missing
         return outstanding
+
+    def has_spare_block(self) -> bool:
+        """Whether a block can be taken beyond what admitted requests still need. Asked for
+        every raw copy the prefix cache makes (thousands per prefill step): O(1) unless the pool
+        is nearly promised away, as the peaks bound what is still needed."""
+        free = self.block_pool.get_num_free_blocks()
+        return free > self.admitted_peak_sum or free > self.outstanding_blocks()
+
+    def _retire(self, request_id: str) -> None:
+        self.admitted_peak_sum -= self.admitted_peaks.pop(request_id, 0)
 
     def held_blocks_now(self, request_id: str) -> int:
         """``held_blocks`` in O(1): the table's length minus the freed tails of compressed
@@ -156,7 +169,7 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
         # Every way out (finish, abort, preemption) passes here, `free` included.
         self.processed_tokens.pop(request_id, None)
         self.freed_partitions.pop(request_id, None)
-        self.admitted_peaks.pop(request_id, None)
+        self._retire(request_id)
         self.forget_request(request_id)
         if not self.processed_tokens:
             self.publish()  # the next step would publish, but an idle engine takes none

@@ -168,7 +168,7 @@ class PrefixCacheMixin:
     """The LagKV KV manager's prefix cache (vLLM's ``SingleTypeKVCacheManager`` hooks): finds
     hits whose state is complete, renames what compaction changes, and evicts raw history
     first. Reads the manager's ``geometry``, ``rule``, ``freed_partitions`` and
-    ``outstanding_blocks``."""
+    ``has_spare_block``."""
 
     def init_prefix_cache(self) -> None:
         # Per request: partitions whose raw names were moved or dropped (their compaction is
@@ -279,7 +279,7 @@ class PrefixCacheMixin:
     def _copy_raw(self, block: KVCacheBlock) -> bool:
         """Moves ``block``'s names to a copy of it, if a block can be spared from what admitted
         requests still need."""
-        if self.block_pool.get_num_free_blocks() <= self.outstanding_blocks():
+        if not self.has_spare_block():
             return False
         self.raw_history.evict_first(1)
         (copy,) = self.block_pool.get_new_blocks(1)
