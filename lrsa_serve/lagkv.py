@@ -49,7 +49,7 @@ class Rule:
     def compressed_at(self, partition: int) -> int:
         """Tokens in the cache once ``partition`` is compressed (p+1 complete): S + (p+2)L. A
         comparison with it is the scheduler's per-request, per-step check."""
-        return self.sink + (partition + 2) * self.lag
+        return partition_start(partition + 2, self)
 
 
 # ---- scores and selection --------------------------------------------------------------------
