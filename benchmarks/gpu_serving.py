@@ -180,37 +180,51 @@ def engine_info(llm) -> dict[str, Any]:
 
 
 class StepCounter:
-    """Counts the scheduler's steps and times its ``schedule`` (wrapping it): the token counts of
+    """Counts the scheduler's steps and times the engine core's host phases (wrapping them):
+    ``schedule``, the model runner's ``execute_model`` and ``sample_tokens`` (input preparation,
+    metadata build, graph replay or launches), and ``update_from_output``. The token counts of
     vLLM's own stats are recorded only in steps that emit tokens, missing the middle prefill
-    chunks. A small model's decode step is bound by host work, of which scheduling is a part."""
+    chunks. A small model's decode step is bound by host work: the phases say whose."""
+
+    PHASES = ("schedule", "execute", "update")
 
     def __init__(self, llm) -> None:
         self.steps = self.prefill_steps = self.prefill_tokens = 0
-        self.schedule_seconds = 0.0
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
         scheduler = common.scheduler_of(llm)
-        schedule = scheduler.schedule
+        executor = llm.llm_engine.engine_core.engine_core.model_executor
+        self.time(scheduler, "schedule", "schedule", self.count)
+        self.time(executor, "execute_model", "execute")
+        self.time(executor, "sample_tokens", "execute")
+        self.time(scheduler, "update_from_output", "update")
 
-        def counted(*args, **kwargs):
+    def time(self, owner, method: str, phase: str, then=None) -> None:
+        wrapped = getattr(owner, method)
+
+        def timed(*args, **kwargs):
             started = time.perf_counter()
-            out = schedule(*args, **kwargs)
-            self.schedule_seconds += time.perf_counter() - started
-            if out.total_num_scheduled_tokens:
-                self.steps += 1
-                # A chunk of more than one token is prefill (a decode step schedules one).
-                chunks = [n for n in out.num_scheduled_tokens.values() if n > 1]
-                self.prefill_steps += bool(chunks)
-                self.prefill_tokens += sum(chunks)
+            out = wrapped(*args, **kwargs)
+            self.seconds[phase] += time.perf_counter() - started
+            if then is not None:
+                then(out)
             return out
 
-        scheduler.schedule = counted
+        setattr(owner, method, timed)
+
+    def count(self, out) -> None:
+        if out.total_num_scheduled_tokens:
+            self.steps += 1
+            # A chunk of more than one token is prefill (a decode step schedules one).
+            chunks = [n for n in out.num_scheduled_tokens.values() if n > 1]
+            self.prefill_steps += bool(chunks)
+            self.prefill_tokens += sum(chunks)
 
     def snapshot(self) -> dict[str, float]:
         return dict(
             steps=self.steps,
             prefill_steps=self.prefill_steps,
             prefill_tokens=self.prefill_tokens,
-            schedule_seconds=self.schedule_seconds,
-        )
+        ) | {f"{phase}_seconds": s for phase, s in self.seconds.items()}
 
 
 METRICS = {"vllm:num_preemptions": "preemptions", "vllm:prefix_cache_hits": "prefix_cache_hits"}
@@ -273,7 +287,8 @@ def timed(llm, steps: StepCounter, w: Workload, prompts: list[list[int]]) -> dic
     run |= {k: v - before[k] for k, v in counters(llm, steps).items()}
     run["prefill_tokens_per_step"] = run["prefill_tokens"] / max(1, run["prefill_steps"])
     run["ms_per_step"] = 1e3 * seconds / max(1, run["steps"])
-    run["schedule_ms_per_step"] = 1e3 * run["schedule_seconds"] / max(1, run["steps"])
+    for phase in StepCounter.PHASES:
+        run[f"{phase}_ms_per_step"] = 1e3 * run[f"{phase}_seconds"] / max(1, run["steps"])
     return run
 
 
@@ -460,7 +475,7 @@ def step_rows(results: dict[str, Any]) -> list[list[str]]:
                     str(run["prefill_steps"]),
                     f"{run['prefill_tokens_per_step']:.0f}",
                     f"{run['ms_per_step']:.2f}",
-                    f"{run.get('schedule_ms_per_step', 0):.2f}",
+                    " / ".join(f"{run.get(f'{p}_ms_per_step', 0):.2f}" for p in StepCounter.PHASES),
                     f"{run.get('preemptions', 0):.0f}",
                     f"{run.get('compressed_partitions', 0):.0f}",
                     f"{run.get('compaction_seconds', 0):.3f}",
@@ -470,7 +485,8 @@ def step_rows(results: dict[str, Any]) -> list[list[str]]:
 
 
 STEP_HEADER = (
-    "workload|engine|steps|prefill steps|prefill tokens/step|ms/step|schedule ms/step|preemptions|"
+    "workload|engine|steps|prefill steps|prefill tokens/step|ms/step|"
+    "host ms/step: schedule / execute+sample / update|preemptions|"
     "partitions compressed|compaction s (eager steps)"
 ).split("|")
 

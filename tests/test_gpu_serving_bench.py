@@ -95,14 +95,16 @@ def test_goal_status(bench):
 
 def test_step_rows_show_where_the_time_goes(bench):
     steps = dict(steps=400, prefill_steps=10, prefill_tokens=1000, prefill_tokens_per_step=100.0,
-                 ms_per_step=5.0, schedule_ms_per_step=1.25)  # fmt: skip
+                 ms_per_step=5.0, schedule_ms_per_step=1.25, execute_ms_per_step=2.5,
+                 update_ms_per_step=0.75)  # fmt: skip
     measured = run(2.0, 1000, 100) | steps
     lagkv = measured | dict(preemptions=3.0, compressed_partitions=12.0, compaction_seconds=0.25)
     results = {"small-e2e": {"group": "small", "vanilla": measured, "lagkv": lagkv},
                "8b-decode": {"group": "8b", "vanilla": {"seconds": 1.0}}}  # fmt: skip
     rows = bench.step_rows(results)
+    host = "1.25 / 2.50 / 0.75"
     assert rows == [
-        ["small-e2e", "vanilla", "400", "10", "100", "5.00", "1.25", "0", "0", "0.000"],
-        ["small-e2e", "lagkv", "400", "10", "100", "5.00", "1.25", "3", "12", "0.250"],
+        ["small-e2e", "vanilla", "400", "10", "100", "5.00", host, "0", "0", "0.000"],
+        ["small-e2e", "lagkv", "400", "10", "100", "5.00", host, "3", "12", "0.250"],
     ]
     assert all(len(row) == len(bench.STEP_HEADER) for row in rows)
