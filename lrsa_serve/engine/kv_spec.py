@@ -86,13 +86,22 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
         request_id: str,
         num_tokens: int,
         new_computed_blocks: Sequence[KVCacheBlock],
-        *args,
+        total_computed_tokens: int,
+        num_local_computed_tokens: int,
+        num_tokens_main_model: int,
         apply_admission_cap: bool = False,
-        **kwargs,
+        prefill_end: int = 0,
     ) -> int:
+        # vLLM's exact signature, no *args/**kwargs: this runs for every request at every step.
         if not apply_admission_cap:
             return super().get_num_blocks_to_allocate(
-                request_id, num_tokens, new_computed_blocks, *args, **kwargs
+                request_id,
+                num_tokens,
+                new_computed_blocks,
+                total_computed_tokens,
+                num_local_computed_tokens,
+                num_tokens_main_model,
+                prefill_end=prefill_end,
             )
         # Admission: a LagKV sequence of num_tokens never holds more than its peak compressed
         # footprint, so that is what it must find free. It also must not take what the requests

@@ -249,7 +249,14 @@ class PrefixCacheMixin:
         self.freed_partitions[request_id] = compressed
         self.renamed_partitions[request_id] = compressed
 
-    def cache_blocks(self, request: Request, num_tokens: int, *args, **kwargs) -> None:
+    def cache_blocks(
+        self,
+        request: Request,
+        num_tokens: int,
+        retention_interval: int | None = None,
+        *,
+        replay_boundaries: Sequence[int],
+    ) -> None:
         # vLLM names the newly full blocks by their tokens. The first blocks of every partition
         # this step compacts then hand their names to raw copies (vLLM's copy-on-write copies
         # them before the step's forward, i.e. before compaction rewrites them) or drop them:
@@ -257,11 +264,16 @@ class PrefixCacheMixin:
         # chunk, which also compacts it: the copy would run before the write). Their kept rows
         # are named once the compaction has run.
         request_id = request.request_id
-        written = self.num_cached_block.get(request_id, 0)  # blocks complete before this step
-        super().cache_blocks(request, num_tokens, *args, **kwargs)
         renamed = self.renamed_partitions.get(request_id, 0)
         if num_tokens < self.rule.compressed_at(renamed):
-            return  # no new partition compacts (every decode step but one in L)
+            # No new partition compacts (every decode step but one in L).
+            return super().cache_blocks(
+                request, num_tokens, retention_interval, replay_boundaries=replay_boundaries
+            )
+        written = self.num_cached_block.get(request_id, 0)  # blocks complete before this step
+        super().cache_blocks(
+            request, num_tokens, retention_interval, replay_boundaries=replay_boundaries
+        )
         compressed = lagkv.compressed_partitions(num_tokens, self.rule)
         blocks = self.req_to_blocks[request_id]
         names = self.kept_names.setdefault(request_id, {})
@@ -292,13 +304,13 @@ class PrefixCacheMixin:
         return True
 
     def allocate_new_blocks(
-        self, request_id: str, num_tokens: int, *args, **kwargs
+        self, request_id: str, num_tokens: int, num_tokens_main_model: int
     ) -> list[KVCacheBlock]:
-        if self.enable_caching:
+        if self.enable_caching and self.raw_history.blocks:  # only history needs protecting
             needed = -(-num_tokens // self.block_size) - len(self.req_to_blocks.get(request_id, ()))
             if needed > 0:  # most decode steps allocate nothing
                 self.raw_history.evict_first(needed)
-        return super().allocate_new_blocks(request_id, num_tokens, *args, **kwargs)
+        return super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
 
     def take_pending_cow_copies(self) -> list[tuple[KVCacheBlock, KVCacheBlock]]:
         pending, self.raw_copies = super().take_pending_cow_copies() + self.raw_copies, []
