@@ -3,6 +3,7 @@ whose cache hits give the same greedy tokens as computing everything (float32, d
 
 from __future__ import annotations
 
+import inspect
 import random
 
 import pytest
@@ -10,6 +11,7 @@ from engine_helpers import passkey_prompts, reference_generate, scheduler_of, st
 
 from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig
+from lrsa_serve.engine.kv_spec import LagKVManager
 from lrsa_serve.engine.layout import BlockGeometry
 from lrsa_serve.engine.prefix_cache import HitRule, kept_block_hash
 
@@ -62,6 +64,21 @@ def test_kept_block_names_depend_on_the_reference_rule_and_place():
         rule = LagKVConfig(**(SETTINGS.model_dump() | changed)).rule
         others.append(kept_block_hash(b"reference", 3, 0, BlockGeometry(rule, BLOCK)))
     assert name not in others and len(set(others)) == len(others)
+
+
+@pytest.mark.parametrize(
+    "hook",
+    ["cache_blocks", "allocate_new_blocks", "get_num_blocks_to_allocate", "remove_skipped_blocks"],
+)
+def test_per_step_hooks_take_vllms_exact_parameters(hook):
+    # They run for every request at every step, so they spell vLLM's parameters out rather than
+    # forward *args/**kwargs; a vLLM whose parameters differ must fail here, not mid-serving.
+    from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+
+    def shape(fn) -> list[tuple]:
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    assert shape(getattr(LagKVManager, hook)) == shape(getattr(FullAttentionManager, hook))
 
 
 # ---- a real engine ---------------------------------------------------------------------------
