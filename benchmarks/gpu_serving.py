@@ -193,12 +193,13 @@ class StepCounter:
         self.seconds = dict.fromkeys(self.PHASES, 0.0)
         scheduler = common.scheduler_of(llm)
         executor = llm.llm_engine.engine_core.engine_core.model_executor
-        self.time(scheduler, "schedule", "schedule", self.count)
-        self.time(executor, "execute_model", "execute")
-        self.time(executor, "sample_tokens", "execute")
-        self.time(scheduler, "update_from_output", "update")
+        self.clock(scheduler, "schedule", "schedule", self.count)
+        self.clock(executor, "execute_model", "execute")
+        self.clock(executor, "sample_tokens", "execute")
+        self.clock(scheduler, "update_from_output", "update")
 
-    def time(self, owner, method: str, phase: str, then=None) -> None:
+    def clock(self, owner, method: str, phase: str, then=None) -> None:
+        """Adds the time of every call of owner.method to phase; then(result) after each."""
         wrapped = getattr(owner, method)
 
         def timed(*args, **kwargs):

@@ -1,6 +1,6 @@
-"""The CPU-checkable parts of ``benchmarks/gpu_serving.py``: arguments, workload sizes, and the
-summary table with its goals (fabricated numbers, no engine). Its 8B-class config:
-test_bench_configs.py."""
+"""The CPU-checkable parts of ``benchmarks/gpu_serving.py``: arguments, workload sizes, the
+summary table with its goals (fabricated numbers), and one small LagKV run on the CPU engine
+that counts steps and times the host phases. Its 8B-class config: test_bench_configs.py."""
 
 from __future__ import annotations
 
@@ -108,3 +108,21 @@ def test_step_rows_show_where_the_time_goes(bench):
         ["small-e2e", "lagkv", "400", "10", "100", "5.00", host, "3", "12", "0.250"],
     ]
     assert all(len(row) == len(bench.STEP_HEADER) for row in rows)
+
+
+@pytest.mark.engine
+def test_a_cpu_run_counts_the_steps_and_times_the_host_phases(bench, default_model):
+    args = bench.parse_args(["--dtype", "float32", "--enforce-eager"])
+    family = bench.FAMILIES["small"]  # S32 L256: chunks of 544, then 256 tokens
+    w = bench.Workload("tiny", "small", sequences=2, prompt=1056, new=24)
+    prompts = {"tiny": bench.common.token_prompts(2, w.prompt)}
+    kwargs = bench.engine_kwargs(args, family, w)
+    run = bench.run_engine("lagkv", family, default_model, kwargs, [w], prompts)["runs"]["tiny"]
+    assert run["generated_tokens"] == 2 * w.new
+    # Three prefill steps (544 + 256 + 256), the last of which samples the first token, then
+    # one decode step per further token; each request compresses partitions 0-2 on the way.
+    assert (run["prefill_steps"], run["steps"]) == (3, 3 + w.new - 1)
+    assert run["compressed_partitions"] == 2 * 3
+    phases = [run[f"{phase}_seconds"] for phase in bench.StepCounter.PHASES]
+    assert all(p > 0 for p in phases) and sum(phases) < run["seconds"]
+    assert run["execute_ms_per_step"] == pytest.approx(1e3 * phases[1] / run["steps"])
