@@ -2,6 +2,7 @@
 
     python -m benchmarks.gpu_serving --json out/gpu_serving.json         # every workload
     python -m benchmarks.gpu_serving --scale 0.05 --sequences 4          # a smoke run
+    python -m benchmarks.gpu_serving --merge a.json b.json                # one table of two runs
 
 What is timed and the results: docs/gpu-serving.md. The engines run one after the other: one
 serves every selected workload of its model and KV pool (after a warm-up generate), then is shut
@@ -111,6 +112,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         help="after the timed runs, run these workloads once more under cProfile (host) and "
         "the torch profiler (GPU kernels) and print where a step's time goes",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="run nothing: print one table of earlier --json reports of the same workloads, "
+        "e.g. a --engines vanilla run and a --engines lagkv run on the same machine",
     )
     return parser.parse_args(argv)
 
@@ -499,10 +507,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from lrsa_serve.models import resolve_model
 
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
     given = sys.argv[1:] if argv is None else argv
     command = shlex.join([sys.executable, "-m", "benchmarks.gpu_serving", *given])
+    if args.merge:
+        return merged(args, command)
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
     print(f"{command}\n{gpu}; torch {torch.__version__}; vLLM {vllm.__version__}", flush=True)
+    run = {"command": command, "gpu": gpu, "torch": torch.__version__, "vllm": vllm.__version__}
 
     workloads = [sized(WORKLOADS[name], args.scale, args.sequences) for name in args.workloads]
     groups: dict[str, list[Workload]] = {}
@@ -527,12 +538,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             engines.setdefault(group, {})[engine] = out["engine"]
             for name, run in out["runs"].items():
                 results[name][engine] = run
+    return report(args, run, engines, results)
+
+
+def report(
+    args: argparse.Namespace, run: dict[str, str], engines: dict[str, Any], results: dict[str, Any]
+) -> dict[str, Any]:
+    """Prints the tables of a run (or of merged runs) and writes ``--json``. ``run``: the
+    command, GPU, torch and vLLM it ran with."""
+    for name in [name for name in results if name in DERIVED]:
+        del results[name]  # recomputed from the runs, which a merge may have completed
     for name, row in derived_runs(results).items():
         results[name] = row | {"group": results[DERIVED[name][0]]["group"]}
 
     rows = summary_rows(results, engines)
     common.print_table(
-        f"{gpu}, {args.dtype}, {'eager' if args.enforce_eager else 'compiled'}, "
+        f"{run['gpu']}, {args.dtype}, {'eager' if args.enforce_eager else 'compiled'}, "
         f"throughput = (prompt + generated tokens) / s",
         HEADER,
         rows,
@@ -542,19 +563,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{name}: generated tokens / ({whole} time - {part} time)")
     steps_title = "steps (compaction inside replayed decode graphs is in ms/step)"
     common.print_table(steps_title, STEP_HEADER, step_rows(results))
-    report = {
-        "command": command,
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "vllm": vllm.__version__,
+    out = run | {
         "args": vars(args),
         "engines": engines,
         "workloads": results,
         "summary": [dict(zip(HEADER, r, strict=True)) for r in rows],
         "steps": [dict(zip(STEP_HEADER, r, strict=True)) for r in step_rows(results)],
     }
-    common.write_json(args.json, report)
-    return report
+    common.write_json(args.json, out)
+    return out
+
+
+def merged(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """One report of several: each engine's info and runs as its own report has them. Reports
+    of different GPUs are refused: their ratio would compare the machines, not the engines."""
+    reports = [json.loads(Path(path).read_text()) for path in args.merge]
+    gpus = {r["gpu"] for r in reports}
+    if len(gpus) != 1:
+        raise SystemExit(f"gpu_serving: --merge needs reports of one GPU, got {sorted(gpus)}")
+    engines: dict[str, Any] = {}
+    results: dict[str, Any] = {}
+    for r in reports:
+        for group, infos in r["engines"].items():
+            engines.setdefault(group, {}).update(infos)
+        for name, row in r["workloads"].items():
+            results.setdefault(name, {}).update(row)
+    first = reports[0]
+    # The title and the JSON give the settings the runs had (dtype, eager), not the merge's.
+    args = argparse.Namespace(**(first["args"] | {"merge": args.merge, "json": args.json}))
+    run = {"command": command, "gpu": first["gpu"], "torch": first["torch"], "vllm": first["vllm"]}
+    run["merged"] = [r["command"] for r in reports]
+    return report(args, run, engines, results)
 
 
 if __name__ == "__main__":

@@ -110,6 +110,40 @@ def test_step_rows_show_where_the_time_goes(bench):
     assert all(len(row) == len(bench.STEP_HEADER) for row in rows)
 
 
+def test_merge_makes_one_table_of_an_engine_per_run(bench, tmp_path, capsys):
+    def report(engine: str, seconds: tuple[float, float], gpu: str = "NVIDIA H100 80GB HBM3"):
+        info = {"backends": [engine.upper()], "pool_tokens": 1000}
+        workloads = [("8b-e2e", 1.3, 100), ("8b-prefill", 1.05, 10)]
+        rows = {
+            name: {"group": "8b", "goal": goal, engine: run(s, 1000, new)}
+            for (name, goal, new), s in zip(workloads, seconds, strict=True)
+        }
+        args = vars(bench.parse_args(["--workloads", "8b-e2e", "8b-prefill", "--engines", engine]))
+        path = tmp_path / f"{engine}-{gpu[-4:]}.json"
+        path.write_text(bench.json.dumps({
+            "command": f"run {engine}", "gpu": gpu, "torch": "2.13.0", "vllm": "0.32.0",
+            "args": args, "engines": {"8b": {engine: info}}, "workloads": rows,
+        }))  # fmt: skip
+        return str(path)
+
+    vanilla, lagkv = report("vanilla", (200.0, 100.0)), report("lagkv", (100.0, 99.0))
+    out = tmp_path / "merged.json"
+    merged = bench.main(["--merge", vanilla, lagkv, "--json", str(out)])
+    rows = {row["workload"]: row for row in merged["summary"]}
+    assert (
+        rows["8b-e2e"]["LagKV/vanilla"] == "2.00x"
+        and rows["8b-prefill"]["LagKV/vanilla"] == "1.01x"
+    )
+    assert rows["8b-decode"]["LagKV/vanilla"] == "100.00x"  # derived from the merged runs
+    assert rows["8b-e2e"]["backends (vanilla / LagKV)"] == "VANILLA / LAGKV"
+    assert merged["merged"] == ["run vanilla", "run lagkv"] and merged["gpu"].endswith("HBM3")
+    assert bench.json.loads(out.read_text())["summary"] == merged["summary"]
+    assert "2.00x" in capsys.readouterr().out
+    # Runs on different GPUs compare the machines, not the engines: refused.
+    with pytest.raises(SystemExit, match="one GPU"):
+        bench.main(["--merge", vanilla, report("lagkv", (1.0, 1.0), gpu="NVIDIA H200")])
+
+
 @pytest.mark.engine
 def test_a_cpu_run_counts_the_steps_and_times_the_host_phases(bench, default_model):
     args = bench.parse_args(["--dtype", "float32", "--enforce-eager"])
