@@ -146,6 +146,38 @@ def test_admission_never_promises_the_pool_twice(engines, prompts):
     assert preemptions == 0
 
 
+def test_the_kept_outstanding_count_equals_the_sum_at_every_step(engines, prompts):
+    """The tight pool of the test above, with prefix caching making raw copies, then the same
+    prompt again (prefix hits): the count of blocks admitted requests still need, summed once
+    and then kept up to date (it is asked for every copy), equals the sum over the requests at
+    every step."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = engines.get(
+        lagkv=SETTINGS[ROOMY].model_dump(), num_gpu_blocks_override=48, max_model_len=4096
+    )
+    engine, manager = llm.llm_engine, scheduler_of(llm).lagkv_managers()[0]
+    assert manager.enable_caching
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    kept_steps, hits = 0, 0
+    for wave in range(2):
+        for i in range(3):
+            engine.add_request(f"{wave}-{i}", TokensPrompt(prompt_token_ids=prompts[1]), params)
+        while engine.has_unfinished_requests():
+            hits += sum(bool(out.num_cached_tokens) for out in engine.step() if out.finished)
+            if manager._outstanding is None:
+                continue
+            kept_steps += 1
+            fresh = sum(
+                max(peak - manager.held_blocks_now(request_id), 0)
+                for request_id, peak in manager.admitted_peaks.items()
+                if request_id in manager.req_to_blocks
+            )
+            assert manager._outstanding == fresh
+    assert kept_steps >= 20 and hits  # kept through allocations, freed tails, hits, departures
+
+
 def test_compiled_engine_equals_reference(engines, prompts, hf_model):
     """vLLM's torch.compile mode, which `lrsa serve` runs by default (the other tests run eager
     to save its ~2 minutes of compilation): compaction inside the compiled model is the same."""

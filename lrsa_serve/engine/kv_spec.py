@@ -76,6 +76,7 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
         self.freed_partitions: dict[str, int] = {}  # per request, partitions whose tails are freed
         self.admitted_peaks: dict[str, int] = {}  # peak blocks of requests still growing to it
         self.admitted_peak_sum = 0  # of admitted_peaks: a bound on outstanding_blocks, in O(1)
+        self._outstanding: int | None = None  # outstanding_blocks(), kept while the pool is tight
         self.init_prefix_cache()
         self._evicted_blocks = self.geometry.part_blocks - self.geometry.keep_blocks
         stats.SETTINGS_INFO.labels(**self.settings.model_dump(), keep=self.rule.keep).set(1)
@@ -114,16 +115,22 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
         self._retire(request_id)
         held = self.held_blocks_now(request_id) + sum(not b.is_null for b in new_computed_blocks)
         own = max(peak - held, 0) + self._get_num_evictable_blocks(new_computed_blocks)
-        self.admitted_peaks[request_id] = peak
+        others = self.outstanding_blocks()  # retired above: not among them
+        self.admitted_peaks[request_id] = peak  # it counts from its first block on
         self.admitted_peak_sum += peak
-        return own + self.outstanding_blocks(excluding=request_id)
+        return own + others
 
-    def outstanding_blocks(self, excluding: str | None = None) -> int:
-        """Blocks that admitted requests still have to allocate to reach their peak."""
+    def outstanding_blocks(self) -> int:
+        """Blocks that admitted requests still have to allocate to reach their peak: the kept
+        count while the pool is tight (``spare_blocks``), else summed over the requests."""
+        return self.sum_outstanding_blocks() if self._outstanding is None else self._outstanding
+
+    def sum_outstanding_blocks(self) -> int:
+        """``outstanding_blocks`` in O(admitted requests); retires those at their peak."""
         outstanding = 0
         for request_id, peak in list(self.admitted_peaks.items()):
-            if request_id == excluding or request_id not in self.req_to_blocks:
-                continue  # itself, or checked but not admitted (it holds nothing yet)
+            if request_id not in self.req_to_blocks:
+                continue  # checked but not admitted: it holds nothing yet
             missing = peak - self.held_blocks_now(request_id)
             if missing <= 0:
                 self._retire(request_id)  # at its peak: it only grows by decoding
@@ -131,14 +138,73 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
                 outstanding += missing
         return outstanding
 
-    def has_spare_block(self) -> bool:
-        """Whether a block can be taken beyond what admitted requests still need. Asked for
-        every raw copy the prefix cache makes (thousands per prefill step): O(1) unless the pool
-        is nearly promised away, as the peaks bound what is still needed."""
+    def _counted(self, request_id: str) -> int | None:
+        """What the request adds to the kept ``outstanding_blocks`` now: None when nothing is
+        kept or it was never admitted (or has retired), 0 until it holds blocks."""
+        if self._outstanding is None:
+            return None
+        peak = self.admitted_peaks.get(request_id)
+        if peak is None:
+            return None
+        if request_id not in self.req_to_blocks:
+            return 0
+        return max(peak - self.held_blocks_now(request_id), 0)
+
+    def _recount(self, request_id: str, before: int | None) -> None:
+        """After the request's held blocks changed: the kept sum follows (``before``:
+        ``_counted`` ahead of the change). At its peak it retires, as in the sum."""
+        if before is None:
+            return
+        after = self._counted(request_id)
+        self._outstanding += after - before
+        if after == 0:
+            self._retire(request_id)
+
+    def allocate_new_blocks(
+        self, request_id: str, num_tokens: int, num_tokens_main_model: int
+    ) -> list[KVCacheBlock]:
+        # Runs for every request at every step: one override, and no call unless there is
+        # something to do (a kept outstanding count, raw history to protect).
+        before = None if self._outstanding is None else self._counted(request_id)
+        if self.raw_history.blocks and self.enable_caching:
+            self.before_allocation(request_id, num_tokens)
+        new = super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
+        if new and before is not None:  # most decode steps allocate nothing
+            self._recount(request_id, before)
+        return new
+
+    def add_local_computed_blocks(
+        self,
+        request_id: str,
+        new_computed_blocks: Sequence[KVCacheBlock],
+        num_local_computed_tokens: int,
+        num_external_computed_tokens: int,
+    ) -> None:
+        before = self._counted(request_id)  # a hit's blocks: once per admission
+        super().add_local_computed_blocks(
+            request_id, new_computed_blocks, num_local_computed_tokens, num_external_computed_tokens
+        )
+        self._recount(request_id, before)
+
+    def spare_blocks(self, wanted: int) -> int:
+        """How many of ``wanted`` blocks can be taken beyond what admitted requests still need.
+        Asked for the raw copies the prefix cache makes (thousands per prefill step), so O(1):
+        while the pool is roomy the peaks bound what is still needed; once it is tight the
+        count is summed once and then kept exact by what changes it (blocks a hit brings or the
+        manager allocates, tails freed, departures: ``_counted`` / ``_recount``). Keeping it
+        costs every allocation, so it is dropped when the pool is roomy again."""
         free = self.block_pool.get_num_free_blocks()
-        return free > self.admitted_peak_sum or free > self.outstanding_blocks()
+        if free - wanted >= self.admitted_peak_sum:
+            self._outstanding = None
+            return wanted
+        if self._outstanding is None:
+            self._outstanding = self.sum_outstanding_blocks()
+        return min(wanted, max(free - self._outstanding, 0))
 
     def _retire(self, request_id: str) -> None:
+        counted = self._counted(request_id)
+        if counted:
+            self._outstanding -= counted
         self.admitted_peak_sum -= self.admitted_peaks.pop(request_id, 0)
 
     def held_blocks_now(self, request_id: str) -> int:
@@ -161,6 +227,7 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
             return
         blocks = self.req_to_blocks[request_id]
         already = freed
+        before = self._counted(request_id)
         for part in range(freed, compressed):
             cols = self.geometry.evicted_columns(part)
             if cols.stop > len(blocks):
@@ -170,15 +237,16 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
             self.raw_history.add(tail)  # raw tokens still: cached for shorter hits
             freed = part + 1
         self.freed_partitions[request_id] = freed
+        self._recount(request_id, before)
         if freed > already:
             stats.FREED_BLOCKS.inc((freed - already) * self._evicted_blocks)
             self.name_kept_blocks(request_id, blocks, range(already, freed))
 
     def pop_blocks_for_free(self, request_id: str) -> list:
         # Every way out (finish, abort, preemption) passes here, `free` included.
+        self._retire(request_id)  # first: what it still counts reads its freed partitions
         self.processed_tokens.pop(request_id, None)
         self.freed_partitions.pop(request_id, None)
-        self._retire(request_id)
         self.forget_request(request_id)
         if not self.processed_tokens:
             self.publish()  # the next step would publish, but an idle engine takes none

@@ -168,7 +168,7 @@ class PrefixCacheMixin:
     """The LagKV KV manager's prefix cache (vLLM's ``SingleTypeKVCacheManager`` hooks): finds
     hits whose state is complete, renames what compaction changes, and evicts raw history
     first. Reads the manager's ``geometry``, ``rule``, ``freed_partitions`` and
-    ``has_spare_block``."""
+    ``spare_blocks``; the manager calls ``before_allocation``."""
 
     def init_prefix_cache(self) -> None:
         # Per request: partitions whose raw names were moved or dropped (their compaction is
@@ -277,40 +277,43 @@ class PrefixCacheMixin:
         compressed = lagkv.compressed_partitions(num_tokens, self.rule)
         blocks = self.req_to_blocks[request_id]
         names = self.kept_names.setdefault(request_id, {})
+        to_copy: list[KVCacheBlock] = []
+        to_drop: list[KVCacheBlock] = []
         for partition in range(renamed, compressed):
-            kept_columns = self.geometry.kept_columns(partition)
-            for column in kept_columns:
+            for column in self.geometry.kept_columns(partition):
                 block = blocks[column]
-                if block.block_hash is None:
-                    continue
-                if column >= written or not self._copy_raw(block):
-                    self.block_pool.evict_blocks({block.block_id})
+                if block.block_hash is not None:
+                    (to_drop if column >= written else to_copy).append(block)
             names[partition] = kept_block_hashes(request.block_hashes, partition, self.geometry)
+        to_drop += to_copy[self._copy_raw(to_copy) :]
+        if to_drop:
+            self.block_pool.evict_blocks({block.block_id for block in to_drop})
         self.renamed_partitions[request_id] = compressed
 
-    def _copy_raw(self, block: KVCacheBlock) -> bool:
-        """Moves ``block``'s names to a copy of it, if a block can be spared from what admitted
-        requests still need."""
-        if not self.has_spare_block():
-            return False
-        self.raw_history.evict_first(1)
-        (copy,) = self.block_pool.get_new_blocks(1)
-        self.block_pool.move_block_hashes(block, copy)
-        self.raw_history.add([copy])
-        # vLLM retains both ends until the copy has run, then frees them once: the copy goes
-        # to the evictable cache under the raw names, the original stays with its request.
-        block.ref_cnt += 1
-        self.raw_copies.append((block, copy))
-        return True
+    def _copy_raw(self, blocks: list[KVCacheBlock]) -> int:
+        """Moves the names of the first ``blocks`` to copies of them, as many as can be spared
+        from what admitted requests still need; returns how many."""
+        count = self.spare_blocks(len(blocks)) if blocks else 0
+        if not count:
+            return 0
+        self.raw_history.evict_first(count)
+        copies = self.block_pool.get_new_blocks(count)
+        for block, copy in zip(blocks, copies, strict=False):  # the first `count`
+            self.block_pool.move_block_hashes(block, copy)
+            # vLLM retains both ends until the copy has run, then frees them once: the copy
+            # goes to the evictable cache under the raw names, the original stays with its
+            # request.
+            block.ref_cnt += 1
+            self.raw_copies.append((block, copy))
+        self.raw_history.add(copies)
+        return count
 
-    def allocate_new_blocks(
-        self, request_id: str, num_tokens: int, num_tokens_main_model: int
-    ) -> list[KVCacheBlock]:
-        if self.enable_caching and self.raw_history.blocks:  # only history needs protecting
-            needed = -(-num_tokens // self.block_size) - len(self.req_to_blocks.get(request_id, ()))
-            if needed > 0:  # most decode steps allocate nothing
-                self.raw_history.evict_first(needed)
-        return super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
+    def before_allocation(self, request_id: str, num_tokens: int) -> None:
+        """Before the manager allocates the request's blocks for ``num_tokens`` tokens (while
+        there is raw history): the oldest raw history leaves the free queue first."""
+        needed = -(-num_tokens // self.block_size) - len(self.req_to_blocks.get(request_id, ()))
+        if needed > 0:  # most decode steps allocate nothing
+            self.raw_history.evict_first(needed)
 
     def take_pending_cow_copies(self) -> list[tuple[KVCacheBlock, KVCacheBlock]]:
         pending, self.raw_copies = super().take_pending_cow_copies() + self.raw_copies, []
