@@ -5,7 +5,9 @@
 1. Time to first token of one ``--context``-token prompt alone (compressed history makes the
    later prefill chunks cheaper).
 2. ``--sequences`` prompts of ``--context`` tokens together: prefill tokens/s, then decode
-   tokens/s over the steps where every sequence is decoding (``--new-tokens`` each).
+   tokens/s over the steps where every sequence is decoding (``--new-tokens`` each), and the
+   scheduler's host time per step in each phase (``scheduler.schedule``, the KV manager's
+   per-request work included).
 Both engines run the same prompts, dtype and engine flags; ratios are LagKV / vanilla.
 """
 
@@ -31,26 +33,43 @@ def time_to_first_token(llm, prompt: list[int]) -> float:
 def batch_throughput(llm, prompts: list[list[int]], new_tokens: int) -> dict:
     engine_ = llm.llm_engine
     scheduler = common.scheduler_of(llm)
+    schedule = scheduler.schedule
+    scheduled: list[float] = []  # seconds of each scheduler.schedule call of the batch
+
+    def timed_schedule(*args, **kwargs):
+        begun = time.perf_counter()
+        out = schedule(*args, **kwargs)
+        scheduled.append(time.perf_counter() - begun)
+        return out
+
+    scheduler.schedule = timed_schedule
     common.add_requests(llm, {f"b{i}": prompt for i, prompt in enumerate(prompts)}, new_tokens)
     started = time.perf_counter()
     prefill_done = None
     decode_seconds, decode_tokens = 0.0, 0
+    phase_schedule = {"prefill": [], "decode": []}
     while engine_.has_unfinished_requests():
         running = list(scheduler.running)
         all_decoding = len(running) == len(prompts) and all(
             r.num_computed_tokens >= r.num_prompt_tokens for r in running
         )
         step_started = time.perf_counter()
+        calls = len(scheduled)
         engine_.step()
+        phase_schedule["decode" if all_decoding else "prefill"] += scheduled[calls:]
         if all_decoding:
             prefill_done = prefill_done or step_started
             decode_seconds += time.perf_counter() - step_started
             decode_tokens += len(running)
+    del scheduler.schedule  # the class's method again
     total_prompt = sum(len(p) for p in prompts)
     return {
         "prefill_tokens_per_s": total_prompt / ((prefill_done or time.perf_counter()) - started),
         "decode_tokens_per_s": decode_tokens / decode_seconds if decode_seconds else 0.0,
         "decode_steps_tokens": decode_tokens,
+    } | {
+        f"{phase}_schedule_ms": 1e3 * sum(times) / max(1, len(times))
+        for phase, times in phase_schedule.items()
     }
 
 
@@ -83,9 +102,13 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for key, label in (("decode_tokens_per_s", "decode tok/s"),
                        ("prefill_tokens_per_s", "prefill tok/s"),
-                       ("ttft_s", "TTFT s")):  # fmt: skip
-        rows.append([label, f"{vanilla[key]:.1f}", f"{lagkv_run[key]:.1f}",
-                     f"{lagkv_run[key] / vanilla[key]:.2f}x"])  # fmt: skip
+                       ("ttft_s", "TTFT s"),
+                       ("prefill_schedule_ms", "schedule ms/step, prefill"),
+                       ("decode_schedule_ms", "schedule ms/step, decode")):  # fmt: skip
+        # A phase one engine never reached (e.g. vanilla never decodes every sequence at once
+        # when its pool cannot hold them all) has no ratio.
+        ratio = f"{lagkv_run[key] / vanilla[key]:.2f}x" if vanilla[key] else "-"
+        rows.append([label, f"{vanilla[key]:.2f}", f"{lagkv_run[key]:.2f}", ratio])
     common.print_table(
         f"{args.sequences} x {args.context}-token prompts, {args.new_tokens} new tokens, "
         f"{args.dtype}, {'eager' if args.enforce_eager else 'compiled'}, {settings.short()}"

@@ -513,7 +513,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return merged(args, command)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
     print(f"{command}\n{gpu}; torch {torch.__version__}; vLLM {vllm.__version__}", flush=True)
-    run = {"command": command, "gpu": gpu, "torch": torch.__version__, "vllm": vllm.__version__}
+    meta = {"command": command, "gpu": gpu, "torch": torch.__version__, "vllm": vllm.__version__}
 
     workloads = [sized(WORKLOADS[name], args.scale, args.sequences) for name in args.workloads]
     groups: dict[str, list[Workload]] = {}
@@ -538,7 +538,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             engines.setdefault(group, {})[engine] = out["engine"]
             for name, run in out["runs"].items():
                 results[name][engine] = run
-    return report(args, run, engines, results)
+    return report(args, meta, engines, results)
 
 
 def report(
@@ -591,9 +591,9 @@ def merged(args: argparse.Namespace, command: str) -> dict[str, Any]:
     first = reports[0]
     # The title and the JSON give the settings the runs had (dtype, eager), not the merge's.
     args = argparse.Namespace(**(first["args"] | {"merge": args.merge, "json": args.json}))
-    run = {"command": command, "gpu": first["gpu"], "torch": first["torch"], "vllm": first["vllm"]}
-    run["merged"] = [r["command"] for r in reports]
-    return report(args, run, engines, results)
+    meta = {"command": command, "gpu": first["gpu"], "torch": first["torch"], "vllm": first["vllm"]}
+    meta["merged"] = [r["command"] for r in reports]
+    return report(args, meta, engines, results)
 
 
 if __name__ == "__main__":
