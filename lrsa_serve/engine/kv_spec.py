@@ -184,6 +184,7 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
         super().add_local_computed_blocks(
             request_id, new_computed_blocks, num_local_computed_tokens, num_external_computed_tokens
         )
+        self.after_hit(request_id, new_computed_blocks)
         self._recount(request_id, before)
 
     def spare_blocks(self, wanted: int) -> int:

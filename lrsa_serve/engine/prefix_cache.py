@@ -168,7 +168,7 @@ class PrefixCacheMixin:
     """The LagKV KV manager's prefix cache (vLLM's ``SingleTypeKVCacheManager`` hooks): finds
     hits whose state is complete, renames what compaction changes, and evicts raw history
     first. Reads the manager's ``geometry``, ``rule``, ``freed_partitions`` and
-    ``spare_blocks``; the manager calls ``before_allocation``."""
+    ``spare_blocks``; the manager calls ``before_allocation`` and ``after_hit``."""
 
     def init_prefix_cache(self) -> None:
         # Per request: partitions whose raw names were moved or dropped (their compaction is
@@ -233,17 +233,9 @@ class PrefixCacheMixin:
                 blocks.append(block)
         return computed, num_blocks * block_size
 
-    def add_local_computed_blocks(
-        self,
-        request_id: str,
-        new_computed_blocks: Sequence[KVCacheBlock],
-        num_local_computed_tokens: int,
-        num_external_computed_tokens: int,
-    ) -> None:
-        super().add_local_computed_blocks(
-            request_id, new_computed_blocks, num_local_computed_tokens, num_external_computed_tokens
-        )
-        # A hit arrives with its compacted partitions' tails already null and their blocks named.
+    def after_hit(self, request_id: str, new_computed_blocks: Sequence[KVCacheBlock]) -> None:
+        """After the manager took a hit's blocks (``add_local_computed_blocks``): they arrive
+        with their compacted partitions' tails already null and their blocks named."""
         self.raw_history.discard(new_computed_blocks)
         compressed = self.hits.compressed(len(new_computed_blocks))
         self.freed_partitions[request_id] = compressed
