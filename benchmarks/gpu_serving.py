@@ -542,10 +542,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def report(
-    args: argparse.Namespace, run: dict[str, str], engines: dict[str, Any], results: dict[str, Any]
+    args: argparse.Namespace, meta: dict[str, Any], engines: dict[str, Any], results: dict[str, Any]
 ) -> dict[str, Any]:
-    """Prints the tables of a run (or of merged runs) and writes ``--json``. ``run``: the
-    command, GPU, torch and vLLM it ran with."""
+    """Prints the tables of a run (or of merged runs) and writes ``--json``. ``meta``: the
+    command, GPU, torch and vLLM it ran with (``run`` names one workload's run elsewhere)."""
     for name in [name for name in results if name in DERIVED]:
         del results[name]  # recomputed from the runs, which a merge may have completed
     for name, row in derived_runs(results).items():
@@ -553,7 +553,7 @@ def report(
 
     rows = summary_rows(results, engines)
     common.print_table(
-        f"{run['gpu']}, {args.dtype}, {'eager' if args.enforce_eager else 'compiled'}, "
+        f"{meta['gpu']}, {args.dtype}, {'eager' if args.enforce_eager else 'compiled'}, "
         f"throughput = (prompt + generated tokens) / s",
         HEADER,
         rows,
@@ -563,7 +563,7 @@ def report(
             print(f"{name}: generated tokens / ({whole} time - {part} time)")
     steps_title = "steps (compaction inside replayed decode graphs is in ms/step)"
     common.print_table(steps_title, STEP_HEADER, step_rows(results))
-    out = run | {
+    out = meta | {
         "args": vars(args),
         "engines": engines,
         "workloads": results,
