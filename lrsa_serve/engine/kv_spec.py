@@ -9,6 +9,7 @@ first ``keep_blocks`` blocks and the rest are dead.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Self
@@ -24,6 +25,8 @@ from lrsa_serve.config import LagKVConfig
 from lrsa_serve.engine import stats
 from lrsa_serve.engine.layout import BlockGeometry
 from lrsa_serve.engine.prefix_cache import PrefixCacheMixin
+
+PUBLISH_INTERVAL_S = 0.05
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,6 +82,13 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
         self._outstanding: int | None = None  # outstanding_blocks(), kept while the pool is tight
         self.init_prefix_cache()
         self._evicted_blocks = self.geometry.part_blocks - self.geometry.keep_blocks
+        # rule.compressed_at(p) = first + p * lag, as plain ints: the per-request, per-step
+        # checks below compare against it without a call.
+        self._first_compressed_at = self.rule.compressed_at(0)
+        self._lag = self.rule.lag
+        # Blocks named by vLLM's hash size: a step that fills no block caches nothing.
+        self._whole_block_hashes = self.block_pool.hash_block_size == self.block_size
+        self._next_publish = 0.0
         stats.SETTINGS_INFO.labels(**self.settings.model_dump(), keep=self.rule.keep).set(1)
         stats.record_occupancy(0, 0)
 
@@ -95,6 +105,11 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
     ) -> int:
         # vLLM's exact signature, no *args/**kwargs: this runs for every request at every step.
         if not apply_admission_cap:
+            if request_id in self.num_cached_block:
+                # A running request (vLLM's own fast path, without the call into it): its
+                # blocks for num_tokens, less those it holds (freed tails are null columns).
+                held = len(self.req_to_blocks.get(request_id, ()))
+                return max(-(-num_tokens // self.block_size) - held, 0)
             return super().get_num_blocks_to_allocate(
                 request_id,
                 num_tokens,
@@ -163,8 +178,19 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
     def allocate_new_blocks(
         self, request_id: str, num_tokens: int, num_tokens_main_model: int
     ) -> list[KVCacheBlock]:
-        # Runs for every request at every step: one override, and no call unless there is
-        # something to do (a kept outstanding count, raw history to protect).
+        # Runs for every request at every step, and most decode steps fit the request's last
+        # block: then vLLM would allocate nothing (nor copy a hit's partial tail block: LagKV's
+        # hits are whole blocks, see add_local_computed_blocks). `get`: req_to_blocks is a
+        # defaultdict, and an entry made here would count in the kept outstanding count.
+        if len(self.req_to_blocks.get(request_id, ())) * self.block_size >= num_tokens:
+            return []
+        return self.allocate_blocks(request_id, num_tokens, num_tokens_main_model)
+
+    def allocate_blocks(
+        self, request_id: str, num_tokens: int, num_tokens_main_model: int
+    ) -> list[KVCacheBlock]:
+        """``allocate_new_blocks`` past its fast path: vLLM's allocation, with the raw history
+        evicted first and the kept outstanding count following."""
         before = None if self._outstanding is None else self._counted(request_id)
         if self.raw_history.blocks and self.enable_caching:
             self.before_allocation(request_id, num_tokens)
@@ -181,6 +207,8 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
         num_external_computed_tokens: int,
     ) -> None:
         before = self._counted(request_id)  # a hit's blocks: once per admission
+        # find_longest_cache_hit hands out whole blocks only (allocate_new_blocks relies on it).
+        assert not new_computed_blocks or num_local_computed_tokens % self.block_size == 0
         super().add_local_computed_blocks(
             request_id, new_computed_blocks, num_local_computed_tokens, num_external_computed_tokens
         )
@@ -221,8 +249,8 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
         # decode: a few int operations unless a partition's tail is due.
         self.processed_tokens[request_id] = processed_computed_tokens
         freed = self.freed_partitions.get(request_id, 0)
-        if processed_computed_tokens < self.rule.compressed_at(freed):
-            return  # partition `freed` is not compressed yet
+        if processed_computed_tokens < self._first_compressed_at + freed * self._lag:
+            return  # partition `freed` is not compressed yet (rule.compressed_at(freed))
         compressed = lagkv.compressed_partitions(processed_computed_tokens, self.rule)
         if not self.req_to_blocks.get(request_id):
             return
@@ -250,7 +278,7 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
         self.freed_partitions.pop(request_id, None)
         self.forget_request(request_id)
         if not self.processed_tokens:
-            self.publish()  # the next step would publish, but an idle engine takes none
+            self.publish(force=True)  # an idle engine takes no step that would publish it
         return super().pop_blocks_for_free(request_id)
 
     def occupancy(self) -> tuple[int, int]:
@@ -259,8 +287,17 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
         tokens = np.fromiter(self.processed_tokens.values(), np.int64, len(self.processed_tokens))
         return int(lagkv.resident_tokens_each(tokens, self.rule).sum()), int(tokens.sum())
 
-    def publish(self) -> None:
-        """Occupancy gauges, once per scheduler step (and when the last request leaves)."""
+    def publish(self, force: bool = False) -> None:
+        """Occupancy gauges: at most every ``PUBLISH_INTERVAL_S`` from the scheduler's steps
+        (a small model's decode step takes a few ms; scrapes come seconds apart), and when the
+        last request leaves."""
+        if force:
+            self._next_publish = 0.0  # and the next step publishes again, whenever it comes
+        else:
+            now = time.monotonic()
+            if now < self._next_publish:
+                return
+            self._next_publish = now + PUBLISH_INTERVAL_S
         stats.record_occupancy(*self.occupancy())
 
     def held_blocks(self, request_id: str) -> int:

@@ -167,7 +167,8 @@ class RawHistory:
 class PrefixCacheMixin:
     """The LagKV KV manager's prefix cache (vLLM's ``SingleTypeKVCacheManager`` hooks): finds
     hits whose state is complete, renames what compaction changes, and evicts raw history
-    first. Reads the manager's ``geometry``, ``rule``, ``freed_partitions`` and
+    first. Reads the manager's ``geometry``, ``rule`` (and its per-step forms
+    ``_first_compressed_at``, ``_lag``), ``_whole_block_hashes``, ``freed_partitions`` and
     ``spare_blocks``; the manager calls ``before_allocation`` and ``after_hit``."""
 
     def init_prefix_cache(self) -> None:
@@ -249,16 +250,33 @@ class PrefixCacheMixin:
         *,
         replay_boundaries: Sequence[int],
     ) -> None:
-        # vLLM names the newly full blocks by their tokens. The first blocks of every partition
-        # this step compacts then hand their names to raw copies (vLLM's copy-on-write copies
-        # them before the step's forward, i.e. before compaction rewrites them) or drop them:
-        # without a spare block, and for blocks this very step writes (partition 0 in a first
-        # chunk, which also compacts it: the copy would run before the write). Their kept rows
-        # are named once the compaction has run.
+        # Runs for every request at every step. Most decode steps fill no block: then vLLM would
+        # name nothing (its names are whole blocks), and nothing compacts either (compaction
+        # thresholds, S + (p+2)L, are block boundaries: a step that reaches one fills a block).
+        if (
+            num_tokens // self.block_size <= self.num_cached_block.get(request.request_id, 0)
+            and self._whole_block_hashes
+        ):
+            return
+        self.name_blocks(request, num_tokens, retention_interval, replay_boundaries)
+
+    def name_blocks(
+        self,
+        request: Request,
+        num_tokens: int,
+        retention_interval: int | None,
+        replay_boundaries: Sequence[int],
+    ) -> None:
+        """``cache_blocks`` past its fast path. vLLM names the newly full blocks by their tokens.
+        The first blocks of every partition this step compacts then hand their names to raw
+        copies (vLLM's copy-on-write copies them before the step's forward, i.e. before
+        compaction rewrites them) or drop them: without a spare block, and for blocks this very
+        step writes (partition 0 in a first chunk, which also compacts it: the copy would run
+        before the write). Their kept rows are named once the compaction has run."""
         request_id = request.request_id
         renamed = self.renamed_partitions.get(request_id, 0)
-        if num_tokens < self.rule.compressed_at(renamed):
-            # No new partition compacts (every decode step but one in L).
+        if num_tokens < self._first_compressed_at + renamed * self._lag:
+            # No new partition compacts (every decode step but one in L): vLLM's naming only.
             return super().cache_blocks(
                 request, num_tokens, retention_interval, replay_boundaries=replay_boundaries
             )

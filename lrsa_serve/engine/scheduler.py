@@ -27,12 +27,16 @@ class LagKVSchedulingMixin:
         self.lagkv = None if settings is None else settings.rule
 
     def _reserve_prefill_lookahead(self, request, num_computed_tokens: int, num_new_tokens: int):
-        # The last clip vLLM applies to a chunk (all paths call it); we clip after it.
+        # The last clip vLLM applies to a chunk (all paths call it, for every request at every
+        # step); we clip after it. One token never crosses a boundary (every decode step), and
+        # vLLM's own clip only acts for multi-token drafters, which LagKV refuses.
+        if num_new_tokens <= 1 and self.lagkv is not None:
+            return num_new_tokens
         num_new_tokens = super()._reserve_prefill_lookahead(
             request, num_computed_tokens, num_new_tokens
         )
         if self.lagkv is None or num_new_tokens <= 1:
-            return num_new_tokens  # one token never crosses a boundary: every decode step
+            return num_new_tokens
         limit = lagkv.chunk_end_limit(num_computed_tokens, self.lagkv) - num_computed_tokens
         return min(num_new_tokens, limit)
 
