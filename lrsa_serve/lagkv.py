@@ -123,7 +123,7 @@ def compressed_partitions(num_tokens: int, rule: Rule) -> int:
 
 def compressed_partitions_each(num_tokens: Ints, rule: Rule) -> Ints:
     """:func:`compressed_partitions` of every length in an integer tensor or numpy array."""
-    return ((num_tokens - rule.sink) // rule.lag - 1).clip(0)
+    return ((num_tokens - (rule.sink + rule.lag)) // rule.lag).clip(0)  # (n-S)//L - 1, floored
 
 
 def resident_tokens(num_tokens: int, rule: Rule) -> int:

@@ -113,3 +113,23 @@ def test_compaction_launches_once_per_step_when_needed(monkeypatch):
     assert [k.data_ptr() for k in stack.keys] == [caches[n].data_ptr() for n in ("l0", "l1")]
     assert stack.values[0].data_ptr() == caches["l0"][..., 4:].data_ptr()
     assert all(s is stack for s in calls)  # built once, reused while the caches stay
+
+
+def test_the_metadata_keeps_the_stock_build_and_adds_the_plan():
+    from dataclasses import fields
+
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadata
+
+    from lrsa_serve.engine.backend import with_fields
+    from lrsa_serve.engine.cuda_backend import LagKVFlashMetadata
+
+    values = {f.name: object() for f in fields(FlashAttentionMetadata) if f.init}
+    meta = FlashAttentionMetadata(**values)
+    meta.set_after_build = "kept"  # the stock build may set attributes beside its fields
+    plan, group = object(), object()
+    lagkv = with_fields(meta, LagKVFlashMetadata, {"compaction": plan, "compaction_group": group})
+    assert type(lagkv) is LagKVFlashMetadata
+    assert all(getattr(lagkv, name) is value for name, value in values.items())
+    assert lagkv.set_after_build == "kept"
+    assert lagkv.compaction is plan and lagkv.compaction_group is group
+    assert not hasattr(meta, "compaction")  # the stock object is left as it was

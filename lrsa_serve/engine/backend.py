@@ -12,7 +12,6 @@ see partition p whole and the next step sees only its kept rows.
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Any
 
 import torch
@@ -120,11 +119,12 @@ class LagKVBuilderMixin:
 
 
 def with_fields(meta, lagkv_cls: type, extra: dict[str, Any]):
-    """The stock metadata as its LagKV subclass with ``extra`` fields set (attributes the stock
-    build sets outside its dataclass fields come along)."""
-    values = {f.name: getattr(meta, f.name) for f in fields(meta) if f.init}
-    lagkv = lagkv_cls(**values, **extra)
-    vars(lagkv).update({k: v for k, v in vars(meta).items() if k not in values})
+    """The stock metadata as its LagKV subclass (which only adds fields) with ``extra`` set:
+    the built object's state as it is, attributes set outside its fields included. Once per
+    step and group, so no constructor (``__post_init__`` already ran on ``meta``)."""
+    lagkv = object.__new__(lagkv_cls)
+    vars(lagkv).update(vars(meta))
+    vars(lagkv).update(extra)
     return lagkv
 
 

@@ -51,6 +51,9 @@ class DeviceView:
         self.ref_blocks = torch.zeros(max_reqs, cols, dtype=torch.int32, device=device)
         self.active = torch.zeros(max_reqs, dtype=torch.int32, device=device)
         self.table: torch.Tensor | None = None  # shaped like vLLM's block table, on first use
+        # Views of the first rows, by row count (a few sizes: vLLM's graph batch sizes): taken
+        # once rather than sliced again every step.
+        self._rows: dict[int, tuple[torch.Tensor, ...]] = {}
         self.write = compacted_view_torch
         if device.type == "cuda":
             from lrsa_serve.kernels.compacted_view_triton import compacted_view
@@ -77,20 +80,31 @@ class DeviceView:
             self.table = torch.zeros(
                 self.max_reqs, block_table.shape[1], dtype=block_table.dtype, device=self.device
             )
+            self._rows = {}
         buffers = ViewBuffers(
             self.table, self.seq_lens, self.part_blocks, self.ref_blocks, self.active
         )
         self.write(block_table, seq_lens, query_start_loc, num_reqs, self.geometry, buffers)
-        return self.table[:rows], self.seq_lens[: seq_lens.shape[0]]
+        return self.first_rows(rows)[0], self.first_rows(seq_lens.shape[0])[1]
+
+    def first_rows(self, rows: int) -> tuple[torch.Tensor | None, ...]:
+        """(table, seq_lens, part_blocks, ref_blocks, active) of the first ``rows`` rows."""
+        views = self._rows.get(rows)
+        if views is None:
+            buffers = (self.table, self.seq_lens, self.part_blocks, self.ref_blocks, self.active)
+            views = tuple(None if b is None else b[:rows] for b in buffers)  # table: first use
+            self._rows[rows] = views
+        return views
 
     def plan(self, rows: int, host: HostView | None) -> CompactionPlan:
         """Every row of the batch; the kernels skip inactive ones. An eager step whose host
         view shows no compression launches nothing; a captured graph always holds the launches."""
+        _, _, part_blocks, ref_blocks, active = self.first_rows(rows)
         return CompactionPlan(
-            self.part_blocks[:rows],
-            self.ref_blocks[:rows],
+            part_blocks,
+            ref_blocks,
             self.geometry.rule,
-            active=self.active[:rows],
+            active=active,
             launch=host is None or host.compressing > 0,
         )
 
@@ -106,15 +120,20 @@ def host_view(
     gives no CPU lengths. Exact without speculative decoding, which LagKV refuses."""
     if seq_lens_upper is None:
         return None
+    # Runs every step: int32 views of vLLM's CPU tensors, and as few numpy calls as it takes.
     n = num_reqs
-    seq = seq_lens_upper[:n].numpy().astype(np.int64)
-    starts = query_start_loc_cpu[: n + 1].numpy().astype(np.int64)
-    before = geometry.compressed_before(seq, starts[1:] - starts[:-1])
+    seq = seq_lens_upper[:n].numpy()
+    starts = query_start_loc_cpu[: n + 1].numpy()
+    query = starts[1:] - starts[:-1]
+    before = geometry.compressed(seq - query)
+    compressing = int(np.count_nonzero(geometry.compressed(seq) > before))
+    if compressing:  # only a step that compresses can hold a chunk crossing a boundary
+        geometry.check_chunks(seq, query, before)
     physical = seq - before * geometry.rule.evicted
     upper = seq_lens_upper.clone()
     upper.numpy()[:n] = physical
     return HostView(
         max_seq_len=int(physical.max()) if n else fallback_max_seq_len,
-        compressing=int((geometry.compressed(seq) > before).sum()),
+        compressing=compressing,
         upper_bound=upper,
     )

@@ -35,17 +35,15 @@ class BlockGeometry(ViewShape):
         """``lagkv.compressed_partitions`` of each length (torch tensors or numpy arrays)."""
         return lagkv.compressed_partitions_each(num_tokens, self.rule)
 
-    def compressed_before(self, seq_lens: Ints, query_lens: Ints) -> Ints:
-        """Partitions compressed before this step's tokens. Raises unless every scheduled chunk
-        crosses no partition boundary before its last token (what lrsa_serve's scheduler
-        guarantees; exact attention depends on it). Torch tensors or numpy arrays."""
-        before = self.compressed(seq_lens - query_lens)
+    def check_chunks(self, seq_lens: Ints, query_lens: Ints, before: Ints) -> None:
+        """Raises unless every scheduled chunk crosses no partition boundary before its last
+        token (what lrsa_serve's scheduler guarantees; exact attention depends on it).
+        ``before``: partitions compressed before the step. Torch tensors or numpy arrays."""
         if bool(((query_lens > 0) & (self.compressed(seq_lens - 1) != before)).any()):
             raise MisalignedChunkError(
                 "LagKV: a prefill chunk crosses a lag-partition boundary; run the engine with "
                 "lrsa_serve's scheduler (make_llm / lrsa serve set scheduler_cls)"
             )
-        return before
 
     def partition_columns(self, partition: int) -> range:
         start = lagkv.partition_start(partition, self.rule) // self.block_size
