@@ -43,6 +43,8 @@ class Steps:
     schedule_prefill: list[float] = field(default_factory=list)  # seconds, steps with prefill
     schedule_decode: list[float] = field(default_factory=list)  # seconds, decode-only steps
     update: list[float] = field(default_factory=list)  # seconds, every step
+    # per step: requests in prefill, prompt tokens, requests decoding, requests waiting
+    timeline: list[tuple[int, int, int, int]] = field(default_factory=list)
 
     def row(self) -> dict[str, Any]:
         def ms(values: list[float]) -> float | None:
@@ -69,6 +71,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pool-tokens", type=int, help="KV pool of workloads without a fixed one")
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
     parser.add_argument("--max-num-seqs", type=int, default=1024)
+    parser.add_argument(
+        "--timeline",
+        nargs="+",
+        choices=list(WORKLOADS),
+        default=[],
+        help="also print these workloads' steps: requests in prefill, prompt tokens, requests "
+        "decoding and waiting (runs of equal steps as one row)",
+    )
     parser.add_argument("--json", help="write every result here")
     return parser.parse_args(argv)
 
@@ -158,10 +168,13 @@ def step(scheduler, steps: Steps) -> None:
     requests = [scheduler.requests[r] for r in ids]
     # schedule() has already counted the step's tokens as computed: the step started at
     # computed - n, and a request samples once its prompt is done (vLLM's is_prefill_chunk).
-    prompt = sum(
+    chunks = [
         min(n, max(r.num_prompt_tokens - (r.num_computed_tokens - n), 0))
         for r, n in ((r, out.num_scheduled_tokens[r.request_id]) for r in requests)
-    )
+    ]
+    prompt = sum(chunks)
+    prefilling = sum(c > 0 for c in chunks)
+    steps.timeline.append((prefilling, prompt, len(requests) - prefilling, len(scheduler.waiting)))
     sampled = [[] if r.is_prefill_chunk else [7] for r in requests]
     output = ModelRunnerOutput(
         req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)}, sampled_token_ids=sampled
@@ -210,13 +223,34 @@ def table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def timeline_table(name: str, engine: str, timeline: list[tuple[int, int, int, int]]) -> str:
+    """Runs of equal steps as one row."""
+    lines = [
+        f"{name}, {engine}:",
+        "| steps | in prefill | prompt tokens / step | decoding | waiting |",
+        "|---|---|---|---|---|",
+    ]
+    start = 0
+    for i in range(1, len(timeline) + 1):
+        if i == len(timeline) or timeline[i] != timeline[start]:
+            span = f"{start}" if i - 1 == start else f"{start}-{i - 1}"
+            lines.append(f"| {span} | " + " | ".join(f"{v:,}" for v in timeline[start]) + " |")
+            start = i
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for name in args.workloads:
         w = sized(WORKLOADS[name], args.scale, args.sequences)
         print(f"[scheduler_steps] {w.name}: {w.sequences} x {w.prompt} + {w.new}", flush=True)
-        results[name] = {engine: s.row() for engine, s in run_workload(args, w).items()}
+        steps = run_workload(args, w)
+        results[name] = {engine: s.row() for engine, s in steps.items()}
+        for engine, s in steps.items():
+            results[name][engine]["timeline"] = s.timeline
+            if name in args.timeline:
+                print(timeline_table(name, engine, s.timeline))
     common.write_json(args.json, {"args": vars(args), "results": results})
     print(table(results))
     return 0

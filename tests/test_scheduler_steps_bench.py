@@ -26,6 +26,11 @@ def test_the_step_structure_of_both_engines(default_model, tmp_path, capsys):
     assert membound["vanilla"]["prefill_steps"] == 1
     assert membound["lagkv"]["prefill_steps"] == 3
     assert membound["lagkv"]["prefill_tokens_per_step"] == 4 * 1056 / 3
+    # (in prefill, prompt tokens, decoding, waiting) per step
+    assert membound["vanilla"]["timeline"][:2] == [[4, 4224, 0, 0], [0, 0, 4, 0]]
+    assert membound["lagkv"]["timeline"][:4] == [
+        [4, 4 * 544, 0, 0], [4, 4 * 256, 0, 0], [4, 4 * 256, 0, 0], [0, 0, 4, 0]
+    ]  # fmt: skip
     table = capsys.readouterr().out
     assert "| small-membound | vanilla | 128 | 1 | 4,224 |" in table
     assert "|  | lagkv | 130 | 3 | 1,408 |" in table
