@@ -8,7 +8,8 @@ import gc
 import json
 import os
 import random
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,20 @@ def add_requests(llm, prompts: dict[str, list[int]], max_tokens: int) -> None:
 
 def scheduler_of(llm):
     return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def time_calls(owner: Any, method: str, record: Callable[[float, Any], None]) -> None:
+    """Wraps ``owner.method`` on the instance: ``record(seconds, result)`` after every call
+    (``del owner.method`` restores the class's)."""
+    wrapped = getattr(owner, method)
+
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        out = wrapped(*args, **kwargs)
+        record(time.perf_counter() - started, out)
+        return out
+
+    setattr(owner, method, timed)
 
 
 def held_blocks(llm) -> dict[str, int]:

@@ -33,16 +33,8 @@ def time_to_first_token(llm, prompt: list[int]) -> float:
 def batch_throughput(llm, prompts: list[list[int]], new_tokens: int) -> dict:
     engine_ = llm.llm_engine
     scheduler = common.scheduler_of(llm)
-    schedule = scheduler.schedule
     scheduled: list[float] = []  # seconds of each scheduler.schedule call of the batch
-
-    def timed_schedule(*args, **kwargs):
-        begun = time.perf_counter()
-        out = schedule(*args, **kwargs)
-        scheduled.append(time.perf_counter() - begun)
-        return out
-
-    scheduler.schedule = timed_schedule
+    common.time_calls(scheduler, "schedule", lambda seconds, _: scheduled.append(seconds))
     common.add_requests(llm, {f"b{i}": prompt for i, prompt in enumerate(prompts)}, new_tokens)
     started = time.perf_counter()
     prefill_done = None

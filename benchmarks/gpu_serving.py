@@ -208,17 +208,13 @@ class StepCounter:
 
     def clock(self, owner, method: str, phase: str, then=None) -> None:
         """Adds the time of every call of owner.method to phase; then(result) after each."""
-        wrapped = getattr(owner, method)
 
-        def timed(*args, **kwargs):
-            started = time.perf_counter()
-            out = wrapped(*args, **kwargs)
-            self.seconds[phase] += time.perf_counter() - started
+        def record(seconds: float, out) -> None:
+            self.seconds[phase] += seconds
             if then is not None:
                 then(out)
-            return out
 
-        setattr(owner, method, timed)
+        common.time_calls(owner, method, record)
 
     def count(self, out) -> None:
         if out.total_num_scheduled_tokens:
