@@ -11,12 +11,13 @@ from engine_helpers import passkey_prompts, reference_generate, scheduler_of, st
 
 from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig
+from lrsa_serve.engine.api import default_block_size
 from lrsa_serve.engine.kv_spec import LagKVManager
 from lrsa_serve.engine.layout import BlockGeometry
 from lrsa_serve.engine.prefix_cache import HitRule, kept_block_hash
 
 SETTINGS = LagKVConfig(sink=32, lag=128, ratio=0.25)
-BLOCK = 32
+BLOCK = 32  # of the hit-rule and naming tests; the engine's own is ENGINE_BLOCK
 
 
 def brute_force_hit(max_blocks: int, rule: HitRule, raw: set[int], kept: set[int]) -> int:
@@ -84,6 +85,14 @@ def test_per_step_hooks_take_vllms_exact_parameters(hook):
 # ---- a real engine ---------------------------------------------------------------------------
 
 N_TOKENS = 16
+# The engine's KV block (32 tokens on a CPU, 16 on a GPU): hits are whole blocks of it.
+ENGINE_BLOCK = default_block_size()
+POOL_TOKENS = 48 * 32  # the pool-pressure test's pool
+
+
+def whole_blocks(tokens: int) -> int:
+    """The longest hit ``tokens`` cached tokens can give: whole engine blocks."""
+    return tokens // ENGINE_BLOCK * ENGINE_BLOCK
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +177,8 @@ def test_hits_equal_computing_everything(engines, base, diverging, uncached):
         # compacted, their kept blocks, its raw window; the hit ends at d's block. But partition
         # 0 is compacted in the step that writes it (the first chunk ends at S + 2L), before any
         # copy of it could be made: a hit that needs it raw keeps only the sink.
-        expected = SETTINGS.sink if d < SETTINGS.sink + 2 * SETTINGS.lag else d // BLOCK * BLOCK
-        assert cached == min(expected, d // BLOCK * BLOCK), name
+        expected = SETTINGS.sink if d < SETTINGS.sink + 2 * SETTINGS.lag else whole_blocks(d)
+        assert cached == min(expected, whole_blocks(d)), name
     assert_pool_idle(llm)
 
 
@@ -181,10 +190,10 @@ def test_batched_hits_equal_computing_everything(engines, base, diverging, uncac
     outputs, cached = generate(llm, [diverging[n][1] for n in names])
     for name, tokens, hit in zip(names, outputs, cached, strict=True):
         assert tokens == uncached[name], name
-        assert hit <= diverging[name][0] // BLOCK * BLOCK
+        assert hit <= whole_blocks(diverging[name][0])
     # Requests of one batch share sink and kept blocks; a raw block compaction will rewrite
     # goes to one of them at a time, so some hits end a partition or two earlier.
-    assert sum(cached) > 0.5 * sum(d // BLOCK * BLOCK for d, _ in diverging.values())
+    assert sum(cached) > 0.5 * sum(whole_blocks(d) for d, _ in diverging.values())
     assert_pool_idle(llm)
 
 
@@ -195,7 +204,7 @@ def test_hits_equal_the_reference(engines, base, diverging, hf_model):
     for name in ("inside a compacted partition", "inside the raw window"):
         d, prompt = diverging[name]
         (tokens,), (cached,) = generate(llm, [prompt])
-        assert cached == d // BLOCK * BLOCK
+        assert cached == whole_blocks(d)
         assert tokens == reference_generate(hf_model, prompt, N_TOKENS, SETTINGS), name
 
 
@@ -207,7 +216,7 @@ def test_a_conversation_continues_from_its_cache(engines, base, uncached):
     (tokens,), (cached,) = generate(llm, [turn])
     # The first turn left len(base) + N_TOKENS - 1 tokens in the cache (the last one sampled
     # is never fed back).
-    assert cached == (len(base) + N_TOKENS - 1) // BLOCK * BLOCK
+    assert cached == whole_blocks(len(base) + N_TOKENS - 1)
     fresh = engines.get(lagkv=SETTINGS.model_dump(), enable_prefix_caching=False)
     assert tokens == generate(fresh, [turn])[0][0]
 
@@ -218,21 +227,24 @@ def test_cache_salt_isolates(engines, base):
     generate(llm, [base], salt="tenant-a")
     assert generate(llm, [base], salt="tenant-b")[1] == [0]
     assert generate(llm, [base])[1] == [0]
-    assert generate(llm, [base], salt="tenant-a")[1] == [(len(base) - 1) // BLOCK * BLOCK]
+    assert generate(llm, [base], salt="tenant-a")[1] == [whole_blocks(len(base) - 1)]
 
 
 @pytest.mark.engine
 def test_pool_pressure_preemption_and_abort_leave_nothing_stale(
     engines, base, longest, diverging, uncached
 ):
-    """48 blocks of 32 tokens: cached blocks are evicted to make room, requests are preempted
+    """A pool of 1,536 tokens: cached blocks are evicted to make room, requests are preempted
     and resumed from what is left, one is aborted; every output equals the uncached one and the
     pool ends idle."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     llm = caching_engine(
-        engines, num_gpu_blocks_override=48, max_model_len=4096, scheduler_reserve_full_isl=False
+        engines,
+        num_gpu_blocks_override=POOL_TOKENS // ENGINE_BLOCK,
+        max_model_len=4096,
+        scheduler_reserve_full_isl=False,
     )
     names = ["inside a compacted partition", "inside the last compacted partition's reference"]
     prompts = [longest, base] + [diverging[n][1] for n in names]
