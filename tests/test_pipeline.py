@@ -113,6 +113,20 @@ def test_cli_flags():
                      "--lr", "0.0001"]  # fmt: skip
 
 
+def test_serving_length_stays_within_the_models_context(default_model, tmp_path):
+    # The GPU example's 8,000-token prompts + answers + template room ask for 8,592 tokens; the
+    # default model's context is 8,192, past which vLLM refuses to start (seen on an H100).
+    from lrsa_serve.pipeline.stages import serving_length
+
+    assert (
+        json.loads((Path(default_model) / "config.json").read_text())["max_position_embeddings"]
+        == 8192
+    )
+    assert serving_length(default_model, 8592) == 8192
+    assert serving_length(default_model, 2048) == 2048
+    assert serving_length(str(tmp_path), 8592) == 8592  # no local config: vLLM decides
+
+
 def test_missing_config_and_reserved_train_flags(tmp_path, capsys):
     assert lrsa(["pipeline", str(tmp_path / "nope.yaml")]) == 2
     assert "no such config file" in capsys.readouterr().err

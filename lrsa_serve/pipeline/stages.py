@@ -32,6 +32,17 @@ def cli_flags(options: dict[str, Any]) -> list[str]:
     return flags
 
 
+def serving_length(model: str, wanted: int) -> int:
+    """``--max-model-len`` for serving ``model``: ``wanted`` (the longest eval prompt, its
+    answer and room for the chat template), but never past the model's own context
+    (``max_position_embeddings`` of a local checkpoint), which vLLM refuses to exceed."""
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return wanted
+    context = json.loads(config.read_text()).get("max_position_embeddings")
+    return min(wanted, int(context)) if context else wanted
+
+
 def say(message: str) -> None:
     print(f"[pipeline] {message}", flush=True)
 
@@ -127,7 +138,7 @@ def evaluate_models(
         else:
             flags = cli_flags(model_settings.model_dump()) if model_settings else ["--no-lagkv"]
             if "--max-model-len" not in config.serve.args:
-                flags += ["--max-model-len", str(longest)]
+                flags += ["--max-model-len", str(serving_length(model, longest))]
             log = out / "logs" / f"serve-{name.replace(' ', '-')}.log"
             serve_args = [*flags, *config.serve.args]
             say(f"serve {name}: lrsa serve {model} {' '.join(serve_args)} (log: {log})")
