@@ -7,6 +7,7 @@ Every example is a prompt, the exact answer, and where the needle sits.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -134,10 +135,16 @@ def kv_lookup(tokenizer: Tokenizer, tokens: int, depth: float, seed: int) -> Exa
     while len(pairs) < count:
         pairs.setdefault(_hex(rng, 8), _hex(rng, 8))
     items = list(pairs.items())
-    key, value = items[min(count - 1, round(depth * (count - 1)))]
-    body = ", ".join(f'"{k}": "{v}"' for k, v in items)
-    prompt = head + body + tail.format(key=key)
-    return Example("kv_lookup", prompt, value, tokens, depth, seed)
+    while True:
+        # Hex tokenizes unevenly, so the estimate can overshoot (by ~4% at 4-8K tokens): pairs
+        # come off the end until the prompt fits, the asked-for key staying at its depth.
+        key, value = items[min(count - 1, round(depth * (count - 1)))]
+        body = ", ".join(f'"{k}": "{v}"' for k, v in items[:count])
+        prompt = head + body + tail.format(key=key)
+        excess = len(tokenizer.encode(prompt, add_special_tokens=False)) - tokens
+        if excess <= 0 or count == 2:
+            return Example("kv_lookup", prompt, value, tokens, depth, seed)
+        count = max(2, count - math.ceil(excess / per_pair))
 
 
 def variable_tracking(tokenizer: Tokenizer, tokens: int, depth: float, seed: int) -> Example:
