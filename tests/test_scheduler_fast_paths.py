@@ -3,12 +3,13 @@ full paths they skip.
 
 vLLM calls the KV manager's hooks for every request at every step; LagKV's overrides answer the
 common decode case (no block filled, nothing allocated, nothing compacted) without calling into
-vLLM. Here the real scheduler (no model: each step samples a fixed token) runs one trace twice,
-once as shipped and once with every fast path bypassed, and every step's schedule, block tables,
-cache names and free count must agree. The trace has chunked prefills, compaction, decode across
-block and partition boundaries, prefix hits on compacted prompts and a pool tight enough that
-admission waits. The block count the scheduler asks of a running request is also asked of vLLM's
-own method, for several sizes, at every step.
+vLLM, and the prefix cache skips its scan of the free queue until a request has freed cached
+blocks of its own. Here the real scheduler (no model: each step samples a fixed token) runs one
+trace twice, once as shipped and once with every fast path bypassed, and every step's schedule,
+block tables, cache names and free count must agree. The trace has chunked prefills,
+compaction, decode across block and partition boundaries, prefix hits on compacted prompts and
+a pool tight enough that admission waits. The block count the scheduler asks of a running
+request is also asked of vLLM's own method, for several sizes, at every step.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def run_trace(model: str, num_blocks: int) -> tuple[list, dict[str, int]]:
     params = SamplingParams(max_tokens=70, ignore_eos=True)
     waves = prompts()
     trace, seen = [], {"hit_tokens": 0, "freed_partitions": 0, "decode_steps": 0, "steps": 0}
-    seen["kept_count_steps"] = 0
+    seen["kept_count_steps"] = seen["scanning_steps"] = 0
     for i, prompt in enumerate(waves[:8]):
         scheduler.add_request(Request(str(i), prompt, params, None, block_hasher=hasher))
     second_wave = waves[8:]
@@ -94,6 +95,7 @@ def run_trace(model: str, num_blocks: int) -> tuple[list, dict[str, int]]:
         seen["freed_partitions"] = max(
             seen["freed_partitions"], sum(manager.freed_partitions.values())
         )
+        seen["scanning_steps"] += bool(manager.raw_history.others_freed)
         trace.append(
             (
                 sorted(out.num_scheduled_tokens.items()),
@@ -134,11 +136,13 @@ def test_fast_paths_decide_as_the_full_paths(default_model, monkeypatch, num_blo
     from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
     from lrsa_serve.engine.kv_spec import LagKVManager
+    from lrsa_serve.engine.prefix_cache import RawHistory
     from lrsa_serve.engine.scheduler import LagKVSchedulingMixin
 
     fast, seen = run_trace(default_model, num_blocks)
     assert seen["hit_tokens"] > 0 and seen["freed_partitions"] > 0, seen
     assert seen["decode_steps"] > 20 and seen["kept_count_steps"] > 20, seen
+    assert 20 < seen["scanning_steps"] < seen["steps"] - 20, seen  # history eviction both ways
 
     shipped = LagKVManager.get_num_blocks_to_allocate
     lookahead = LagKVSchedulingMixin._reserve_prefill_lookahead
@@ -165,6 +169,7 @@ def test_fast_paths_decide_as_the_full_paths(default_model, monkeypatch, num_blo
         ),
     )
     monkeypatch.setattr(LagKVSchedulingMixin, "_reserve_prefill_lookahead", reserve)
+    monkeypatch.setattr(RawHistory, "evict_first", RawHistory.promote)
     full, _ = run_trace(default_model, num_blocks)
     assert len(fast) == len(full)
     for step, (a, b) in enumerate(zip(fast, full, strict=True)):

@@ -279,7 +279,9 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
         self.forget_request(request_id)
         if not self.processed_tokens:
             self.publish(force=True)  # an idle engine takes no step that would publish it
-        return super().pop_blocks_for_free(request_id)
+        blocks = super().pop_blocks_for_free(request_id)
+        self.raw_history.freed(blocks)
+        return blocks
 
     def occupancy(self) -> tuple[int, int]:
         """(resident, logical) KV tokens of the requests, as of their last scheduling: summed

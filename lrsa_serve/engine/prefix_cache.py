@@ -126,13 +126,19 @@ class RawHistory:
 
     def __init__(self, pool: BlockPool) -> None:
         self.pool = pool
-        # block id -> (block, the name it had when it became history), oldest first
-        self.blocks: OrderedDict[int, tuple[KVCacheBlock, BlockHashWithGroupId]] = OrderedDict()
+        # block id -> the name it had when it became history, oldest first. Names are bytes:
+        # tens of thousands of entries that Python's cyclic GC need not traverse (a tuple per
+        # entry made each of its full collections walk them all, every few prefill steps).
+        self.blocks: OrderedDict[int, BlockHashWithGroupId] = OrderedDict()
+        # Cached blocks that were not history when their request freed them (its sink, kept
+        # blocks and raw window): until one is, no such block can stand before the history in
+        # the free queue, and evict_first has nothing to do.
+        self.others_freed = 0
 
     def add(self, blocks: Iterable[KVCacheBlock]) -> None:
         for block in blocks:
             if block.block_hash is not None:
-                self.blocks[block.block_id] = (block, block.block_hash)
+                self.blocks[block.block_id] = block.block_hash
                 self.blocks.move_to_end(block.block_id)
 
     def discard(self, blocks: Iterable[KVCacheBlock]) -> None:
@@ -141,19 +147,31 @@ class RawHistory:
             self.blocks.pop(block.block_id, None)
 
     def holds(self, block: KVCacheBlock) -> bool:
-        entry = self.blocks.get(block.block_id)
-        return entry is not None and entry[1] == block.block_hash
+        name = self.blocks.get(block.block_id)
+        return name is not None and name == block.block_hash
+
+    def freed(self, blocks: Iterable[KVCacheBlock]) -> None:
+        """A request's blocks, as it leaves (finished, aborted or preempted)."""
+        self.others_freed += sum(b.block_hash is not None and not self.holds(b) for b in blocks)
 
     def evict_first(self, count: int) -> None:
         """Before ``count`` blocks leave the free queue: the cached blocks at its front that are
-        not raw history swap places with the oldest raw history still free."""
+        not raw history swap places with the oldest raw history still free. Asked before every
+        allocation while there is history (tens per prefill step), so the scan of the queue's
+        front waits until some request has freed cached blocks of its own."""
+        if self.others_freed:
+            self.promote(count)
+
+    def promote(self, count: int) -> None:
+        """``evict_first`` past its fast path."""
         queue = self.pool.free_block_queue
         front = itertools.islice(queue.iter_blocks_after(None), count)
         wanted = sum(b.block_hash is not None and not self.holds(b) for b in front)
         promoted: list[KVCacheBlock] = []
-        for block_id, (block, name) in list(itertools.islice(self.blocks.items(), 4 * wanted)):
+        for block_id, name in list(itertools.islice(self.blocks.items(), 4 * wanted)):
             if len(promoted) == wanted:
                 break
+            block = self.pool.blocks[block_id]
             if block.block_hash != name:
                 del self.blocks[block_id]  # reused since: no longer history
             elif block.ref_cnt == 0:
