@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import random
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from benchmarks import engine_common as common
@@ -90,17 +88,10 @@ def model_of(args: argparse.Namespace, w: Workload) -> str:
     return FAMILIES[w.family].model or resolve_model(args.model)
 
 
-def page_bytes(model: str) -> int:
-    """Bytes of one KV block over all layers in bf16, as the GPU engines hold it."""
-    config = json.loads((Path(model) / "config.json").read_text())
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads", config["num_attention_heads"])
-    return config["num_hidden_layers"] * 2 * kv_heads * head_dim * 2 * BLOCK
-
-
-def pool_blocks(args: argparse.Namespace, w: Workload, model: str) -> int:
+def pool_blocks(args: argparse.Namespace, w: Workload, page_bytes: int) -> int:
+    """``page_bytes``: one block of every layer's KV."""
     if w.kv_bytes:
-        return w.kv_bytes // page_bytes(model)
+        return w.kv_bytes // page_bytes
     if args.pool_tokens:
         return args.pool_tokens // BLOCK
     return w.sequences * -(-(w.prompt + w.new) // BLOCK) + 1
@@ -128,9 +119,15 @@ def make_scheduler(args: argparse.Namespace, w: Workload, engine: str):
     )  # fmt: skip
     kwargs.pop("attention_backend", None)  # a CUDA choice; nothing attends here
     config = EngineArgs(**kwargs).create_engine_config()
-    blocks = pool_blocks(args, w, model)
+    # The model's KV as the GPU engines hold it (bf16), per layer: vLLM's own page size.
+    model_config, parallel = config.model_config, config.parallel_config
+    spec = FullAttentionSpec(
+        block_size=BLOCK, num_kv_heads=model_config.get_num_kv_heads(parallel),
+        head_size=model_config.get_head_size(), dtype=torch.bfloat16,
+    )  # fmt: skip
+    layers = model_config.get_num_layers(parallel)
+    blocks = pool_blocks(args, w, layers * spec.page_size_bytes)
     config.cache_config.num_gpu_blocks = blocks
-    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=64, dtype=torch.bfloat16)
     if engine == "lagkv":
         spec = LagKVAttentionSpec.wrap(spec, settings)
     group = KVCacheGroupSpec(["attention"], spec)

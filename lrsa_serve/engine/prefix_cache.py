@@ -150,9 +150,13 @@ class RawHistory:
         name = self.blocks.get(block.block_id)
         return name is not None and name == block.block_hash
 
+    def cached_elsewhere(self, block: KVCacheBlock) -> bool:
+        """Cached under a name that is not history's (a request's own state)."""
+        return block.block_hash is not None and not self.holds(block)
+
     def freed(self, blocks: Iterable[KVCacheBlock]) -> None:
         """A request's blocks, as it leaves (finished, aborted or preempted)."""
-        self.others_freed += sum(b.block_hash is not None and not self.holds(b) for b in blocks)
+        self.others_freed += sum(map(self.cached_elsewhere, blocks))
 
     def evict_first(self, count: int) -> None:
         """Before ``count`` blocks leave the free queue: the cached blocks at its front that are
@@ -166,7 +170,7 @@ class RawHistory:
         """``evict_first`` past its fast path."""
         queue = self.pool.free_block_queue
         front = itertools.islice(queue.iter_blocks_after(None), count)
-        wanted = sum(b.block_hash is not None and not self.holds(b) for b in front)
+        wanted = sum(map(self.cached_elsewhere, front))
         promoted: list[KVCacheBlock] = []
         for block_id, name in list(itertools.islice(self.blocks.items(), 4 * wanted)):
             if len(promoted) == wanted:
