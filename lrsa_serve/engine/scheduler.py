@@ -4,6 +4,13 @@ Tokens of one scheduled chunk all see the cache as it was when the chunk started
 stays below ``S + 2L``, or inside one partition after that, therefore attends exactly under the
 LagKV visibility rule with plain causal attention over the compacted cache
 (``lagkv.chunk_end_limit``). Several requests still share each step's token budget.
+
+A request therefore prefills at most one partition per step, and vLLM's first-come-first-served
+order leaves the requests admitted last to run their many steps in a tail of part-empty steps.
+While the pool has room, each step's budget is shared evenly among the requests in prefill and
+those waiting for a seat (``prefill_share``), so they all start early and the steps stay full.
+Once the pool refuses a waiting request, first-come-first-served order again: finishing the
+earliest requests first frees their blocks soonest.
 """
 
 from __future__ import annotations
@@ -17,6 +24,11 @@ from lrsa_serve import lagkv
 from lrsa_serve.engine.kv_spec import LagKVManager
 from lrsa_serve.engine.settings import check_engine_config, settings_from_vllm_config
 
+# The shortest chunk the share gives a request: about one query tile of FlashAttention, as a
+# shorter chunk reads the request's whole cache for fewer queries.
+SHARE_FLOOR = 128
+UNCAPPED = 1 << 62
+
 
 class LagKVSchedulingMixin:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -25,6 +37,8 @@ class LagKVSchedulingMixin:
         if settings is not None:
             check_engine_config(settings, self.vllm_config)
         self.lagkv = None if settings is None else settings.rule
+        self._share: int | None = None  # this step's chunk cap, set at its first prefill chunk
+        self._pool_bound = False  # the pool refused a request that is still waiting
 
     def _reserve_prefill_lookahead(self, request, num_computed_tokens: int, num_new_tokens: int):
         # The last clip vLLM applies to a chunk (all paths call it, for every request at every
@@ -38,10 +52,33 @@ class LagKVSchedulingMixin:
         if self.lagkv is None or num_new_tokens <= 1:
             return num_new_tokens
         limit = lagkv.chunk_end_limit(num_computed_tokens, self.lagkv) - num_computed_tokens
-        return min(num_new_tokens, limit)
+        return min(num_new_tokens, limit, self.prefill_share())
+
+    def prefill_share(self) -> int:
+        """The longest prefill chunk of this step: the budget shared evenly among the requests in
+        prefill and those waiting for a free seat, at least ``SHARE_FLOOR``; uncapped while the
+        pool binds. Counted once per step, at its first prefill chunk (decode steps never ask)."""
+        if self._share is None:
+            if self._pool_bound:
+                self._share = UNCAPPED
+            else:
+                prefilling = sum(r.num_computed_tokens < r.num_prompt_tokens for r in self.running)
+                seats = self.max_num_running_reqs - len(self.running)
+                sharing = max(1, prefilling + min(len(self.waiting), seats))
+                self._share = max(SHARE_FLOOR, -(-self.max_num_scheduled_tokens // sharing))
+        return self._share
 
     def schedule(self, *args: Any, **kwargs: Any):
         output = super().schedule(*args, **kwargs)
+        self._share = None
+        if not self.waiting:
+            self._pool_bound = False
+        elif (
+            output.total_num_scheduled_tokens < self.max_num_scheduled_tokens
+            and len(self.running) < self.max_num_running_reqs
+        ):
+            # budget and seats left, yet a request waits: the pool would not take it
+            self._pool_bound = True
         for manager in self.lagkv_managers():
             manager.publish()  # the occupancy gauges, once per step rather than per request
         return output
