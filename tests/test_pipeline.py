@@ -280,4 +280,5 @@ def test_report_compares_every_model_with_the_base(tokenizer, tmp_path):
     assert "| passkey | all | 100% | 100% | 0% (2 failed) | +0 |" in text
     assert "| mean | all | 50% | 100% | 0% (4 failed) | +50 |" in text
     assert "| lrsa | 2 | 0.5000 | 25% | train/lrsa |" in text
+    assert "held-out exact match (teacher forcing, own attention)" in text
     assert "base uncompressed: 4 of 4 requests failed" in text

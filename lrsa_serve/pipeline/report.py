@@ -59,7 +59,11 @@ def report_markdown(
         "seed split (never trained on). Accuracy = mean partial-credit score; failed requests "
         "count as 0."
     )
-    train_header = "variant|steps|final loss|held-out exact match (teacher forcing)|checkpoint"
+    # The trainer's own evaluation runs each variant under the attention it trained with (dense
+    # or LRSA), uncompressed for dense: not comparable across variants, unlike the table below.
+    train_header = (
+        "variant|steps|final loss|held-out exact match (teacher forcing, own attention)|checkpoint"
+    )
     train_table = (
         eval_report.markdown_table(train_header.split("|"), train_rows) if train_rows else "(none)"
     )
