@@ -104,6 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sequences", type=int, help="prompts per workload")
     parser.add_argument("--max-num-seqs", type=int, help="default: vLLM's")
     parser.add_argument("--gpu-memory-utilization", type=float, help="default: vLLM's")
+    parser.add_argument(
+        "--prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        help="prefix caching in both engines (default: vLLM's, on); the prompts share nothing, "
+        "so off measures what caching costs the host",
+    )
     parser.add_argument("--json", help="write every result here")
     parser.add_argument(
         "--profile",
@@ -159,6 +165,8 @@ def engine_kwargs(args: argparse.Namespace, family: Family, w: Workload) -> dict
     for name in ("max_num_seqs", "gpu_memory_utilization"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
+    if args.prefix_caching is not None:
+        kwargs["enable_prefix_caching"] = args.prefix_caching
     return kwargs
 
 

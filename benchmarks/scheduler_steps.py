@@ -71,6 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
     parser.add_argument("--max-num-seqs", type=int, default=1024)
     parser.add_argument(
+        "--prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="prefix caching in both schedulers (default: on, as the GPU runs)",
+    )
+    parser.add_argument(
         "--timeline",
         nargs="+",
         choices=list(WORKLOADS),
@@ -113,7 +119,8 @@ def make_scheduler(args: argparse.Namespace, w: Workload, engine: str):
     model = model_of(args, w)
     kwargs = lagkv_engine_kwargs(
         model, settings if engine == "lagkv" else None, block_size=BLOCK,
-        enable_prefix_caching=True, max_model_len=max_model_len(w.family, args.scale),
+        enable_prefix_caching=args.prefix_caching,
+        max_model_len=max_model_len(w.family, args.scale),
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         skip_tokenizer_init=True,
     )  # fmt: skip

@@ -34,3 +34,14 @@ def test_the_step_structure_of_both_engines(default_model, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| small-membound | vanilla | 128 | 1 | 4,224 |" in table
     assert "|  | lagkv | 130 | 3 | 1,408 |" in table
+
+
+def test_prefix_caching_can_be_turned_off_in_both_schedulers(default_model):
+    from benchmarks.gpu_serving import WORKLOADS, sized
+
+    for argv, wanted in (([], True), (["--no-prefix-caching"], False)):
+        args = scheduler_steps.parse_args(["--workloads", "small-decode", *argv])
+        w = sized(WORKLOADS["small-decode"], 0.05, 2)
+        for engine in scheduler_steps.ENGINES:
+            scheduler = scheduler_steps.make_scheduler(args, w, engine)
+            assert scheduler.cache_config.enable_prefix_caching is wanted
