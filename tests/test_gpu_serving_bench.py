@@ -51,11 +51,9 @@ def test_workloads_and_engine_arguments(bench):
     assert kw["gpu_memory_utilization"] == 0.8 and "max_num_seqs" not in kw
     assert "attention_backend" not in kw and "kv_cache_memory_bytes" not in kw
     assert "enable_prefix_caching" not in kw  # vLLM's default
-    args = bench.parse_args(["--no-prefix-caching"])
-    assert (
-        bench.engine_kwargs(args, bench.FAMILIES["8b"], w["8b-e2e"])["enable_prefix_caching"]
-        is False
-    )
+    uncached = bench.parse_args(["--no-prefix-caching"])
+    kw = bench.engine_kwargs(uncached, bench.FAMILIES["8b"], w["8b-e2e"])
+    assert kw["enable_prefix_caching"] is False
     kw = bench.engine_kwargs(args, bench.FAMILIES["small"], w["small-membound"])
     assert kw["kv_cache_memory_bytes"] == 6 * 2**30 and "load_format" not in kw
     assert bench.group_of(w["small-membound"]) != bench.group_of(w["small-e2e"])

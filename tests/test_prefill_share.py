@@ -22,6 +22,9 @@ def replay(tmp_path, *extra: str) -> dict:
     return json.loads(out.read_text())["results"]["small-e2e"]
 
 
+SHARE = scheduler.LagKVSchedulingMixin.prefill_share
+
+
 def first_come_first_served(self) -> int:
     return scheduler.UNCAPPED
 
@@ -29,9 +32,6 @@ def first_come_first_served(self) -> int:
 def never_pool_bound(self) -> int:
     self._pool_bound = False
     return SHARE(self)
-
-
-SHARE = scheduler.LagKVSchedulingMixin.prefill_share
 
 
 def test_the_share_fills_prefill_steps_as_vanilla_does(tmp_path, monkeypatch):

@@ -69,8 +69,8 @@ class LagKVSchedulingMixin:
         return self._share
 
     def schedule(self, *args: Any, **kwargs: Any):
+        self._share = None  # counted afresh at this step's first prefill chunk
         output = super().schedule(*args, **kwargs)
-        self._share = None
         if not self.waiting:
             self._pool_bound = False
         elif (
