@@ -247,6 +247,8 @@ def test_cpu_example_pipeline(live_server, tmp_path, capsys):
     with pytest.raises(httpx.ConnectError):
         httpx.get(trained_url.removesuffix("/v1") + "/ready", timeout=5)
     assert "ready on http://127.0.0.1" in stdout and "[pipeline] done" in stdout
+    # the report says how each server it stopped was started
+    assert f"note: served by `lrsa serve {trained} --sink 32 --lag 128" in markdown
 
 
 def test_report_compares_every_model_with_the_base(tokenizer, tmp_path):

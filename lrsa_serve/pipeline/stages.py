@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -149,5 +150,8 @@ def evaluate_models(
                 say(f"serve {name}: ready on {server.url} in {time.monotonic() - started:.0f}s")
                 target = HTTPTarget(server.url, name=name, api_key=server.api_key, **options)
                 part = run_targets([target], items, eval_config, progress=progress)
+            # the report outlives the server: say how to start it again
+            command = shlex.join(["lrsa", "serve", model, *serve_args])
+            part.targets[0].notes.append(f"served by `{command}` (stopped after its eval)")
         run = part if run is None else run.merged(part)
     return run
