@@ -3,6 +3,7 @@ whose cache hits give the same greedy tokens as computing everything (float32, d
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import random
 
@@ -14,7 +15,7 @@ from lrsa_serve.config import LagKVConfig
 from lrsa_serve.engine.api import default_block_size
 from lrsa_serve.engine.kv_spec import LagKVManager
 from lrsa_serve.engine.layout import BlockGeometry
-from lrsa_serve.engine.prefix_cache import HitRule, kept_block_hash
+from lrsa_serve.engine.prefix_cache import HitRule, kept_block_hash, kept_block_hashes
 
 SETTINGS = LagKVConfig(sink=32, lag=128, ratio=0.25)
 BLOCK = 32  # of the hit-rule and naming tests; the engine's own is ENGINE_BLOCK
@@ -65,6 +66,18 @@ def test_kept_block_names_depend_on_the_reference_rule_and_place():
         rule = LagKVConfig(**(SETTINGS.model_dump() | changed)).rule
         others.append(kept_block_hash(b"reference", 3, 0, BlockGeometry(rule, BLOCK)))
     assert name not in others and len(set(others)) == len(others)
+    # The name's bytes, pinned: a cache's names must not drift between versions of the code.
+    assert name == hashlib.sha256(b"reference" + b"lagkv:32:128:32:1.0:32:3:0").digest()
+
+
+def test_a_partitions_kept_names_are_each_blocks_name():
+    geometry = BlockGeometry(LagKVConfig(sink=32, lag=256, ratio=0.5).rule, BLOCK)  # 4 blocks
+    hashes = [hashlib.sha256(str(i).encode()).digest() for i in range(64)]
+    for partition in (0, 1, 3):
+        reference = hashes[geometry.partition_columns(partition + 1).stop - 1]
+        names = kept_block_hashes(hashes, partition, geometry)
+        assert len(names) == geometry.keep_blocks == 4
+        assert names == [kept_block_hash(reference, partition, i, geometry) for i in range(4)]
 
 
 @pytest.mark.parametrize(
