@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import timeit
-from collections.abc import Callable
 
 import torch
 
+from benchmarks.kernels import copy_bandwidth, timed_ms
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.kernels import LayerStack, compress_layers
 
@@ -48,23 +46,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.layers, args.kv_heads, args.head_dim, args.sink, args.lag = 2, 2, 16, 16, 64
         args.rows = [1, 2]
     return args
-
-
-def timed_ms(fn: Callable[[], object], device: torch.device) -> float:
-    """Median milliseconds of fn: CUDA events via do_bench on a GPU, a host timer otherwise."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    fn()
-    return statistics.median(timeit.repeat(fn, number=1, repeat=3)) * 1e3
-
-
-def copy_gbps(device: torch.device, nbytes: int) -> float:
-    """A device-to-device copy: bytes read + written per second, in GB/s."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
-    dst = torch.empty_like(src)
-    return 2 * nbytes / (timed_ms(lambda: dst.copy_(src), device) * 1e-3) / 1e9
 
 
 class StepCaches:
@@ -130,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("compaction_step: needs a CUDA GPU (or --smoke under TRITON_INTERPRET=1)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    copy = copy_gbps(device, (1 << 30) if device.type == "cuda" else (1 << 20))
+    copy = copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (1 << 20)) / 1e9
     rule = LagKVConfig(sink=args.sink, lag=args.lag, ratio=args.ratio).rule
     rows = [measure(args, r, device, copy) for r in args.rows]
     print(
