@@ -37,6 +37,17 @@ class CompactionPlan:
         )
 
 
+@dataclass
+class PreCompaction:
+    """Partitions a step compacts before a layer's attention (``chunk_items``): each layer
+    first copies ``sources`` (the blocks compaction rewrites) to ``scratch``, which items that
+    still read those partitions raw point at, then compacts ``plan``."""
+
+    plan: CompactionPlan
+    sources: torch.Tensor  # [rows * keep_blocks] block ids
+    scratch: torch.Tensor  # [rows * keep_blocks] block ids
+
+
 class GroupCompaction:
     """Compacts every layer of a KV-cache group in one set of launches, once the step's
     attention has run in all of them (each layer's caches are only read again next step).

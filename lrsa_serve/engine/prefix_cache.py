@@ -201,6 +201,13 @@ class PrefixCacheMixin:
         self.raw_copies: list[tuple[KVCacheBlock, KVCacheBlock]] = []  # (source, copy)
         self.raw_history = RawHistory(self.block_pool)
         self.hits = HitRule(self.geometry)
+        # Chunks spanning partitions (chunk_items): this step's copied partitions, as (first
+        # block id, the names of its blocks written this step by place), and the names whose
+        # raw blocks sit in scratch since the last step, by scratch block id.
+        self.scratch_rows: list[tuple[int, list[tuple[int, BlockHashWithGroupId]]]] = []
+        self.in_scratch: list[tuple[int, BlockHashWithGroupId]] = []
+        self.scheduled = False  # this step scheduled a request (an empty step runs no copy)
+        self.scratch_ids: list[int] = []  # set by hold_scratch
 
     def forget_request(self, request_id: str) -> None:
         self.renamed_partitions.pop(request_id, None)
@@ -275,6 +282,7 @@ class PrefixCacheMixin:
         # Runs for every request at every step. Most decode steps fill no block: then vLLM would
         # name nothing (its names are whole blocks), and nothing compacts either (compaction
         # thresholds, S + (p+2)L, are block boundaries: a step that reaches one fills a block).
+        self.scheduled = True
         if (
             num_tokens // self.block_size <= self.num_cached_block.get(request.request_id, 0)
             and self._whole_block_hashes
@@ -295,6 +303,7 @@ class PrefixCacheMixin:
         compaction rewrites them) or drop them: without a spare block, and for blocks this very
         step writes (partition 0 in a first chunk, which also compacts it: the copy would run
         before the write). Their kept rows are named once the compaction has run."""
+        self.scheduled = True  # as cache_blocks: the same whichever path runs
         request_id = request.request_id
         renamed = self.renamed_partitions.get(request_id, 0)
         if num_tokens < self._first_compressed_at + renamed * self._lag:
@@ -307,15 +316,23 @@ class PrefixCacheMixin:
             request, num_tokens, retention_interval, replay_boundaries=replay_boundaries
         )
         compressed = lagkv.compressed_partitions(num_tokens, self.rule)
+        # A chunk spanning partitions copies each one it compresses to scratch, once written.
+        spanning = lagkv.compressed_partitions(num_tokens - 1, self.rule) > renamed
         blocks = self.req_to_blocks[request_id]
         names = self.kept_names.setdefault(request_id, {})
         to_copy: list[KVCacheBlock] = []
         to_drop: list[KVCacheBlock] = []
         for partition in range(renamed, compressed):
-            for column in self.geometry.kept_columns(partition):
+            kept = self.geometry.kept_columns(partition)
+            in_scratch = []
+            for place, column in enumerate(kept):
                 block = blocks[column]
                 if block.block_hash is not None:
                     (to_drop if column >= written else to_copy).append(block)
+                    if spanning and column >= written:
+                        in_scratch.append((place, block.block_hash))
+            if spanning:
+                self.scratch_rows.append((blocks[kept.start].block_id, in_scratch))
             names[partition] = kept_block_hashes(request.block_hashes, partition, self.geometry)
         to_drop += to_copy[self._copy_raw(to_copy) :]
         if to_drop:
@@ -348,8 +365,40 @@ class PrefixCacheMixin:
             self.raw_history.evict_first(needed)
 
     def take_pending_cow_copies(self) -> list[tuple[KVCacheBlock, KVCacheBlock]]:
+        """vLLM's copies, the raw copies of this step, and those out of the scratch that the
+        last step's spanning chunks wrote (the copies run before this step's forward)."""
         pending, self.raw_copies = super().take_pending_cow_copies() + self.raw_copies, []
+        if not self.scheduled:
+            return pending  # no step runs: the scratch keeps what it holds
+        self.scheduled = False
+        pending += self.copy_out_of_scratch()
+        keep = self.geometry.keep_blocks
+        self.in_scratch = [
+            (self.scratch_ids[rank * keep + place], name)
+            for rank, (_, names) in enumerate(sorted(self.scratch_rows, key=lambda r: r[0]))
+            for place, name in names
+        ]
+        self.scratch_rows = []
         return pending
+
+    def copy_out_of_scratch(self) -> list[tuple[KVCacheBlock, KVCacheBlock]]:
+        """Copies named with the raw names of the blocks last step's chunks wrote and compacted
+        (as many as can be spared), from the scratch that holds them."""
+        count = self.spare_blocks(len(self.in_scratch)) if self.in_scratch else 0
+        if not count:
+            return []
+        self.raw_history.evict_first(count)
+        copies = self.block_pool.get_new_blocks(count)
+        pairs = []
+        for (scratch_id, name), copy in zip(self.in_scratch, copies, strict=False):
+            copy.set_block_hash(name)
+            self.block_pool.cached_block_hash_to_block.insert(name, copy)
+            scratch = self.block_pool.blocks[scratch_id]
+            scratch.ref_cnt += 1  # vLLM frees both ends once the copy has run
+            pairs.append((scratch, copy))
+        self.raw_history.add(copies)
+        self.in_scratch = []
+        return pairs
 
     def name_kept_blocks(
         self, request_id: str, blocks: list[KVCacheBlock], partitions: range
