@@ -164,8 +164,12 @@ def test_server_never_ready_times_out_and_is_stopped(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_and_sigterm_stop_the_server(tmp_path, sig):
     """A process holding a server the way `lrsa pipeline` does, signalled while serving."""
+    # Ctrl-C as a shell delivers it to a foreground job: an ignored SIGINT is inherited across
+    # exec, and tests earlier in this process (in-process engines) may leave it ignored.
     holder = textwrap.dedent(f"""
+        import signal
         import time
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from test_pipeline import fake_server
         from lrsa_serve.pipeline.processes import stop_on_signals
         from pathlib import Path

@@ -202,9 +202,9 @@ class PrefixCacheMixin:
         self.raw_history = RawHistory(self.block_pool)
         self.hits = HitRule(self.geometry)
         # Chunks spanning partitions (chunk_items): this step's copied partitions, as (first
-        # block id, the names of its blocks written this step by place), and the names whose
-        # raw blocks sit in scratch since the last step, by scratch block id.
-        self.scratch_rows: list[tuple[int, list[tuple[int, BlockHashWithGroupId]]]] = []
+        # block id, request, the names of its blocks written this step by place), and the names
+        # whose raw blocks sit in scratch since the last step, by scratch block id.
+        self.scratch_rows: list[tuple[int, str, list[tuple[int, BlockHashWithGroupId]]]] = []
         self.in_scratch: list[tuple[int, BlockHashWithGroupId]] = []
         self.scheduled = False  # this step scheduled a request (an empty step runs no copy)
         self.scratch_ids: list[int] = []  # set by hold_scratch
@@ -301,8 +301,9 @@ class PrefixCacheMixin:
         The first blocks of every partition this step compacts then hand their names to raw
         copies (vLLM's copy-on-write copies them before the step's forward, i.e. before
         compaction rewrites them) or drop them: without a spare block, and for blocks this very
-        step writes (partition 0 in a first chunk, which also compacts it: the copy would run
-        before the write). Their kept rows are named once the compaction has run."""
+        step writes (the copy would run before the write), which a chunk spanning partitions
+        leaves in the scratch instead, copied out at the next step (``settle_scratch``). Their
+        kept rows are named once the compaction has run."""
         self.scheduled = True  # as cache_blocks: the same whichever path runs
         request_id = request.request_id
         renamed = self.renamed_partitions.get(request_id, 0)
@@ -332,7 +333,7 @@ class PrefixCacheMixin:
                     if spanning and column >= written:
                         in_scratch.append((place, block.block_hash))
             if spanning:
-                self.scratch_rows.append((blocks[kept.start].block_id, in_scratch))
+                self.scratch_rows.append((blocks[kept.start].block_id, request_id, in_scratch))
             names[partition] = kept_block_hashes(request.block_hashes, partition, self.geometry)
         to_drop += to_copy[self._copy_raw(to_copy) :]
         if to_drop:
@@ -368,18 +369,25 @@ class PrefixCacheMixin:
         """vLLM's copies, the raw copies of this step, and those out of the scratch that the
         last step's spanning chunks wrote (the copies run before this step's forward)."""
         pending, self.raw_copies = super().take_pending_cow_copies() + self.raw_copies, []
-        if not self.scheduled:
-            return pending  # no step runs: the scratch keeps what it holds
-        self.scheduled = False
-        pending += self.copy_out_of_scratch()
-        keep = self.geometry.keep_blocks
-        self.in_scratch = [
-            (self.scratch_ids[rank * keep + place], name)
-            for rank, (_, names) in enumerate(sorted(self.scratch_rows, key=lambda r: r[0]))
-            for place, name in names
-        ]
-        self.scratch_rows = []
+        if self.scheduled:  # else no step runs: the scratch keeps what it holds
+            pending += self.copy_out_of_scratch()
         return pending
+
+    def settle_scratch(self, scheduled: Iterable[str]) -> None:
+        """After the scheduler's step (``scheduled``: its requests; vLLM may have taken back a
+        request scheduled earlier in the step): where this step's spanning chunks leave the
+        raw blocks they wrote, by the scratch place of their partition's rank in first-block
+        id among the step's copied partitions, as the attention builder ranks them."""
+        if self.scheduled:
+            scheduled = set(scheduled)
+            rows = sorted(r for r in self.scratch_rows if r[1] in scheduled)
+            keep = self.geometry.keep_blocks
+            self.in_scratch = [
+                (self.scratch_ids[rank * keep + place], name)
+                for rank, (_, _, names) in enumerate(rows)
+                for place, name in names
+            ]
+        self.scratch_rows, self.scheduled = [], False
 
     def copy_out_of_scratch(self) -> list[tuple[KVCacheBlock, KVCacheBlock]]:
         """Copies named with the raw names of the blocks last step's chunks wrote and compacted

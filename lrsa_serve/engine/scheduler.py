@@ -89,6 +89,7 @@ class LagKVSchedulingMixin:
             # budget and seats left, yet a request waits: the pool would not take it
             self._pool_bound = True
         for manager in self.lagkv_managers():
+            manager.settle_scratch(output.num_scheduled_tokens)
             manager.publish()  # the occupancy gauges, once per step rather than per request
         return output
 
