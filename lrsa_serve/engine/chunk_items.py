@@ -59,14 +59,10 @@ class ChunkItems:
         return len(self.item_request)
 
 
-def scratch_partitions(
-    shape: ViewShape, max_num_batched_tokens: int, num_blocks: int | None
-) -> int:
+def scratch_partitions(shape: ViewShape, max_num_batched_tokens: int, num_blocks: int) -> int:
     """Partitions a step may compact before attention: one per L tokens of its budget, and at
-    most what a sixteenth of the pool holds twice (``num_blocks``; None: no such cap)."""
+    most what a sixteenth of the KV cache's ``num_blocks`` holds twice."""
     wanted = max(1, max_num_batched_tokens // shape.rule.lag)
-    if num_blocks is None:
-        return wanted
     return max(1, min(wanted, num_blocks // (32 * shape.keep_blocks)))
 
 
