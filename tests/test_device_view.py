@@ -88,3 +88,12 @@ def test_a_step_without_compression_launches_nothing_eagerly():
     view.update(table, seq, starts, 2)
     host = host_view(GEO, seq, starts, 2, 0)
     assert host.compressing == 0 and not view.plan(2, host).launch
+
+
+def test_the_host_view_tells_chunks_that_span_partitions():
+    # 100..163 compresses partition 0 at 144, before its last token: items (chunk_items);
+    # 100..143 compresses it with its last token: the device view, compaction after attention.
+    spanning, ending = (host_view(GEO, *step_tensors([batch])[1:], 1, 0) for batch in
+                        [(100, 64), (100, 44)])  # fmt: skip
+    assert spanning.spans and spanning.compressing == 1
+    assert not ending.spans and ending.compressing == 1

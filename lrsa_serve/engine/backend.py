@@ -23,12 +23,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 from lrsa_serve.config import LagKVConfigError
 from lrsa_serve.engine import settings as engine_settings
 from lrsa_serve.engine import stats
-from lrsa_serve.engine.chunk_items import (
-    ChunkItems,
-    scratch_block_ids,
-    spans_partitions,
-    split_chunks,
-)
+from lrsa_serve.engine.chunk_items import ChunkItems, scratch_block_ids, split_chunks
 from lrsa_serve.engine.compaction import CompactionPlan, PreCompaction
 from lrsa_serve.engine.device_view import DeviceView, host_view
 from lrsa_serve.engine.kv_spec import LagKVAttentionSpec
@@ -111,15 +106,14 @@ class LagKVBuilderMixin:
         if self.view is None:
             return cm, None, None
         assert self.geometry is not None
-        if cm.seq_lens_cpu_upper_bound is not None:
-            seq = cm.seq_lens_cpu_upper_bound[: cm.num_reqs].numpy()
-            starts = cm.query_start_loc_cpu[: cm.num_reqs + 1].numpy()
-            if spans_partitions(seq, starts[1:] - starts[:-1], self.geometry.rule):
-                return self.item_view(cm, split_chunks(seq, starts, self.geometry))
         host = host_view(
             self.geometry, cm.seq_lens_cpu_upper_bound, cm.query_start_loc_cpu, cm.num_reqs,
             cm.max_seq_len,
         )  # fmt: skip
+        if host is not None and host.spans:
+            seq = cm.seq_lens_cpu_upper_bound[: cm.num_reqs].numpy()
+            starts = cm.query_start_loc_cpu[: cm.num_reqs + 1].numpy()
+            return self.item_view(cm, split_chunks(seq, starts, self.geometry))
         table, seq_lens = self.view.update(
             cm.block_table_tensor, cm.seq_lens, cm.query_start_loc, cm.num_reqs
         )

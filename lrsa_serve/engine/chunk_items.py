@@ -81,12 +81,6 @@ def pre_partitions(start: int, end: int, rule: lagkv.Rule) -> int:
     return lagkv.compressed_partitions(last, rule) - lagkv.compressed_partitions(start, rule)
 
 
-def spans_partitions(seq_lens: np.ndarray, query_lens: np.ndarray, rule: lagkv.Rule) -> bool:
-    """Whether any chunk of the step compresses a partition before its last token."""
-    before = lagkv.compressed_partitions_each(seq_lens - query_lens, rule)
-    return bool((lagkv.compressed_partitions_each(seq_lens - 1, rule) > before).any())
-
-
 def split_chunks(seq_lens: np.ndarray, query_start: np.ndarray, shape: ViewShape) -> ChunkItems:
     """Items and compaction rows of a step: ``seq_lens`` (logical, after the step's tokens) and
     ``query_start`` ([reqs + 1]) of vLLM's requests, as numpy int arrays."""

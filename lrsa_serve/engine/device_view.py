@@ -35,6 +35,8 @@ class HostView:
     max_seq_len: int  # physical, for the attention kernel's scheduling
     compressing: int  # requests that compress a partition this step
     upper_bound: torch.Tensor | None  # physical lengths (CPU), vLLM's seq_lens_cpu_upper_bound
+    # a chunk compresses a partition before its last token: the step goes as items instead
+    spans: bool = False
 
 
 class DeviceView:
@@ -127,6 +129,8 @@ def host_view(
     query = starts[1:] - starts[:-1]
     before = geometry.compressed(seq - query)
     compressing = int(np.count_nonzero(geometry.compressed(seq) > before))
+    # Only a step that compresses can hold a chunk spanning partitions (most decode steps not).
+    spans = bool(compressing) and bool((geometry.compressed(seq - 1) > before).any())
     physical = seq - before * geometry.rule.evicted
     upper = seq_lens_upper.clone()
     upper.numpy()[:n] = physical
@@ -134,4 +138,5 @@ def host_view(
         max_seq_len=int(physical.max()) if n else fallback_max_seq_len,
         compressing=compressing,
         upper_bound=upper,
+        spans=spans,
     )

@@ -343,12 +343,8 @@ class PrefixCacheMixin:
     def _copy_raw(self, blocks: list[KVCacheBlock]) -> int:
         """Moves the names of the first ``blocks`` to copies of them, as many as can be spared
         from what admitted requests still need; returns how many."""
-        count = self.spare_blocks(len(blocks)) if blocks else 0
-        if not count:
-            return 0
-        self.raw_history.evict_first(count)
-        copies = self.block_pool.get_new_blocks(count)
-        for block, copy in zip(blocks, copies, strict=False):  # the first `count`
+        copies = self.spare_copies(len(blocks))
+        for block, copy in zip(blocks, copies, strict=False):  # the first len(copies)
             self.block_pool.move_block_hashes(block, copy)
             # vLLM retains both ends until the copy has run, then frees them once: the copy
             # goes to the evictable cache under the raw names, the original stays with its
@@ -356,7 +352,21 @@ class PrefixCacheMixin:
             block.ref_cnt += 1
             self.raw_copies.append((block, copy))
         self.raw_history.add(copies)
-        return count
+        return len(copies)
+
+    def spare_copies(self, wanted: int) -> list[KVCacheBlock]:
+        """New blocks for raw copies, as many of ``wanted`` as can be spared from what admitted
+        requests still need, the oldest raw history evicted first."""
+        count = self.spare_blocks(wanted) if wanted else 0
+        if not count:
+            return []
+        self.raw_history.evict_first(count)
+        return self.block_pool.get_new_blocks(count)
+
+    def name_block(self, block: KVCacheBlock, key: BlockHashWithGroupId) -> None:
+        """Caches an unnamed block under ``key``."""
+        block.set_block_hash(key)
+        self.block_pool.cached_block_hash_to_block.insert(key, block)
 
     def before_allocation(self, request_id: str, num_tokens: int) -> None:
         """Before the manager allocates the request's blocks for ``num_tokens`` tokens (while
@@ -392,15 +402,10 @@ class PrefixCacheMixin:
     def copy_out_of_scratch(self) -> list[tuple[KVCacheBlock, KVCacheBlock]]:
         """Copies named with the raw names of the blocks last step's chunks wrote and compacted
         (as many as can be spared), from the scratch that holds them."""
-        count = self.spare_blocks(len(self.in_scratch)) if self.in_scratch else 0
-        if not count:
-            return []
-        self.raw_history.evict_first(count)
-        copies = self.block_pool.get_new_blocks(count)
+        copies = self.spare_copies(len(self.in_scratch))
         pairs = []
         for (scratch_id, name), copy in zip(self.in_scratch, copies, strict=False):
-            copy.set_block_hash(name)
-            self.block_pool.cached_block_hash_to_block.insert(name, copy)
+            self.name_block(copy, name)
             scratch = self.block_pool.blocks[scratch_id]
             scratch.ref_cnt += 1  # vLLM frees both ends once the copy has run
             pairs.append((scratch, copy))
@@ -418,6 +423,6 @@ class PrefixCacheMixin:
             for column, name in zip(kept_columns, names.pop(partition, ()), strict=False):
                 block = blocks[column]
                 if block.block_hash is None:
-                    key = make_block_hash_with_group_id(name, self.kv_cache_group_id)
-                    block.set_block_hash(key)
-                    self.block_pool.cached_block_hash_to_block.insert(key, block)
+                    self.name_block(
+                        block, make_block_hash_with_group_id(name, self.kv_cache_group_id)
+                    )
