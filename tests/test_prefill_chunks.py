@@ -74,3 +74,27 @@ def test_a_step_compacts_no_more_partitions_before_attention_than_its_scratch():
         scheduler_steps.step(sched, scheduler_steps.Steps())
     assert max(per_step) == sched._scratch == 2048 // 256
     assert sum(p > 0 for p in per_step) > 10
+
+
+def test_a_step_attends_no_more_items_than_max_num_seqs():
+    # FlashAttention 3's per-batch buffers hold max_num_seqs items: requests + partitions
+    # compacted before attention. Early requests decode while later ones prefill across partitions.
+    args = scheduler_steps.parse_args([*WORKLOAD, "--max-num-seqs", "72"])
+    w = sized(WORKLOADS["small-e2e"], args.scale, args.sequences)
+    sched = scheduler_steps.make_scheduler(args, w, "lagkv")
+    scheduler_steps.add_requests(sched, w)
+    schedule, items = sched.schedule, []
+
+    def counted():
+        out = schedule()
+        items.append(len(out.num_scheduled_tokens) + sum(
+            pre_partitions(sched.requests[r].num_computed_tokens - n,
+                           sched.requests[r].num_computed_tokens, sched.lagkv)
+            for r, n in out.num_scheduled_tokens.items()
+        ))  # fmt: skip
+        return out
+
+    sched.schedule = counted
+    while sched.has_requests():
+        scheduler_steps.step(sched, scheduler_steps.Steps())
+    assert max(items) == 72  # full, never over

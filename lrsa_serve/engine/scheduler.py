@@ -5,7 +5,8 @@ attention backends cut such a chunk into items that each see one (``chunk_items`
 compact the partitions that compress inside it before the layer's attention, through a fixed
 number of scratch blocks. So a chunk may span several partitions as long as:
 
-- the step's chunks compress at most ``scratch_partitions`` partitions before attention;
+- the step's chunks compress at most ``scratch_partitions`` partitions before attention, and
+  its items (requests + those partitions) stay within ``max_num_seqs``;
 - the pool has room for the chunk's raw blocks beyond one partition, without touching what
   admitted requests still need (those blocks come back a step later, compacted): while the
   pool binds, a request prefills one partition per step (``lagkv.chunk_end_limit``), which is
@@ -41,9 +42,7 @@ class LagKVSchedulingMixin:
         if (manager := self._manager) is not None:
             pool = manager.block_pool.num_gpu_blocks
             sizes = manager.geometry, self.max_num_scheduled_tokens, pool
-            # Items per step <= requests + partitions compacted before attention: within twice
-            # the batch, which FlashAttention's per-batch buffers allow for.
-            self._scratch = min(scratch_partitions(*sizes), self.max_num_running_reqs)
+            self._scratch = scratch_partitions(*sizes)
             manager.hold_scratch(scratch_block_ids(*sizes))
 
     def _reserve_prefill_lookahead(self, request, num_computed_tokens: int, num_new_tokens: int):
@@ -78,7 +77,10 @@ class LagKVSchedulingMixin:
         return end - start
 
     def schedule(self, *args: Any, **kwargs: Any):
-        self._scratch_left = self._scratch
+        # A step's items are its requests + the partitions compacted before attention, and
+        # FlashAttention 3 sizes its per-batch scheduling buffer for max_num_seqs of them.
+        requests = min(sum(self.get_request_counts()), self.max_num_running_reqs)
+        self._scratch_left = min(self._scratch, self.max_num_running_reqs - requests)
         output = super().schedule(*args, **kwargs)
         if not self.waiting:
             self._pool_bound = False
