@@ -25,9 +25,9 @@ def kept_of(partition: int) -> list[int]:
 class SimulatedRequest:
     """Block contents as token positions; compaction as the engine does it."""
 
-    def __init__(self, length: int) -> None:
+    def __init__(self, length: int, base: int = 0) -> None:
         cols = -(-length // SHAPE.block_size)
-        self.blocks = list(range(100 * cols, 101 * cols))  # physical ids, one per column
+        self.blocks = list(range(base, base + cols))  # physical ids, one per column
         self.cache: dict[int, list[int]] = {}  # physical block -> positions
         self.length = length
 
@@ -54,41 +54,56 @@ def visible(q: int) -> set[int]:
     return set(torch.nonzero(mask[0]).flatten().tolist())
 
 
-@pytest.mark.parametrize("chunks", [[64], [5, 40, 19], [12, 8, 8, 36], [1] * 30 + [34], [31, 33]])
-def test_items_see_what_the_rule_shows(chunks):
-    request = SimulatedRequest(sum(chunks))
-    scratch: dict[int, list[int]] = {}
-    done = 0
-    for chunk in chunks:
-        seq = done + chunk
-        items = split_chunks(np.array([seq]), np.array([0, chunk]), SHAPE)
-        assert len(items.pre_partition) == pre_partitions(done, seq, RULE)
-        request.write(done, seq)
-        # Copied: the partitions compacted before attention, then, in a spanning chunk, the one
-        # its last token completes (written by the chunk too: the prefix cache copies it out).
-        spans = len(items.pre_partition) > 0
-        assert list(items.copy_partition) == [*items.pre_partition] + (
-            [*items.post_partition] if spans else []
-        )
-        for k, p in enumerate(items.copy_partition):  # before attention: copy, then compact
+def run_steps(chunkings: list[list[int]]) -> None:
+    """Requests stepped together: step s attends each request's s-th chunk (if it has one)."""
+    requests = [SimulatedRequest(sum(c), base=1000 * r) for r, c in enumerate(chunkings)]
+    done = [0] * len(requests)
+    for step in range(max(map(len, chunkings))):
+        rows = [r for r, c in enumerate(chunkings) if step < len(c)]
+        chunk = [chunkings[r][step] for r in rows]
+        seq = np.array([done[r] + n for r, n in zip(rows, chunk, strict=True)])
+        items = split_chunks(seq, np.concatenate([[0], np.cumsum(chunk)]), SHAPE)
+        pre = [pre_partitions(done[r], int(s), RULE) for r, s in zip(rows, seq, strict=True)]
+        assert list(items.pre_request) == [i for i, n in enumerate(pre) for _ in range(n)]
+        # Copied: the partitions compacted before attention, then, of each spanning chunk, the
+        # one its last token completes (written by the chunk too: the prefix cache copies it).
+        spanning = [i for i in items.post_request if pre[i]]
+        assert list(items.copy_request) == [*items.pre_request, *spanning]
+        for i, r in enumerate(rows):
+            requests[r].write(done[r], int(seq[i]))
+        scratch: dict[int, list[int]] = {}
+        for k, (i, p) in enumerate(zip(items.copy_request, items.copy_partition, strict=True)):
+            request = requests[rows[i]]  # before attention: copy, then compact
             first = SHAPE.sink_blocks + p * SHAPE.part_blocks
             for j in range(SHAPE.keep_blocks):
                 scratch[k * SHAPE.keep_blocks + j] = request.cache[request.blocks[first + j]]
-        for p in items.pre_partition:
-            request.compact(int(p))
-        for i in range(items.num_items):
-            row = items.columns[i]
+        for i, p in zip(items.pre_request, items.pre_partition, strict=True):
+            requests[rows[i]].compact(int(p))
+        for item in range(items.num_items):
+            i = items.item_request[item]
+            request, start, own = requests[rows[i]], int(seq[i] - chunk[i]), sum(chunk[:i])
             seen = []
-            for col in row:
+            for col in items.columns[item]:
                 block = scratch[-1 - col] if col < 0 else request.cache.get(request.blocks[col])
                 seen += block or [-1] * SHAPE.block_size
-            seen = seen[: items.seq_lens[i]]
-            queries = range(items.query_start[i], items.query_start[i + 1])
-            for offset in queries:  # causal, aligned bottom-right
-                q = done + offset
-                keys = seen[: len(seen) - (items.query_start[i + 1] - 1 - offset)]
-                assert set(keys) == visible(q), (chunks, q)
+            seen = seen[: items.seq_lens[item]]
+            end = items.query_start[item + 1]
+            for offset in range(items.query_start[item], end):  # causal, aligned bottom-right
+                q = start + offset - own
+                keys = seen[: len(seen) - (end - 1 - offset)]
+                assert set(keys) == visible(q), (chunkings, q)
                 assert len(keys) == len(set(keys))
-        for p in items.post_partition:  # after attention
-            request.compact(int(p))
-        done = seq
+        for i, p in zip(items.post_request, items.post_partition, strict=True):
+            requests[rows[i]].compact(int(p))  # after attention
+        for i, r in enumerate(rows):
+            done[r] = int(seq[i])
+
+
+@pytest.mark.parametrize("chunks", [[64], [5, 40, 19], [12, 8, 8, 36], [1] * 30 + [34], [31, 33]])
+def test_items_see_what_the_rule_shows(chunks):
+    run_steps([chunks])
+
+
+def test_a_batch_of_chunks_and_decodes_sees_what_the_rule_shows():
+    # Spanning and single-partition chunks and one-token steps, side by side.
+    run_steps([[40, 1, 1, 1, 20], [5, 40, 19, 1], [30, 8, 36], [1] * 6 + [30, 3]])

@@ -83,56 +83,56 @@ def pre_partitions(start: int, end: int, rule: lagkv.Rule) -> int:
 
 def split_chunks(seq_lens: np.ndarray, query_start: np.ndarray, shape: ViewShape) -> ChunkItems:
     """Items and compaction rows of a step: ``seq_lens`` (logical, after the step's tokens) and
-    ``query_start`` ([reqs + 1]) of vLLM's requests, as numpy int arrays."""
+    ``query_start`` ([reqs + 1]) of vLLM's requests, as numpy int arrays. Vectorised: it runs
+    on the host of every spanning step, for hundreds of items."""
     rule = shape.rule
-    b, sink_cols, part_cols, keep_cols = (
-        shape.block_size, shape.sink_blocks, shape.part_blocks, shape.keep_blocks,
-    )  # fmt: skip
-    evicted = rule.lag - rule.keep
-    item_request, starts, lens, rows = [], [int(query_start[0])], [], []
-    pre_request, pre_partition, post_request, post_partition = [], [], [], []
-    spanning_post: list[tuple[int, int]] = []
-    for r in range(len(seq_lens)):
-        seq = int(seq_lens[r])
-        a = seq - int(query_start[r + 1] - query_start[r])
-        c0 = lagkv.compressed_partitions(a, rule)
-        v_last = lagkv.compressed_partitions(max(a, seq - 1), rule)
-        first_slot = len(pre_request) * keep_cols
-        pre_request += [r] * (v_last - c0)
-        pre_partition += range(c0, v_last)
-        if lagkv.compressed_partitions(seq, rule) > v_last:
-            post_request.append(r)
-            post_partition.append(v_last)
-            if v_last > c0:
-                spanning_post.append((r, v_last))
-        s = a
-        while s < seq:
-            e = min(lagkv.chunk_end_limit(s, rule), seq)
-            v = lagkv.compressed_partitions(s, rule)
-            cols = list(range(sink_cols))
-            for p in range(v):
-                first = sink_cols + p * part_cols
-                cols += range(first, first + keep_cols)
-            raw_first = sink_cols + v * part_cols
-            for col in range(raw_first, -(-e // b)):
-                p, offset = divmod(col - sink_cols, part_cols)
-                if c0 <= p < v_last and offset < keep_cols:  # rewritten before attention
-                    col = -1 - (first_slot + (p - c0) * keep_cols + offset)
-                cols.append(col)
-            item_request.append(r)
-            starts.append(starts[-1] + e - s)
-            lens.append(e - v * evicted)
-            rows.append(cols)
-            s = e
-    width = max((len(c) for c in rows), default=1)
-    columns = np.zeros((len(rows), width), dtype=np.int64)
-    for i, cols in enumerate(rows):
-        columns[i, : len(cols)] = cols
-    as_array = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
+    sink, part, keep = shape.sink_blocks, shape.part_blocks, shape.keep_blocks
+    seq = np.asarray(seq_lens, dtype=np.int64)
+    starts = np.asarray(query_start, dtype=np.int64)
+    a = seq - (starts[1:] - starts[:-1])  # tokens cached before the step
+    c0 = lagkv.compressed_partitions_each(a, rule)
+    v_last = lagkv.compressed_partitions_each(np.maximum(a, seq - 1), rule)
+    post = lagkv.compressed_partitions_each(seq, rule) > v_last
+    requests = np.arange(len(seq))
+
+    # Items: a request's chunk cut at each partition boundary (``lagkv.chunk_end_limit``) in it.
+    first_cut = np.maximum(
+        lagkv.partition_start(2, rule), lagkv.partition_start((a - rule.sink) // rule.lag + 1, rule)
+    )
+    cuts = np.maximum(0, -(-(seq - first_cut) // rule.lag))
+    item_request, k = np.repeat(requests, cuts + 1), _within(cuts + 1)
+    item_start = np.where(k == 0, a[item_request], first_cut[item_request] + (k - 1) * rule.lag)
+    item_end = np.minimum(first_cut[item_request] + k * rule.lag, seq[item_request])
+    v = lagkv.compressed_partitions_each(item_start, rule)
+
+    # Columns: the sink, the kept columns of the v partitions the item sees compressed, then the
+    # raw columns from partition v on; those rewritten before attention read their scratch copy.
+    kept_end = sink + v * keep
+    width = kept_end + -(-item_end // shape.block_size) - (sink + v * part)
+    j = np.arange(max(int(width.max(initial=1)), 1))[None, :]
+    jk = np.clip(j - sink, 0, None)
+    kept_col = sink + (jk // keep) * part + jk % keep
+    raw_col = j + (v * (part - keep))[:, None]
+    columns = np.where(j < sink, j, np.where(j < kept_end[:, None], kept_col, raw_col))
+    p, offset = np.divmod(columns - sink, part)
+    r = item_request[:, None]
+    first_slot = (np.cumsum(v_last - c0) - (v_last - c0))[r] * keep
+    rewritten = (j >= kept_end[:, None]) & (c0[r] <= p) & (p < v_last[r]) & (offset < keep)
+    columns = np.where(rewritten, -1 - (first_slot + (p - c0[r]) * keep + offset), columns)
+    columns = np.where(j < width[:, None], columns, 0)
+
+    pre_request = np.repeat(requests, v_last - c0)
+    pre_partition = c0[pre_request] + _within(v_last - c0)
+    spanning_post = post & (v_last > c0)
     return ChunkItems(
-        as_array(item_request), as_array(starts), as_array(lens), columns,
-        as_array(pre_request), as_array(pre_partition),
-        as_array(post_request), as_array(post_partition),
-        as_array(pre_request + [r for r, _ in spanning_post]),
-        as_array(pre_partition + [p for _, p in spanning_post]),
+        item_request, np.concatenate([starts[:1], starts[0] + np.cumsum(item_end - item_start)]),
+        item_end - v * rule.evicted, columns,
+        pre_request, pre_partition, requests[post], v_last[post],
+        np.concatenate([pre_request, requests[spanning_post]]),
+        np.concatenate([pre_partition, v_last[spanning_post]]),
     )  # fmt: skip
+
+
+def _within(counts: np.ndarray) -> np.ndarray:
+    """For groups of ``counts`` elements laid end to end, each element's index in its group."""
+    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
