@@ -176,7 +176,10 @@ class LagKVBuilderMixin:
         query_lens = items.query_start[1:] - items.query_start[:-1]
         is_prefilling = cm.is_prefilling
         if is_prefilling is not None:
-            is_prefilling = is_prefilling[on_device(items.item_request)]
+            # on the host or the device, as vLLM keeps it
+            is_prefilling = is_prefilling[
+                torch.from_numpy(items.item_request).to(is_prefilling.device)
+            ]
         view = cm.replace(
             num_reqs=items.num_items,
             query_start_loc=starts_cpu.to(device, non_blocking=True),
