@@ -206,7 +206,7 @@ class LagKVBuilderMixin:
         pre = plan(items.pre_request, items.pre_partition)
         compressing = len(items.pre_request) + len(items.post_request)
         stats.record_compactions(compressing, compressing * g.rule.evicted)
-        return view, post, PreCompaction(pre, copied.reshape(-1), scratch)
+        return view, post, PreCompaction(pre, copied.reshape(-1).long(), scratch.long())
 
 
 def with_fields(meta, lagkv_cls: type, extra: dict[str, Any]):

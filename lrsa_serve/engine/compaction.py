@@ -44,8 +44,9 @@ class PreCompaction:
     still read those partitions raw point at, then compacts ``plan``."""
 
     plan: CompactionPlan
-    sources: torch.Tensor  # [rows * keep_blocks] block ids
-    scratch: torch.Tensor  # [rows * keep_blocks] block ids
+    # int64 block ids, [rows * keep_blocks]: converted once per step, indexed by every layer
+    sources: torch.Tensor
+    scratch: torch.Tensor
 
 
 class GroupCompaction:

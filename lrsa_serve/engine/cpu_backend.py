@@ -34,7 +34,7 @@ class LagKVCPUImpl(LagKVImplMixin, CPUAttentionBackendImpl):
     """Compacts each layer as its attention finishes, timed per layer."""
 
     def pre_compact(self, layer, kv_cache: torch.Tensor, pre: PreCompaction) -> None:
-        kv_cache[pre.scratch.long()] = kv_cache[pre.sources.long()]  # whole pages
+        kv_cache[pre.scratch] = kv_cache[pre.sources]  # whole pages
         self.compact(layer, kv_cache, None, pre.plan)
 
     def compact(self, layer, kv_cache: torch.Tensor, attn_metadata, plan: CompactionPlan) -> None:

@@ -78,7 +78,7 @@ class LagKVCudaImplMixin(LagKVImplMixin):
 
     def pre_compact(self, layer, kv_cache: torch.Tensor, pre: PreCompaction) -> None:
         # Prefill steps only (never captured): this layer alone, its stack made once.
-        kv_cache[pre.scratch.long()] = kv_cache[pre.sources.long()]  # whole blocks
+        kv_cache[pre.scratch] = kv_cache[pre.sources]  # whole blocks
         keys, values = kv_cache[..., : self.head_size], kv_cache[..., self.head_size :]
         if self._pre_stack is None or not self._pre_stack.holds([keys]):
             self._pre_stack = LayerStack.of([keys], [values])
