@@ -52,8 +52,10 @@ def test_a_tight_pool_prefills_one_partition_per_step(tmp_path, monkeypatch, poo
     assert result["steps"] <= 1.05 * single["steps"]  # 432 vs 427 and 294 vs 286 when written
 
 
-def test_a_step_compacts_no_more_partitions_before_attention_than_its_scratch():
-    args = scheduler_steps.parse_args([*WORKLOAD, "--max-num-batched-tokens", "2048"])
+def replay_steps(*extra: str) -> tuple[list[tuple[int, int]], object]:
+    """The LagKV scheduler's steps, replayed: (requests, partitions compacted before attention)
+    per step, and the scheduler."""
+    args = scheduler_steps.parse_args([*WORKLOAD, *extra])
     w = sized(WORKLOADS["small-e2e"], args.scale, args.sequences)
     sched = scheduler_steps.make_scheduler(args, w, "lagkv")
     scheduler_steps.add_requests(sched, w)
@@ -62,39 +64,28 @@ def test_a_step_compacts_no_more_partitions_before_attention_than_its_scratch():
     def counted():
         out = schedule()
         # schedule() has counted the step's tokens as computed already
-        per_step.append(sum(
+        per_step.append((len(out.num_scheduled_tokens), sum(
             pre_partitions(sched.requests[r].num_computed_tokens - n,
                            sched.requests[r].num_computed_tokens, sched.lagkv)
             for r, n in out.num_scheduled_tokens.items()
-        ))  # fmt: skip
+        )))  # fmt: skip
         return out
 
     sched.schedule = counted
     while sched.has_requests():
         scheduler_steps.step(sched, scheduler_steps.Steps())
-    assert max(per_step) == sched._scratch == 2048 // 256
-    assert sum(p > 0 for p in per_step) > 10
+    return per_step, sched
+
+
+def test_a_step_compacts_no_more_partitions_before_attention_than_its_scratch():
+    per_step, sched = replay_steps("--max-num-batched-tokens", "2048")
+    pre = [p for _, p in per_step]
+    assert max(pre) == sched._scratch == 2048 // 256
+    assert sum(p > 0 for p in pre) > 10
 
 
 def test_a_step_attends_no_more_items_than_max_num_seqs():
     # FlashAttention 3's per-batch buffers hold max_num_seqs items: requests + partitions
     # compacted before attention. Early requests decode while later ones prefill across partitions.
-    args = scheduler_steps.parse_args([*WORKLOAD, "--max-num-seqs", "72"])
-    w = sized(WORKLOADS["small-e2e"], args.scale, args.sequences)
-    sched = scheduler_steps.make_scheduler(args, w, "lagkv")
-    scheduler_steps.add_requests(sched, w)
-    schedule, items = sched.schedule, []
-
-    def counted():
-        out = schedule()
-        items.append(len(out.num_scheduled_tokens) + sum(
-            pre_partitions(sched.requests[r].num_computed_tokens - n,
-                           sched.requests[r].num_computed_tokens, sched.lagkv)
-            for r, n in out.num_scheduled_tokens.items()
-        ))  # fmt: skip
-        return out
-
-    sched.schedule = counted
-    while sched.has_requests():
-        scheduler_steps.step(sched, scheduler_steps.Steps())
-    assert max(items) == 72  # full, never over
+    per_step, _ = replay_steps("--max-num-seqs", "72")
+    assert max(requests + pre for requests, pre in per_step) == 72  # full, never over
