@@ -96,9 +96,7 @@ def split_chunks(seq_lens: np.ndarray, query_start: np.ndarray, shape: ViewShape
     requests = np.arange(len(seq))
 
     # Items: a request's chunk cut at each partition boundary (``lagkv.chunk_end_limit``) in it.
-    first_cut = np.maximum(
-        lagkv.partition_start(2, rule), lagkv.partition_start((a - rule.sink) // rule.lag + 1, rule)
-    )
+    first_cut = lagkv.chunk_end_limit_each(a, rule)
     cuts = np.maximum(0, -(-(seq - first_cut) // rule.lag))
     item_request, k = np.repeat(requests, cuts + 1), _within(cuts + 1)
     item_start = np.where(k == 0, a[item_request], first_cut[item_request] + (k - 1) * rule.lag)
