@@ -151,8 +151,8 @@ class LagKVBuilderMixin:
         table = cm.block_table_tensor
         device = table.device
 
-        def on_device(x) -> torch.Tensor:
-            return torch.from_numpy(x).to(device, non_blocking=True)
+        def on_device(x, to: torch.device = device) -> torch.Tensor:
+            return torch.from_numpy(x).to(to, non_blocking=True)
 
         def blocks_of(requests: np.ndarray, partitions: np.ndarray, count: int) -> torch.Tensor:
             """Block ids of each row's partition and the ``count - 1`` after it."""
@@ -177,9 +177,7 @@ class LagKVBuilderMixin:
         is_prefilling = cm.is_prefilling
         if is_prefilling is not None:
             # on the host or the device, as vLLM keeps it
-            is_prefilling = is_prefilling[
-                torch.from_numpy(items.item_request).to(is_prefilling.device)
-            ]
+            is_prefilling = is_prefilling[on_device(items.item_request, is_prefilling.device)]
         view = cm.replace(
             num_reqs=items.num_items,
             query_start_loc=starts_cpu.to(device, non_blocking=True),

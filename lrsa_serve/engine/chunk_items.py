@@ -93,6 +93,7 @@ def split_chunks(seq_lens: np.ndarray, query_start: np.ndarray, shape: ViewShape
     c0 = lagkv.compressed_partitions_each(a, rule)
     v_last = lagkv.compressed_partitions_each(np.maximum(a, seq - 1), rule)
     post = lagkv.compressed_partitions_each(seq, rule) > v_last
+    pre = v_last - c0  # partitions each chunk compresses before attention
     requests = np.arange(len(seq))
 
     # Items: a request's chunk cut at each partition boundary (``lagkv.chunk_end_limit``) in it.
@@ -114,14 +115,14 @@ def split_chunks(seq_lens: np.ndarray, query_start: np.ndarray, shape: ViewShape
     columns = np.where(j < sink, j, np.where(j < kept_end[:, None], kept_col, raw_col))
     p, offset = np.divmod(columns - sink, part)
     r = item_request[:, None]
-    first_slot = (np.cumsum(v_last - c0) - (v_last - c0))[r] * keep
+    first_slot = (np.cumsum(pre) - pre)[r] * keep  # the request's first scratch block
     rewritten = (j >= kept_end[:, None]) & (c0[r] <= p) & (p < v_last[r]) & (offset < keep)
     columns = np.where(rewritten, -1 - (first_slot + (p - c0[r]) * keep + offset), columns)
     columns = np.where(j < width[:, None], columns, 0)
 
-    pre_request = np.repeat(requests, v_last - c0)
-    pre_partition = c0[pre_request] + _within(v_last - c0)
-    spanning_post = post & (v_last > c0)
+    pre_request = np.repeat(requests, pre)
+    pre_partition = c0[pre_request] + _within(pre)
+    spanning_post = post & (pre > 0)
     return ChunkItems(
         item_request, np.concatenate([starts[:1], starts[0] + np.cumsum(item_end - item_start)]),
         item_end - v * rule.evicted, columns,
