@@ -170,7 +170,129 @@ def variable_tracking(tokenizer: Tokenizer, tokens: int, depth: float, seed: int
     return Example("variable_tracking", prompt, " ".join(names), tokens, depth, seed)
 
 
+# ---- question answering over a document of look-alike records ---------------------------------
+# LRSA's reported gain is QA accuracy under compression. These documents are all facts of one
+# kind about made-up people and places (every record a distractor for the others, as the other
+# passages of a multi-document QA prompt are), so a cache that keeps tokens without knowing the
+# question must keep the right record; the answer is a made-up word that occurs once.
+QA_HEAD = (
+    "Answer the question based on the records below. Only give the answer and do not output "
+    "any other words.\n\n"
+)
+_CONSONANTS = "bdfgklmnprstvz"
+_VOWELS = "aeiou"
+
+
+def _name(rng: random.Random, syllables: int = 2) -> str:
+    """A pronounceable made-up word, capitalised: consonant-vowel syllables, maybe a last
+    consonant (``Tarol``, ``Menivad``)."""
+    word = "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(syllables))
+    return (word + rng.choice(("", "", "n", "r", "s", "d"))).capitalize()
+
+
+def _person(rng: random.Random) -> str:
+    return f"{_name(rng, rng.choice((2, 3)))} {_name(rng)}"
+
+
+def fresh(rng: random.Random, taken: set[str], make: Callable[[random.Random], str]) -> str:
+    """A value of ``make(rng)`` not in ``taken``, which it joins."""
+    while (value := make(rng)) in taken:
+        pass
+    taken.add(value)
+    return value
+
+
+def records_prompt(
+    tokenizer: Tokenizer,
+    make_records: Callable[[int], list[str]],
+    placed: list[tuple[float, str]],
+    tail: str,
+    tokens: int,
+) -> str:
+    """``QA_HEAD`` + records + ``tail``, at most ``tokens`` tokens: ``make_records(count)`` gives
+    ``count`` distractor records (one sentence each; the same ones for the same count), and each
+    ``(depth, record)`` of ``placed`` goes at its depth among them."""
+    per_record = len(tokenizer.encode(" ".join(make_records(16)), add_special_tokens=False)) / 16
+    placed_text = " ".join(record for _, record in placed)
+    fixed = len(tokenizer.encode(QA_HEAD + placed_text + tail, add_special_tokens=False))
+    count = max(0, int((tokens - fixed) / per_record))
+    while True:
+        records = make_records(count)
+        for depth, record in sorted(placed, key=lambda item: item[0]):
+            records.insert(round(depth * len(records)), record)
+        prompt = QA_HEAD + " ".join(records) + tail
+        # Made-up names tokenize unevenly: records come off until the prompt fits.
+        excess = len(tokenizer.encode(prompt, add_special_tokens=False)) - tokens
+        if excess <= 0 or count == 0:
+            return prompt
+        count = max(0, count - math.ceil(excess / per_record))
+
+
+def _town(rng: random.Random) -> str:
+    return _name(rng, rng.choice((2, 3)))
+
+
+def _firm(rng: random.Random) -> str:
+    return _name(rng) + rng.choice((" Ltd", " Works", " & Co"))
+
+
+def fact_qa(tokenizer: Tokenizer, tokens: int, depth: float, seed: int) -> Example:
+    """Single-fact QA: a register of where people were born; the question asks for the
+    birthplace of the person whose record sits at ``depth``."""
+    rng = random.Random(seed)
+    people: set[str] = set()
+    towns: set[str] = set()
+    person, town = fresh(rng, people, _person), fresh(rng, towns, _town)
+    record = "{} was born in {}.".format
+
+    def make(count: int) -> list[str]:
+        draw, seen_people, seen_towns = random.Random(seed + 1), set(people), set(towns)
+        return [
+            record(fresh(draw, seen_people, _person), fresh(draw, seen_towns, _town))
+            for _ in range(count)
+        ]
+
+    tail = f"\n\nQuestion: In which town was {person} born? Answer:"
+    prompt = records_prompt(tokenizer, make, [(depth, record(person, town))], tail, tokens)
+    return Example("fact_qa", prompt, town, tokens, depth, seed)
+
+
+def multihop_qa(tokenizer: Tokenizer, tokens: int, depth: float, seed: int) -> Example:
+    """Two-hop QA: records of who works for which company and of where companies have their
+    head office, shuffled; the question asks for the town of the asked person's employer. The
+    person's record sits at ``depth``, the employer's anywhere."""
+    rng = random.Random(seed)
+    people: set[str] = set()
+    firms: set[str] = set()
+    towns: set[str] = set()
+    person, firm, town = (fresh(rng, people, _person), fresh(rng, firms, _firm),
+                          fresh(rng, towns, _town))  # fmt: skip
+    works = "{} works for {}.".format
+    office = "{} has its head office in {}.".format
+
+    def make(count: int) -> list[str]:
+        # Other people, firms and towns, both kinds of record about each firm, in a shuffled
+        # order: where a record sits says nothing about which other record it goes with.
+        draw = random.Random(seed + 1)
+        seen = set(people), set(firms), set(towns)
+        records = []
+        for _ in range((count + 1) // 2):
+            other, employer, where = (fresh(draw, taken, make) for taken, make in
+                                      zip(seen, (_person, _firm, _town), strict=True))  # fmt: skip
+            records += [works(other, employer), office(employer, where)]
+        draw.shuffle(records)
+        return records[:count]
+
+    placed = [(depth, works(person, firm)), (rng.random(), office(firm, town))]
+    tail = (
+        f"\n\nQuestion: In which town is the head office of the company {person} works for? Answer:"
+    )
+    prompt = records_prompt(tokenizer, make, placed, tail, tokens)
+    return Example("multihop_qa", prompt, town, tokens, depth, seed)
+
+
 TaskFn = Callable[[Tokenizer, int, float, int], Example]
 TASKS: dict[str, TaskFn] = {  # by function name
-    task.__name__: task for task in (passkey, multikey_needle, kv_lookup, variable_tracking)
+    task.__name__: task
+    for task in (passkey, multikey_needle, kv_lookup, variable_tracking, fact_qa, multihop_qa)
 }

@@ -67,6 +67,31 @@ def test_kv_lookup_answer_is_the_keys_value(tokenizer):
     assert pairs[key] == example.answer
 
 
+def test_fact_qa_asks_one_record_among_look_alikes(tokenizer):
+    example = TASKS["fact_qa"](tokenizer, 1500, 0.3, 8)
+    records = example.prompt.split("\n\n")[1].split(". ")
+    person = example.prompt.rsplit("In which town was ", 1)[1].split(" born?")[0]
+    people = [record.split(" was born in ")[0] for record in records]
+    assert len(records) > 30 and len(set(people)) == len(people)  # every record someone else
+    asked = [r for r in records if r.startswith(f"{person} was born in ")]
+    assert asked == [f"{person} was born in {example.answer}"]
+    assert example.prompt.count(f" {example.answer}.") == 1
+    assert abs(records.index(asked[0]) / len(records) - 0.3) < 0.05
+
+
+def test_multihop_qa_needs_both_records(tokenizer):
+    example = TASKS["multihop_qa"](tokenizer, 1500, 0.7, 9)
+    records = example.prompt.split("\n\n")[1].removesuffix(".").split(". ")
+    person = example.prompt.rsplit("the company ", 1)[1].split(" works for?")[0]
+    employer = [r.split(" works for ")[1] for r in records if r.startswith(f"{person} works")]
+    assert len(employer) == 1
+    offices = [r for r in records if r.startswith(f"{employer[0]} has its head office in ")]
+    assert offices == [f"{employer[0]} has its head office in {example.answer}"]
+    firms = [r.split(" has its head office in ")[0] for r in records if "head office" in r]
+    assert len(firms) > 10 and len(set(firms)) == len(firms)
+    assert example.prompt.count(f" {example.answer}.") == 1
+
+
 def test_train_and_eval_seeds_are_disjoint():
     train = {split_seed(i, "train") for i in range(100_000)}
     assert all(split_seed(i, "eval") not in train for i in range(100_000))

@@ -2,9 +2,10 @@
 
 Tasks come from two places: every generator of the training module
 ``lrsa_serve.synthetic_tasks.TASKS`` (passkey, multi-key needle, key-value lookup, variable
-tracking, and whatever is added there later), drawn from its **eval** seed split so nothing
-evaluated was trained on, and the RULER-style generators of ``lrsa_serve.eval.ruler``. Each task
-says how its answer is scored (one value or several) and how many tokens an answer needs.
+tracking, single-fact and two-hop QA, and whatever is added there later), drawn from its
+**eval** seed split so nothing evaluated was trained on, and the RULER-style generators of
+``lrsa_serve.eval.ruler``. Each task says how its answer is scored (one value or several) and
+how many tokens an answer needs.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ MAX_TOKENS = {
     "niah_multivalue": 64,
     "niah_multiquery": 64,
     "common_words": 80,
+    "fact_qa": 16,
+    "multihop_qa": 16,
 }
 DEFAULT_MAX_TOKENS = 32
 DEFAULT_TASKS = (
@@ -43,6 +46,8 @@ DEFAULT_TASKS = (
     "variable_tracking",
     "common_words",
     "kv_lookup",
+    "fact_qa",
+    "multihop_qa",
 )
 
 
