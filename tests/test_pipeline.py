@@ -97,13 +97,37 @@ def test_bad_config_is_one_line(tmp_path, text, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+EXAMPLES = ("pipeline-cpu.yaml", "pipeline-gpu.yaml", "pipeline-paper.yaml")
+
+
 def test_examples_are_valid_configs():
-    for name in ("pipeline-cpu.yaml", "pipeline-gpu.yaml"):
+    for name in EXAMPLES:
         config = load_config(REPO / "examples" / name)
         assert config.train.variants and config.eval.lengths
     gpu = load_config(REPO / "examples" / "pipeline-gpu.yaml")
     assert set(gpu.train.variants) == {"dense", "lrsa"}
     assert gpu.train.variants["dense"] == {"attention": "dense"} and gpu.lagkv.ratio == 0.25
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_examples_ask_what_the_trainer_and_eval_take(name, default_model):
+    """Every variant's training flags parse and validate as `lrsa train` takes them, and every
+    task named (trained or evaluated) exists: a typo would otherwise surface only minutes into
+    a GPU run."""
+    from lrsa_serve.cli import build_parser
+    from lrsa_serve.eval.tasks import resolve_tasks
+    from lrsa_serve.synthetic_tasks import TASKS
+    from lrsa_serve.training.cli import build_job
+
+    config = load_config(REPO / "examples" / name)
+    settings = cli_flags(config.lagkv.model_dump(exclude_none=True))
+    for variant, options in config.train.variants.items():
+        flags = cli_flags({**config.train.args, **options})
+        args = build_parser().parse_args(["train", default_model, "--out", "x", *settings, *flags])
+        job = build_job(args)
+        assert job.model.attention == options.get("attention", job.model.attention), variant
+        assert set(job.data.synthetic_tasks) <= set(TASKS)
+    assert resolve_tasks(config.eval.tasks)
 
 
 def test_cli_flags():
