@@ -228,6 +228,11 @@ def records_prompt(
         count = max(0, count - math.ceil(excess / per_record))
 
 
+def _records_rng(seed: int) -> random.Random:
+    """The distractors' own stream: not ``Random(seed + 1)``, which is the next example's."""
+    return random.Random(f"records:{seed}")
+
+
 def _town(rng: random.Random) -> str:
     return _name(rng, rng.choice((2, 3)))
 
@@ -246,7 +251,7 @@ def fact_qa(tokenizer: Tokenizer, tokens: int, depth: float, seed: int) -> Examp
     record = "{} was born in {}.".format
 
     def make(count: int) -> list[str]:
-        draw, seen_people, seen_towns = random.Random(seed + 1), set(people), set(towns)
+        draw, seen_people, seen_towns = _records_rng(seed), set(people), set(towns)
         return [
             record(fresh(draw, seen_people, _person), fresh(draw, seen_towns, _town))
             for _ in range(count)
@@ -273,11 +278,11 @@ def multihop_qa(tokenizer: Tokenizer, tokens: int, depth: float, seed: int) -> E
     def make(count: int) -> list[str]:
         # Other people, firms and towns, both kinds of record about each firm, in a shuffled
         # order: where a record sits says nothing about which other record it goes with.
-        draw = random.Random(seed + 1)
+        draw = _records_rng(seed)
         seen = set(people), set(firms), set(towns)
         records = []
         for _ in range((count + 1) // 2):
-            other, employer, where = (fresh(draw, taken, make) for taken, make in
+            other, employer, where = (fresh(draw, taken, kind) for taken, kind in
                                       zip(seen, (_person, _firm, _town), strict=True))  # fmt: skip
             records += [works(other, employer), office(employer, where)]
         draw.shuffle(records)
