@@ -7,7 +7,9 @@ CUDA) on one sequence with the loss on its last ``--target-tokens``; the setting
 docs/training.md ("Whole-model training step"). Also: the share of the step spent in LagKV
 selection (one layer's K/V timed alone, times layers), and with ``--floor`` the step with
 attention replaced by nothing, from which the best speedup the mask allows. ``--lrsa-variants``:
-the trainer's ``--lrsa-kernel`` choices (``auto``, ``fa4``, ``flash``, ...).
+the trainer's ``--lrsa-kernel`` choices (``auto``, ``fa4``, ``flash``, ...). ``--profile``: one
+more step of each configuration under the torch profiler, to tell a host-bound step from a
+GPU-bound one (``profiled_step``).
 """
 
 from __future__ import annotations
@@ -42,27 +44,81 @@ def no_attention(module, query, key, value, attention_mask, scaling=None, dropou
 AttentionInterface.register(FLOOR, no_attention)
 
 
+def train_step(model, optimizer, batch, autocast) -> None:
+    """The trainer's step: loss, backward, clip, optimizer."""
+    total, count = loop.loss_sum(model, batch, autocast)
+    (total / count).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def timed_steps(model, optimizer, batch, autocast, warmup: int, steps: int) -> float:
     """Median seconds of one optimizer step."""
-
-    def step():
-        total, count = loop.loss_sum(model, batch, autocast)
-        (total / count).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
     device = batch["input_ids"].device
     for _ in range(warmup):
-        step()
+        train_step(model, optimizer, batch, autocast)
     sync(device)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        step()
+        train_step(model, optimizer, batch, autocast)
         sync(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+LRSA_OPS = ("lrsa::varlen", "lrsa::varlen_backward")
+PROFILE_ROWS = 8
+
+
+def profiled_step(model, optimizer, batch, autocast) -> dict:
+    """One step under the torch profiler (after the timed ones: compiled, warm). A step is
+    host-bound when its GPU kernels add up to much less than its wall time. Per step: the wall
+    time (the profiler's own host overhead included), the kernels' summed GPU time, the kernel
+    launches, and for each LRSA op its calls, host time (its whole call, kernels launched
+    inside included) and GPU time; the host's costliest ops by their own time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = batch["input_ids"].device
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        train_step(model, optimizer, batch, autocast)
+        sync(device)
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    ops = {e.key: e for e in events if e.key in LRSA_OPS}
+    host = sorted(events, key=lambda e: -e.self_cpu_time_total)[:PROFILE_ROWS]
+    return {
+        "wall_ms": wall * 1e3,
+        "gpu_kernels_ms": sum(e.self_device_time_total for e in events) / 1e3,
+        "kernel_launches": sum(e.count for e in events if "LaunchKernel" in e.key),
+        "ops": {
+            name: {
+                "calls": ops[name].count,
+                "host_ms": ops[name].cpu_time_total / 1e3,
+                "gpu_ms": ops[name].device_time_total / 1e3,
+            }
+            for name in LRSA_OPS
+            if name in ops
+        },
+        "top_host": [{"op": e.key[:60], "self_ms": e.self_cpu_time_total / 1e3} for e in host],
+    }
+
+
+def print_profile(name: str, n: int, checkpointing: str, prof: dict) -> None:
+    share = prof["gpu_kernels_ms"] / prof["wall_ms"]
+    print(
+        f"  profile {name} n={n} ckpt={checkpointing}: wall {prof['wall_ms']:.1f} ms, GPU kernels "
+        f"{prof['gpu_kernels_ms']:.1f} ms ({100 * share:.0f}%), {prof['kernel_launches']} launches"
+    )
+    for op, o in prof["ops"].items():
+        print(f"    {op}: {o['calls']} calls, host {o['host_ms']:.2f} ms, GPU {o['gpu_ms']:.2f} ms")
+    for row in prof["top_host"]:
+        print(f"    host {row['self_ms']:8.2f} ms  {row['op']}")
 
 
 def qa_batch(n: int, vocab_size: int, target_tokens: int, device: torch.device) -> dict:
@@ -119,6 +175,9 @@ def main() -> int:
         choices=["auto", "on", "off"],
         default="auto",
         help="torch.compile the decoder layers (auto: as the trainer, i.e. on CUDA)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="one more step of each under the torch profiler"
     )
     parser.add_argument("--deadline", type=float, default=200.0, help="seconds; skip the rest")
     parser.add_argument("--out", default="train_model.json")
@@ -192,6 +251,10 @@ def main() -> int:
                 row[f"{attention}_tokens_per_s"] = n / seconds
                 if device.type == "cuda":
                     row[f"{attention}_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+                if args.profile:
+                    prof = profiled_step(model, optimizer, batch, autocast)
+                    row[f"{attention}_profile"] = prof
+                    print_profile(attention, n, checkpointing, prof)
             # the configurations that ran (not skipped by the deadline, not out of memory)
             done = {a: row[f"{a}_s"] for a, _ in runs if isinstance(row[f"{a}_s"], float)}
             for attention in others:  # the other variants' speedups
