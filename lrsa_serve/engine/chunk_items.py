@@ -109,10 +109,7 @@ def split_chunks(seq_lens: np.ndarray, query_start: np.ndarray, shape: ViewShape
     kept_end = sink + v * keep
     width = kept_end + -(-item_end // shape.block_size) - (sink + v * part)
     j = np.arange(max(int(width.max(initial=1)), 1))[None, :]
-    jk = np.clip(j - sink, 0, None)
-    kept_col = sink + (jk // keep) * part + jk % keep
-    raw_col = j + (v * (part - keep))[:, None]
-    columns = np.where(j < sink, j, np.where(j < kept_end[:, None], kept_col, raw_col))
+    columns = shape.live_column(j, v[:, None])
     p, offset = np.divmod(columns - sink, part)
     r = item_request[:, None]
     first_slot = (np.cumsum(pre) - pre)[r] * keep  # the request's first scratch block
