@@ -152,11 +152,6 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
         pool.num_gpu_blocks -= len(block_ids)
         self.scratch_ids = block_ids
 
-    def roomy_for(self, extra: int) -> bool:
-        """Whether ``extra`` blocks can be taken for a step, leaving every admitted request its
-        peak (a bound on what they still need; while this holds, nothing is kept exact)."""
-        return self.block_pool.get_num_free_blocks() - extra >= self.admitted_peak_sum
-
     def outstanding_blocks(self) -> int:
         """Blocks that admitted requests still have to allocate to reach their peak: the kept
         count while the pool is tight (``spare_blocks``), else summed over the requests."""

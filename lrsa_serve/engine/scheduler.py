@@ -7,10 +7,10 @@ number of scratch blocks. So a chunk may span several partitions as long as:
 
 - the step's chunks compress at most ``scratch_partitions`` partitions before attention, and
   its items (requests + those partitions) stay within ``max_num_seqs``;
-- the pool has room for the chunk's raw blocks beyond one partition, without touching what
-  admitted requests still need (those blocks come back a step later, compacted): while the
-  pool binds, a request prefills one partition per step (``lagkv.chunk_end_limit``), which is
-  what the KV manager's admission assumes of its peak.
+- the pool has room for the chunk's raw blocks beyond one partition without touching what
+  admitted requests still need (``LagKVManager.spare_blocks``; those blocks come back a step
+  later, compacted). Where it has room for some of them, the chunk is cut to fit: a tight pool
+  still prefills more than one partition per request and step where it can spare the blocks.
 
 Otherwise vLLM's own order and budget: first come, first served.
 """
@@ -36,7 +36,6 @@ class LagKVSchedulingMixin:
             check_engine_config(settings, self.vllm_config)
         self.lagkv = None if settings is None else settings.rule
         self._scratch = self._scratch_left = 0  # partitions a step may compact before attention
-        self._pool_bound = False  # the pool refused a request that is still waiting
         managers = self.lagkv_managers()  # one LagKV setting: one group
         self._manager = managers[0] if self.lagkv is not None and managers else None
         if (manager := self._manager) is not None:
@@ -66,12 +65,15 @@ class LagKVSchedulingMixin:
         end = start + wanted
         if end <= single:
             return wanted
-        if self._pool_bound or not self._scratch_left:
+        if not self._scratch_left:
             return single - start
         reach = lagkv.compressed_partitions(start, rule) + self._scratch_left + 2
         end = min(end, lagkv.partition_start(reach, rule))
         block = self._manager.block_size
-        if not self._manager.roomy_for(-(-end // block) - -(-single // block)):
+        single_blocks = -(-single // block)
+        spare = self._manager.spare_blocks(-(-end // block) - single_blocks)
+        end = min(end, (single_blocks + spare) * block)
+        if end <= single:
             return single - start
         self._scratch_left -= pre_partitions(start, end, rule)
         return end - start
@@ -82,14 +84,6 @@ class LagKVSchedulingMixin:
         requests = min(sum(self.get_request_counts()), self.max_num_running_reqs)
         self._scratch_left = min(self._scratch, self.max_num_running_reqs - requests)
         output = super().schedule(*args, **kwargs)
-        if not self.waiting:
-            self._pool_bound = False
-        elif (
-            output.total_num_scheduled_tokens < self.max_num_scheduled_tokens
-            and len(self.running) < self.max_num_running_reqs
-        ):
-            # budget and seats left, yet a request waits: the pool would not take it
-            self._pool_bound = True
         for manager in self.lagkv_managers():
             manager.settle_scratch(output.num_scheduled_tokens)
             manager.publish()  # the occupancy gauges, once per step rather than per request
