@@ -45,9 +45,9 @@ AttentionInterface.register(FLOOR, no_attention)
 
 
 def train_step(model, optimizer, batch, autocast) -> None:
-    """The trainer's step: loss, backward, clip, optimizer."""
-    total, count = loop.loss_sum(model, batch, autocast)
-    (total / count).backward()
+    """The trainer's step: loss, backward, clip, optimizer; nothing read back from the device
+    (the batch's target count is known before the step, as the trainer knows it)."""
+    (loop.loss_sum(model, batch, autocast) / batch["targets"]).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -122,11 +122,12 @@ def print_profile(name: str, n: int, checkpointing: str, prof: dict) -> None:
 
 
 def qa_batch(n: int, vocab_size: int, target_tokens: int, device: torch.device) -> dict:
-    """One random sequence of ``n`` tokens whose loss is on its last ``target_tokens`` (QA)."""
+    """One random sequence of ``n`` tokens whose loss is on its last ``target_tokens`` (QA), and
+    its target count (``targets``: counted here, before any step, as the trainer knows it)."""
     ids = torch.randint(0, vocab_size, (1, n), device=device)
     labels = torch.full_like(ids, IGNORE_INDEX)
     labels[:, -target_tokens:] = ids[:, -target_tokens:]
-    return {"input_ids": ids, "labels": labels}
+    return {"input_ids": ids, "labels": labels, "targets": loop.target_count(labels)}
 
 
 def sync(device: torch.device) -> None:

@@ -55,16 +55,16 @@ def test_steps_reduce_loss_on_a_fixed_batch(tmp_path, tokenizer, kind):
     batch = trainer._batch([0, 1], trainer.train_examples)
     assert batch["input_ids"].shape[1] > LAGKV.sink + 3 * LAGKV.lag  # compression is active
 
+    count = loop.target_count(batch["labels"])
+
     @torch.no_grad()
     def loss() -> float:
-        total, count = loop.loss_sum(trainer.model, batch, trainer.autocast)
-        return float(total) / count
+        return float(loop.loss_sum(trainer.model, batch, trainer.autocast)) / count
 
     before = loss()
     for _ in range(12):
         trainer.optimizer.zero_grad()
-        total, count = loop.loss_sum(trainer.model, batch, trainer.autocast)
-        (total / count).backward()
+        (loop.loss_sum(trainer.model, batch, trainer.autocast) / count).backward()
         trainer.optimizer.step()
     assert loss() < 0.6 * before
 
@@ -91,8 +91,8 @@ def test_the_jobs_lrsa_kernel_picks_the_attention_path(tmp_path, tokenizer, monk
             batch = trainer._batch([0, 1], trainer.train_examples)
             kernels.clear()
             with torch.no_grad():
-                total, count = loop.loss_sum(trainer.model, batch, trainer.autocast)
-            losses[kernel] = float(total) / count
+                total = loop.loss_sum(trainer.model, batch, trainer.autocast)
+            losses[kernel] = float(total) / loop.target_count(batch["labels"])
             layers = trainer.model.config.num_hidden_layers
             assert kernels == ([] if kernel == "auto" else ["math"] * layers)
     finally:
@@ -172,9 +172,9 @@ def test_non_finite_loss_stops_with_the_step(tmp_path, tokenizer, monkeypatch):
     real_loss_sum = loop.loss_sum
 
     def poisoned(model, batch, autocast):
-        total, count = real_loss_sum(model, batch, autocast)
+        total = real_loss_sum(model, batch, autocast)
         calls["n"] += 1
-        return (total * float("nan") if calls["n"] == 3 else total), count
+        return total * float("nan") if calls["n"] == 3 else total
 
     monkeypatch.setattr(loop, "loss_sum", poisoned)
     trainer = make_trainer(make_job(tmp_path, steps=4, save_every=2), tokenizer)
@@ -203,9 +203,10 @@ def test_compiled_layers_train_as_eager(tmp_path, tokenizer):
         for rows in ([0, 1], [2, 3]):
             trainer.model.zero_grad()
             batch = trainer._batch(rows, trainer.train_examples)
-            total, count = loop.loss_sum(trainer.model, batch, trainer.autocast)
-            (total / count).backward()
-            losses.append(float(total / count))
+            loss = loop.loss_sum(trainer.model, batch, trainer.autocast)
+            loss = loss / loop.target_count(batch["labels"])
+            loss.backward()
+            losses.append(float(loss))
         grads[compiled] = (losses, [p.grad.clone() for p in trainer.model.parameters()])
     # float32 on CPU; on a GPU the trainer runs bf16 autocast, where fusion changes rounding
     exact = trainer.runtime.device.type == "cpu"
@@ -234,3 +235,20 @@ def test_cli_trains_the_default_model_at_max_len_512(tmp_path, default_model, ca
     data_line = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert data_line["examples"] == 2 and data_line["skipped_overlong"] == 0
     assert data_line["longest"] <= 512
+
+
+def test_non_finite_gradient_norm_stops_with_the_step(tmp_path, tokenizer, monkeypatch):
+    real_clip = torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def exploding(parameters, max_norm):
+        norm = real_clip(parameters, max_norm)
+        calls["n"] += 1
+        return norm * float("inf") if calls["n"] == 2 else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", exploding)
+    trainer = make_trainer(make_job(tmp_path, steps=3), tokenizer)
+    with pytest.raises(loop.NonFiniteLoss, match="non-finite gradient norm at step 2"):
+        trainer.run()
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last == {"event": "non_finite", "step": 2, "what": "gradient norm"}

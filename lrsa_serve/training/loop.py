@@ -102,16 +102,23 @@ def autocast_for(device: torch.device, mixed_precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def loss_sum(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast
-) -> tuple[torch.Tensor, int]:
-    """Summed token cross-entropy of a micro-batch and its number of target tokens."""
+def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast) -> torch.Tensor:
+    """Summed token cross-entropy of a micro-batch, on the device. Nothing here reads the device
+    back: a read between forward and backward would make the host wait for the forward and
+    lose its lead over the GPU, and the backward would then be launched at the host's pace
+    (the LRSA layers' launches are the long part of it). Divide by a count known from the data
+    (``target_count``)."""
     with autocast:
         logits, targets = target_logits(model, batch["input_ids"], batch["labels"])
-    total = F.cross_entropy(
+    return F.cross_entropy(
         logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    return total, int((targets != IGNORE_INDEX).sum())
+
+
+def target_count(labels: torch.Tensor) -> int:
+    """Target tokens of a micro-batch's labels ``[B, T]`` (those ``loss_sum`` sums over). Reads
+    the device where the labels are there: count before the step, not inside it."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 # ---- the trainer --------------------------------------------------------------------------------
@@ -243,22 +250,22 @@ class Trainer:
             self.train_examples[i].num_targets for indices in micro_batches for i in indices
         )
         mine = micro_batches[self.runtime.rank :: self.runtime.world_size]
-        loss_total, tokens = 0.0, 0
+        losses, tokens = [], 0
         for k, indices in enumerate(mine):
             batch = self._batch(indices, self.train_examples)
             if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: sync on the last only
                 self.model.set_requires_gradient_sync(k == len(mine) - 1)
-            summed, _ = loss_sum(self.model, batch, self.autocast)
-            self._check_finite(summed, "loss")
+            summed = loss_sum(self.model, batch, self.autocast)
             (summed * (self.runtime.world_size / step_targets)).backward()
-            loss_total += float(summed.detach())
+            losses.append(summed.detach())
             tokens += sum(len(self.train_examples[i]) for i in indices)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), self.job.optim.grad_clip
         )
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        self._check_finite(grad_norm, "gradient norm")
+        # The step's one read of the device, after its last backward and before the optimizer.
+        loss_total, grad_norm = self._check_finite(torch.stack(losses).sum(), grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -268,20 +275,28 @@ class Trainer:
         return {
             "loss": loss_total / step_targets,
             "lr": lr,
-            "grad_norm": float(grad_norm),
+            "grad_norm": grad_norm,
             "tokens": int(tokens),
             "target_tokens": step_targets,
         }
 
-    def _check_finite(self, value: torch.Tensor, what: str) -> None:
-        bad = [0.0 if bool(torch.isfinite(value.detach()).all()) else 1.0]
-        if _all_sum(bad, self.runtime)[0] > 0:
+    def _check_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[float, float]:
+        """The step's summed loss and gradient norm as numbers (one read of the device); a
+        non-finite one on any rank stops the run, the loss named first (its gradients are
+        non-finite too)."""
+        values = torch.stack([loss.detach().float(), grad_norm.detach().float().to(loss.device)])
+        loss_value, norm_value = values.tolist()
+        flags = [float(not math.isfinite(v)) for v in (loss_value, norm_value)]
+        bad = _all_sum(flags, self.runtime)
+        what = "loss" if bad[0] else "gradient norm" if bad[1] else None
+        if what is not None:
             self.log({"event": "non_finite", "step": self.step + 1, "what": what})
             raise NonFiniteLoss(
                 f"non-finite {what} at step {self.step + 1}: stopped before the optimizer step; "
                 f"no checkpoint was written for it (last good one: "
                 f"{ckpt.latest_checkpoint(self.out_dir) or 'none'})"
             )
+        return loss_value, norm_value
 
     def evaluate(self) -> dict[str, float]:
         """Loss and exact match on the held-out examples (``evaluate.py``), summed over ranks."""
