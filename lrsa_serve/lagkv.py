@@ -204,8 +204,3 @@ def chunk_end_limit(start: int, rule: Rule) -> int:
     if start < first:
         return first
     return partition_start((start - rule.sink) // rule.lag + 1, rule)
-
-
-def chunk_end_limit_each(start: Ints, rule: Rule) -> Ints:
-    """:func:`chunk_end_limit` of every start in an integer tensor or numpy array."""
-    return partition_start((start - rule.sink) // rule.lag + 1, rule).clip(partition_start(2, rule))

@@ -4,12 +4,13 @@ accounting, and written into the same buffers every step (what a captured graph 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lrsa_serve import lagkv
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.engine.device_view import DeviceView, host_view
-from lrsa_serve.engine.layout import BlockGeometry
+from lrsa_serve.engine.layout import BlockGeometry, MisalignedChunkError
 
 CFG = LagKVConfig(sink=16, lag=64, ratio=0.25)
 GEO = BlockGeometry.of(CFG, 16)
@@ -90,43 +91,7 @@ def test_a_step_without_compression_launches_nothing_eagerly():
     assert host.compressing == 0 and not view.plan(2, host).launch
 
 
-def test_the_host_view_tells_chunks_that_span_partitions():
-    # 100..163 compresses partition 0 at 144, before its last token: items (chunk_items);
-    # 100..143 compresses it with its last token: the device view, compaction after attention.
-    spanning, ending = (host_view(GEO, *step_tensors([batch])[1:], 1, 0) for batch in
-                        [(100, 64), (100, 44)])  # fmt: skip
-    assert spanning.spans and spanning.compressing == 1
-    assert not ending.spans and ending.compressing == 1
-
-
-def test_items_keep_each_tensor_on_its_device():
-    # vLLM's CUDA model runner keeps is_prefilling on the host and the block table on the GPU;
-    # "meta" stands in for the GPU here. A chunk of 300 tokens spans partitions, beside a decode.
-    from types import SimpleNamespace
-
-    from vllm.v1.attention.backend import CommonAttentionMetadata
-
-    from lrsa_serve.engine.backend import LagKVBuilderMixin
-
-    meta = torch.device("meta")
-    builder = object.__new__(LagKVBuilderMixin)
-    builder.geometry, builder.view, builder._scratch = GEO, DeviceView(GEO, 4, meta), None
-    builder.vllm_config = SimpleNamespace(
-        cache_config=SimpleNamespace(num_gpu_blocks=4096),
-        scheduler_config=SimpleNamespace(max_num_batched_tokens=2048),
-    )
-    seq = torch.tensor([300, 401], dtype=torch.int32)
-    starts = torch.tensor([0, 300, 301], dtype=torch.int32)
-    cm = CommonAttentionMetadata(
-        query_start_loc=starts.to(meta), query_start_loc_cpu=starts, seq_lens=seq.to(meta),
-        num_reqs=2, num_actual_tokens=301, max_query_len=300, max_seq_len=401,
-        block_table_tensor=torch.zeros(2, WIDTH, dtype=torch.int32, device=meta),
-        slot_mapping=torch.zeros(301, dtype=torch.int64, device=meta),
-        is_prefilling=torch.tensor([True, False]), seq_lens_cpu_upper_bound=seq,
-    )  # fmt: skip
-    view, _, pre = builder.lagkv_view(cm)
-    # 300 tokens from 0: items up to S + 2L = 144, then one per partition of 64; the decode.
-    assert view.query_start_loc_cpu.tolist() == [0, 144, 208, 272, 300, 301]
-    assert view.is_prefilling.tolist() == [True] * 4 + [False]  # on the host, as given
-    assert view.block_table_tensor.device == meta and view.seq_lens.device == meta
-    assert len(pre.plan.part_blocks) == 3  # partitions 0-2 compress inside the chunk
+def test_misaligned_chunk_is_refused():
+    table, seq, starts = step_tensors([(100, 64)])  # 100..163 crosses the boundary at 144
+    with pytest.raises(MisalignedChunkError):
+        host_view(GEO, seq, starts, 1, 0)

@@ -151,15 +151,15 @@ def test_merge_makes_one_table_of_an_engine_per_run(bench, tmp_path, capsys):
 @pytest.mark.engine
 def test_a_cpu_run_counts_the_steps_and_times_the_host_phases(bench, default_model):
     args = bench.parse_args(["--dtype", "float32", "--enforce-eager"])
-    family = bench.FAMILIES["small"]  # S32 L256
+    family = bench.FAMILIES["small"]  # S32 L256: chunks of 544, then 256 tokens
     w = bench.Workload("tiny", "small", sequences=2, prompt=1056, new=24)
     prompts = {"tiny": bench.common.token_prompts(2, w.prompt)}
     kwargs = bench.engine_kwargs(args, family, w)
     run = bench.run_engine("lagkv", family, default_model, kwargs, [w], prompts)["runs"]["tiny"]
     assert run["generated_tokens"] == 2 * w.new
-    # One prefill step (its chunks span partitions), which samples the first token, then one
-    # decode step per further token; each request compresses partitions 0-2 on the way.
-    assert (run["prefill_steps"], run["steps"]) == (1, w.new)
+    # Three prefill steps (544 + 256 + 256), the last of which samples the first token, then
+    # one decode step per further token; each request compresses partitions 0-2 on the way.
+    assert (run["prefill_steps"], run["steps"]) == (3, 3 + w.new - 1)
     assert run["compressed_partitions"] == 2 * 3
     phases = [run[f"{phase}_seconds"] for phase in bench.StepCounter.PHASES]
     assert all(p > 0 for p in phases) and sum(phases) < run["seconds"]

@@ -2,7 +2,6 @@
 
 import math
 
-import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -53,16 +52,6 @@ def test_compressed_at_is_where_the_count_passes_the_partition():
         for p in range(6):
             passed = lagkv.compressed_partitions(n, rule) > p
             assert passed == (n >= rule.compressed_at(p)), (n, p)
-
-
-def test_the_per_element_forms_equal_the_scalar_ones():
-    rule = LagKVConfig(sink=32, lag=128, ratio=0.25).rule
-    n = np.arange(0, 32 + 8 * 128)
-    for each, one in ((lagkv.compressed_partitions_each, lagkv.compressed_partitions),
-                      (lagkv.resident_tokens_each, lagkv.resident_tokens),
-                      (lagkv.chunk_end_limit_each, lagkv.chunk_end_limit)):  # fmt: skip
-        assert each(n, rule).tolist() == [one(int(t), rule) for t in n], one.__name__
-        assert each(torch.from_numpy(n), rule).tolist() == each(n, rule).tolist()
 
 
 def test_resident_tokens_formula():

@@ -20,16 +20,20 @@ def test_the_step_structure_of_both_engines(default_model, tmp_path, capsys):
         assert (decode["steps"], decode["prefill_steps"]) == (512, 1), decode
         assert decode["prefill_tokens_per_step"] == 4 * 512
         assert decode["schedule_ms_decode"] > 0 and decode["preemptions"] == 0
-    # 4 x 1,056 (scaled: S + 4L): both prefill them in one step (LagKV's chunks span
-    # partitions: chunk_items; its pool holds them all).
+    # 4 x 1,056 (scaled: S + 4L): vanilla prefills them in one step; LagKV's chunks end on
+    # partition boundaries (S + 2L = 544, then L = 256 at a time), so three steps.
     membound = results["small-membound"]
-    for engine in ("vanilla", "lagkv"):
-        assert membound[engine]["prefill_steps"] == 1
-        # (in prefill, prompt tokens, decoding, waiting) per step
-        assert membound[engine]["timeline"][:2] == [[4, 4224, 0, 0], [0, 0, 4, 0]]
+    assert membound["vanilla"]["prefill_steps"] == 1
+    assert membound["lagkv"]["prefill_steps"] == 3
+    assert membound["lagkv"]["prefill_tokens_per_step"] == 4 * 1056 / 3
+    # (in prefill, prompt tokens, decoding, waiting) per step
+    assert membound["vanilla"]["timeline"][:2] == [[4, 4224, 0, 0], [0, 0, 4, 0]]
+    assert membound["lagkv"]["timeline"][:4] == [
+        [4, 4 * 544, 0, 0], [4, 4 * 256, 0, 0], [4, 4 * 256, 0, 0], [0, 0, 4, 0]
+    ]  # fmt: skip
     table = capsys.readouterr().out
     assert "| small-membound | vanilla | 128 | 1 | 4,224 |" in table
-    assert "|  | lagkv | 128 | 1 | 4,224 |" in table
+    assert "|  | lagkv | 130 | 3 | 1,408 |" in table
 
 
 def test_prefix_caching_can_be_turned_off_in_both_schedulers(default_model):

@@ -37,18 +37,6 @@ class CompactionPlan:
         )
 
 
-@dataclass
-class PreCompaction:
-    """Partitions a step compacts before a layer's attention (``chunk_items``): each layer
-    first copies ``sources`` (the blocks compaction rewrites) to ``scratch``, which items that
-    still read those partitions raw point at, then compacts ``plan``."""
-
-    plan: CompactionPlan
-    # int64 block ids, [rows * keep_blocks]: converted once per step, indexed by every layer
-    sources: torch.Tensor
-    scratch: torch.Tensor
-
-
 class GroupCompaction:
     """Compacts every layer of a KV-cache group in one set of launches, once the step's
     attention has run in all of them (each layer's caches are only read again next step).

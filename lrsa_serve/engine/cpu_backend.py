@@ -16,14 +16,13 @@ from vllm.v1.attention.backends.cpu_attn import (
 from lrsa_serve import lagkv
 from lrsa_serve.engine import stats
 from lrsa_serve.engine.backend import LagKVBuilderMixin, LagKVImplMixin, lagkv_backend
-from lrsa_serve.engine.compaction import CompactionPlan, PreCompaction
+from lrsa_serve.engine.compaction import CompactionPlan
 from lrsa_serve.engine.cpu_layout import PageOrder, page_orders
 
 
 @dataclass
 class LagKVCPUMetadata(CPUAttentionMetadata):
     compaction: CompactionPlan | None = None
-    pre_compaction: PreCompaction | None = None
 
 
 class LagKVCPUBuilder(LagKVBuilderMixin, CPUAttentionMetadataBuilder):
@@ -32,10 +31,6 @@ class LagKVCPUBuilder(LagKVBuilderMixin, CPUAttentionMetadataBuilder):
 
 class LagKVCPUImpl(LagKVImplMixin, CPUAttentionBackendImpl):
     """Compacts each layer as its attention finishes, timed per layer."""
-
-    def pre_compact(self, layer, kv_cache: torch.Tensor, pre: PreCompaction) -> None:
-        kv_cache[pre.scratch] = kv_cache[pre.sources]  # whole pages
-        self.compact(layer, kv_cache, None, pre.plan)
 
     def compact(self, layer, kv_cache: torch.Tensor, attn_metadata, plan: CompactionPlan) -> None:
         if not plan.launch:  # the host saw no request complete a partition this step

@@ -27,10 +27,8 @@ from vllm.v1.attention.backends.triton_attn import (
     TritonAttentionMetadataBuilder,
 )
 
-from lrsa_serve.engine import stats
 from lrsa_serve.engine.backend import LagKVBuilderMixin, LagKVImplMixin, lagkv_backend
-from lrsa_serve.engine.compaction import CompactionPlan, GroupCompaction, PreCompaction
-from lrsa_serve.kernels import LayerStack, compress_layers
+from lrsa_serve.engine.compaction import CompactionPlan, GroupCompaction
 
 FLASH_BACKEND = "LAGKV_FLASH_ATTN"
 TRITON_BACKEND = "LAGKV_TRITON"
@@ -61,36 +59,21 @@ class LagKVCudaBuilderMixin(LagKVBuilderMixin):
         if self.geometry is not None:
             self.group = GroupCompaction(layer_names, kv_cache_spec.head_size)
 
-    def metadata_fields(
-        self, plan: CompactionPlan, pre: PreCompaction | None = None
-    ) -> dict[str, Any]:
-        return {"compaction": plan, "pre_compaction": pre, "compaction_group": self.group}
+    def metadata_fields(self, plan: CompactionPlan) -> dict[str, Any]:
+        return {"compaction": plan, "compaction_group": self.group}
 
 
 class LagKVCudaImplMixin(LagKVImplMixin):
     """Each layer reports to its group's compaction, which runs once every layer of the group
     has (``GroupCompaction``)."""
 
-    _pre_stack: LayerStack | None = None
-
     def compact(self, layer, kv_cache: torch.Tensor, attn_metadata, plan: CompactionPlan) -> None:
         attn_metadata.compaction_group.after_layer(layer.layer_name, kv_cache, plan)
-
-    def pre_compact(self, layer, kv_cache: torch.Tensor, pre: PreCompaction) -> None:
-        # Prefill steps only (never captured): this layer alone, its stack made once.
-        kv_cache[pre.scratch] = kv_cache[pre.sources]  # whole blocks
-        keys, values = kv_cache[..., : self.head_size], kv_cache[..., self.head_size :]
-        if self._pre_stack is None or not self._pre_stack.holds([keys]):
-            self._pre_stack = LayerStack.of([keys], [values])
-        with stats.DEVICE_TIMER.time():
-            plan = pre.plan
-            compress_layers(self._pre_stack, plan.part_blocks, plan.ref_blocks, plan.rule)
 
 
 @dataclass
 class LagKVFlashMetadata(FlashAttentionMetadata):
     compaction: CompactionPlan | None = None
-    pre_compaction: PreCompaction | None = None
     compaction_group: GroupCompaction | None = None
 
 
@@ -110,7 +93,6 @@ LagKVFlashBackend = lagkv_backend(
 @dataclass
 class LagKVTritonMetadata(TritonAttentionMetadata):
     compaction: CompactionPlan | None = None
-    pre_compaction: PreCompaction | None = None
     compaction_group: GroupCompaction | None = None
 
 

@@ -7,13 +7,13 @@ holds: ``kernels/compacted_view.py``).
 
 Everything is derived on the device from vLLM's own per-step tensors (block table, sequence
 lengths, query starts), so the step path has no host synchronisation and no Python per request.
-Here a request compresses at most one partition per step, after attention: decode adds one
-token, and a prefill chunk that spans partition boundaries takes the host-built path instead
-(``chunk_items``). The compaction kernels run over every row and skip inactive ones on the
-device, so a captured decode graph compresses exactly when a request completes a partition
-and does nothing otherwise. Host-side copies of the lengths (when vLLM provides them,
-without a sync) only decide whether an eager step launches compaction at all, the kernel
-launch bound and the counters.
+A request compresses at most one partition per step: the scheduler ends prefill chunks on
+partition boundaries (one partition per chunk after the first ``S + 2L`` tokens), decode adds
+one token. The compaction kernels run over every row and skip inactive ones on the device, so
+a captured decode graph compresses exactly when a request completes a partition and does
+nothing otherwise. Host-side copies of the lengths (when vLLM provides them, without a sync)
+only decide whether an eager step launches compaction at all, the kernel launch bound and the
+counters.
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ class HostView:
     max_seq_len: int  # physical, for the attention kernel's scheduling
     compressing: int  # requests that compress a partition this step
     upper_bound: torch.Tensor | None  # physical lengths (CPU), vLLM's seq_lens_cpu_upper_bound
-    # a chunk compresses a partition before its last token: the step goes as items instead
-    spans: bool = False
 
 
 class DeviceView:
@@ -129,8 +127,8 @@ def host_view(
     query = starts[1:] - starts[:-1]
     before = geometry.compressed(seq - query)
     compressing = int(np.count_nonzero(geometry.compressed(seq) > before))
-    # Only a step that compresses can hold a chunk spanning partitions (most decode steps not).
-    spans = bool(compressing) and bool((geometry.compressed(seq - 1) > before).any())
+    if compressing:  # only a step that compresses can hold a chunk crossing a boundary
+        geometry.check_chunks(seq, query, before)
     physical = seq - before * geometry.rule.evicted
     upper = seq_lens_upper.clone()
     upper.numpy()[:n] = physical
@@ -138,5 +136,4 @@ def host_view(
         max_seq_len=int(physical.max()) if n else fallback_max_seq_len,
         compressing=compressing,
         upper_bound=upper,
-        spans=spans,
     )

@@ -77,7 +77,6 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
         self.rule = self.geometry.rule
         self.processed_tokens: dict[str, int] = {}  # per request, as of its last scheduling
         self.freed_partitions: dict[str, int] = {}  # per request, partitions whose tails are freed
-        self.compressing: dict[str, int] = {}  # per request, compressed as of its last allocation
         self.admitted_peaks: dict[str, int] = {}  # peak blocks of requests still growing to it
         self.admitted_peak_sum = 0  # of admitted_peaks: a bound on outstanding_blocks, in O(1)
         self._outstanding: int | None = None  # outstanding_blocks(), kept while the pool is tight
@@ -135,22 +134,6 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
         self.admitted_peaks[request_id] = peak  # it counts from its first block on
         self.admitted_peak_sum += peak
         return own + others
-
-    def hold_scratch(self, block_ids: list[int]) -> None:
-        """Takes the scratch blocks of ``chunk_items`` (the KV cache's last ones: the attention
-        backends find them by id) out of the pool for good, before anything is allocated: the
-        pool counts without them, so its usage and its prefix-cache reset (which needs every
-        block but the null one free) see the blocks requests can have."""
-        pool = self.block_pool
-        assert block_ids[-1] == pool.num_gpu_blocks - 1, "the scratch is the pool's last blocks"
-        for block_id in block_ids:
-            block = pool.blocks[block_id]
-            if block.ref_cnt:
-                raise RuntimeError("LagKV: the pool handed out blocks before the scratch was held")
-            pool.free_block_queue.remove(block)
-            block.ref_cnt = 1  # copies out of it hold and free it once more each
-        pool.num_gpu_blocks -= len(block_ids)
-        self.scratch_ids = block_ids
 
     def outstanding_blocks(self) -> int:
         """Blocks that admitted requests still have to allocate to reach their peak: the kept
@@ -212,10 +195,8 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
         if self.raw_history.blocks and self.enable_caching:
             self.before_allocation(request_id, num_tokens)
         new = super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
-        if new:  # most decode steps allocate nothing (nor take the fast path's miss here)
-            self.compressing[request_id] = lagkv.compressed_partitions(num_tokens, self.rule)
-            if before is not None:
-                self._recount(request_id, before)
+        if new and before is not None:  # most decode steps allocate nothing
+            self._recount(request_id, before)
         return new
 
     def add_local_computed_blocks(
@@ -256,14 +237,10 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
         self.admitted_peak_sum -= self.admitted_peaks.pop(request_id, 0)
 
     def held_blocks_now(self, request_id: str) -> int:
-        """``held_blocks`` in O(1), counting the tails of partitions the scheduled tokens
-        compress as gone already: the table's length minus the tails of the partitions compressed
-        as of the last allocation (freed, or freed once that step has run). A chunk spanning
-        partitions holds all its raw blocks for a step; what the request still needs is what it
-        lacks once they are back."""
+        """``held_blocks`` in O(1): the table's length minus the freed tails of compressed
+        partitions (as of the last ``remove_skipped_blocks``)."""
         blocks = self.req_to_blocks.get(request_id, ())
-        gone = max(self.freed_partitions.get(request_id, 0), self.compressing.get(request_id, 0))
-        return len(blocks) - gone * self._evicted_blocks
+        return len(blocks) - self.freed_partitions.get(request_id, 0) * self._evicted_blocks
 
     def remove_skipped_blocks(
         self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: int | None = None
@@ -299,7 +276,6 @@ class LagKVManager(PrefixCacheMixin, FullAttentionManager):
         self._retire(request_id)  # first: what it still counts reads its freed partitions
         self.processed_tokens.pop(request_id, None)
         self.freed_partitions.pop(request_id, None)
-        self.compressing.pop(request_id, None)
         self.forget_request(request_id)
         if not self.processed_tokens:
             self.publish(force=True)  # an idle engine takes no step that would publish it

@@ -17,6 +17,10 @@ from lrsa_serve.kernels.compacted_view import ViewShape
 from lrsa_serve.lagkv import Ints  # the host's per-step lengths are numpy (cheaper on CPU)
 
 
+class MisalignedChunkError(RuntimeError):
+    pass
+
+
 @dataclass(frozen=True)
 class BlockGeometry(ViewShape):
     """The rule in blocks (``ViewShape``, what the compacted-view kernels take) plus what the KV
@@ -30,6 +34,16 @@ class BlockGeometry(ViewShape):
     def compressed(self, num_tokens: Ints) -> Ints:
         """``lagkv.compressed_partitions`` of each length (torch tensors or numpy arrays)."""
         return lagkv.compressed_partitions_each(num_tokens, self.rule)
+
+    def check_chunks(self, seq_lens: Ints, query_lens: Ints, before: Ints) -> None:
+        """Raises unless every scheduled chunk crosses no partition boundary before its last
+        token (what lrsa_serve's scheduler guarantees; exact attention depends on it).
+        ``before``: partitions compressed before the step. Torch tensors or numpy arrays."""
+        if bool(((query_lens > 0) & (self.compressed(seq_lens - 1) != before)).any()):
+            raise MisalignedChunkError(
+                "LagKV: a prefill chunk crosses a lag-partition boundary; run the engine with "
+                "lrsa_serve's scheduler (make_llm / lrsa serve set scheduler_cls)"
+            )
 
     def partition_columns(self, partition: int) -> range:
         start = lagkv.partition_start(partition, self.rule) // self.block_size

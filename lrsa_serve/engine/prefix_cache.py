@@ -201,13 +201,6 @@ class PrefixCacheMixin:
         self.raw_copies: list[tuple[KVCacheBlock, KVCacheBlock]] = []  # (source, copy)
         self.raw_history = RawHistory(self.block_pool)
         self.hits = HitRule(self.geometry)
-        # Chunks spanning partitions (chunk_items): this step's copied partitions, as (first
-        # block id, request, the names of its blocks written this step by place), and the names
-        # whose raw blocks sit in scratch since the last step, by scratch block id.
-        self.scratch_rows: list[tuple[int, str, list[tuple[int, BlockHashWithGroupId]]]] = []
-        self.in_scratch: list[tuple[int, BlockHashWithGroupId]] = []
-        self.scheduled = False  # this step scheduled a request (an empty step runs no copy)
-        self.scratch_ids: list[int] = []  # set by hold_scratch
 
     def forget_request(self, request_id: str) -> None:
         self.renamed_partitions.pop(request_id, None)
@@ -282,7 +275,6 @@ class PrefixCacheMixin:
         # Runs for every request at every step. Most decode steps fill no block: then vLLM would
         # name nothing (its names are whole blocks), and nothing compacts either (compaction
         # thresholds, S + (p+2)L, are block boundaries: a step that reaches one fills a block).
-        self.scheduled = True
         if (
             num_tokens // self.block_size <= self.num_cached_block.get(request.request_id, 0)
             and self._whole_block_hashes
@@ -301,10 +293,8 @@ class PrefixCacheMixin:
         The first blocks of every partition this step compacts then hand their names to raw
         copies (vLLM's copy-on-write copies them before the step's forward, i.e. before
         compaction rewrites them) or drop them: without a spare block, and for blocks this very
-        step writes (the copy would run before the write), which a chunk spanning partitions
-        leaves in the scratch instead, copied out at the next step (``settle_scratch``). Their
-        kept rows are named once the compaction has run."""
-        self.scheduled = True  # as cache_blocks: the same whichever path runs
+        step writes (partition 0 in a first chunk, which also compacts it: the copy would run
+        before the write). Their kept rows are named once the compaction has run."""
         request_id = request.request_id
         renamed = self.renamed_partitions.get(request_id, 0)
         if num_tokens < self._first_compressed_at + renamed * self._lag:
@@ -317,23 +307,15 @@ class PrefixCacheMixin:
             request, num_tokens, retention_interval, replay_boundaries=replay_boundaries
         )
         compressed = lagkv.compressed_partitions(num_tokens, self.rule)
-        # A chunk spanning partitions copies each one it compresses to scratch, once written.
-        spanning = lagkv.compressed_partitions(num_tokens - 1, self.rule) > renamed
         blocks = self.req_to_blocks[request_id]
         names = self.kept_names.setdefault(request_id, {})
         to_copy: list[KVCacheBlock] = []
         to_drop: list[KVCacheBlock] = []
         for partition in range(renamed, compressed):
-            kept = self.geometry.kept_columns(partition)
-            in_scratch = []
-            for place, column in enumerate(kept):
+            for column in self.geometry.kept_columns(partition):
                 block = blocks[column]
                 if block.block_hash is not None:
                     (to_drop if column >= written else to_copy).append(block)
-                    if spanning and column >= written:
-                        in_scratch.append((place, block.block_hash))
-            if spanning:
-                self.scratch_rows.append((blocks[kept.start].block_id, request_id, in_scratch))
             names[partition] = kept_block_hashes(request.block_hashes, partition, self.geometry)
         to_drop += to_copy[self._copy_raw(to_copy) :]
         if to_drop:
@@ -343,8 +325,12 @@ class PrefixCacheMixin:
     def _copy_raw(self, blocks: list[KVCacheBlock]) -> int:
         """Moves the names of the first ``blocks`` to copies of them, as many as can be spared
         from what admitted requests still need; returns how many."""
-        copies = self.spare_copies(len(blocks))
-        for block, copy in zip(blocks, copies, strict=False):  # the first len(copies)
+        count = self.spare_blocks(len(blocks)) if blocks else 0
+        if not count:
+            return 0
+        self.raw_history.evict_first(count)
+        copies = self.block_pool.get_new_blocks(count)
+        for block, copy in zip(blocks, copies, strict=False):  # the first `count`
             self.block_pool.move_block_hashes(block, copy)
             # vLLM retains both ends until the copy has run, then frees them once: the copy
             # goes to the evictable cache under the raw names, the original stays with its
@@ -352,21 +338,7 @@ class PrefixCacheMixin:
             block.ref_cnt += 1
             self.raw_copies.append((block, copy))
         self.raw_history.add(copies)
-        return len(copies)
-
-    def spare_copies(self, wanted: int) -> list[KVCacheBlock]:
-        """New blocks for raw copies, as many of ``wanted`` as can be spared from what admitted
-        requests still need, the oldest raw history evicted first."""
-        count = self.spare_blocks(wanted) if wanted else 0
-        if not count:
-            return []
-        self.raw_history.evict_first(count)
-        return self.block_pool.get_new_blocks(count)
-
-    def name_block(self, block: KVCacheBlock, key: BlockHashWithGroupId) -> None:
-        """Caches an unnamed block under ``key``."""
-        block.set_block_hash(key)
-        self.block_pool.cached_block_hash_to_block.insert(key, block)
+        return count
 
     def before_allocation(self, request_id: str, num_tokens: int) -> None:
         """Before the manager allocates the request's blocks for ``num_tokens`` tokens (while
@@ -376,42 +348,8 @@ class PrefixCacheMixin:
             self.raw_history.evict_first(needed)
 
     def take_pending_cow_copies(self) -> list[tuple[KVCacheBlock, KVCacheBlock]]:
-        """vLLM's copies, the raw copies of this step, and those out of the scratch that the
-        last step's spanning chunks wrote (the copies run before this step's forward)."""
         pending, self.raw_copies = super().take_pending_cow_copies() + self.raw_copies, []
-        if self.scheduled:  # else no step runs: the scratch keeps what it holds
-            pending += self.copy_out_of_scratch()
         return pending
-
-    def settle_scratch(self, scheduled: Iterable[str]) -> None:
-        """After the scheduler's step (``scheduled``: its requests; vLLM may have taken back a
-        request scheduled earlier in the step): where this step's spanning chunks leave the
-        raw blocks they wrote, by the scratch place of their partition's rank in first-block
-        id among the step's copied partitions, as the attention builder ranks them."""
-        if self.scheduled:
-            scheduled = set(scheduled)
-            rows = sorted(r for r in self.scratch_rows if r[1] in scheduled)
-            keep = self.geometry.keep_blocks
-            self.in_scratch = [
-                (self.scratch_ids[rank * keep + place], name)
-                for rank, (_, _, names) in enumerate(rows)
-                for place, name in names
-            ]
-        self.scratch_rows, self.scheduled = [], False
-
-    def copy_out_of_scratch(self) -> list[tuple[KVCacheBlock, KVCacheBlock]]:
-        """Copies named with the raw names of the blocks last step's chunks wrote and compacted
-        (as many as can be spared), from the scratch that holds them."""
-        copies = self.spare_copies(len(self.in_scratch))
-        pairs = []
-        for (scratch_id, name), copy in zip(self.in_scratch, copies, strict=False):
-            self.name_block(copy, name)
-            scratch = self.block_pool.blocks[scratch_id]
-            scratch.ref_cnt += 1  # vLLM frees both ends once the copy has run
-            pairs.append((scratch, copy))
-        self.raw_history.add(copies)
-        self.in_scratch = []
-        return pairs
 
     def name_kept_blocks(
         self, request_id: str, blocks: list[KVCacheBlock], partitions: range
@@ -423,6 +361,6 @@ class PrefixCacheMixin:
             for column, name in zip(kept_columns, names.pop(partition, ()), strict=False):
                 block = blocks[column]
                 if block.block_hash is None:
-                    self.name_block(
-                        block, make_block_hash_with_group_id(name, self.kv_cache_group_id)
-                    )
+                    key = make_block_hash_with_group_id(name, self.kv_cache_group_id)
+                    block.set_block_hash(key)
+                    self.block_pool.cached_block_hash_to_block.insert(key, block)

@@ -1,18 +1,16 @@
-"""Scheduler of LagKV prefill chunks.
+"""Scheduler that ends prefill chunks on lag-partition boundaries.
 
-Tokens of one chunk see different histories once the chunk spans a partition boundary; the
-attention backends cut such a chunk into items that each see one (``chunk_items``), and
-compact the partitions that compress inside it before the layer's attention, through a fixed
-number of scratch blocks. So a chunk may span several partitions as long as:
+Tokens of one scheduled chunk all see the cache as it was when the chunk started. A chunk that
+stays below ``S + 2L``, or inside one partition after that, therefore attends exactly under the
+LagKV visibility rule with plain causal attention over the compacted cache
+(``lagkv.chunk_end_limit``). Several requests still share each step's token budget.
 
-- the step's chunks compress at most ``scratch_partitions`` partitions before attention, and
-  its items (requests + those partitions) stay within ``max_num_seqs``;
-- the pool has room for the chunk's raw blocks beyond one partition without touching what
-  admitted requests still need (``LagKVManager.spare_blocks``; those blocks come back a step
-  later, compacted). Where it has room for some of them, the chunk is cut to fit: a tight pool
-  still prefills more than one partition per request and step where it can spare the blocks.
-
-Otherwise vLLM's own order and budget: first come, first served.
+A request therefore prefills at most one partition per step, and vLLM's first-come-first-served
+order leaves the requests admitted last to run their many steps in a tail of part-empty steps.
+While the pool has room, each step's budget is shared evenly among the requests in prefill and
+those waiting for a seat (``prefill_share``), so they all start early and the steps stay full.
+Once the pool refuses a waiting request, first-come-first-served order again: finishing the
+earliest requests first frees their blocks soonest.
 """
 
 from __future__ import annotations
@@ -23,9 +21,13 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from lrsa_serve import lagkv
-from lrsa_serve.engine.chunk_items import pre_partitions, scratch_block_ids, scratch_partitions
 from lrsa_serve.engine.kv_spec import LagKVManager
 from lrsa_serve.engine.settings import check_engine_config, settings_from_vllm_config
+
+# The shortest chunk the share gives a request: about one query tile of FlashAttention, as a
+# shorter chunk reads the request's whole cache for fewer queries.
+SHARE_FLOOR = 128
+UNCAPPED = 1 << 62
 
 
 class LagKVSchedulingMixin:
@@ -35,14 +37,8 @@ class LagKVSchedulingMixin:
         if settings is not None:
             check_engine_config(settings, self.vllm_config)
         self.lagkv = None if settings is None else settings.rule
-        self._scratch = self._scratch_left = 0  # partitions a step may compact before attention
-        managers = self.lagkv_managers()  # one LagKV setting: one group
-        self._manager = managers[0] if self.lagkv is not None and managers else None
-        if (manager := self._manager) is not None:
-            pool = manager.block_pool.num_gpu_blocks
-            sizes = manager.geometry, self.max_num_scheduled_tokens, pool
-            self._scratch = scratch_partitions(*sizes)
-            manager.hold_scratch(scratch_block_ids(*sizes))
+        self._share: int | None = None  # this step's chunk cap, set at its first prefill chunk
+        self._pool_bound = False  # the pool refused a request that is still waiting
 
     def _reserve_prefill_lookahead(self, request, num_computed_tokens: int, num_new_tokens: int):
         # The last clip vLLM applies to a chunk (all paths call it, for every request at every
@@ -53,39 +49,37 @@ class LagKVSchedulingMixin:
         num_new_tokens = super()._reserve_prefill_lookahead(
             request, num_computed_tokens, num_new_tokens
         )
-        if self._manager is None or num_new_tokens <= 1:
+        if self.lagkv is None or num_new_tokens <= 1:
             return num_new_tokens
-        return self.chunk_length(num_computed_tokens, num_new_tokens)
+        limit = lagkv.chunk_end_limit(num_computed_tokens, self.lagkv) - num_computed_tokens
+        return min(num_new_tokens, limit, self.prefill_share())
 
-    def chunk_length(self, start: int, wanted: int) -> int:
-        """The chunk from ``start``: ``wanted`` tokens, short of what the step's scratch and the
-        pool allow past the current partition."""
-        rule = self.lagkv
-        single = lagkv.chunk_end_limit(start, rule)
-        end = start + wanted
-        if end <= single:
-            return wanted
-        if not self._scratch_left:
-            return single - start
-        reach = lagkv.compressed_partitions(start, rule) + self._scratch_left + 2
-        end = min(end, lagkv.partition_start(reach, rule))
-        block = self._manager.block_size
-        single_blocks = -(-single // block)
-        spare = self._manager.spare_blocks(-(-end // block) - single_blocks)
-        end = min(end, (single_blocks + spare) * block)
-        if end <= single:
-            return single - start
-        self._scratch_left -= pre_partitions(start, end, rule)
-        return end - start
+    def prefill_share(self) -> int:
+        """The longest prefill chunk of this step: the budget shared evenly among the requests in
+        prefill and those waiting for a free seat, at least ``SHARE_FLOOR``; uncapped while the
+        pool binds. Counted once per step, at its first prefill chunk (decode steps never ask)."""
+        if self._share is None:
+            if self._pool_bound:
+                self._share = UNCAPPED
+            else:
+                prefilling = sum(r.num_computed_tokens < r.num_prompt_tokens for r in self.running)
+                seats = self.max_num_running_reqs - len(self.running)
+                sharing = max(1, prefilling + min(len(self.waiting), seats))
+                self._share = max(SHARE_FLOOR, -(-self.max_num_scheduled_tokens // sharing))
+        return self._share
 
     def schedule(self, *args: Any, **kwargs: Any):
-        # A step's items are its requests + the partitions compacted before attention, and
-        # FlashAttention 3 sizes its per-batch scheduling buffer for max_num_seqs of them.
-        requests = min(sum(self.get_request_counts()), self.max_num_running_reqs)
-        self._scratch_left = min(self._scratch, self.max_num_running_reqs - requests)
+        self._share = None  # counted afresh at this step's first prefill chunk
         output = super().schedule(*args, **kwargs)
+        if not self.waiting:
+            self._pool_bound = False
+        elif (
+            output.total_num_scheduled_tokens < self.max_num_scheduled_tokens
+            and len(self.running) < self.max_num_running_reqs
+        ):
+            # budget and seats left, yet a request waits: the pool would not take it
+            self._pool_bound = True
         for manager in self.lagkv_managers():
-            manager.settle_scratch(output.num_scheduled_tokens)
             manager.publish()  # the occupancy gauges, once per step rather than per request
         return output
 

@@ -46,8 +46,8 @@ COMPRESSED_PARTITIONS = Counter(
 FREED_BLOCKS = Counter("lagkv_freed_blocks", "KV blocks returned to the pool by compaction")
 COMPACTION_SECONDS = Histogram(
     "lagkv_compaction_seconds",
-    "Time to score and compact completed partitions: per layer and compaction on the CPU; on "
-    "CUDA per step (all layers of a KV-cache group), and per layer before attention",
+    "Time to score and compact completed partitions: per layer on the CPU, per step "
+    "(all layers of a KV-cache group) on CUDA",
     buckets=(1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0),
 )
 

@@ -44,18 +44,14 @@ class ViewShape:
     def keep_blocks(self) -> int:
         return self.rule.keep // self.block_size
 
-    def live_column(self, phys, compressed):
-        """The logical column that physical column ``phys`` reads in a request with
-        ``compressed`` partitions compressed: the sink, then each compressed partition's kept
-        columns, then raw columns. Elementwise on torch tensors or numpy arrays (broadcasting)."""
-        done = ((phys - self.sink_blocks).clip(0) // self.keep_blocks).clip(max=compressed)
-        return phys + done * (self.part_blocks - self.keep_blocks)
-
     def live_columns(self, num_columns: int, compressed: torch.Tensor) -> torch.Tensor:
         """``[R, num_columns]`` logical column read by each physical column, for requests with
         ``compressed[r]`` partitions compressed (columns past a request's length: clamped)."""
         phys = torch.arange(num_columns, device=compressed.device)[None, :]
-        return self.live_column(phys, compressed[:, None]).clamp(max=num_columns - 1)
+        done = ((phys - self.sink_blocks).clamp(min=0) // self.keep_blocks).clamp(
+            max=compressed[:, None]
+        )
+        return (phys + done * (self.part_blocks - self.keep_blocks)).clamp(max=num_columns - 1)
 
 
 @dataclass
