@@ -28,6 +28,7 @@ from lrsa_serve.config import LagKVConfig
 from lrsa_serve.training import loop
 from lrsa_serve.training import model as model_mod
 from lrsa_serve.training.attention import sequence_select
+from lrsa_serve.training.attention.op import PHASES
 from lrsa_serve.training.attention.varlen import packing_for
 from lrsa_serve.training.config import LRSA_KERNELS, ModelConfig, OptimConfig
 from lrsa_serve.training.data import IGNORE_INDEX
@@ -68,7 +69,7 @@ def timed_steps(model, optimizer, batch, autocast, warmup: int, steps: int) -> f
     return sorted(times)[len(times) // 2]
 
 
-LRSA_OPS = ("lrsa::varlen", "lrsa::varlen_backward")
+LRSA_OPS = ("lrsa::varlen", "lrsa::varlen_backward", *PHASES)
 PROFILE_ROWS = 8
 
 
@@ -76,8 +77,10 @@ def profiled_step(model, optimizer, batch, autocast) -> dict:
     """One step under the torch profiler (after the timed ones: compiled, warm). A step is
     host-bound when its GPU kernels add up to much less than its wall time. Per step: the wall
     time (the profiler's own host overhead included), the kernels' summed GPU time, the kernel
-    launches, and for each LRSA op its calls, host time (its whole call, kernels launched
-    inside included) and GPU time; the host's costliest ops by their own time."""
+    launches, and for each LRSA op and each of its phases (``op.PHASES``: selection, the
+    items' index, packing, the kernel, unpacking the gradients) its calls, host time (the whole
+    call, kernels launched inside included) and GPU time; the host's costliest ops by their own
+    time."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 

@@ -33,4 +33,10 @@ def test_smoke_run_profiles_every_attention_call(tmp_path):
         assert ops["lrsa::varlen"]["calls"] == forward, ops
         assert ops["lrsa::varlen_backward"]["calls"] == LAYERS, ops
         assert ops["lrsa::varlen"]["host_ms"] > 0 and row["lrsa_profile"]["wall_ms"] > 0
+        # the phases of every call: the forward's (the recompute replays its selection), the
+        # backward's, which index and pack again, then unpack
+        assert ops["lrsa::select"]["calls"] == forward, ops
+        assert ops["lrsa::kernel"]["calls"] == ops["lrsa::pack"]["calls"] == forward + LAYERS
+        assert ops["lrsa::items"]["calls"] == forward + LAYERS
+        assert ops["lrsa::unpack"]["calls"] == LAYERS
     assert "profile lrsa n=256 ckpt=on" in done.stdout

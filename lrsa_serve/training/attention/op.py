@@ -15,9 +15,11 @@ items, and the packer's backward adds the rows' gradients onto the raw keys and 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import torch
+from torch.autograd import profiler
 
 from lrsa_serve import lagkv
 from lrsa_serve.lagkv import Rule
@@ -55,6 +57,18 @@ def _kernel(query: torch.Tensor, choice: str) -> str:
         f"is {kernel!r}, not one of {OP_KERNELS}); check op_applies first, or choose the "
         "'math' kernel"
     )
+
+
+# Phases of the ops, named for the profiler (``benchmarks/train_model.py --profile``): where a
+# call's host time goes. Only while a profiler runs: a range costs a dispatcher call otherwise.
+PHASES = ("lrsa::select", "lrsa::items", "lrsa::pack", "lrsa::kernel", "lrsa::unpack")
+
+
+def phase(name: str) -> contextlib.AbstractContextManager:
+    """A profiler range named ``name`` (one of ``PHASES``) while a profiler runs, else nothing."""
+    if profiler._is_profiler_enabled:
+        return profiler.record_function(name)
+    return contextlib.nullcontext()
 
 
 # ---- the items' kernels: forward with log-sum-exp, and their own backward ----------------------
@@ -109,12 +123,17 @@ def varlen(
     output ``[B, n, Hq, D]``, the log-sum-exp ``[Hq, B * n]`` and the kept positions
     ``[B, Hkv, P, keep]``."""
     with torch.no_grad():
-        kept = select_kept(key, value, Rule(sink, lag, keep, score_v_ratio))
+        with phase("lrsa::select"):
+            kept = select_kept(key, value, Rule(sink, lag, keep, score_v_ratio))
         # The items do not depend on the scores: a rule without score_v_ratio, the backward's,
         # so that forward and backward share one cached packing.
-        items = lv.items_of(query, kept, Rule(sink, lag, keep))
-        k, v = lv.pack_items(key, value, items)
-        out, lse = items_forward(_kernel(query, kernel), lv.query_rows(query), k, v, items, scale)
+        with phase("lrsa::items"):
+            items = lv.items_of(query, kept, Rule(sink, lag, keep))
+        with phase("lrsa::pack"):
+            k, v = lv.pack_items(key, value, items)
+        with phase("lrsa::kernel"):
+            rows = lv.query_rows(query)
+            out, lse = items_forward(_kernel(query, kernel), rows, k, v, items, scale)
     b, hq, n, d = query.shape
     # contiguous outputs, as the fake ones: a compiled graph plans with the fake strides
     return out.reshape(b, n, hq, d).contiguous(), lse.contiguous(), kept.contiguous()
@@ -150,12 +169,17 @@ def varlen_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of query, key and value from the output's."""
     with torch.no_grad():
-        items = lv.items_of(query, kept, Rule(sink, lag, keep))  # for the packing and its backward
-        k, v = lv.pack_items(key, value, items)
+        with phase("lrsa::items"):  # for the packing and its backward
+            items = lv.items_of(query, kept, Rule(sink, lag, keep))
+        with phase("lrsa::pack"):
+            k, v = lv.pack_items(key, value, items)
         b, hq, n, d = query.shape
-        rows = (grad.reshape(b * n, hq, d), lv.query_rows(query), k, v, out.reshape(b * n, hq, d))
-        dq, dk, dv = items_backward(_kernel(query, kernel), *rows, lse, items, scale)
-        dkey, dvalue = lv.pack_items_backward(dk, dv, key, value, items)
+        with phase("lrsa::kernel"):
+            rows = (grad.reshape(b * n, hq, d), lv.query_rows(query), k, v,
+                    out.reshape(b * n, hq, d))  # fmt: skip
+            dq, dk, dv = items_backward(_kernel(query, kernel), *rows, lse, items, scale)
+        with phase("lrsa::unpack"):
+            dkey, dvalue = lv.pack_items_backward(dk, dv, key, value, items)
     dquery = dq.reshape(b, n, hq, d).transpose(1, 2)
     return dquery.contiguous(), dkey.contiguous(), dvalue.contiguous()
 
