@@ -7,7 +7,8 @@ CUDA) on one sequence with the loss on its last ``--target-tokens``; the setting
 docs/training.md ("Whole-model training step"). Also: the share of the step spent in LagKV
 selection (one layer's K/V timed alone, times layers), and with ``--floor`` the step with
 attention replaced by nothing, from which the best speedup the mask allows. ``--lrsa-variants``:
-the trainer's ``--lrsa-kernel`` choices (``auto``, ``fa4``, ``flash``, ...). ``--profile``: one
+the trainer's ``--lrsa-kernel`` choices (``auto``, ``fa4``, ``flash``, ...); ``--eager-calls``
+the first of them without the op's CUDA graphs (``op.GRAPHS``). ``--profile``: one
 more step of each configuration under the torch profiler, to tell a host-bound step from a
 GPU-bound one (``profiled_step``).
 """
@@ -27,13 +28,15 @@ from benchmarks.random_models import random_model, tiny_config
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.training import loop
 from lrsa_serve.training import model as model_mod
-from lrsa_serve.training.attention import sequence_select
+from lrsa_serve.training.attention import graphs, sequence_select
+from lrsa_serve.training.attention import op as lrsa_op
 from lrsa_serve.training.attention.op import PHASES
 from lrsa_serve.training.attention.varlen import packing_for
 from lrsa_serve.training.config import LRSA_KERNELS, ModelConfig, OptimConfig
 from lrsa_serve.training.data import IGNORE_INDEX
 
 FLOOR = "lrsa_bench_floor"
+EAGER_CALLS = "lrsa_eager_calls"  # the --eager-calls run
 QWEN2_HALF_BILLION = Path(__file__).parent / "configs" / "qwen2-0.5b-class"
 
 
@@ -180,6 +183,12 @@ def main() -> int:
         "--floor", action="store_true", help="also time the model with attention removed"
     )
     parser.add_argument(
+        "--eager-calls",
+        action="store_true",
+        help="also time the first LRSA variant with the op's calls run eagerly instead of "
+        "replayed from CUDA graphs (what the graphs gain, in the same run)",
+    )
+    parser.add_argument(
         "--compile",
         choices=["auto", "on", "off"],
         default="auto",
@@ -220,6 +229,8 @@ def main() -> int:
     # (name in the JSON, LRSA variant or None for dense): the first variant is plain "lrsa"
     runs = [("dense", None), ("lrsa", args.lrsa_variants[0])]
     runs += [(f"lrsa_{v}", v) for v in args.lrsa_variants[1:]]
+    if args.eager_calls:
+        runs.append((EAGER_CALLS, args.lrsa_variants[0]))
     others = [name for name, _ in runs[2:]]  # the LRSA variants after the first
     if args.floor:
         runs.append(("floor", FLOOR))
@@ -237,6 +248,9 @@ def main() -> int:
                     model_mod.set_attention(model, "dense", cfg)
                 else:
                     model_mod.set_attention(model, "lrsa", cfg, variant)
+                # max_graphs 0: every call eager
+                lrsa_op.GRAPHS.max_graphs = 0 if attention == EAGER_CALLS else graphs.MAX_GRAPHS
+                lrsa_op.GRAPHS.clear()
                 # the trainer's own set-up (checkpointing per layer, replaying the selection)
                 model_mod.prepare_for_training(model, checkpointing == "on")
                 if compiled:

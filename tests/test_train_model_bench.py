@@ -17,7 +17,7 @@ def test_smoke_run_profiles_every_attention_call(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.train_model", "--smoke", "--lengths", "256",
          "--sink", "16", "--lag", "64", "--steps", "1", "--warmup", "1",
-         "--checkpointing", "on", "off", "--lrsa-variants", "math", "--profile",
+         "--checkpointing", "on", "off", "--lrsa-variants", "math", "--profile", "--eager-calls",
          "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -25,7 +25,7 @@ def test_smoke_run_profiles_every_attention_call(tmp_path):
     rows = {row["checkpointing"]: row for row in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"on", "off"}
     for checkpointing, row in rows.items():
-        assert row["speedup"] > 0
+        assert row["speedup"] > 0 and row["lrsa_eager_calls_speedup"] > 0
         assert row["dense_profile"]["ops"] == {}  # dense runs SDPA
         ops = row["lrsa_profile"]["ops"]
         # one forward call per layer, and once more in each layer's recompute when checkpointing
@@ -33,9 +33,9 @@ def test_smoke_run_profiles_every_attention_call(tmp_path):
         assert ops["lrsa::varlen"]["calls"] == forward, ops
         assert ops["lrsa::varlen_backward"]["calls"] == LAYERS, ops
         assert ops["lrsa::varlen"]["host_ms"] > 0 and row["lrsa_profile"]["wall_ms"] > 0
-        # the phases of every call: the forward's (the recompute replays its selection), the
-        # backward's, which index and pack again, then unpack
-        assert ops["lrsa::select"]["calls"] == forward, ops
+        # the phases of every call: the forward's (one selection per layer: the recompute
+        # replays it), the backward's, which index and pack again, then unpack
+        assert ops["lrsa::select"]["calls"] == LAYERS, ops
         assert ops["lrsa::kernel"]["calls"] == ops["lrsa::pack"]["calls"] == forward + LAYERS
         assert ops["lrsa::items"]["calls"] == forward + LAYERS
         assert ops["lrsa::unpack"]["calls"] == LAYERS

@@ -10,12 +10,16 @@ rows (``varlen.pack_items``), the items' kernel; returns the output, the kernel'
 the kept positions. Backward (``lrsa::varlen_backward``): the rows are packed again from the kept
 positions (instead of held from forward to backward), the kernel's own backward runs on the
 items, and the packer's backward adds the rows' gradients onto the raw keys and values. Kernels:
-``OP_KERNELS``; queries none of them takes (float32 on CUDA) stay on the eager path.
+``OP_KERNELS``; queries none of them takes (float32 on CUDA) stay on the eager path. On CUDA
+with FlashAttention-2 each of the three steps (selection, attention, backward) is captured once
+per call shape as a CUDA graph and replayed for every layer (``graphs``): their launches cost
+the host more than their kernels cost the GPU at 8K tokens.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 
 import torch
@@ -23,8 +27,9 @@ from torch.autograd import profiler
 
 from lrsa_serve import lagkv
 from lrsa_serve.lagkv import Rule
+from lrsa_serve.training.attention import graphs, replay
 from lrsa_serve.training.attention import varlen as lv
-from lrsa_serve.training.attention.sequence_select import select_kept
+from lrsa_serve.training.attention.sequence_select import selector, selector_for
 
 OP_KERNELS = ("fa4", "flash", "math")
 
@@ -61,7 +66,10 @@ def _kernel(query: torch.Tensor, choice: str) -> str:
 
 # Phases of the ops, named for the profiler (``benchmarks/train_model.py --profile``): where a
 # call's host time goes. Only while a profiler runs: a range costs a dispatcher call otherwise.
-PHASES = ("lrsa::select", "lrsa::items", "lrsa::pack", "lrsa::kernel", "lrsa::unpack")
+# ``lrsa::graph`` is a replayed (or captured) call, whose steps do not show.
+PHASES = (
+    "lrsa::select", "lrsa::items", "lrsa::pack", "lrsa::kernel", "lrsa::unpack", "lrsa::graph",
+)  # fmt: skip
 
 
 def phase(name: str) -> contextlib.AbstractContextManager:
@@ -107,6 +115,64 @@ def items_backward(kernel, grad, q, k, v, out, lse, items, scale):
     return vjp(grad)
 
 
+# ---- the ops' steps: tensors in, fresh tensors out (graphs.CallGraphs captures each) ----------
+def _select(key, value, rule: Rule) -> tuple[torch.Tensor]:
+    # detached: the compiled selection guards on requires_grad, and a graph's static inputs
+    # have none, so the capture would recompile (a host sync, which breaks the capture)
+    with phase("lrsa::select"):
+        return (selector(selector_for(key))(key.detach(), value.detach(), rule),)
+
+
+def _attend(query, key, value, kept, rule: Rule, scale: float, kernel: str):
+    """Output ``[B, n, Hq, D]`` and log-sum-exp ``[Hq, B * n]`` of the items under ``kept``."""
+    # The items do not depend on the scores: a rule without score_v_ratio, as the backward's,
+    # so that forward and backward share one cached packing.
+    with phase("lrsa::items"):
+        items = lv.items_of(query, kept, Rule(rule.sink, rule.lag, rule.keep))
+    with phase("lrsa::pack"):
+        k, v = lv.pack_items(key, value, items)
+    with phase("lrsa::kernel"):
+        out, lse = items_forward(kernel, lv.query_rows(query), k, v, items, scale)
+    b, hq, n, d = query.shape
+    # contiguous outputs, as the fake ones: a compiled graph plans with the fake strides
+    return out.reshape(b, n, hq, d).contiguous(), lse.contiguous()
+
+
+def _attend_backward(grad, query, key, value, out, lse, kept, rule: Rule, scale, kernel):
+    """Gradients of query, key and value (the op's layouts) from the output's."""
+    with phase("lrsa::items"):  # for the packing and its backward
+        items = lv.items_of(query, kept, rule)
+    with phase("lrsa::pack"):
+        k, v = lv.pack_items(key, value, items)
+    b, hq, n, d = query.shape
+    with phase("lrsa::kernel"):
+        rows = (grad.reshape(b * n, hq, d), lv.query_rows(query), k, v,
+                out.reshape(b * n, hq, d))  # fmt: skip
+        dq, dk, dv = items_backward(kernel, *rows, lse, items, scale)
+    with phase("lrsa::unpack"):
+        dkey, dvalue = lv.pack_items_backward(dk, dv, key, value, items)
+    dquery = dq.reshape(b, n, hq, d).transpose(1, 2)
+    return dquery.contiguous(), dkey.contiguous(), dvalue.contiguous()
+
+
+# The op's calls captured as CUDA graphs (``graphs``), FlashAttention-2's only: FA4's CuTe
+# launch has not been tried under capture.
+GRAPHS = graphs.CallGraphs()
+
+
+def _run(name: str, fn, tensors: tuple[torch.Tensor, ...], numbers: tuple, kernel: str):
+    """``fn(*tensors, *numbers)``, replayed from a captured graph where the op's calls are."""
+    call = functools.partial(_with_numbers, fn, numbers)
+    if kernel == "flash" and tensors[0].is_cuda:
+        with phase("lrsa::graph"):
+            return GRAPHS.run(name, call, tensors, numbers)
+    return call(*tensors)
+
+
+def _with_numbers(fn, numbers: tuple, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return fn(*tensors, *numbers)
+
+
 # ---- the ops -----------------------------------------------------------------------------------
 @torch.library.custom_op("lrsa::varlen", mutates_args=())
 def varlen(
@@ -124,21 +190,14 @@ def varlen(
     ``kernel`` is one of ``varlen.KERNELS`` that resolves to one of ``OP_KERNELS``. Returns the
     output ``[B, n, Hq, D]``, the log-sum-exp ``[Hq, B * n]`` and the kept positions
     ``[B, Hkv, P, keep]``."""
+    rule, kernel = Rule(sink, lag, keep, score_v_ratio), _kernel(query, kernel)
     with torch.no_grad():
-        with phase("lrsa::select"):
-            kept = select_kept(key, value, Rule(sink, lag, keep, score_v_ratio))
-        # The items do not depend on the scores: a rule without score_v_ratio, the backward's,
-        # so that forward and backward share one cached packing.
-        with phase("lrsa::items"):
-            items = lv.items_of(query, kept, Rule(sink, lag, keep))
-        with phase("lrsa::pack"):
-            k, v = lv.pack_items(key, value, items)
-        with phase("lrsa::kernel"):
-            rows = lv.query_rows(query)
-            out, lse = items_forward(_kernel(query, kernel), rows, k, v, items, scale)
-    b, hq, n, d = query.shape
-    # contiguous outputs, as the fake ones: a compiled graph plans with the fake strides
-    return out.reshape(b, n, hq, d).contiguous(), lse.contiguous(), kept.contiguous()
+        # in a checkpointed layer's recompute, the forward's selection (replay)
+        kept = replay.remembered(
+            lambda k, v, r: _run("select", _select, (k, v), (r,), kernel)[0], key, value, rule
+        )
+        out, lse = _run("attend", _attend, (query, key, value, kept), (rule, scale, kernel), kernel)
+    return out, lse, kept.contiguous()
 
 
 @varlen.register_fake
@@ -170,20 +229,10 @@ def varlen_backward(
     kernel: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of query, key and value from the output's."""
+    rule, kernel = Rule(sink, lag, keep), _kernel(query, kernel)
+    tensors = (grad, query, key, value, out, lse, kept)
     with torch.no_grad():
-        with phase("lrsa::items"):  # for the packing and its backward
-            items = lv.items_of(query, kept, Rule(sink, lag, keep))
-        with phase("lrsa::pack"):
-            k, v = lv.pack_items(key, value, items)
-        b, hq, n, d = query.shape
-        with phase("lrsa::kernel"):
-            rows = (grad.reshape(b * n, hq, d), lv.query_rows(query), k, v,
-                    out.reshape(b * n, hq, d))  # fmt: skip
-            dq, dk, dv = items_backward(_kernel(query, kernel), *rows, lse, items, scale)
-        with phase("lrsa::unpack"):
-            dkey, dvalue = lv.pack_items_backward(dk, dv, key, value, items)
-    dquery = dq.reshape(b, n, hq, d).transpose(1, 2)
-    return dquery.contiguous(), dkey.contiguous(), dvalue.contiguous()
+        return _run("backward", _attend_backward, tensors, (rule, scale, kernel), kernel)
 
 
 @varlen_backward.register_fake
