@@ -8,12 +8,12 @@ static buffers and the outputs out of them.
 
 Every layer of a model calls the op with the same shapes, so one capture serves them all. A call
 runs eagerly the first time its key is seen (that run compiles Triton and inductor kernels and
-fills the packing caches, none of which may happen inside a capture) and is captured the second
-time. A key is the call's name, its tensors' shapes, strides, dtypes and device, and its
-numbers (rule, scale, kernel). At most ``MAX_GRAPHS`` keys are kept, the least recently used
-going first with its graph's memory: the trainer's length buckets give a run a few shapes, and
-a shape seen in one step only still captures at its second layer, which costs less than the
-launches the later layers save.
+fills the packing caches, none of which may happen inside a capture), already on the static
+buffers, and is captured the second time. A key is the call's name, its tensors' shapes,
+strides, dtypes and device, and its numbers (rule, scale, kernel). At most ``MAX_GRAPHS`` keys
+are kept, the least recently used going first with its graph's memory: the trainer's length
+buckets give a run a few shapes, and a shape seen in one step only still captures at its second
+layer, which costs less than the launches the later layers save.
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ class CallGraphs:
     ) -> Tensors:
         """``fn(*tensors)``: eagerly on the key's first call, then from its captured graph.
         ``fn`` must read nothing but its arguments and ``numbers`` (which key the call), and
-        return fresh tensors; what it returns here is always the caller's to keep."""
+        return tensors it allocates (never its arguments); what it returns here is always the
+        caller's to keep."""
         if self.max_graphs == 0 or torch.cuda.is_current_stream_capturing():
             return fn(*tensors)  # none kept, or a caller's own capture holds this call
         key = (name, numbers, *(_layout(x) for x in tensors))
@@ -69,30 +70,34 @@ class CallGraphs:
         self._calls.move_to_end(key)
         call.uses += 1
         if call.uses == 1:
-            return fn(*tensors)
-        if call.graph is None:
-            self._capture(call, fn, tensors)
+            # The static inputs from the first call on, so that the eager run and the capture
+            # see the same tensors: a compiled function guards on requires_grad, strides and
+            # alignment, and a guard failing inside the capture would recompile there.
+            call.inputs = tuple(torch.empty_like(x) for x in tensors)
         for static, x in zip(call.inputs, tensors, strict=True):
             static.copy_(x)
+        if call.uses == 1:
+            return fn(*call.inputs)
+        if call.graph is None:
+            self._capture(call, fn)
         call.graph.replay()
         return tuple(out.clone() for out in call.outputs)
 
-    def _capture(self, call: _Call, fn: Callable[..., Tensors], tensors: Tensors) -> None:
-        # empty_like keeps a dense tensor's strides, so fn sees the layout it saw eagerly.
-        call.inputs = tuple(torch.empty_like(x) for x in tensors)
+    def _capture(self, call: _Call, fn: Callable[..., Tensors]) -> None:
         graph = torch.cuda.CUDAGraph()
         # capture_begin itself, not torch.cuda.graph, which synchronizes the device and empties
         # the allocator's cache first: a shape first seen mid-run would cost every step that.
         # thread_local: the backward captures in autograd's device thread.
-        stream = torch.cuda.Stream(tensors[0].device)
-        stream.wait_stream(torch.cuda.current_stream(tensors[0].device))
+        device = call.inputs[0].device
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             graph.capture_begin(capture_error_mode="thread_local")
             try:
                 call.outputs = tuple(fn(*call.inputs))
             finally:
                 graph.capture_end()
-        torch.cuda.current_stream(tensors[0].device).wait_stream(stream)
+        torch.cuda.current_stream(device).wait_stream(stream)
         call.graph = graph
 
     def _evict(self) -> None:

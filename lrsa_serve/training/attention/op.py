@@ -117,10 +117,8 @@ def items_backward(kernel, grad, q, k, v, out, lse, items, scale):
 
 # ---- the ops' steps: tensors in, fresh tensors out (graphs.CallGraphs captures each) ----------
 def _select(key, value, rule: Rule) -> tuple[torch.Tensor]:
-    # detached: the compiled selection guards on requires_grad, and a graph's static inputs
-    # have none, so the capture would recompile (a host sync, which breaks the capture)
     with phase("lrsa::select"):
-        return (selector(selector_for(key))(key.detach(), value.detach(), rule),)
+        return (selector(selector_for(key))(key, value, rule),)
 
 
 def _attend(query, key, value, kept, rule: Rule, scale: float, kernel: str):
