@@ -83,7 +83,7 @@ def profiled_step(model, optimizer, batch, autocast) -> dict:
     launches, and for each LRSA op and each of its phases (``op.PHASES``: selection, the
     items' index, packing, the kernel, unpacking the gradients) its calls, host time (the whole
     call, kernels launched inside included) and GPU time; the host's costliest ops by their own
-    time."""
+    time, and the GPU's costliest kernels."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -99,6 +99,8 @@ def profiled_step(model, optimizer, batch, autocast) -> dict:
     events = prof.key_averages()
     ops = {e.key: e for e in events if e.key in LRSA_OPS}
     host = sorted(events, key=lambda e: -e.self_cpu_time_total)[:PROFILE_ROWS]
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    kernels = sorted(kernels, key=lambda e: -e.self_device_time_total)[:PROFILE_ROWS]
     return {
         "wall_ms": wall * 1e3,
         # Device activities only: an op's own device time counts its kernels a second time.
@@ -117,6 +119,10 @@ def profiled_step(model, optimizer, batch, autocast) -> dict:
             if name in ops
         },
         "top_host": [{"op": e.key[:60], "self_ms": e.self_cpu_time_total / 1e3} for e in host],
+        "top_kernels": [
+            {"kernel": e.key[:60], "ms": e.self_device_time_total / 1e3, "count": e.count}
+            for e in kernels
+        ],
     }
 
 
@@ -130,6 +136,8 @@ def print_profile(name: str, n: int, checkpointing: str, prof: dict) -> None:
         print(f"    {op}: {o['calls']} calls, host {o['host_ms']:.2f} ms, GPU {o['gpu_ms']:.2f} ms")
     for row in prof["top_host"]:
         print(f"    host {row['self_ms']:8.2f} ms  {row['op']}")
+    for row in prof["top_kernels"]:
+        print(f"    GPU  {row['ms']:8.2f} ms  {row['count']:5d}x {row['kernel']}")
 
 
 def qa_batch(n: int, vocab_size: int, target_tokens: int, device: torch.device) -> dict:

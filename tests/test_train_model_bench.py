@@ -27,6 +27,7 @@ def test_smoke_run_profiles_every_attention_call(tmp_path):
     for checkpointing, row in rows.items():
         assert row["speedup"] > 0 and row["lrsa_eager_calls_speedup"] > 0
         assert row["dense_profile"]["ops"] == {}  # dense runs SDPA
+        assert row["lrsa_profile"]["top_kernels"] == []  # no GPU kernels on the CPU
         ops = row["lrsa_profile"]["ops"]
         # one forward call per layer, and once more in each layer's recompute when checkpointing
         forward = LAYERS * (2 if checkpointing == "on" else 1)
