@@ -8,7 +8,8 @@ docs/training.md ("Whole-model training step"). Also: the share of the step spen
 selection (one layer's K/V timed alone, times layers), and with ``--floor`` the step with
 attention replaced by nothing, from which the best speedup the mask allows. ``--lrsa-variants``:
 the trainer's ``--lrsa-kernel`` choices (``auto``, ``fa4``, ``flash``, ...); ``--eager-calls``
-the first of them without the op's CUDA graphs (``op.GRAPHS``). ``--profile``: one
+the first of them without the op's CUDA graphs (``op.GRAPHS``), ``--triton-all-lengths`` with the
+Triton selection and packing below their threshold too. ``--profile``: one
 more step of each configuration under the torch profiler, to tell a host-bound step from a
 GPU-bound one (``profiled_step``).
 """
@@ -37,6 +38,8 @@ from lrsa_serve.training.data import IGNORE_INDEX
 
 FLOOR = "lrsa_bench_floor"
 EAGER_CALLS = "lrsa_eager_calls"  # the --eager-calls run
+TRITON_ALL = "lrsa_triton_all"  # the --triton-all-lengths run
+TRITON_FROM = sequence_select.TRITON_MIN_LENGTH
 QWEN2_HALF_BILLION = Path(__file__).parent / "configs" / "qwen2-0.5b-class"
 
 
@@ -197,6 +200,12 @@ def main() -> int:
         "replayed from CUDA graphs (what the graphs gain, in the same run)",
     )
     parser.add_argument(
+        "--triton-all-lengths",
+        action="store_true",
+        help="also time the first LRSA variant with the Triton selection and packing at every "
+        f"length (default: from {sequence_select.TRITON_MIN_LENGTH} tokens)",
+    )
+    parser.add_argument(
         "--compile",
         choices=["auto", "on", "off"],
         default="auto",
@@ -239,6 +248,8 @@ def main() -> int:
     runs += [(f"lrsa_{v}", v) for v in args.lrsa_variants[1:]]
     if args.eager_calls:
         runs.append((EAGER_CALLS, args.lrsa_variants[0]))
+    if args.triton_all_lengths:
+        runs.append((TRITON_ALL, args.lrsa_variants[0]))
     others = [name for name, _ in runs[2:]]  # the LRSA variants after the first
     if args.floor:
         runs.append(("floor", FLOOR))
@@ -259,6 +270,7 @@ def main() -> int:
                 # max_graphs 0: every call eager
                 lrsa_op.GRAPHS.max_graphs = 0 if attention == EAGER_CALLS else graphs.MAX_GRAPHS
                 lrsa_op.GRAPHS.clear()
+                sequence_select.TRITON_MIN_LENGTH = 0 if attention == TRITON_ALL else TRITON_FROM
                 # the trainer's own set-up (checkpointing per layer, replaying the selection)
                 model_mod.prepare_for_training(model, checkpointing == "on")
                 if compiled:
@@ -286,6 +298,9 @@ def main() -> int:
                     prof = profiled_step(model, optimizer, batch, autocast)
                     row[f"{attention}_profile"] = prof
                     print_profile(attention, n, checkpointing, prof)
+            # the defaults again, for selection_ms below and the next row's first runs
+            sequence_select.TRITON_MIN_LENGTH = TRITON_FROM
+            lrsa_op.GRAPHS.max_graphs = graphs.MAX_GRAPHS
             # the configurations that ran (not skipped by the deadline, not out of memory)
             done = {a: row[f"{a}_s"] for a, _ in runs if isinstance(row[f"{a}_s"], float)}
             for attention in others:  # the other variants' speedups

@@ -18,6 +18,7 @@ def test_smoke_run_profiles_every_attention_call(tmp_path):
         [sys.executable, "-m", "benchmarks.train_model", "--smoke", "--lengths", "256",
          "--sink", "16", "--lag", "64", "--steps", "1", "--warmup", "1",
          "--checkpointing", "on", "off", "--lrsa-variants", "math", "--profile", "--eager-calls",
+         "--triton-all-lengths",
          "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -26,6 +27,7 @@ def test_smoke_run_profiles_every_attention_call(tmp_path):
     assert set(rows) == {"on", "off"}
     for checkpointing, row in rows.items():
         assert row["speedup"] > 0 and row["lrsa_eager_calls_speedup"] > 0
+        assert row["lrsa_triton_all_speedup"] > 0  # on the CPU the same path: Triton needs CUDA
         assert row["dense_profile"]["ops"] == {}  # dense runs SDPA
         assert row["lrsa_profile"]["top_kernels"] == []  # no GPU kernels on the CPU
         ops = row["lrsa_profile"]["ops"]

@@ -28,7 +28,8 @@ import torch
 from lrsa_serve import lagkv
 from lrsa_serve.lagkv import Rule
 from lrsa_serve.reference_attention import masked_attention
-from lrsa_serve.training.attention.sequence_select import TRITON_MIN_LENGTH, select_kept
+from lrsa_serve.training.attention import sequence_select
+from lrsa_serve.training.attention.sequence_select import select_kept
 from lrsa_serve.training.config import LRSA_KERNELS as KERNELS
 
 if TYPE_CHECKING:
@@ -291,7 +292,10 @@ def packer_for(key: torch.Tensor) -> str:
     tokens (``pack_rows``: one launch, exact float32 gradient sums, deterministic) and ``torch``
     otherwise (``gather``, whose backward adds the rows up with atomics in the tensor's dtype).
     ``key`` is ``[B, Hkv, n, D]``."""
-    return "triton" if key.is_cuda and key.shape[2] >= TRITON_MIN_LENGTH else "torch"
+    # read at call time, as selector_for reads it: benchmarks/train_model.py --triton-all-lengths
+    return (
+        "triton" if key.is_cuda and key.shape[2] >= sequence_select.TRITON_MIN_LENGTH else "torch"
+    )
 
 
 def rows_refs(packing: Packing, kept: torch.Tensor) -> Refs:
