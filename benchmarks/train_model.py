@@ -29,8 +29,7 @@ from benchmarks.random_models import random_model, tiny_config
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.training import loop
 from lrsa_serve.training import model as model_mod
-from lrsa_serve.training.attention import graphs, sequence_select
-from lrsa_serve.training.attention import op as lrsa_op
+from lrsa_serve.training.attention import sequence_select
 from lrsa_serve.training.attention.op import PHASES
 from lrsa_serve.training.attention.varlen import packing_for
 from lrsa_serve.training.config import LRSA_KERNELS, ModelConfig, OptimConfig
@@ -266,10 +265,8 @@ def main() -> int:
                 elif variant is None:
                     model_mod.set_attention(model, "dense", cfg)
                 else:
-                    model_mod.set_attention(model, "lrsa", cfg, variant)
-                # max_graphs 0: every call eager
-                lrsa_op.GRAPHS.max_graphs = 0 if attention == EAGER_CALLS else graphs.MAX_GRAPHS
-                lrsa_op.GRAPHS.clear()
+                    graphed = attention != EAGER_CALLS
+                    model_mod.set_attention(model, "lrsa", cfg, variant, cuda_graphs=graphed)
                 sequence_select.TRITON_MIN_LENGTH = 0 if attention == TRITON_ALL else TRITON_FROM
                 # the trainer's own set-up (checkpointing per layer, replaying the selection)
                 model_mod.prepare_for_training(model, checkpointing == "on")
@@ -300,7 +297,6 @@ def main() -> int:
                     print_profile(attention, n, checkpointing, prof)
             # the defaults again, for selection_ms below and the next row's first runs
             sequence_select.TRITON_MIN_LENGTH = TRITON_FROM
-            lrsa_op.GRAPHS.max_graphs = graphs.MAX_GRAPHS
             # the configurations that ran (not skipped by the deadline, not out of memory)
             done = {a: row[f"{a}_s"] for a, _ in runs if isinstance(row[f"{a}_s"], float)}
             for attention in others:  # the other variants' speedups

@@ -167,7 +167,9 @@ def test_config_file_and_flags(tmp_path):
     job = build_job(
         parser.parse_args([str(model), "--config", str(example), "--lrsa-kernel", "math"])
     )
-    assert job.model.lrsa_kernel == "math"
+    assert job.model.lrsa_kernel == "math" and job.model.cuda_graphs
+    job = build_job(parser.parse_args([str(model), "--config", str(example), "--no-cuda-graphs"]))
+    assert job.model.cuda_graphs is False
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  stepz: 3\n")
     with pytest.raises(UserError, match="unknown keys in train"):

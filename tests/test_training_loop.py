@@ -100,6 +100,21 @@ def test_the_jobs_lrsa_kernel_picks_the_attention_path(tmp_path, tokenizer, monk
     assert losses["math"] == pytest.approx(losses["auto"], rel=1e-5)
 
 
+def test_the_jobs_cuda_graphs_switch_reaches_the_op(tmp_path, tokenizer):
+    """``model.cuda_graphs`` (``--no-cuda-graphs``) sets whether the op's calls may be captured:
+    off, ``op.GRAPHS`` keeps none (every call eager); on again, the default."""
+    from lrsa_serve.training.attention import dispatch, graphs, op
+
+    try:
+        for on in (False, True):
+            job = make_job(tmp_path / str(on), steps=1)
+            job.model.cuda_graphs = on
+            make_trainer(job, tokenizer)
+            assert op.GRAPHS.max_graphs == (graphs.MAX_GRAPHS if on else 0)
+    finally:
+        dispatch.set_cuda_graphs(True)
+
+
 def test_export_reloads_with_weights_and_settings(tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -224,3 +224,19 @@ def test_gpu_graphed_calls_of_sliced_inputs(monkeypatch):
         eager = results()
     for got in graphed:
         _assert_same(got, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_a_call_that_cannot_be_captured_is_a_clear_error():
+    """A call that synchronizes with the host cannot be captured: the error names the call and
+    the remedy, and the device stays usable."""
+    from lrsa_serve.training.attention.graphs import CallGraphs
+
+    calls = CallGraphs(remedy="; run it eagerly")
+    x = torch.arange(4, device="cuda", dtype=torch.float32)
+    syncing = lambda t: (t * float(t.sum().item()),)  # noqa: E731
+    assert torch.equal(calls.run("syncing", syncing, (x,), ())[0], x * 6)  # eager
+    with pytest.raises(RuntimeError, match="capturing the call 'syncing'.*; run it eagerly"):
+        calls.run("syncing", syncing, (x,), ())
+    assert torch.equal(x + 1, torch.arange(1, 5, device="cuda", dtype=torch.float32))

@@ -63,6 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     switch("--no-grad-checkpointing", "gradient_checkpointing", "keep activations (more memory)")
     switch("--no-compile", "compile", "eager decoder layers (compiled on CUDA)")
+    switch(
+        "--no-cuda-graphs",
+        "cuda_graphs",
+        "run the LRSA attention's calls eagerly (on CUDA they are captured once per shape as "
+        "CUDA graphs and replayed for every layer)",
+    )
     p(
         "--dtype",
         dest="mixed_precision",

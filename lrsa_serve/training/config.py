@@ -32,6 +32,9 @@ class ModelConfig:
     path: str | None = None  # local HF folder; None = the project's default model
     attention: str = "lrsa"  # "lrsa" (the LagKV mask) or "dense" (vanilla SDPA, for comparison)
     lrsa_kernel: str = "auto"  # the LRSA attention's kernel (dispatch.set_kernel, --lrsa-kernel)
+    # The LRSA op's calls captured once per shape as CUDA graphs and replayed per layer
+    # (training/attention/graphs.py; FlashAttention-2 calls). Off: every call eager.
+    cuda_graphs: bool = True
     gradient_checkpointing: bool = True
     # torch.compile the decoder layers (model.compile_layers); None = on CUDA only. Measured on
     # the H100 (docs/training.md): +32% LRSA / +22% dense tokens/s on a 0.5B model at 32K.

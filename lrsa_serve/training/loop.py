@@ -154,7 +154,10 @@ class Trainer:
 
         model = model or model_mod.load_model(path)
         model_mod.check_supported(model)
-        model_mod.set_attention(model, job.model.attention, job.lagkv, job.model.lrsa_kernel)
+        model_mod.set_attention(
+            model, job.model.attention, job.lagkv, job.model.lrsa_kernel,
+            cuda_graphs=job.model.cuda_graphs,
+        )  # fmt: skip
         model_mod.prepare_for_training(model, job.model.gradient_checkpointing)
         model.to(self.runtime.device)
         if job.model.compiles_on(self.runtime.device.type):

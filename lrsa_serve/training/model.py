@@ -44,13 +44,20 @@ def check_supported(model: PreTrainedModel) -> None:
 
 
 def set_attention(
-    model: PreTrainedModel, attention: str, cfg: LagKVConfig, kernel: str = "auto"
+    model: PreTrainedModel,
+    attention: str,
+    cfg: LagKVConfig,
+    kernel: str = "auto",
+    *,
+    cuda_graphs: bool = True,
 ) -> None:
     """``lrsa``: the LagKV mask (one varlen attention call on CUDA, the dense masked path on
-    CPU; ``kernel`` pins the varlen call's kernel, ``dispatch.set_kernel``); ``dense``: vanilla
-    SDPA, the baseline."""
+    CPU; ``kernel`` pins the varlen call's kernel, ``dispatch.set_kernel``; ``cuda_graphs``
+    replays its calls from CUDA graphs, ``dispatch.set_cuda_graphs``); ``dense``: vanilla SDPA,
+    the baseline."""
     if attention == "lrsa":
         dispatch.set_kernel(kernel)
+        dispatch.set_cuda_graphs(cuda_graphs)
         use_lrsa(model, cfg)
     elif attention == "dense":
         model.set_attn_implementation("sdpa")

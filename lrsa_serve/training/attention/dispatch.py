@@ -22,7 +22,7 @@ import torch
 from lrsa_serve.config import CONFIG_KEY, keep_for
 from lrsa_serve.lagkv import Rule
 from lrsa_serve.reference_attention import exact_attention, register, settings_of
-from lrsa_serve.training.attention import op
+from lrsa_serve.training.attention import graphs, op
 from lrsa_serve.training.attention.varlen import check_kernel
 from lrsa_serve.training.attention.varlen import lrsa_varlen_attention as lrsa_varlen
 
@@ -41,6 +41,13 @@ def set_kernel(kernel: str) -> None:
     varlen call's kernels (``fa4``, ``flash``, ``efficient``, ``math``), then on any device."""
     global _kernel
     _kernel = check_kernel(kernel)
+
+
+def set_cuda_graphs(on: bool) -> None:
+    """Whether the op's calls are captured as CUDA graphs (``op.GRAPHS``) where they can be;
+    off, every call runs eagerly. Process-wide, as the kernel."""
+    op.GRAPHS.clear()
+    op.GRAPHS.max_graphs = graphs.MAX_GRAPHS if on else 0
 
 
 def uses_varlen(query: torch.Tensor) -> bool:

@@ -44,10 +44,12 @@ def _layout(x: torch.Tensor) -> tuple:
 
 
 class CallGraphs:
-    """Captured calls, by key; ``run`` runs one. ``max_graphs`` 0 runs every call eagerly."""
+    """Captured calls, by key; ``run`` runs one. ``max_graphs`` 0 runs every call eagerly;
+    ``remedy`` ends the error a failed capture raises (how to run without graphs)."""
 
-    def __init__(self, max_graphs: int = MAX_GRAPHS) -> None:
+    def __init__(self, max_graphs: int = MAX_GRAPHS, remedy: str = "") -> None:
         self.max_graphs = max_graphs
+        self.remedy = remedy
         self._calls: OrderedDict[Hashable, _Call] = OrderedDict()
 
     def __len__(self) -> int:
@@ -79,7 +81,13 @@ class CallGraphs:
         if call.uses == 1:
             return fn(*call.inputs)
         if call.graph is None:
-            self._capture(call, fn)
+            try:
+                self._capture(call, fn)
+            except Exception as err:  # the CUDA error alone does not say which call, or why
+                raise RuntimeError(
+                    f"capturing the call {name!r} as a CUDA graph failed "
+                    f"({type(err).__name__}: {err}){self.remedy}"
+                ) from err
         call.graph.replay()
         return tuple(out.clone() for out in call.outputs)
 

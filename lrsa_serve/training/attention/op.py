@@ -155,7 +155,10 @@ def _attend_backward(grad, query, key, value, out, lse, kept, rule: Rule, scale,
 
 # The op's calls captured as CUDA graphs (``graphs``), FlashAttention-2's only: FA4's CuTe
 # launch has not been tried under capture.
-GRAPHS = graphs.CallGraphs()
+GRAPHS = graphs.CallGraphs(
+    remedy="; `lrsa train --no-cuda-graphs` (model.cuda_graphs: false) runs the LRSA attention "
+    "without graphs"
+)
 
 
 def _run(name: str, fn, tensors: tuple[torch.Tensor, ...], numbers: tuple, kernel: str):
