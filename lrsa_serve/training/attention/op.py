@@ -115,13 +115,13 @@ def items_backward(kernel, grad, q, k, v, out, lse, items, scale):
     return vjp(grad)
 
 
-# ---- the ops' steps: tensors in, fresh tensors out (graphs.CallGraphs captures each) ----------
-def _select(key, value, rule: Rule) -> tuple[torch.Tensor]:
+# ---- the ops' steps: numbers, then tensors in; fresh tensors out (graphs.CallGraphs captures each)
+def _select(rule: Rule, key, value) -> tuple[torch.Tensor]:
     with phase("lrsa::select"):
         return (selector(selector_for(key))(key, value, rule),)
 
 
-def _attend(query, key, value, kept, rule: Rule, scale: float, kernel: str):
+def _attend(rule: Rule, scale: float, kernel: str, query, key, value, kept):
     """Output ``[B, n, Hq, D]`` and log-sum-exp ``[Hq, B * n]`` of the items under ``kept``."""
     # The items do not depend on the scores: a rule without score_v_ratio, as the backward's,
     # so that forward and backward share one cached packing.
@@ -136,7 +136,9 @@ def _attend(query, key, value, kept, rule: Rule, scale: float, kernel: str):
     return out.reshape(b, n, hq, d).contiguous(), lse.contiguous()
 
 
-def _attend_backward(grad, query, key, value, out, lse, kept, rule: Rule, scale, kernel):
+def _attend_backward(
+    rule: Rule, scale: float, kernel: str, grad, query, key, value, out, lse, kept
+):
     """Gradients of query, key and value (the op's layouts) from the output's."""
     with phase("lrsa::items"):  # for the packing and its backward
         items = lv.items_of(query, kept, rule)
@@ -162,16 +164,12 @@ GRAPHS = graphs.CallGraphs(
 
 
 def _run(name: str, fn, tensors: tuple[torch.Tensor, ...], numbers: tuple, kernel: str):
-    """``fn(*tensors, *numbers)``, replayed from a captured graph where the op's calls are."""
-    call = functools.partial(_with_numbers, fn, numbers)
+    """``fn(*numbers, *tensors)``, replayed from a captured graph where the op's calls are."""
+    call = functools.partial(fn, *numbers)
     if kernel == "flash" and tensors[0].is_cuda:
         with phase("lrsa::graph"):
             return GRAPHS.run(name, call, tensors, numbers)
     return call(*tensors)
-
-
-def _with_numbers(fn, numbers: tuple, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return fn(*tensors, *numbers)
 
 
 # ---- the ops -----------------------------------------------------------------------------------
