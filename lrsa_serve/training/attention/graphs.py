@@ -84,9 +84,10 @@ class CallGraphs:
             try:
                 self._capture(call, fn)
             except Exception as err:  # the CUDA error alone does not say which call, or why
-                raise RuntimeError(
+                first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                raise RuntimeError(  # one line: CUDA's own message runs on with links
                     f"capturing the call {name!r} as a CUDA graph failed "
-                    f"({type(err).__name__}: {err}){self.remedy}"
+                    f"({type(err).__name__}: {first_line}){self.remedy}"
                 ) from err
         call.graph.replay()
         return tuple(out.clone() for out in call.outputs)
