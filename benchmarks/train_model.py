@@ -83,9 +83,15 @@ def profiled_step(model, optimizer, batch, autocast) -> dict:
     host-bound when its GPU kernels add up to much less than its wall time. Per step: the wall
     time (the profiler's own host overhead included), the kernels' summed GPU time, the kernel
     launches, and for each LRSA op and each of its phases (``op.PHASES``: selection, the
-    items' index, packing, the kernel, unpacking the gradients) its calls, host time (the whole
-    call, kernels launched inside included) and GPU time; the host's costliest ops by their own
-    time, and the GPU's costliest kernels."""
+    items' index, packing, the kernel, unpacking the gradients, a replayed graph) its calls, host
+    time (the whole call, kernels launched inside included) and GPU time (of the kernels it
+    launched, a replayed graph's included); the host's costliest ops by their own time, and the
+    GPU's costliest kernels.
+
+    A profiler range (``record_function``) also shows on the GPU's timeline, as a span from its
+    first kernel to its last: counted with the kernels it would count them twice, and the gaps
+    between them too. So only the CPU side of a range is read, and kernels are the GPU's
+    activities that are not such spans."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -99,17 +105,15 @@ def profiled_step(model, optimizer, batch, autocast) -> dict:
         sync(device)
     wall = time.perf_counter() - start
     events = prof.key_averages()
-    ops = {e.key: e for e in events if e.key in LRSA_OPS}
+    ops = {e.key: e for e in events if e.key in LRSA_OPS and e.device_type == DeviceType.CPU}
     host = sorted(events, key=lambda e: -e.self_cpu_time_total)[:PROFILE_ROWS]
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
-    kernels = sorted(kernels, key=lambda e: -e.self_device_time_total)[:PROFILE_ROWS]
+    # Device activities only (an op's own device time counts its kernels a second time), and
+    # not the ranges' spans on the GPU.
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:PROFILE_ROWS]
     return {
         "wall_ms": wall * 1e3,
-        # Device activities only: an op's own device time counts its kernels a second time.
-        "gpu_kernels_ms": sum(
-            e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA
-        )
-        / 1e3,
+        "gpu_kernels_ms": sum(e.self_device_time_total for e in kernels) / 1e3,
         "kernel_launches": sum(e.count for e in events if "LaunchKernel" in e.key),
         "ops": {
             name: {
@@ -123,7 +127,7 @@ def profiled_step(model, optimizer, batch, autocast) -> dict:
         "top_host": [{"op": e.key[:60], "self_ms": e.self_cpu_time_total / 1e3} for e in host],
         "top_kernels": [
             {"kernel": e.key[:60], "ms": e.self_device_time_total / 1e3, "count": e.count}
-            for e in kernels
+            for e in top
         ],
     }
 

@@ -12,6 +12,7 @@ from lrsa_serve.config import LagKVConfig
 from lrsa_serve.training import model as model_mod
 from lrsa_serve.training.attention import dispatch
 from lrsa_serve.training.attention import op as op_mod
+from lrsa_serve.training.attention import varlen as lv
 from lrsa_serve.training.attention.op import lrsa_varlen_op
 
 CFG = LagKVConfig(sink=4, lag=16, ratio=0.25)
@@ -108,9 +109,9 @@ def test_a_kernel_the_op_cannot_run_is_a_clear_error():
         lrsa_varlen_op(q, k, v, CFG.rule, None, kernel="efficient")
 
 
-def _op_results(q, k, v, grad, rule, ids=None):
+def _op_results(q, k, v, grad, rule, kernel="flash"):
     leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
-    out = lrsa_varlen_op(*leaves, rule, None, kernel="flash")
+    out = lrsa_varlen_op(*leaves, rule, None, kernel=kernel)
     out.backward(grad)
     return [out.detach()] + [x.grad for x in leaves]
 
@@ -127,10 +128,17 @@ def _assert_same(got, want):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("n", [2048, 8192])
-def test_gpu_graphed_calls_equal_eager_ones(n):
+@pytest.mark.parametrize("kernel", ["flash", "fa4"])
+def test_gpu_graphed_calls_equal_eager_ones(n, kernel, monkeypatch):
     """On CUDA the op's calls are captured as graphs on their second use: a captured call, and
     a replay with other inputs, give the outputs and gradients of eager calls on those inputs
-    (bf16, FlashAttention-2, GQA 8/2, S64 L256 keep 64)."""
+    (bf16, GQA 8/2, S64 L256 keep 64). FlashAttention-2's calls are captured by default; FA4's
+    are captured here to try them (``op.GRAPH_KERNELS``)."""
+    if kernel == "fa4" and not lv.kernel_applies(
+        "fa4", torch.empty(1, 64, device="cuda", dtype=torch.bfloat16)
+    ):
+        pytest.skip("needs flash-attn-4 on Hopper or Blackwell")
+    monkeypatch.setattr(op_mod, "GRAPH_KERNELS", (kernel,))
     rule = LagKVConfig(sink=64, lag=256, ratio=0.25).rule
     gen = torch.Generator(device="cuda").manual_seed(n)
 
@@ -143,12 +151,12 @@ def test_gpu_graphed_calls_equal_eager_ones(n):
 
     a, b = inputs(), inputs()
     op_mod.GRAPHS.clear()
-    eager_a = _op_results(*a, rule)  # first use: eager
-    captured_b = _op_results(*b, rule)  # second: captured, then replayed
+    eager_a = _op_results(*a, rule, kernel)  # first use: eager
+    captured_b = _op_results(*b, rule, kernel)  # second: captured, then replayed
     assert len(op_mod.GRAPHS) == 3  # select, attend, backward
-    replayed_a = _op_results(*a, rule)
+    replayed_a = _op_results(*a, rule, kernel)
     op_mod.GRAPHS.clear()
-    eager_b = _op_results(*b, rule)
+    eager_b = _op_results(*b, rule, kernel)
     _assert_same(replayed_a, eager_a)
     _assert_same(captured_b, eager_b)
 

@@ -12,8 +12,8 @@ positions (instead of held from forward to backward), the kernel's own backward 
 items, and the packer's backward adds the rows' gradients onto the raw keys and values. Kernels:
 ``OP_KERNELS``; queries none of them takes (float32 on CUDA) stay on the eager path. On CUDA
 with FlashAttention-2 each of the three steps (selection, attention, backward) is captured once
-per call shape as a CUDA graph and replayed for every layer (``graphs``): their launches cost
-the host more than their kernels cost the GPU at 8K tokens.
+per call shape as a CUDA graph and replayed for every layer (``graphs``, ``GRAPH_KERNELS``): their
+launches cost the host more than their kernels cost the GPU at 8K tokens.
 """
 
 from __future__ import annotations
@@ -155,8 +155,9 @@ def _attend_backward(
     return dquery.contiguous(), dkey.contiguous(), dvalue.contiguous()
 
 
-# The op's calls captured as CUDA graphs (``graphs``), FlashAttention-2's only: FA4's CuTe
-# launch has not been tried under capture.
+# The op's calls captured as CUDA graphs (``graphs``), of these kernels only: FA4's CuTe
+# launch has not passed tests/test_varlen_op.py's capture test on a GPU yet.
+GRAPH_KERNELS = ("flash",)
 GRAPHS = graphs.CallGraphs(
     remedy="; `lrsa train --no-cuda-graphs` (model.cuda_graphs: false) runs the LRSA attention "
     "without graphs"
@@ -166,7 +167,7 @@ GRAPHS = graphs.CallGraphs(
 def _run(name: str, fn, tensors: tuple[torch.Tensor, ...], numbers: tuple, kernel: str):
     """``fn(*numbers, *tensors)``, replayed from a captured graph where the op's calls are."""
     call = functools.partial(fn, *numbers)
-    if kernel == "flash" and tensors[0].is_cuda:
+    if kernel in GRAPH_KERNELS and tensors[0].is_cuda:
         with phase("lrsa::graph"):
             return GRAPHS.run(name, call, tensors, numbers)
     return call(*tensors)
