@@ -26,8 +26,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-# In-process engines: the step counter wraps the scheduler, and shutting an engine down frees its
-# GPU memory in this process for the next one (vLLM's EngineCore.shutdown cleans up for that).
+# In-process engine cores: the step counter wraps the scheduler, and shutting an engine down
+# frees its GPU memory in this process for the next one (vLLM's EngineCore.shutdown cleans up for
+# that). The model runner may still run in a worker process (LagKV's multiprocess executor), so
+# main() has every process record its metrics into one folder.
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 from benchmarks import engine_common as common  # noqa: E402
@@ -110,6 +112,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="prefix caching in both engines (default: vLLM's, on); the prompts share nothing, "
         "so off measures what caching costs the host",
     )
+    parser.add_argument(
+        "--executor",
+        choices=["uni", "mp"],
+        help="vLLM's executor for both engines: uni runs the model runner in the engine core's "
+        "process, mp in a worker process (default: each engine's own, vanilla uni, LagKV mp)",
+    )
     parser.add_argument("--json", help="write every result here")
     parser.add_argument(
         "--profile",
@@ -167,6 +175,8 @@ def engine_kwargs(args: argparse.Namespace, family: Family, w: Workload) -> dict
             kwargs[name] = getattr(args, name)
     if args.prefix_caching is not None:
         kwargs["enable_prefix_caching"] = args.prefix_caching
+    if args.executor is not None:
+        kwargs["distributed_executor_backend"] = args.executor
     return kwargs
 
 
@@ -185,6 +195,7 @@ def engine_info(llm) -> dict[str, Any]:
     config = llm.llm_engine.vllm_config
     cache, sched = config.cache_config, config.scheduler_config
     return llm.collective_rpc(_worker_view)[0] | {
+        "executor": str(config.parallel_config.distributed_executor_backend),
         "block_size": cache.block_size,
         "num_gpu_blocks": cache.num_gpu_blocks,
         "pool_tokens": (cache.num_gpu_blocks or 0) * cache.block_size,
@@ -200,7 +211,8 @@ class StepCounter:
     ``schedule``, the model runner's ``execute_model`` and ``sample_tokens`` (input preparation,
     metadata build, graph replay or launches), and ``update_from_output``. The token counts of
     vLLM's own stats are recorded only in steps that emit tokens, missing the middle prefill
-    chunks. A small model's decode step is bound by host work: the phases say whose."""
+    chunks. A small model's decode step is bound by host work: the phases say whose. With the
+    model runner in a worker process (the ``mp`` executor) ``execute`` is the hand-over only."""
 
     PHASES = ("schedule", "execute", "update")
 
@@ -268,13 +280,15 @@ LAGKV_SAMPLES = {
 
 
 def lagkv_totals() -> dict[str, float]:
-    """LagKV's own series from this process's registry (the engine runs in-process). Compaction
-    is timed with CUDA events on eager and piecewise steps only: inside a replayed decode graph
-    nothing can be timed, its cost shows in ``ms_per_step`` instead."""
-    from prometheus_client import REGISTRY
+    """LagKV's own series: of this process and its workers where they record into one folder
+    (``main``), else of this process. Compaction is timed with CUDA events on eager and
+    piecewise steps only: inside a replayed decode graph nothing can be timed, its cost shows in
+    ``ms_per_step`` instead."""
+    from vllm.v1.metrics.prometheus import get_prometheus_registry
 
+    registry = get_prometheus_registry()
     return {
-        name: REGISTRY.get_sample_value(sample) or 0.0 for sample, name in LAGKV_SAMPLES.items()
+        name: registry.get_sample_value(sample) or 0.0 for sample, name in LAGKV_SAMPLES.items()
     }
 
 
@@ -306,9 +320,11 @@ def timed(llm, steps: StepCounter, w: Workload, prompts: list[list[int]]) -> dic
 
 
 def profiled(llm, steps: StepCounter, w: Workload, prompts: list[list[int]]) -> dict[str, Any]:
-    """One more run of ``w`` under cProfile (the engine runs in this process, so the scheduler,
-    the KV manager and the model runner's host work are all in it), then one under the torch
-    profiler: the host functions and GPU kernels that cost most, per step."""
+    """One more run of ``w`` under cProfile (the engine core runs in this process, so the
+    scheduler and the KV manager are in it, and the model runner's host work with vLLM's
+    in-process executor), then one under the torch profiler: the host functions and GPU kernels
+    that cost most, per step. With the model runner in a worker process (``--executor mp``) its
+    host work and kernels are not seen: ``worker`` says so."""
     import cProfile
     import pstats
 
@@ -327,8 +343,9 @@ def profiled(llm, steps: StepCounter, w: Workload, prompts: list[list[int]]) -> 
         {"function": f"{Path(f).name}:{line}:{name}", "us_per_step": 1e6 * tt / n, "calls": nc}
         for (f, line, name), (_, nc, tt, _, _) in rows
     ]
-    if not torch.cuda.is_available():
-        return {"host": top_host, "gpu": [], "gpu_busy_us_per_step": 0.0}
+    worker = llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend != "uni"
+    if worker or not torch.cuda.is_available():
+        return {"host": top_host, "gpu": [], "gpu_busy_us_per_step": 0.0, "worker": worker}
     llm.reset_prefix_cache()
     first = steps.steps
     with profile(activities=[ProfilerActivity.CUDA]) as gpu:
@@ -341,14 +358,18 @@ def profiled(llm, steps: StepCounter, w: Workload, prompts: list[list[int]]) -> 
         for e in kernels
     ]
     busy = sum(e.device_time_total for e in events) / n
-    return {"host": top_host, "gpu": top_gpu, "gpu_busy_us_per_step": busy}
+    return {"host": top_host, "gpu": top_gpu, "gpu_busy_us_per_step": busy, "worker": False}
 
 
 PROFILE_ROWS = 25
 
 
 def print_profile(engine: str, name: str, prof: dict[str, Any]) -> None:
-    print(f"\n  {engine} {name}: GPU busy {prof['gpu_busy_us_per_step']:.0f} us/step")
+    if prof["worker"]:
+        print(f"\n  {engine} {name}: the engine core only (the model runner is a worker "
+              "process; --executor uni profiles it and the GPU)")  # fmt: skip
+    else:
+        print(f"\n  {engine} {name}: GPU busy {prof['gpu_busy_us_per_step']:.0f} us/step")
     for row in prof["gpu"]:
         print(f"    gpu  {row['us_per_step']:8.1f} us/step {row['calls']:7d}x  {row['kernel']}")
     for row in prof["host"]:
@@ -506,15 +527,18 @@ STEP_HEADER = (
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    command = shlex.join([sys.executable, "-m", "benchmarks.gpu_serving", *given])
+    if args.merge:
+        return merged(args, command)
+    from lrsa_serve.serving.cli import multiprocess_metrics
+
+    multiprocess_metrics()  # before prometheus_client is first imported (with vLLM)
     import torch
     import vllm
 
     from lrsa_serve.models import resolve_model
 
-    given = sys.argv[1:] if argv is None else argv
-    command = shlex.join([sys.executable, "-m", "benchmarks.gpu_serving", *given])
-    if args.merge:
-        return merged(args, command)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
     print(f"{command}\n{gpu}; torch {torch.__version__}; vLLM {vllm.__version__}", flush=True)
     meta = {"command": command, "gpu": gpu, "torch": torch.__version__, "vllm": vllm.__version__}

@@ -51,6 +51,10 @@ def test_workloads_and_engine_arguments(bench):
     assert kw["gpu_memory_utilization"] == 0.8 and "max_num_seqs" not in kw
     assert "attention_backend" not in kw and "kv_cache_memory_bytes" not in kw
     assert "enable_prefix_caching" not in kw  # vLLM's default
+    assert "distributed_executor_backend" not in kw  # each engine's own
+    forced = bench.parse_args(["--executor", "mp"])
+    kw = bench.engine_kwargs(forced, bench.FAMILIES["8b"], w["8b-e2e"])
+    assert kw["distributed_executor_backend"] == "mp"
     uncached = bench.parse_args(["--no-prefix-caching"])
     kw = bench.engine_kwargs(uncached, bench.FAMILIES["8b"], w["8b-e2e"])
     assert kw["enable_prefix_caching"] is False
@@ -164,3 +168,28 @@ def test_a_cpu_run_counts_the_steps_and_times_the_host_phases(bench, default_mod
     phases = [run[f"{phase}_seconds"] for phase in bench.StepCounter.PHASES]
     assert all(p > 0 for p in phases) and sum(phases) < run["seconds"]
     assert run["execute_ms_per_step"] == pytest.approx(1e3 * phases[1] / run["steps"])
+
+
+@pytest.mark.engine
+def test_a_run_whose_model_runner_is_a_worker_process_reads_its_metrics(tmp_path, default_model):
+    """``--executor mp``: the model runner runs in a worker process, and the compactions it
+    counts reach the report (every process records into one folder)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "run.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_serving", "--workloads", "small-e2e",
+         "--engines", "lagkv", "--executor", "mp", "--scale", "0.05", "--sequences", "2",
+         "--dtype", "float32", "--enforce-eager", "--model", default_model, "--json", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    engine = next(iter(report["engines"].values()))["lagkv"]
+    assert engine["executor"] == "mp"
+    run = report["workloads"]["small-e2e"]["lagkv"]
+    assert run["generated_tokens"] == 2 * 128
+    # two requests of 32 + 4 * 256 tokens: partitions 0-2 compress in each, in the worker
+    assert run["compressed_partitions"] == 2 * 3

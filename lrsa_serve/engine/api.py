@@ -67,8 +67,24 @@ def lagkv_engine_kwargs(model: str, settings: LagKVConfig | None, **kwargs: Any)
 
         kwargs["attention_backend"], why = choose_backend(kwargs.get("dtype", "auto"))
         logger.info("LagKV attention: %s (%s)", kwargs["attention_backend"], why)
+    if not on_cpu() and kwargs.get("distributed_executor_backend") is None and one_worker(kwargs):
+        kwargs["distributed_executor_backend"] = "mp"
+        logger.info(
+            "LagKV executor: mp (the model runner in a process of its own, so the scheduler's "
+            "per-request KV work overlaps the model runner's host work)"
+        )
     logger.info("LagKV: %s (block size %d)", settings.short(), kwargs["block_size"])
     return kwargs
+
+
+def one_worker(kwargs: dict[str, Any]) -> bool:
+    """Whether the engine runs one worker (no tensor or pipeline parallelism). There vLLM's own
+    choice is its in-process executor, which runs the scheduler and the model runner's host work
+    one after the other; LagKV's scheduler does more per request than vanilla's (naming, copying
+    and freeing the blocks of every partition it compacts), so it takes vLLM's multiprocess
+    executor, with which the two overlap under async scheduling. Several workers are vLLM's
+    multiprocess executor already."""
+    return all(kwargs.get(f"{k}_parallel_size", 1) == 1 for k in ("tensor", "pipeline"))
 
 
 def make_llm(

@@ -30,7 +30,7 @@ ENGINE_FLAGS = (
 )
 
 
-def _multiprocess_metrics() -> None:
+def multiprocess_metrics() -> None:
     """Every engine process records into one directory that /metrics aggregates; it must be set
     before prometheus_client is first imported, i.e. before vLLM."""
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
@@ -195,7 +195,7 @@ async def serve(args: argparse.Namespace, settings, api_key: str | None, dtype_r
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _multiprocess_metrics()
+    multiprocess_metrics()
     parser = build_parser()
     args = parser.parse_args(argv)
 
