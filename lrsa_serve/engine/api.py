@@ -67,6 +67,12 @@ def lagkv_engine_kwargs(model: str, settings: LagKVConfig | None, **kwargs: Any)
 
         kwargs["attention_backend"], why = choose_backend(kwargs.get("dtype", "auto"))
         logger.info("LagKV attention: %s (%s)", kwargs["attention_backend"], why)
+    # With one worker vLLM runs the model runner in the engine core's process, after the
+    # scheduler; LagKV's scheduler does more per request than vanilla's (it names, copies and
+    # frees the blocks of every partition it compacts), so the model runner gets a process of
+    # its own, where its host work overlaps the next step's scheduling (async scheduling).
+    # Several workers are vLLM's multiprocess executor already; CPU engines keep vLLM's choice
+    # (their model runner's threads take the cores).
     if not on_cpu() and kwargs.get("distributed_executor_backend") is None and one_worker(kwargs):
         kwargs["distributed_executor_backend"] = "mp"
         logger.info(
@@ -78,12 +84,7 @@ def lagkv_engine_kwargs(model: str, settings: LagKVConfig | None, **kwargs: Any)
 
 
 def one_worker(kwargs: dict[str, Any]) -> bool:
-    """Whether the engine runs one worker (no tensor or pipeline parallelism). There vLLM's own
-    choice is its in-process executor, which runs the scheduler and the model runner's host work
-    one after the other; LagKV's scheduler does more per request than vanilla's (naming, copying
-    and freeing the blocks of every partition it compacts), so it takes vLLM's multiprocess
-    executor, with which the two overlap under async scheduling. Several workers are vLLM's
-    multiprocess executor already."""
+    """Whether engine arguments ``kwargs`` make one worker (no tensor or pipeline parallelism)."""
     return all(kwargs.get(f"{k}_parallel_size", 1) == 1 for k in ("tensor", "pipeline"))
 
 

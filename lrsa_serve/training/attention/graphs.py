@@ -84,7 +84,7 @@ class CallGraphs:
             try:
                 self._capture(call, fn)
             except Exception as err:  # the CUDA error alone does not say which call, or why
-                first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                first_line = next(iter(str(err).strip().splitlines()), "")
                 raise RuntimeError(  # one line: CUDA's own message runs on with links
                     f"capturing the call {name!r} as a CUDA graph failed "
                     f"({type(err).__name__}: {first_line}){self.remedy}"
