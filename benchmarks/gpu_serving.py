@@ -206,25 +206,47 @@ def engine_info(llm) -> dict[str, Any]:
     }
 
 
+def _time_worker(worker) -> None:
+    """Runs in the worker (collective_rpc): adds the time of its every ``execute_model`` and
+    ``sample_tokens`` call to ``worker.lrsa_host_seconds``, once per worker."""
+    if hasattr(worker, "lrsa_host_seconds"):
+        return
+    worker.lrsa_host_seconds = 0.0
+
+    def record(seconds: float, _out) -> None:
+        worker.lrsa_host_seconds += seconds
+
+    for method in ("execute_model", "sample_tokens"):
+        common.time_calls(worker, method, record)
+
+
+def _worker_seconds(worker) -> float:
+    return worker.lrsa_host_seconds
+
+
 class StepCounter:
     """Counts the scheduler's steps and times the engine core's host phases (wrapping them):
     ``schedule``, the model runner's ``execute_model`` and ``sample_tokens`` (input preparation,
-    metadata build, graph replay or launches), and ``update_from_output``. The token counts of
-    vLLM's own stats are recorded only in steps that emit tokens, missing the middle prefill
-    chunks. A small model's decode step is bound by host work: the phases say whose. With the
-    model runner in a worker process (the ``mp`` executor) ``execute`` is the hand-over only."""
+    metadata build, graph replay or launches), and ``update_from_output``; and ``worker``, the
+    same two calls timed inside the worker. The token counts of vLLM's own stats are recorded
+    only in steps that emit tokens, missing the middle prefill chunks. A small model's decode
+    step is bound by host work: the phases say whose. With the model runner in the engine core's
+    process (the ``uni`` executor) ``execute`` holds ``worker``; in a worker process (``mp``)
+    ``execute`` is the hand-over only, and the two processes' phases overlap."""
 
-    PHASES = ("schedule", "execute", "update")
+    PHASES = ("schedule", "execute", "update", "worker")
 
     def __init__(self, llm) -> None:
         self.steps = self.prefill_steps = self.prefill_tokens = 0
-        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+        self.seconds = dict.fromkeys(self.PHASES[:-1], 0.0)
+        self.llm = llm
         scheduler = common.scheduler_of(llm)
         executor = llm.llm_engine.engine_core.engine_core.model_executor
         self.clock(scheduler, "schedule", "schedule", self.count)
         self.clock(executor, "execute_model", "execute")
         self.clock(executor, "sample_tokens", "execute")
         self.clock(scheduler, "update_from_output", "update")
+        llm.collective_rpc(_time_worker)
 
     def clock(self, owner, method: str, phase: str, then=None) -> None:
         """Adds the time of every call of owner.method to phase; then(result) after each."""
@@ -249,6 +271,7 @@ class StepCounter:
             steps=self.steps,
             prefill_steps=self.prefill_steps,
             prefill_tokens=self.prefill_tokens,
+            worker_seconds=self.llm.collective_rpc(_worker_seconds)[0],
         ) | {f"{phase}_seconds": s for phase, s in self.seconds.items()}
 
 
@@ -520,7 +543,7 @@ def step_rows(results: dict[str, Any]) -> list[list[str]]:
 
 STEP_HEADER = (
     "workload|engine|steps|prefill steps|prefill tokens/step|ms/step|"
-    "host ms/step: schedule / execute+sample / update|preemptions|"
+    "host ms/step: schedule / execute+sample / update / worker|preemptions|"
     "partitions compressed|compaction s (eager steps)"
 ).split("|")
 
