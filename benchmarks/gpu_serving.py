@@ -234,11 +234,12 @@ class StepCounter:
     process (the ``uni`` executor) ``execute`` holds ``worker``; in a worker process (``mp``)
     ``execute`` is the hand-over only, and the two processes' phases overlap."""
 
-    PHASES = ("schedule", "execute", "update", "worker")
+    CORE_PHASES = ("schedule", "execute", "update")  # timed in the engine core
+    PHASES = (*CORE_PHASES, "worker")
 
     def __init__(self, llm) -> None:
         self.steps = self.prefill_steps = self.prefill_tokens = 0
-        self.seconds = dict.fromkeys(self.PHASES[:-1], 0.0)
+        self.seconds = dict.fromkeys(self.CORE_PHASES, 0.0)
         self.llm = llm
         scheduler = common.scheduler_of(llm)
         executor = llm.llm_engine.engine_core.engine_core.model_executor
