@@ -86,6 +86,27 @@ def test_two_pipeline_stages_equal_one_worker(engines, default_model, prompts):
     assert runs[2] == runs[1]
 
 
+def test_a_worker_in_its_own_process_equals_one_in_the_engine_core(engines, default_model, prompts):
+    """The multiprocess executor with one worker (what a LagKV engine takes on one GPU): the KV
+    spec, the plan and the compaction cross the process boundary, and the tokens are the
+    in-process executor's."""
+    engines.close()
+    runs = {}
+    for executor in ("uni", "mp"):
+        llm = parallel_engine(
+            default_model, lagkv=LAGKV, distributed_executor_backend=executor, **EAGER
+        )
+        try:
+            assert (
+                llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend == executor
+            )
+            runs[executor] = engine_generate(llm, prompts, 32)
+            assert pool_is_idle(llm)
+        finally:
+            shut(llm)
+    assert runs["mp"] == runs["uni"]
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
     """4 query / 2 KV heads of 64 (vLLM's CPU attention takes head sizes from 32 up; both counts
