@@ -254,7 +254,8 @@ def test_resident_tokens_during_a_request(server, long_prompt):
     is the prefill's second chunk, held for that whole step, and the short decode; a loaded
     2-core machine answered every scrape but one outside the decode of five requests, so any
     scrape that sees the request counts, and the request runs again, under a new salt, until
-    two have.)"""
+    two have and one of them came past the first partitions: a loaded CI machine once scraped
+    only the first ~500 tokens, which hold 1.5x, of five requests.)"""
     import threading
 
     def request(body: dict, answers: list) -> None:
@@ -263,7 +264,7 @@ def test_resident_tokens_during_a_request(server, long_prompt):
 
     seen: list[tuple[float, float]] = []
     running_seen: list[tuple[float, float]] = []
-    for attempt in range(5):
+    for attempt in range(8):
         wait_idle(server)
         body = {"model": MODEL, "prompt": long_prompt, "max_tokens": 24, "temperature": 0,
                 "ignore_eos": True, "cache_salt": f"resident-{attempt}"}  # fmt: skip
@@ -277,7 +278,7 @@ def test_resident_tokens_during_a_request(server, long_prompt):
         running.join()
         assert answers[0].status_code == 200, answers[0].text
         running_seen = [(r, n) for r, n in seen if n]
-        if len(running_seen) >= 2:
+        if len(running_seen) >= 2 and max(n / r for r, n in running_seen) > 2:
             break
     wait_idle(server)
     # The engine sets the two gauges one after the other and a scrape reads them one after the
