@@ -2,6 +2,9 @@
 tested on a CUDA GPU (``test_compaction_step.py``); this checks what a CPU can: it imports
 against the installed vLLM and adapts it the way the CPU backend does."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -153,3 +156,31 @@ def test_lagkv_takes_the_multiprocess_executor_on_one_gpu(monkeypatch):
     assert executor(settings, distributed_executor_backend="uni") == "uni"
     assert executor(settings, tensor_parallel_size=2) is None
     assert executor(None) is None
+
+
+def test_the_cuda_backends_unpickle_in_a_process_that_vllm_spawns():
+    """vLLM spawns its worker and engine core processes whenever the parent has initialised CUDA
+    (and under Ray); a spawned process unpickles the engine config, which names the attention
+    backend, before it loads any plugin. The LagKV backends are dynamic members of vLLM's enum,
+    so they must unpickle in a fresh interpreter, and stock members as before. (Two fresh
+    interpreters: the parent's registration stays out of this one.)"""
+    parent = (
+        "import pickle, sys\n"
+        "from vllm.v1.attention.backends.registry import AttentionBackendEnum as E\n"
+        "from lrsa_serve.engine import plugin\n"
+        "plugin.register_cuda_backends()\n"
+        "sys.stdout.buffer.write(pickle.dumps([E.LAGKV_FLASH_ATTN, E.LAGKV_TRITON, E.FLASH_ATTN]))"
+    )
+    child = (
+        "import pickle, sys\n"
+        "for m in pickle.loads(sys.stdin.buffer.read()): print(m.name, m.get_path())"
+    )
+    payload = subprocess.run([sys.executable, "-c", parent], capture_output=True, check=True)
+    child_run = [sys.executable, "-c", child]
+    loaded = subprocess.run(child_run, input=payload.stdout, capture_output=True)
+    assert loaded.returncode == 0, loaded.stderr.decode()[-2000:]
+    assert loaded.stdout.decode().splitlines() == [
+        f"LAGKV_FLASH_ATTN {CUDA_BACKENDS['LAGKV_FLASH_ATTN']}",
+        f"LAGKV_TRITON {CUDA_BACKENDS['LAGKV_TRITON']}",
+        "FLASH_ATTN vllm.v1.attention.backends.flash_attn.FlashAttentionBackend",
+    ]

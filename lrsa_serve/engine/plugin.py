@@ -7,6 +7,9 @@ runs exactly as stock vLLM.
 
 from __future__ import annotations
 
+import pickle
+from typing import Any
+
 # The LagKV CUDA backends by name -> class (vLLM's attention_backend picks one of them).
 CUDA_BACKENDS = {
     "LAGKV_FLASH_ATTN": "lrsa_serve.engine.cuda_backend.LagKVFlashBackend",
@@ -38,7 +41,35 @@ def register() -> None:
             AttentionBackendEnum.CPU_ATTN, "lrsa_serve.engine.cpu_backend.LagKVCPUBackend"
         )
     elif current_platform.is_cuda_alike():
-        for name, path in CUDA_BACKENDS.items():
-            if name not in AttentionBackendEnum.__members__:
-                register_backend(name, path)
+        register_cuda_backends()
     _registered = True
+
+
+def register_cuda_backends() -> None:
+    """Adds the LagKV CUDA backends to vLLM's backend enum, and makes them picklable into a fresh
+    process. The members are dynamic, and an enum member pickles by value: a process that vLLM
+    spawns (its worker, its engine core; spawned whenever the parent has initialised CUDA)
+    unpickles the engine config before it loads any plugin, so the value would be unknown there.
+    The member pickles instead as a call to ``backend_member``, which registers it first."""
+    import copyreg
+
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    for name in CUDA_BACKENDS:
+        backend_member(name)
+    copyreg.pickle(AttentionBackendEnum, _reduce_backend)
+
+
+def backend_member(name: str) -> Any:
+    """The LagKV backend member ``name`` of vLLM's backend enum, registered if it is not yet."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    if name not in AttentionBackendEnum.__members__:
+        register_backend(name, CUDA_BACKENDS[name])
+    return AttentionBackendEnum[name]
+
+
+def _reduce_backend(member: Any) -> tuple:
+    if member.name in CUDA_BACKENDS:
+        return backend_member, (member.name,)
+    return member.__reduce_ex__(pickle.DEFAULT_PROTOCOL)  # stock members: the enum's own way
