@@ -28,7 +28,7 @@ from typing import Any
 
 # In-process engine cores: the step counter wraps the scheduler, and shutting an engine down
 # frees its GPU memory in this process for the next one (vLLM's EngineCore.shutdown cleans up for
-# that). The model runner may still run in a worker process (LagKV's multiprocess executor), so
+# that). The model runner may still run in a worker process (``--executor mp``), so
 # main() has every process record its metrics into one folder.
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
@@ -116,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--executor",
         choices=["uni", "mp"],
         help="vLLM's executor for both engines: uni runs the model runner in the engine core's "
-        "process, mp in a worker process (default: each engine's own, vanilla uni, LagKV mp)",
+        "process, mp in a worker process (default: vLLM's, uni on one GPU)",
     )
     parser.add_argument("--json", help="write every result here")
     parser.add_argument(

@@ -138,26 +138,6 @@ def test_the_metadata_keeps_the_stock_build_and_adds_the_plan():
     assert not hasattr(meta, "compaction")  # the stock object is left as it was
 
 
-def test_lagkv_takes_the_multiprocess_executor_on_one_gpu(monkeypatch):
-    """On CUDA with one worker a LagKV engine runs vLLM's multiprocess executor (its scheduler's
-    work overlaps the model runner's); a backend the user names stays, several workers and stock
-    vLLM are left to vLLM's own choice."""
-    from lrsa_serve.engine import api
-
-    monkeypatch.setattr(api, "on_cpu", lambda: False)
-    settings = LagKVConfig(sink=32, lag=256, ratio=0.25)
-
-    def executor(lagkv, **kwargs):
-        return api.lagkv_engine_kwargs("model", lagkv, block_size=16, **kwargs).get(
-            "distributed_executor_backend"
-        )
-
-    assert executor(settings) == "mp"
-    assert executor(settings, distributed_executor_backend="uni") == "uni"
-    assert executor(settings, tensor_parallel_size=2) is None
-    assert executor(None) is None
-
-
 def test_the_cuda_backends_unpickle_in_a_process_that_vllm_spawns():
     """vLLM spawns its worker and engine core processes whenever the parent has initialised CUDA
     (and under Ray); a spawned process unpickles the engine config, which names the attention

@@ -51,7 +51,7 @@ def test_workloads_and_engine_arguments(bench):
     assert kw["gpu_memory_utilization"] == 0.8 and "max_num_seqs" not in kw
     assert "attention_backend" not in kw and "kv_cache_memory_bytes" not in kw
     assert "enable_prefix_caching" not in kw  # vLLM's default
-    assert "distributed_executor_backend" not in kw  # each engine's own
+    assert "distributed_executor_backend" not in kw  # vLLM's own
     forced = bench.parse_args(["--executor", "mp"])
     kw = bench.engine_kwargs(forced, bench.FAMILIES["8b"], w["8b-e2e"])
     assert kw["distributed_executor_backend"] == "mp"

@@ -87,7 +87,7 @@ def test_two_pipeline_stages_equal_one_worker(engines, default_model, prompts):
 
 
 def test_a_worker_in_its_own_process_equals_one_in_the_engine_core(engines, default_model, prompts):
-    """The multiprocess executor with one worker (what a LagKV engine takes on one GPU): the KV
+    """The multiprocess executor with one worker (`--distributed-executor-backend mp`): the KV
     spec, the plan and the compaction cross the process boundary, and the tokens are the
     in-process executor's."""
     engines.close()

@@ -67,25 +67,8 @@ def lagkv_engine_kwargs(model: str, settings: LagKVConfig | None, **kwargs: Any)
 
         kwargs["attention_backend"], why = choose_backend(kwargs.get("dtype", "auto"))
         logger.info("LagKV attention: %s (%s)", kwargs["attention_backend"], why)
-    # With one worker vLLM runs the model runner in the engine core's process, after the
-    # scheduler; LagKV's scheduler does more per request than vanilla's (it names, copies and
-    # frees the blocks of every partition it compacts), so the model runner gets a process of
-    # its own, where its host work overlaps the next step's scheduling (async scheduling).
-    # Several workers are vLLM's multiprocess executor already; CPU engines keep vLLM's choice
-    # (their model runner's threads take the cores).
-    if not on_cpu() and kwargs.get("distributed_executor_backend") is None and one_worker(kwargs):
-        kwargs["distributed_executor_backend"] = "mp"
-        logger.info(
-            "LagKV executor: mp (the model runner in a process of its own, so the scheduler's "
-            "per-request KV work overlaps the model runner's host work)"
-        )
     logger.info("LagKV: %s (block size %d)", settings.short(), kwargs["block_size"])
     return kwargs
-
-
-def one_worker(kwargs: dict[str, Any]) -> bool:
-    """Whether engine arguments ``kwargs`` make one worker (no tensor or pipeline parallelism)."""
-    return all(kwargs.get(f"{k}_parallel_size", 1) == 1 for k in ("tensor", "pipeline"))
 
 
 def make_llm(
