@@ -60,6 +60,13 @@ def shut(llm) -> None:
     llm.llm_engine.engine_core.shutdown()
 
 
+def start_method(worker) -> str | None:
+    """How multiprocessing started this worker's process (``spawn``: a fresh interpreter)."""
+    import multiprocessing
+
+    return multiprocessing.get_start_method(allow_none=True)
+
+
 def pool_is_idle(llm) -> bool:
     manager = scheduler_of(llm).kv_cache_manager
     pool = manager.block_pool
@@ -89,7 +96,9 @@ def test_two_pipeline_stages_equal_one_worker(engines, default_model, prompts):
 def test_a_worker_in_its_own_process_equals_one_in_the_engine_core(engines, default_model, prompts):
     """The multiprocess executor with one worker (`--distributed-executor-backend mp`): the KV
     spec, the plan and the compaction cross the process boundary, and the tokens are the
-    in-process executor's."""
+    in-process executor's. vLLM's CPU platform spawns the worker, as its CUDA platform does
+    wherever the parent has initialised CUDA: a fresh interpreter that unpickles the engine
+    config before it loads any plugin."""
     engines.close()
     runs = {}
     for executor in ("uni", "mp"):
@@ -100,6 +109,8 @@ def test_a_worker_in_its_own_process_equals_one_in_the_engine_core(engines, defa
             assert (
                 llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend == executor
             )
+            if executor == "mp":
+                assert llm.collective_rpc(start_method) == ["spawn"]
             runs[executor] = engine_generate(llm, prompts, 32)
             assert pool_is_idle(llm)
         finally:
