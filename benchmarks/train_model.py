@@ -9,8 +9,7 @@ selection (one layer's K/V timed alone, times layers), and with ``--floor`` the 
 attention replaced by nothing, from which the best speedup the mask allows. ``--lrsa-variants``:
 the trainer's ``--lrsa-kernel`` choices (``auto``, ``fa4``, ``flash``, ...); ``--eager-calls``
 the first of them without the op's CUDA graphs (``op.GRAPHS``), ``--triton-all-lengths`` with the
-Triton selection and packing below their threshold too, ``--fa4-graphs`` FlashAttention-4 with
-its calls captured as CUDA graphs as FlashAttention-2's are. ``--profile``: one
+Triton selection and packing below their threshold too. ``--profile``: one
 more step of each configuration under the torch profiler, to tell a host-bound step from a
 GPU-bound one (``profiled_step``).
 """
@@ -30,7 +29,6 @@ from benchmarks.random_models import random_model, tiny_config
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.training import loop
 from lrsa_serve.training import model as model_mod
-from lrsa_serve.training.attention import op as op_mod
 from lrsa_serve.training.attention import sequence_select
 from lrsa_serve.training.attention.op import PHASES
 from lrsa_serve.training.attention.varlen import packing_for
@@ -40,9 +38,7 @@ from lrsa_serve.training.data import IGNORE_INDEX
 FLOOR = "lrsa_bench_floor"
 EAGER_CALLS = "lrsa_eager_calls"  # the --eager-calls run
 TRITON_ALL = "lrsa_triton_all"  # the --triton-all-lengths run
-FA4_GRAPHS = "lrsa_fa4_graphs"  # the --fa4-graphs run
 TRITON_FROM = sequence_select.TRITON_MIN_LENGTH
-GRAPH_KERNELS = op_mod.GRAPH_KERNELS
 QWEN2_HALF_BILLION = Path(__file__).parent / "configs" / "qwen2-0.5b-class"
 
 
@@ -213,12 +209,6 @@ def main() -> int:
         f"length (default: from {sequence_select.TRITON_MIN_LENGTH} tokens)",
     )
     parser.add_argument(
-        "--fa4-graphs",
-        action="store_true",
-        help="also time LRSA on FlashAttention-4 with its calls captured as CUDA graphs too "
-        f"(default: captured only for {', '.join(op_mod.GRAPH_KERNELS)})",
-    )
-    parser.add_argument(
         "--compile",
         choices=["auto", "on", "off"],
         default="auto",
@@ -263,8 +253,6 @@ def main() -> int:
         runs.append((EAGER_CALLS, args.lrsa_variants[0]))
     if args.triton_all_lengths:
         runs.append((TRITON_ALL, args.lrsa_variants[0]))
-    if args.fa4_graphs:
-        runs.append((FA4_GRAPHS, "fa4"))
     others = [name for name, _ in runs[2:]]  # the LRSA variants after the first
     if args.floor:
         runs.append(("floor", FLOOR))
@@ -284,7 +272,6 @@ def main() -> int:
                     graphed = attention != EAGER_CALLS
                     model_mod.set_attention(model, "lrsa", cfg, variant, cuda_graphs=graphed)
                 sequence_select.TRITON_MIN_LENGTH = 0 if attention == TRITON_ALL else TRITON_FROM
-                op_mod.GRAPH_KERNELS = GRAPH_KERNELS + (("fa4",) if attention == FA4_GRAPHS else ())
                 # the trainer's own set-up (checkpointing per layer, replaying the selection)
                 model_mod.prepare_for_training(model, checkpointing == "on")
                 if compiled:
@@ -314,7 +301,6 @@ def main() -> int:
                     print_profile(attention, n, checkpointing, prof)
             # the defaults again, for selection_ms below and the next row's first runs
             sequence_select.TRITON_MIN_LENGTH = TRITON_FROM
-            op_mod.GRAPH_KERNELS = GRAPH_KERNELS
             # the configurations that ran (not skipped by the deadline, not out of memory)
             done = {a: row[f"{a}_s"] for a, _ in runs if isinstance(row[f"{a}_s"], float)}
             for attention in others:  # the other variants' speedups

@@ -258,10 +258,10 @@ def kernel_applies(kernel: str, query: torch.Tensor, dtype: torch.dtype | None =
     )
 
 
-# Below this many tokens FA2's lower per-call cost wins (H100: a 5K-token layer 1.19 ms on FA2
-# vs 1.37 ms on FA4, an 8K one 2.30 vs 2.02 ms; a tiny model at <1K tokens trained 1.45x faster
-# on FA2). docs/training.md.
-FA4_MIN_LENGTH = 8192
+# Below this many tokens FA2's lower per-call cost wins. H100, whole 0.5B model, both kernels'
+# calls replayed from CUDA graphs: 8K steps 0.96x of dense on FA2 vs 0.85x on FA4, 16K 1.06x vs
+# 1.27x (a tiny model at <1K tokens trained 1.45x faster on FA2). docs/training.md.
+FA4_MIN_LENGTH = 16384
 
 
 def check_kernel(kernel: str) -> str:
