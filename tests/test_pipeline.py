@@ -222,22 +222,27 @@ def test_ctrl_c_and_sigterm_stop_the_server(tmp_path, sig):
             process.kill()
 
 
-def test_base_server_with_other_settings_is_refused(tmp_path, capsys):
+def test_base_server_with_other_settings_is_refused(tmp_path, tokenizer):
     from test_eval_http import FakeEndpoint  # serves a card with S32 L128 r0.25
 
-    trained = tmp_path / "o" / "train" / "lrsa"
-    trained.mkdir(parents=True)
-    (trained / "config.json").write_text("{}")
-    (trained / "model.safetensors").write_bytes(b"")
-    config = tmp_path / "p.yaml"
-    config.write_text(f"out: {tmp_path / 'o'}\nlagkv: {{sink: 32, lag: 128, ratio: 0.5}}\n")
+    from lrsa_serve.config import LagKVConfig
+    from lrsa_serve.errors import UserError
+    from lrsa_serve.eval.tasks import build_items, resolve_tasks
+    from lrsa_serve.pipeline.config import BaseSection, PipelineConfig
+    from lrsa_serve.pipeline.stages import evaluate_models
+
+    settings = LagKVConfig(sink=32, lag=128, ratio=0.5)
+    items = build_items(tokenizer, resolve_tasks(["passkey"]), [300], [0.5], 1)
     with FakeEndpoint(lambda prompt: "x") as server:
-        code = lrsa(["pipeline", str(config), "--skip-train", "--base-url", server.url])
-    assert code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+        config = PipelineConfig(out=str(tmp_path), base=BaseSection(url=server.url))
+        with pytest.raises(UserError) as error:
+            evaluate_models(config, [("base", "unused", settings)], settings, items, tmp_path,
+                            progress=False)  # fmt: skip
     assert (
-        "runs LagKV S32 L128 r0.25, the pipeline evaluates under sink=32 lag=128 ratio=0.5" in err
+        "runs LagKV S32 L128 r0.25, the pipeline evaluates under sink=32 lag=128 ratio=0.5"
+        in str(error.value)
     )
+    assert not (tmp_path / "eval" / "parts").exists()  # nothing kept from a refused server
 
 
 # ---- the CPU example, end to end ---------------------------------------------------------------
@@ -277,6 +282,29 @@ def test_cpu_example_pipeline(live_server, tmp_path, capsys):
     assert "ready on http://127.0.0.1" in stdout and "[pipeline] done" in stdout
     # the report says how each server it stopped was started
     assert f"note: served by `lrsa serve {trained} --sink 32 --lag 128" in markdown
+
+    # --resume of a finished run: nothing trains or is served again, the report is the same
+    args = ["pipeline", str(CPU_EXAMPLE), "--out", str(out), "--base-url", live_server.url,
+            "--base-api-key", live_server.api_key, "--no-progress", "--resume"]  # fmt: skip
+    assert lrsa(args) == 0
+    stdout = capsys.readouterr().out
+    assert "train lrsa: reusing the finished run" in stdout
+    assert "eval base: reusing its answers" in stdout and "eval lrsa: reusing its answers" in stdout
+    assert "serve lrsa:" not in stdout and "lrsa train" not in stdout
+    again = json.loads((out / "report.json").read_text())
+    assert again["eval"]["items"] == report["eval"]["items"]
+
+    # a training killed after its last checkpoint, before its export: --resume continues it from
+    # that checkpoint (the trainer exports again), and the re-exported model is asked again
+    metrics = trained / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("".join(line + "\n" for line in lines if '"export"' not in line))
+    assert lrsa(args) == 0
+    stdout = capsys.readouterr().out
+    assert "resuming from its last checkpoint" in stdout and "serve lrsa:" in stdout
+    assert "eval base: reusing its answers" in stdout
+    events = [json.loads(line).get("event") for line in metrics.read_text().splitlines()]
+    assert events[-2:] == ["resume", "export"]
 
 
 def test_report_compares_every_model_with_the_base(tokenizer, tmp_path):

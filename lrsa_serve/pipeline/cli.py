@@ -13,6 +13,10 @@
 
 Every server and trainer it starts is stopped on the way out: on success, on failure, on Ctrl-C
 and on SIGTERM/SIGHUP (the whole process group, SIGTERM then SIGKILL). Logs: ``OUT/logs/``.
+``--resume`` continues an interrupted run in the same OUT with the same config: a variant that
+finished training is reused, one that left checkpoints resumes from the latest, and a model
+whose answers were kept (``OUT/eval/parts/``, none failed) is not served again; anything the
+config changed since runs afresh.
 Exit status: 0; 1 when some eval requests failed (the report lists them); 2 when a stage failed
 (one line naming its log); 130 on Ctrl-C.
 
@@ -45,7 +49,6 @@ from lrsa_serve.pipeline.config import BaseSection, PipelineConfig, load_config
 from lrsa_serve.pipeline.processes import stop_on_signals
 from lrsa_serve.pipeline.report import report_markdown
 from lrsa_serve.pipeline.stages import (
-    check_export,
     evaluate_models,
     say,
     train_variant,
@@ -61,9 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-url", help="evaluate the base model on this running server")
     parser.add_argument("--base-api-key", help="its API key")
     parser.add_argument(
-        "--skip-train",
+        "--resume",
         action="store_true",
-        help="reuse the checkpoints already in OUT/train/VARIANT",
+        help="continue an interrupted run in OUT: reuse its finished trainings and evaluated "
+        "models, resume a training from its last checkpoint",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -75,10 +79,10 @@ def run(args: argparse.Namespace) -> int:
     if args.base_url:
         config.base = BaseSection(url=args.base_url, api_key=args.base_api_key)
     with stop_on_signals():
-        return run_pipeline(config, skip_train=args.skip_train, progress=not args.no_progress)
+        return run_pipeline(config, resume=args.resume, progress=not args.no_progress)
 
 
-def run_pipeline(config: PipelineConfig, *, skip_train: bool = False, progress: bool = True) -> int:
+def run_pipeline(config: PipelineConfig, *, resume: bool = False, progress: bool = True) -> int:
     from lrsa_serve.config import LagKVConfig
     from lrsa_serve.eval.report import table_rows, text_table, to_json, write_outputs
     from lrsa_serve.eval.tasks import build_items, resolve_tasks
@@ -102,12 +106,10 @@ def run_pipeline(config: PipelineConfig, *, skip_train: bool = False, progress: 
 
     checkpoints: dict[str, Path] = {}
     for variant in config.train.variants:
-        if skip_train:
-            checkpoints[variant] = check_export(out / "train" / variant)
-            say(f"train {variant}: skipped, reusing {checkpoints[variant]}")
-        else:
-            checkpoints[variant] = train_variant(config, base_model, settings, variant, out)
-            say(f"export {variant}: {checkpoints[variant]}")
+        checkpoints[variant] = train_variant(
+            config, base_model, settings, variant, out, resume=resume
+        )
+        say(f"export {variant}: {checkpoints[variant]}")
     training = {variant: training_summary(folder) for variant, folder in checkpoints.items()}
 
     tokenizer = load_tokenizer(base_model)
@@ -119,7 +121,7 @@ def run_pipeline(config: PipelineConfig, *, skip_train: bool = False, progress: 
     models += [(variant, str(folder), settings) for variant, folder in checkpoints.items()]
     if section.uncompressed_baseline:
         models.append(("base uncompressed", base_model, None))
-    run = evaluate_models(config, models, settings, items, out, progress)
+    run = evaluate_models(config, models, settings, items, out, progress, resume=resume)
 
     written = write_outputs(run, out / "eval")
     plots = {k: v for k, v in written.items() if k not in ("json", "markdown")}

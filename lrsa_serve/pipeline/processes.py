@@ -50,11 +50,11 @@ def last_line(path: Path) -> str:
     return next((line for line in reversed(lines) if line), "(empty log)")
 
 
-def run_logged(command: Sequence[str], log_path: Path) -> int:
-    """Run to completion in its own process group, copying its output to ``log_path`` and to
-    stdout; killed with its group if we are interrupted."""
+def run_logged(command: Sequence[str], log_path: Path, *, append: bool = False) -> int:
+    """Run to completion in its own process group, copying its output to ``log_path`` (after
+    what it holds with ``append``) and to stdout; killed with its group if we are interrupted."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("w") as log:
+    with log_path.open("a" if append else "w") as log:
         process = subprocess.Popen(
             list(command),
             stdout=subprocess.PIPE,

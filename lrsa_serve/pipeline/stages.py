@@ -12,6 +12,7 @@ from typing import Any
 
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.errors import UserError
+from lrsa_serve.pipeline import resume as resume_mod
 from lrsa_serve.pipeline.config import PipelineConfig
 from lrsa_serve.pipeline.processes import ManagedServer, PipelineError, last_line, run_logged
 
@@ -49,21 +50,38 @@ def say(message: str) -> None:
 
 
 def train_variant(
-    config: PipelineConfig, base_model: str, settings: Any, variant: str, out: Path
+    config: PipelineConfig,
+    base_model: str,
+    settings: Any,
+    variant: str,
+    out: Path,
+    *,
+    resume: bool = False,
 ) -> Path:
-    """``lrsa train`` into ``OUT/train/VARIANT``; returns the exported checkpoint folder."""
+    """``lrsa train`` into ``OUT/train/VARIANT``; returns the exported checkpoint folder. With
+    ``resume``, what an interrupted run of the same command left is reused (``resume``)."""
     target = out / "train" / variant
-    if target.exists():  # the pipeline's own folder: a new run trains afresh
-        shutil.rmtree(target)
     options = {**config.train.args, **config.train.variants[variant]}
     for reserved in ("out", *LagKVConfig.model_fields, "model"):
         if reserved in options:
             raise UserError(f"train.args: {reserved!r} is set by the pipeline (use lagkv/out)")
-    command = [sys.executable, "-m", "lrsa_serve.cli", "train", base_model, "--out", str(target)]
-    command += [*cli_flags(settings.model_dump()), *cli_flags(options), "--no-progress"]
+    args = ["train", base_model, "--out", str(target)]
+    args += [*cli_flags(settings.model_dump()), *cli_flags(options), "--no-progress"]
+    state = resume_mod.training_state(target, args) if resume else "fresh"
+    if state == "done":
+        say(f"train {variant}: reusing the finished run in {target}")
+        return check_export(target)
+    if state == "fresh":
+        if target.exists():  # the pipeline's own folder: a new run trains afresh
+            shutil.rmtree(target)
+        resume_mod.record_training(target, args)
+    command = [sys.executable, "-m", "lrsa_serve.cli", *args]
+    if state == "resume":
+        command.append("--resume")
     log = out / "logs" / f"train-{variant}.log"
-    say(f"train {variant}: lrsa train {' '.join(command[4:])}  (log: {log})")
-    code = run_logged(command, log)
+    how = ", resuming from its last checkpoint" if state == "resume" else ""
+    say(f"train {variant}: lrsa train {' '.join(command[4:])}  (log: {log}{how})")
+    code = run_logged(command, log, append=state == "resume")
     if code != 0:
         raise PipelineError(
             f"training {variant} failed (exit {code}): {last_line(log)} (log: {log})"
@@ -118,9 +136,12 @@ def evaluate_models(
     items: list,
     out: Path,
     progress: bool,
+    *,
+    resume: bool = False,
 ) -> Any:
     """Serve each (name, model folder, LagKV settings or None) in turn and evaluate it; or use
-    ``base.url`` for the base model."""
+    ``base.url`` for the base model. Each model's answers are kept in ``OUT/eval/parts``; with
+    ``resume`` a model whose kept answers still apply is not asked again (``resume``)."""
     from lrsa_serve.eval.runner import HTTPTarget, run_targets
 
     section = config.eval
@@ -128,20 +149,30 @@ def evaluate_models(
     eval_config = {"tasks": list(dict.fromkeys(item.task for item in items)), **grid}
     longest = max(section.lengths) + max(item.max_tokens for item in items) + 512
     options = dict(api=section.api, concurrency=section.concurrency, timeout=section.timeout)
+    parts = resume_mod.EvalParts(out / "eval" / "parts")
     run = None
     for name, model, model_settings in models:
-        if name == "base" and config.base.url:
+        on_base_url = name == "base" and config.base.url
+        if on_base_url:
+            served: list[str] | str = config.base.url
+        else:
+            flags = cli_flags(model_settings.model_dump()) if model_settings else ["--no-lagkv"]
+            if "--max-model-len" not in config.serve.args:
+                flags += ["--max-model-len", str(serving_length(model, longest))]
+            served = serve_args = [*flags, *config.serve.args]
+        key = resume_mod.eval_key(model, served, eval_config, items)
+        part = parts.load(name, key, eval_config, items) if resume else None
+        if part is not None:
+            say(f"eval {name}: reusing its answers in {parts.path(name)}")
+        elif on_base_url:
             target = HTTPTarget(config.base.url, name=name, api_key=config.base.api_key, **options)
             target.prepare()
             check_base_server(target, settings)
             say(f"eval {name}: {config.base.url} (already running)")
             part = run_targets([target], items, eval_config, progress=progress)
+            parts.save(key, part)
         else:
-            flags = cli_flags(model_settings.model_dump()) if model_settings else ["--no-lagkv"]
-            if "--max-model-len" not in config.serve.args:
-                flags += ["--max-model-len", str(serving_length(model, longest))]
             log = out / "logs" / f"serve-{name.replace(' ', '-')}.log"
-            serve_args = [*flags, *config.serve.args]
             say(f"serve {name}: lrsa serve {model} {' '.join(serve_args)} (log: {log})")
             started = time.monotonic()
             with ManagedServer(
@@ -153,5 +184,6 @@ def evaluate_models(
             # the report outlives the server: say how to start it again
             command = shlex.join(["lrsa", "serve", model, *serve_args])
             part.targets[0].notes.append(f"served by `{command}` (stopped after its eval)")
+            parts.save(key, part)
         run = part if run is None else run.merged(part)
     return run
