@@ -144,6 +144,8 @@ def test_collate_right_pads(tokenizer):
         [IGNORE_INDEX, 6, 7, IGNORE_INDEX],
         [8] + [IGNORE_INDEX] * 3,
     ]
+    # where the LM head runs: positions whose next token is a target in some row
+    assert batch["positions"].tolist() == [0, 1]
 
 
 def test_config_file_and_flags(tmp_path):

@@ -318,7 +318,9 @@ class BatchPlan:
 def collate(
     examples: Sequence[TokenizedExample], pad_id: int, pad_multiple: int = 1
 ) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids`` and ``labels`` ``[B, T]``; T rounded up to ``pad_multiple``.
+    """Right-padded ``input_ids`` and ``labels`` ``[B, T]``; T rounded up to ``pad_multiple``;
+    and ``positions`` (``target_positions``), counted here on the host so that the step's forward
+    never has to read it back from the device.
 
     No attention mask is returned on purpose: with right padding and causal attention no real
     token sees a pad, and without a mask SDPA keeps its fast causal kernels (the LRSA attention
@@ -331,7 +333,14 @@ def collate(
     for row, example in enumerate(examples):
         input_ids[row, : len(example)] = torch.tensor(example.input_ids)
         labels[row, : len(example)] = torch.tensor(example.labels)
-    return {"input_ids": input_ids, "labels": labels}
+    return {"input_ids": input_ids, "labels": labels, "positions": target_positions(labels)}
+
+
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The positions ``[K]`` whose next token is a target in some row of ``labels`` ``[B, T]``:
+    where the LM head runs (``evaluate.target_logits``). Its size depends on the data, so on a
+    GPU this reads the device: call it where the labels are still on the host."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
 
 
 def pad_token_id(tokenizer: Any) -> int:

@@ -21,15 +21,15 @@ from lrsa_serve.training.data import IGNORE_INDEX, TokenizedExample, collate, pa
 
 
 def target_logits(
-    model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 logits ``[B, K, V]`` at the K positions whose next token is a target somewhere in
-    the batch, and those targets ``[B, K]``. The LM head runs on those positions only: long-context
-    QA has a few target tokens per 8-32K, and full logits would be 32K x vocab floats."""
-    next_labels = labels[:, 1:]
-    positions = (next_labels != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
-    out = model(input_ids=input_ids, logits_to_keep=positions, use_cache=False)
-    return out.logits.float(), next_labels[:, positions]
+    """Float32 logits ``[B, K, V]`` at the batch's K target ``positions`` (``collate``) and the
+    targets there ``[B, K]``. The LM head runs on those positions only: long-context QA has a
+    few target tokens per 8-32K, and full logits would be 32K x vocab floats. Nothing is read
+    back from the device."""
+    positions = batch["positions"]
+    out = model(input_ids=batch["input_ids"], logits_to_keep=positions, use_cache=False)
+    return out.logits.float(), batch["labels"][:, 1:][:, positions]
 
 
 def task_of(example: TokenizedExample) -> str:
@@ -87,7 +87,7 @@ def evaluate_examples(
         chunk = batches[index if real else 0]
         batch = {k: v.to(device) for k, v in collate(chunk, pad, pad_multiple).items()}
         with autocast:
-            logits, labels = target_logits(model, batch["input_ids"], batch["labels"])
+            logits, labels = target_logits(model, batch)
         if not real:
             continue
         mask = labels != IGNORE_INDEX

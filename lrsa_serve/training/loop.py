@@ -103,13 +103,13 @@ def autocast_for(device: torch.device, mixed_precision: str):
 
 
 def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast) -> torch.Tensor:
-    """Summed token cross-entropy of a micro-batch, on the device. Nothing here reads the device
-    back: a read between forward and backward would make the host wait for the forward and
-    lose its lead over the GPU, and the backward would then be launched at the host's pace
+    """Summed token cross-entropy of a micro-batch (``data.collate``'s), on the device. Nothing
+    here reads the device back: a read in the step would make the host wait for the GPU and
+    lose its lead over it, and the rest of the step would then be launched at the host's pace
     (the LRSA layers' launches are the long part of it). Divide by a count known from the data
     (``target_count``)."""
     with autocast:
-        logits, targets = target_logits(model, batch["input_ids"], batch["labels"])
+        logits, targets = target_logits(model, batch)
     return F.cross_entropy(
         logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
