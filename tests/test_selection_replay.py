@@ -105,3 +105,28 @@ def test_a_replay_that_does_not_match_the_forward_is_an_error():
             replay.remembered(lambda *_: kept, key, key, rule)
     # outside a checkpointed call nothing is remembered
     assert replay.remembered(lambda *_: "fresh", key, key, rule) == "fresh"
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_checkpoint_saves_the_rng_state_only_for_dropout(dropout):
+    """The recompute replays the forward's random numbers where dropout draws them, so the
+    gradients equal those without checkpointing; a model without dropout skips that (it
+    cannot be done inside a CUDA graph capture)."""
+    model = random_model(tiny_config("llama", vocab_size=300, attention_dropout=dropout), seed=3)
+    model = model.double()
+    model_mod.set_attention(model, "dense", CFG)
+    assert model_mod.uses_dropout(model) == (dropout > 0)
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+
+    def grads(checkpointing: bool) -> list[torch.Tensor]:
+        model_mod.prepare_for_training(model, checkpointing)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        model(input_ids=ids, labels=ids).loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain, checkpointed = grads(False), grads(True)
+    keywords = model.model.layers[0]._gradient_checkpointing_func.keywords
+    assert keywords["preserve_rng_state"] == (dropout > 0)
+    for a, b in zip(plain, checkpointed, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

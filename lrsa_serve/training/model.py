@@ -74,13 +74,23 @@ def prepare_for_training(
     model.config.use_cache = False
     if gradient_checkpointing:
         # Non-reentrant: works with FSDP2, and takes the context_fn that replays the selection.
-        kwargs: dict = {"use_reentrant": False}
+        # The RNG state is saved for the recompute only where dropout draws from it: reading
+        # it costs host time per layer and cannot happen inside a CUDA graph capture.
+        kwargs: dict = {"use_reentrant": False, "preserve_rng_state": uses_dropout(model)}
         if replay_selection:
             kwargs["context_fn"] = replay.checkpoint_contexts
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_disable()
     model.train()
+
+
+def uses_dropout(model: torch.nn.Module) -> bool:
+    """Whether a training forward draws random numbers: a dropout module or attention dropout
+    with a non-zero rate."""
+    rate = getattr(getattr(model, "config", None), "attention_dropout", 0.0) or 0.0
+    modules = (m for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd))
+    return rate > 0 or any(m.p > 0 for m in modules)
 
 
 def compile_layers(model: PreTrainedModel) -> None:
