@@ -11,7 +11,9 @@ the trainer's ``--lrsa-kernel`` choices (``auto``, ``fa4``, ``flash``, ...); ``-
 the first of them without the op's CUDA graphs (``op.GRAPHS``), ``--triton-all-lengths`` with the
 Triton selection and packing below their threshold too. ``--profile``: one
 more step of each configuration under the torch profiler, to tell a host-bound step from a
-GPU-bound one (``profiled_step``).
+GPU-bound one (``profiled_step``). ``--step-graph`` (an experiment): every configuration's forward
+and backward replayed from one CUDA graph (``CapturedStep``), which takes the host out of the
+step.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -59,16 +62,57 @@ def train_step(model, optimizer, batch, autocast) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def timed_steps(model, optimizer, batch, autocast, warmup: int, steps: int) -> float:
+class CapturedStep:
+    """``train_step`` with its loss and backward captured once as one CUDA graph and replayed
+    (``--step-graph``): one launch for the whole forward and backward (checkpoint recompute and
+    the LRSA op's calls included) instead of one per kernel; the clip and the optimizer run
+    outside it. For a fixed batch, as this benchmark's: a trainer would need one graph per
+    length bucket. From the capture on, the parameters' gradients are the graph's tensors,
+    which every replay overwrites; ``release`` drops them with the graph."""
+
+    def __init__(self, model, optimizer, batch, autocast, warmup: int) -> None:
+        self.model, self.optimizer = model, optimizer
+        device = batch["input_ids"].device
+        # Eager steps first, off the default stream as capture wants: they compile the layers
+        # and run the op's calls (their first uses compile and fill caches, which a capture
+        # cannot do); they end with the gradients set to None, so the capture allocates them.
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(max(warmup, 2)):
+                train_step(model, optimizer, batch, autocast)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = loop.loss_sum(model, batch, autocast) / batch["targets"]
+            self.loss.backward()
+
+    def __call__(self) -> None:
+        self.graph.replay()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+
+    def release(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        del self.graph, self.loss
+        torch.cuda.empty_cache()
+
+
+def make_step(model, optimizer, batch, autocast, warmup: int, captured: bool) -> Callable[[], None]:
+    if captured:
+        return CapturedStep(model, optimizer, batch, autocast, warmup)
+    return lambda: train_step(model, optimizer, batch, autocast)
+
+
+def timed_steps(step: Callable[[], None], device: torch.device, warmup: int, steps: int) -> float:
     """Median seconds of one optimizer step."""
-    device = batch["input_ids"].device
     for _ in range(warmup):
-        train_step(model, optimizer, batch, autocast)
+        step()
     sync(device)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        train_step(model, optimizer, batch, autocast)
+        step()
         sync(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
@@ -78,7 +122,7 @@ LRSA_OPS = ("lrsa::varlen", "lrsa::varlen_backward", *PHASES)
 PROFILE_ROWS = 8
 
 
-def profiled_step(model, optimizer, batch, autocast) -> dict:
+def profiled_step(step: Callable[[], None], device: torch.device) -> dict:
     """One step under the torch profiler (after the timed ones: compiled, warm). A step is
     host-bound when its GPU kernels add up to much less than its wall time. Per step: the wall
     time (the profiler's own host overhead included), the kernels' summed GPU time, the kernel
@@ -95,13 +139,12 @@ def profiled_step(model, optimizer, batch, autocast) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    device = batch["input_ids"].device
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sync(device)
     start = time.perf_counter()
     with profile(activities=activities) as prof:
-        train_step(model, optimizer, batch, autocast)
+        step()
         sync(device)
     wall = time.perf_counter() - start
     events = prof.key_averages()
@@ -211,6 +254,12 @@ def main() -> int:
         f"length (default: from {sequence_select.TRITON_MIN_LENGTH} tokens)",
     )
     parser.add_argument(
+        "--step-graph",
+        action="store_true",
+        help="every configuration's forward and backward captured as one CUDA graph and "
+        "replayed (CapturedStep); an experiment, CUDA only",
+    )
+    parser.add_argument(
         "--compile",
         choices=["auto", "on", "off"],
         default="auto",
@@ -226,6 +275,8 @@ def main() -> int:
     started = time.time()
     cfg = LagKVConfig(sink=args.sink, lag=args.lag, ratio=args.ratio)
     device = torch.device("cpu" if args.smoke else "cuda")
+    if args.step_graph and device.type != "cuda":
+        parser.error("--step-graph needs a CUDA device")
     if args.smoke:
         config = tiny_config("qwen2", vocab_size=300)
     else:
@@ -244,7 +295,11 @@ def main() -> int:
         "torch": torch.__version__,
         "params": params,
         "settings": cfg.model_dump()
-        | {"target_tokens": args.target_tokens, "compiled_layers": compiled},
+        | {
+            "target_tokens": args.target_tokens,
+            "compiled_layers": compiled,
+            "step_graph": args.step_graph,
+        },
         "lrsa_variants": args.lrsa_variants,
         "rows": [],
     }
@@ -284,12 +339,16 @@ def main() -> int:
                     torch.compiler.reset()
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
+                step = None
                 try:
-                    seconds = timed_steps(
-                        model, optimizer, batch, autocast, args.warmup, args.steps
+                    step = make_step(
+                        model, optimizer, batch, autocast, args.warmup, args.step_graph
                     )
+                    seconds = timed_steps(step, device, args.warmup, args.steps)
                 except torch.OutOfMemoryError:
                     row[f"{attention}_s"] = "OOM"
+                    if isinstance(step, CapturedStep):
+                        step.release()
                     optimizer.zero_grad(set_to_none=True)
                     torch.cuda.empty_cache()
                     continue
@@ -298,9 +357,11 @@ def main() -> int:
                 if device.type == "cuda":
                     row[f"{attention}_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
                 if args.profile:
-                    prof = profiled_step(model, optimizer, batch, autocast)
+                    prof = profiled_step(step, device)
                     row[f"{attention}_profile"] = prof
                     print_profile(attention, n, checkpointing, prof)
+                if isinstance(step, CapturedStep):
+                    step.release()
             # the defaults again, for selection_ms below and the next row's first runs
             sequence_select.TRITON_MIN_LENGTH = TRITON_FROM
             # the configurations that ran (not skipped by the deadline, not out of memory)

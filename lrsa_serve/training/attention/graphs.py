@@ -62,8 +62,14 @@ class CallGraphs:
         ``fn`` must read nothing but its arguments and ``numbers`` (which key the call), and
         return tensors it allocates (never its arguments); what it returns here is always the
         caller's to keep."""
-        if self.max_graphs == 0 or torch.cuda.is_current_stream_capturing():
-            return fn(*tensors)  # none kept, or a caller's own capture holds this call
+        if self.max_graphs == 0:
+            return fn(*tensors)
+        if torch.cuda.is_current_stream_capturing():
+            # A caller's own capture (a whole training step) holds this call: run it there, on
+            # fresh copies laid out as the static inputs its first call ran on (a compiled
+            # part's guard failing inside a capture would recompile there); the caller's graph
+            # owns them.
+            return fn(*(torch.empty_like(x).copy_(x) for x in tensors))
         key = (name, numbers, *(_layout(x) for x in tensors))
         call = self._calls.get(key)
         if call is None:
