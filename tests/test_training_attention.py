@@ -282,3 +282,35 @@ def test_varlen_kernel_choice_is_explicit():
             lv.lrsa_varlen_attention(q, k, k, rule, kernel="fa4")
         with pytest.raises(ValueError, match="flash-attn-4"):
             dispatch.set_kernel("fa4")
+
+
+def test_dense_baseline_is_sdpa_without_a_mask(monkeypatch):
+    """The trainer's dense attention gives transformers' own SDPA loss and gradients, and never
+    asks transformers to build or check a mask (that check reads the device every forward)."""
+    import transformers.masking_utils as masking
+
+    from benchmarks.random_models import random_model, tiny_config
+    from lrsa_serve.training import model as model_mod
+
+    model = random_model(tiny_config("qwen2", vocab_size=300), seed=3).double()
+    ids = torch.randint(0, 300, (2, 50), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    model.set_attn_implementation("sdpa")
+    want = loss_and_grads()
+    model_mod.set_attention(model, "dense", LagKVConfig(sink=4, lag=16, ratio=0.25))
+
+    def no_mask(*args, **kwargs):
+        raise AssertionError("a mask was built")
+
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", no_mask)
+    monkeypatch.setattr(masking, "sdpa_mask", no_mask)
+    got = loss_and_grads()
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-12)
+    for g, w in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)

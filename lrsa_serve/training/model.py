@@ -10,7 +10,8 @@ thing.
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AttentionInterface, AutoModelForCausalLM, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from lrsa_serve.config import LagKVConfig
 from lrsa_serve.errors import UserError
@@ -20,6 +21,25 @@ from lrsa_serve.training.attention.dispatch import use_lrsa
 # Families whose attention goes through transformers' AttentionInterface with GQA K/V shapes
 # (checked: Llama, Qwen2, Mistral); others may work but are not tested.
 SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+# The dense baseline: transformers' own SDPA call, registered under a name of ours so that
+# transformers builds no mask for it. Under "sdpa" every forward first checks the positions for
+# packed sequences, a read of the device (the host waits for the GPU), and inside a CUDA graph
+# capture, where it cannot read, it builds a full mask, which takes SDPA off its causal kernels.
+# The trainer's batches need none: whole right-padded sequences from position 0 (data.collate).
+DENSE = "lrsa_dense_sdpa"
+
+
+def _dense_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+    if query.shape[2] != key.shape[2]:  # SDPA's causal mask is aligned top-left
+        raise ValueError("dense training attention takes whole sequences (no KV cache)")
+    return sdpa_attention_forward(
+        module, query, key, value, None, dropout=dropout, scaling=scaling, is_causal=True
+    )
+
+
+AttentionInterface.register(DENSE, _dense_attention)
 
 
 def load_model(path: str) -> PreTrainedModel:
@@ -53,14 +73,14 @@ def set_attention(
 ) -> None:
     """``lrsa``: the LagKV mask (one varlen attention call on CUDA, the dense masked path on
     CPU; ``kernel`` pins the varlen call's kernel, ``dispatch.set_kernel``; ``cuda_graphs``
-    replays its calls from CUDA graphs, ``dispatch.set_cuda_graphs``); ``dense``: vanilla SDPA,
-    the baseline."""
+    replays its calls from CUDA graphs, ``dispatch.set_cuda_graphs``); ``dense``: vanilla causal
+    SDPA, the baseline (``DENSE``)."""
     if attention == "lrsa":
         dispatch.set_kernel(kernel)
         dispatch.set_cuda_graphs(cuda_graphs)
         use_lrsa(model, cfg)
     elif attention == "dense":
-        model.set_attn_implementation("sdpa")
+        model.set_attn_implementation(DENSE)
     else:
         raise UserError(f"unknown attention {attention!r}")
 
