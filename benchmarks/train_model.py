@@ -36,7 +36,7 @@ from lrsa_serve.training.attention import sequence_select
 from lrsa_serve.training.attention.op import PHASES
 from lrsa_serve.training.attention.varlen import packing_for
 from lrsa_serve.training.config import LRSA_KERNELS, ModelConfig, OptimConfig
-from lrsa_serve.training.data import IGNORE_INDEX, target_positions
+from lrsa_serve.training.data import IGNORE_INDEX, TokenizedExample, collate
 
 FLOOR = "lrsa_bench_floor"
 EAGER_CALLS = "lrsa_eager_calls"  # the --eager-calls run
@@ -190,14 +190,14 @@ def print_profile(name: str, n: int, checkpointing: str, prof: dict) -> None:
 
 
 def qa_batch(n: int, vocab_size: int, target_tokens: int, device: torch.device) -> dict:
-    """One random sequence of ``n`` tokens whose loss is on its last ``target_tokens`` (QA), as
-    ``data.collate`` gives it, and its target count (``targets``: counted here, before any step,
-    as the trainer knows it)."""
-    ids = torch.randint(0, vocab_size, (1, n))
-    labels = torch.full_like(ids, IGNORE_INDEX)
-    labels[:, -target_tokens:] = ids[:, -target_tokens:]
-    batch = {"input_ids": ids, "labels": labels, "positions": target_positions(labels)}
-    return {k: v.to(device) for k, v in batch.items()} | {"targets": loop.target_count(labels)}
+    """One random sequence of ``n`` tokens whose loss is on its last ``target_tokens`` (QA),
+    collated as the trainer collates, and its target count (``targets``: counted before any
+    step, as the trainer knows it)."""
+    ids = torch.randint(0, vocab_size, (n,)).tolist()
+    labels = [IGNORE_INDEX] * (n - target_tokens) + ids[n - target_tokens :]
+    example = TokenizedExample(ids, labels, "benchmark")
+    batch = {k: v.to(device) for k, v in collate([example], pad_id=0).items()}
+    return batch | {"targets": example.num_targets}
 
 
 def sync(device: torch.device) -> None:
